@@ -1,0 +1,78 @@
+"""The one error tree of MergeShield.
+
+Every error the library raises on purpose is a ``MergeShieldError`` with a stable ``code`` (used by
+the CLI's exit codes, the service's JSON error body and the report's ``incomplete`` reasons) and a
+``details`` value that says what exactly was wrong. Messages say what to do next.
+
+    MergeShieldError                       code
+    ├── InputError (ValueError)            invalid_input         the caller gave something unusable
+    │   ├── SourceNotFoundError            source_not_found      no such path / repo / revision / file
+    │   │   (also FileNotFoundError)
+    │   ├── UnsafeFormatError              unsafe_format         would need pickle or remote code
+    │   ├── CorruptCheckpointError         corrupt_checkpoint    malformed safetensors / index / config
+    │   ├── InvalidWeightsError            invalid_weights       NaN or inf in a weight tensor
+    │   ├── IncompatibleModelsError        incompatible_models   keys / shapes / dtypes differ
+    │   ├── UnsupportedModelError          unsupported_model     no adapter can run this model
+    │   ├── DatasetError                   invalid_dataset       unreadable or unusable dataset
+    │   └── ConfigError                    invalid_config        a bad option or recipe
+    └── HubError (ConnectionError)         hub_unavailable       the hub endpoint failed or is offline
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MergeShieldError(Exception):
+    """Base class: a message for people, a stable ``code`` for programs, ``details`` for both."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape used everywhere: ``{"code", "message", "details"}``."""
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class InputError(MergeShieldError, ValueError):
+    code = "invalid_input"
+
+
+class SourceNotFoundError(InputError, FileNotFoundError):
+    code = "source_not_found"
+
+
+class UnsafeFormatError(InputError):
+    code = "unsafe_format"
+
+
+class CorruptCheckpointError(InputError):
+    code = "corrupt_checkpoint"
+
+
+class InvalidWeightsError(InputError):
+    code = "invalid_weights"
+
+
+class IncompatibleModelsError(InputError):
+    code = "incompatible_models"
+
+
+class UnsupportedModelError(InputError):
+    code = "unsupported_model"
+
+
+class DatasetError(InputError):
+    code = "invalid_dataset"
+
+
+class ConfigError(InputError):
+    code = "invalid_config"
+
+
+class HubError(MergeShieldError, ConnectionError):
+    code = "hub_unavailable"

@@ -1,0 +1,183 @@
+"""The scan report: a versioned pydantic model, published as a JSON Schema file.
+
+Bump ``SCHEMA_VERSION`` on any change a consumer could notice (a renamed or removed field, a new
+required one). Rates always carry their denominator: ``hits`` / ``total`` and a 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Severity(str, Enum):
+    """Finding severity, ordered; ``--fail-on`` compares against it."""
+
+    LOW = "LOW"
+    MEDIUM = "MEDIUM"
+    HIGH = "HIGH"
+    CRITICAL = "CRITICAL"
+
+    @property
+    def rank(self) -> int:
+        return ["LOW", "MEDIUM", "HIGH", "CRITICAL"].index(self.value)
+
+
+class RateModel(_Model):
+    """``hits`` out of ``total``, the rate and its 95% Wilson interval."""
+
+    hits: int
+    total: int
+    rate: float
+    ci95: tuple[float, float]
+
+
+class FileDigest(_Model):
+    path: str  # relative to the model's folder
+    size: int  # bytes
+    sha256: str
+
+
+class ModelInput(_Model):
+    source: str  # what the user gave: a repo id, a folder or a file
+    kind: Literal["hub", "directory", "file"]
+    revision_requested: str | None = None
+    revision: str | None = None  # the commit sha it resolved to (hub sources)
+    family: str | None = None  # the adapter that ran it, e.g. "vit", "clip"; None if unknown
+    architecture: str | None = None  # config.json "architectures"[0]
+    files: list[FileDigest] = Field(default_factory=list)
+
+
+class DatasetInput(_Model):
+    source: str
+    name: str
+    classes: list[str]
+    split: str  # the split evaluated
+    size: int  # images evaluated
+    sha256: str  # of the evaluated images and labels
+
+
+class TensorStat(_Model):
+    name: str
+    numel: int
+    norm: float  # L2 norm of the task vector's tensor
+    relative_norm: float  # norm / L2 norm of the base tensor (0 when the base tensor is 0)
+    cosine_with_injection_bv: float | None = None
+
+
+class SkippedTensor(_Model):
+    name: str
+    reason: str  # e.g. "head (not part of the task vector)", "non-float dtype int64"
+
+
+class TaskVectorSummary(_Model):
+    n_tensors: int
+    n_parameters: int
+    norm: float
+    base_norm: float
+    per_tensor: list[TensorStat]
+    skipped: list[SkippedTensor]
+
+
+class InjectionSummary(_Model):
+    recipe: dict[str, Any]
+    recipe_hash: str
+    cached: bool  # True when BV_inj came from the cache instead of being trained now
+    bv_norm: float
+    cosine_with_task_vector: float  # cos(BV_inj, suspect task vector), global
+
+
+class TriggerMeasurement(_Model):
+    id: str  # stable within a report, e.g. "probe:patch-checkerboard-3-bottom_right"
+    source: Literal["injection", "probe", "user", "inverted"]
+    spec: dict[str, Any]  # the trigger's full specification
+    target: int
+    target_class: str
+    asr_reference: RateModel | None = None  # base backbone with the suspect's head
+    asr_before: RateModel  # the suspect checkpoint
+    asr_after: RateModel | None = None  # the cleaned checkpoint
+    preview_png: str | None = None  # base64 PNG: the trigger stamped on a sample input
+
+
+class LambdaPoint(_Model):
+    lam: float
+    clean_accuracy: RateModel
+    asr: dict[str, RateModel]  # trigger id -> ASR at this lambda
+
+
+class SweepSummary(_Model):
+    policy: str  # e.g. "largest lambda with clean-accuracy drop <= 2.0 points"
+    budget_points: float
+    chosen_lambda: float
+    points: list[LambdaPoint]
+
+
+class Metrics(_Model):
+    clean_accuracy_reference: RateModel | None = None
+    clean_accuracy_before: RateModel | None = None
+    clean_accuracy_after: RateModel | None = None
+    triggers: list[TriggerMeasurement] = Field(default_factory=list)
+
+
+class Finding(_Model):
+    id: str  # stable rule id, e.g. "MS001"
+    severity: Severity
+    title: str
+    message: str
+    trigger_id: str | None = None
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
+class Verdict(_Model):
+    status: Literal["backdoor_suspected", "no_backdoor_found", "inconclusive"]
+    severity: Severity | None  # the highest finding's severity, None without findings
+    reasons: list[str]
+
+
+class IncompleteReason(_Model):
+    code: str  # an errors.py code or a stage name
+    message: str
+
+
+class OutputSummary(_Model):
+    directory: str
+    files: list[FileDigest]
+    metadata: dict[str, str]  # what was written to the safetensors __metadata__
+
+
+class ScanReport(_Model):
+    schema_version: str = SCHEMA_VERSION
+    scanner_version: str
+    scan_id: str
+    created_at: str  # ISO 8601, UTC
+    suspect: ModelInput
+    base: ModelInput
+    evaluation: DatasetInput | None = None
+    config: dict[str, Any]
+    config_hash: str
+    device: str
+    timings: dict[str, float]  # stage -> seconds
+    task_vector: TaskVectorSummary | None = None
+    injection: InjectionSummary | None = None
+    metrics: Metrics = Field(default_factory=Metrics)
+    sweep: SweepSummary | None = None
+    findings: list[Finding] = Field(default_factory=list)
+    verdict: Verdict
+    incomplete: list[IncompleteReason] = Field(default_factory=list)
+    output: OutputSummary | None = None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``ScanReport`` (published as ``mergeshield/schemas/report.schema.json``)."""
+    schema = ScanReport.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://mergeshield.dev/schemas/report-{SCHEMA_VERSION}.json"
+    return schema
