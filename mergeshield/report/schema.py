@@ -6,7 +6,7 @@ required one). Rates always carry their denominator: ``hits`` / ``total`` and a 
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +18,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     """Finding severity, ordered; ``--fail-on`` compares against it."""
 
     LOW = "LOW"
@@ -176,7 +176,7 @@ class ScanReport(_Model):
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of ``ScanReport`` (published as ``mergeshield/schemas/report.schema.json``)."""
+    """The JSON Schema of ``ScanReport`` (published as ``schemas/report.schema.json``)."""
     schema = ScanReport.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://mergeshield.dev/schemas/report-{SCHEMA_VERSION}.json"

@@ -1,0 +1,154 @@
+"""Injection Backdoor Vector Subtraction (IBVS): θ' = θ_suspect − λ·BV_inj.
+
+Pawlak et al., "Backdoor Vectors: a Task Arithmetic View on Backdoor Attacks and Defenses",
+arXiv:2510.08016, Sec. "IBVS": BV_inj = θ_inj_bd − θ_inj_clean, both fine-tuned from θ_pre.
+
+The defender does not know the attack: it injects backdoors of its own (``InjectionRecipe``),
+measures their BV and subtracts it. BV_inj depends only on (base revision, recipe, data), so it is
+built once and cached; λ is chosen by a sweep whose whole curve goes into the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from mergeshield.data import ImageDataset
+from mergeshield.errors import ConfigError
+from mergeshield.evaluation import Rate
+from mergeshield.models import Classifier
+from mergeshield.task_vectors import TaskVector
+from mergeshield.training import FinetuneConfig, Progress, paired_finetune
+from mergeshield.triggers import PatchTrigger, Trigger, stamp
+
+CORNERS = ("bottom_right", "top_left", "top_right", "bottom_left")
+
+
+class InjectionRecipe(BaseModel):
+    """How the defender plants its own backdoor(s). Defaults: see ``DEFAULT_RECIPE_NOTE``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # "per_class": one distinct random-pattern patch per class, each relabelled to its class, so
+    # BV_inj spans backdoor directions towards every target (the attacker's target is unknown).
+    # "single": ``triggers`` all sent to ``targets`` (method.md shows this misses other targets).
+    mode: Literal["per_class", "single"] = "per_class"
+    triggers: list[Trigger] = Field(default_factory=list)  # used by mode="single"
+    targets: list[int] = Field(default_factory=lambda: [0])  # used by mode="single"
+    patch_fraction: float = 1 / 9  # patch side / image side for per_class triggers
+    poison_rate: float = 0.3  # ρ over the whole set, split evenly between the injected triggers
+    epochs: int = 4  # paired fine-tune length
+    lr: float = 1e-3
+    batch_size: int = 64
+    max_train: int | None = 2000  # images of the defender's data used for the injection
+    seed: int = 0
+
+    def digest(self, base_revision: str, data_sha256: str) -> str:
+        """Cache key of BV_inj: the recipe, the base revision and the data it was trained on."""
+        payload = {"recipe": self.model_dump(mode="json"), "base": base_revision,
+                   "data": data_sha256}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def finetune_config(self) -> FinetuneConfig:
+        return FinetuneConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                              seed=self.seed)
+
+
+DEFAULT_RECIPE_NOTE = (
+    "per_class: one random-pattern corner patch per class, each relabelled to its own class, "
+    "ρ=0.3 split evenly, 2 epochs; target-agnostic because the attacker's target is unknown"
+)
+
+
+def injected_backdoors(recipe: InjectionRecipe, n_classes: int, image_size: int
+                       ) -> list[tuple[Trigger, int]]:
+    """The (trigger, target) pairs the recipe plants."""
+    if recipe.mode == "single":
+        if not recipe.triggers:
+            raise ConfigError("an injection recipe in mode 'single' needs at least one trigger")
+        bad = [t for t in recipe.targets if not 0 <= t < n_classes]
+        if bad:
+            raise ConfigError(f"injection targets {bad} outside 0..{n_classes - 1}")
+        return [(trig, tgt) for trig in recipe.triggers for tgt in recipe.targets]
+    side = max(2, round(image_size * recipe.patch_fraction))
+    return [
+        (PatchTrigger(pattern="random", size=side, location=CORNERS[c % 4],  # type: ignore[arg-type]
+                      seed=1000 + c), c)
+        for c in range(n_classes)
+    ]
+
+
+def poison_many(data: ImageDataset, backdoors: Sequence[tuple[Trigger, int]], rate: float,
+                seed: int) -> ImageDataset:
+    """Stamp ``rate``·N rows (non-target rows of each pair), split evenly between the pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = data.images.clone(), data.labels.clone()
+    free = torch.ones(len(data), dtype=torch.bool)
+    per_pair = max(1, round(rate * len(data) / len(backdoors)))
+    for trigger, target in backdoors:
+        pool = torch.nonzero(free & (data.labels != target)).flatten()
+        rows = pool[torch.randperm(len(pool), generator=gen)[:per_pair]]
+        images[rows] = stamp(images[rows], trigger)
+        labels[rows] = target
+        free[rows] = False
+    return ImageDataset(images=images, labels=labels, classes=data.classes,
+                        name=f"{data.name}+injection")
+
+
+def build_injection_bv(
+    make_classifier: Callable[[], Classifier],
+    data: ImageDataset,
+    recipe: InjectionRecipe,
+    *,
+    progress: Progress | None = None,
+) -> TaskVector:
+    """BV_inj = θ_inj_bd − θ_inj_clean from paired fine-tunes of the base (head frozen)."""
+    if recipe.max_train is not None and len(data) > recipe.max_train:
+        gen = torch.Generator().manual_seed(recipe.seed)
+        data = data.subset(torch.randperm(len(data), generator=gen)[: recipe.max_train])
+    image_size = int(data.images.shape[-1])
+    backdoors = injected_backdoors(recipe, len(data.classes), image_size)
+    poisoned = poison_many(data, backdoors, recipe.poison_rate, recipe.seed)
+    clean, bd = paired_finetune(make_classifier, data, poisoned, recipe.finetune_config(),
+                                progress=progress)
+    return TaskVector.between(clean, bd).materialize()
+
+
+def sanitise(suspect: Mapping[str, Tensor], bv: TaskVector, lam: float
+             ) -> Iterator[tuple[str, Tensor]]:
+    """θ' = θ_suspect − λ·BV_inj, one tensor at a time, every other tensor passed through."""
+    return bv.apply_lazily(suspect, -lam)
+
+
+# -- choosing λ --------------------------------------------------------------------------------
+DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    lam: float
+    clean_accuracy: Rate
+    asr: dict[str, Rate]  # trigger id -> ASR
+
+
+def sweep(evaluate: Callable[[float], SweepPoint], grid: Sequence[float] = DEFAULT_GRID
+          ) -> list[SweepPoint]:
+    """Evaluate every λ of ``grid`` (λ=0 first: it is the reference of the accuracy budget)."""
+    lams = sorted(set(grid) | {0.0})
+    if any(lam < 0 for lam in lams):
+        raise ConfigError("λ grid values must be >= 0")
+    return [evaluate(lam) for lam in lams]
+
+
+def choose_lambda(points: Sequence[SweepPoint], budget_points: float = 2.0) -> float:
+    """The largest λ whose clean-accuracy drop from λ=0 stays within ``budget_points``."""
+    ref = next(p for p in points if p.lam == 0.0).clean_accuracy.rate
+    ok = [p.lam for p in points if (ref - p.clean_accuracy.rate) * 100 <= budget_points]
+    return max(ok)

@@ -1,0 +1,244 @@
+"""Measuring a suspect and sanitising it: the part of a scan that needs forward passes.
+
+Every trigger the scan can name is measured on the *reference* model (the base backbone with the
+suspect's head: what the task looks like before any fine-tuning) and on the suspect; then BV_inj is
+built (or read from the cache), λ is swept and the chosen λ's model is measured again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from mergeshield import bv_cache
+from mergeshield.data import ImageDataset, TaskData, load_task
+from mergeshield.evaluation import Rate, attack_success_rate, best_target_asr, clean_accuracy
+from mergeshield.evaluation import probe_panel
+from mergeshield.ibvs import SweepPoint, build_injection_bv, choose_lambda, injected_backdoors
+from mergeshield.ibvs import sweep
+from mergeshield.inversion import InversionConfig, invert_triggers
+from mergeshield.models import Classifier, ModelFamily
+from mergeshield.report.schema import (
+    DatasetInput, InjectionSummary, LambdaPoint, Metrics, SkippedTensor, SweepSummary,
+    TaskVectorSummary, TensorStat, TriggerMeasurement,
+)
+from mergeshield.task_vectors import TaskVector, cosine
+from mergeshield.triggers import Trigger, preview_png, trigger_id
+
+if TYPE_CHECKING:
+    from mergeshield.pipeline import ScanRequest
+
+MAX_TRACKED = 6  # triggers followed across the λ sweep (each costs one pass per λ)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    dataset: DatasetInput
+    metrics: Metrics
+    injection: InjectionSummary
+    sweep: SweepSummary
+    bv: TaskVector  # BV_inj over the backbone
+    chosen_lambda: float
+
+
+@dataclass
+class _Probe:
+    id: str
+    source: str
+    trigger: Trigger
+    target: int
+    spec: dict[str, Any]
+    ref: Rate | None = None
+    before: Rate | None = None
+    after: Rate | None = None
+
+
+def measure_and_sanitise(
+    request: ScanRequest,
+    family: ModelFamily,
+    base: Mapping[str, Tensor],
+    suspect: Mapping[str, Tensor],
+    tau: TaskVector,
+    base_revision: str,
+    *,
+    device: torch.device,
+    stage: Callable[[str], Any],
+    cache_dir: str | None,
+    hub: Mapping[str, Any],
+) -> Measurement:
+    assert request.evaluation is not None
+    with stage("load_data"):
+        task = load_task(request.evaluation, revision=request.evaluation_revision,
+                         max_test=request.max_eval, seed=request.seed, **hub)
+        inj_task = task if request.injection_data is None else load_task(
+            request.injection_data, seed=request.seed, **hub)
+        test = task.test
+        classes = test.classes
+    head = family.head_from(base, suspect)
+    ref = family.classifier(base, head, classes).to(device)
+    sus = family.classifier(suspect, head, classes).to(device)
+
+    with stage("measure_suspect"):
+        ca_ref, ca_before = clean_accuracy(ref, test), clean_accuracy(sus, test)
+        probes = _named_triggers(request, test, sus)
+        for p in probes:
+            p.ref = attack_success_rate(ref, test, p.trigger, p.target)
+            p.before = attack_success_rate(sus, test, p.trigger, p.target)
+    if request.inversion:
+        with stage("invert_triggers"):
+            probes.append(_inverted(request, task, ref, sus))
+
+    with stage("injection_bv"):
+        key = request.recipe.digest(base_revision, inj_task.train.sha256())
+        bv = bv_cache.load(cache_dir, key)
+        cached = bv is not None
+        if bv is None:
+            make = family.task_classifier(base, inj_task.train, device=device)
+            bv = build_injection_bv(make, inj_task.train, request.recipe)
+            bv_cache.store(cache_dir, key, bv, request.recipe.model_dump(mode="json"))
+        bv = bv.restrict(tau)
+    for trig, target in injected_backdoors(request.recipe, len(classes), test.images.shape[-1]):
+        p = _Probe(f"injection:{trigger_id(trig)}->{target}", "injection", trig, target,
+                   trig.model_dump(mode="json"))
+        p.ref = attack_success_rate(ref, test, trig, target)
+        p.before = attack_success_rate(sus, test, trig, target)
+        probes.append(p)
+
+    with stage("sweep"):
+        tracked = _tracked(probes, request.min_asr_gap)
+
+        def evaluate(lam: float) -> SweepPoint:
+            sus.load_backbone({k: suspect[k].float() - lam * bv[k] for k in bv})
+            return SweepPoint(lam, clean_accuracy(sus, test),
+                              {p.id: attack_success_rate(sus, test, p.trigger, p.target)
+                               for p in tracked})
+
+        points = sweep(evaluate, request.lambdas)
+        lam = (request.fixed_lambda if request.fixed_lambda is not None
+               else choose_lambda(points, request.budget_points))
+    with stage("measure_cleaned"):
+        sus.load_backbone({k: suspect[k].float() - lam * bv[k] for k in bv})
+        ca_after = clean_accuracy(sus, test)
+        for p in probes:
+            p.after = attack_success_rate(sus, test, p.trigger, p.target)
+
+    sample = test.images[0]
+    metrics = Metrics(
+        clean_accuracy_reference=ca_ref.to_model(), clean_accuracy_before=ca_before.to_model(),
+        clean_accuracy_after=ca_after.to_model(),
+        triggers=[_measurement(p, classes, sample) for p in probes],
+    )
+    return Measurement(
+        dataset=DatasetInput(source=task.source, name=task.name, classes=list(classes),
+                             split="test", size=len(test), sha256=test.sha256()),
+        metrics=metrics,
+        injection=InjectionSummary(recipe=request.recipe.model_dump(mode="json"),
+                                   recipe_hash=key, cached=cached, bv_norm=bv.norm(),
+                                   cosine_with_task_vector=cosine(bv, tau)),
+        sweep=SweepSummary(
+            policy=(f"fixed λ={lam}" if request.fixed_lambda is not None else
+                    f"largest λ with clean-accuracy drop <= {request.budget_points} points"),
+            budget_points=request.budget_points, chosen_lambda=lam,
+            points=[LambdaPoint(lam=pt.lam, clean_accuracy=pt.clean_accuracy.to_model(),
+                                asr={k: r.to_model() for k, r in pt.asr.items()})
+                    for pt in points],
+        ),
+        bv=bv,
+        chosen_lambda=lam,
+    )
+
+
+def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -> list[_Probe]:
+    """Probe panel and user triggers; a trigger without a target gets the suspect's best one."""
+    named: list[tuple[str, Trigger, int | None]] = []
+    if request.probes:
+        named += [("probe", t, None) for t in probe_panel(int(test.images.shape[-1]))]
+    targets = list(request.user_targets) + [None] * len(request.triggers)
+    named += [("user", t, targets[i]) for i, t in enumerate(request.triggers)]
+    out = []
+    for source, trig, target in named:
+        tgt = target if target is not None else best_target_asr(sus, test, trig)[0]
+        out.append(_Probe(f"{source}:{trigger_id(trig)}", source, trig, tgt,
+                          trig.model_dump(mode="json")))
+    return out
+
+
+def _inverted(request: ScanRequest, task: TaskData, ref: Classifier, sus: Classifier) -> _Probe:
+    """Run the same inversion on the suspect and the reference; keep the target with the widest
+    gap. ``ref`` of the result is the reference's *own* inverted trigger's ASR (same budget)."""
+    cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed)
+    gen = torch.Generator().manual_seed(request.seed)
+    opt = task.train.subset(torch.randperm(len(task.train), generator=gen)[:512])
+    k = len(task.test.classes)
+    mine = invert_triggers(sus, opt.images, opt.labels, k, cfg)
+    theirs = invert_triggers(ref, opt.images, opt.labels, k, cfg)
+    best: _Probe | None = None
+    for t in range(k):
+        before = attack_success_rate(sus, task.test, mine[t], t)
+        ref_own = attack_success_rate(ref, task.test, theirs[t], t)
+        if best is None or before.rate - ref_own.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
+            digest = hashlib.sha256(mine[t].model_dump_json().encode()).hexdigest()[:8]
+            spec = {"kind": "inverted", "target": t, "area_pixels": int(sum(
+                sum(row) for row in (mine[t].mask or []))), "steps": cfg.steps, "sha256": digest,
+                "compared_with": "the same search on the reference model"}
+            best = _Probe(f"inverted:target-{t}", "inverted", mine[t], t, spec, ref_own, before)
+    assert best is not None
+    return best
+
+
+def _tracked(probes: list[_Probe], gap: float) -> list[_Probe]:
+    """The triggers worth following across λ: user ones, then the widest suspect-vs-ref gaps."""
+    def widening(p: _Probe) -> float:
+        return (p.before.rate if p.before else 0.0) - (p.ref.rate if p.ref else 0.0)
+
+    user = [p for p in probes if p.source == "user"]
+    rest = sorted((p for p in probes if p.source != "user" and widening(p) >= gap / 2),
+                  key=widening, reverse=True)
+    return (user + rest)[:MAX_TRACKED]
+
+
+def _measurement(p: _Probe, classes: tuple[str, ...], sample: Tensor) -> TriggerMeasurement:
+    assert p.before is not None
+    return TriggerMeasurement(
+        id=p.id, source=p.source, spec=p.spec, target=p.target,  # type: ignore[arg-type]
+        target_class=classes[p.target],
+        asr_reference=p.ref.to_model() if p.ref else None, asr_before=p.before.to_model(),
+        asr_after=p.after.to_model() if p.after else None,
+        preview_png=base64.b64encode(preview_png(sample, p.trigger)).decode(),
+    )
+
+
+def summarise(tau: TaskVector, base: Mapping[str, Tensor], skipped: list[tuple[str, str]],
+              bv: TaskVector | None) -> TaskVectorSummary:
+    """Per-tensor and global norms of τ (relative to the base), cosine with BV_inj per tensor.
+
+    One pass, one tensor at a time: architecture-agnostic, runs for unknown families too.
+    """
+    stats: list[TensorStat] = []
+    total = base_total = 0.0
+    n_params = 0
+    for name in tau:
+        delta = tau[name]
+        base_norm = float(torch.linalg.vector_norm(base[name].float()))
+        norm = float(torch.linalg.vector_norm(delta))
+        cos = None
+        if bv is not None:
+            other = bv[name].flatten()
+            den = norm * float(torch.linalg.vector_norm(other))
+            cos = float(delta.flatten() @ other) / den if den > 0 else 0.0
+        stats.append(TensorStat(name=name, numel=delta.numel(), norm=norm,
+                                relative_norm=norm / base_norm if base_norm > 0 else 0.0,
+                                cosine_with_injection_bv=cos))
+        total += norm * norm
+        base_total += base_norm * base_norm
+        n_params += delta.numel()
+    return TaskVectorSummary(
+        n_tensors=len(stats), n_parameters=n_params, norm=total ** 0.5, base_norm=base_total ** 0.5,
+        per_tensor=stats, skipped=[SkippedTensor(name=n, reason=r) for n, r in skipped],
+    )

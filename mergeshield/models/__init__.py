@@ -1,0 +1,96 @@
+"""Model family adapters: one per family, each knowing its backbone, preprocessing and logits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from mergeshield.errors import IncompatibleModelsError, UnsupportedModelError
+from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
+from mergeshield.models.clip import CLIPFamily
+from mergeshield.models.hf_image import HFImageFamily
+
+__all__ = [
+    "CLIPFamily",
+    "Classifier",
+    "HFImageFamily",
+    "ModelFamily",
+    "PrefixedWeights",
+    "Preprocessing",
+    "backbone_keys",
+    "family_for",
+]
+
+
+def family_for(
+    base_config: Mapping[str, Any] | None,
+    suspect_config: Mapping[str, Any] | None,
+    *,
+    processor: Mapping[str, Any] | None = None,
+    tokenizer_root: str | None = None,
+) -> ModelFamily:
+    """The adapter that can run ``suspect`` against ``base``; UnsupportedModelError if none can.
+
+    The CLIP family is built from the base (its text tower makes the zero-shot head); image
+    classifiers from the suspect's config (its head size).
+    """
+    if not base_config or not suspect_config:
+        raise UnsupportedModelError(
+            "config.json is missing, so no model family can run a forward pass; only "
+            "architecture-agnostic statistics are computed"
+        )
+    if CLIPFamily.matches(suspect_config) and CLIPFamily.matches(base_config):
+        return CLIPFamily(base_config, processor, tokenizer_root)
+    if HFImageFamily.matches(suspect_config):
+        return HFImageFamily(suspect_config, processor)
+    raise UnsupportedModelError(
+        f"no adapter for model_type {suspect_config.get('model_type')!r} "
+        f"(architectures {suspect_config.get('architectures')}); supported: transformers image "
+        "classifiers and CLIP"
+    )
+
+
+def backbone_keys(
+    family: ModelFamily | None, base: Mapping[str, Tensor], suspect: Mapping[str, Tensor]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The tensors task vectors cover, and every other tensor of the suspect with the reason.
+
+    Known family: its backbone tensors (must all be in the base). Unknown family: every float
+    tensor the two checkpoints share with equal shape and dtype; the rest is listed as skipped.
+    """
+    keys: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for name in suspect:
+        info = _info(suspect, name)
+        if not info.dtype.is_floating_point:
+            skipped.append((name, f"non-float dtype {str(info.dtype).removeprefix('torch.')}"))
+        elif family is not None and not family.is_backbone(name):
+            skipped.append((name, "head (per task, not part of the task vector)"))
+        elif family is None and name not in base:
+            skipped.append((name, "not in the base model"))
+        elif family is None and _info(base, name) != info:
+            skipped.append((name, "shape or dtype differs from the base (a head?)"))
+        else:
+            keys.append(name)
+    if not keys:
+        raise IncompatibleModelsError(
+            "the suspect and the base share no backbone tensor: is this the right base model?",
+            details={"skipped": skipped[:50]},
+        )
+    return keys, skipped
+
+
+def _info(weights: Mapping[str, Tensor], name: str) -> Any:
+    info = getattr(weights, "info", None)
+    if info is not None:
+        return info(name)
+    t = weights[name]
+    return _TensorInfo(t.dtype, tuple(t.shape))
+
+
+class _TensorInfo(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]

@@ -1,0 +1,166 @@
+"""What every model family adapter provides.
+
+An adapter turns checkpoint tensors into a ``Classifier``: a module that takes pixel-space images
+(N, C, H, W) in [0, 1], applies the family's preprocessing (from the Hugging Face image-processor
+config) and returns logits (N, K). It also says which tensors form the *backbone*: the part that task
+vectors and backdoor vectors cover. Heads are per task and never part of τ or BV (method.md).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mergeshield.errors import IncompatibleModelsError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Pixel [0,1] → model input: resize, channel conversion, normalisation."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_config(
+        cls, processor: Mapping[str, Any] | None, image_size: int, channels: int
+    ) -> Preprocessing:
+        p = dict(processor or {})
+        mean = tuple(float(x) for x in p.get("image_mean", [0.5] * channels))
+        std = tuple(float(x) for x in p.get("image_std", [0.5] * channels))
+        return cls(image_size, channels, mean[:channels], std[:channels])
+
+    def __call__(self, pixels: Tensor) -> Tensor:
+        x = pixels
+        if x.shape[1] != self.channels:  # (N, C, H, W): grey ↔ RGB
+            x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+            )
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+class Classifier(nn.Module, ABC):
+    """A backbone plus a frozen head, called on pixel-space images."""
+
+    preprocessing: Preprocessing
+
+    @abstractmethod
+    def logits(self, inputs: Tensor) -> Tensor:
+        """Logits (N, K) for preprocessed inputs."""
+
+    @abstractmethod
+    def head(self) -> nn.Module:
+        """The task head: frozen during fine-tuning, excluded from task vectors."""
+
+    @abstractmethod
+    def backbone_state(self) -> dict[str, Tensor]:
+        """Backbone tensors under their checkpoint names (views, not copies)."""
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.logits(self.preprocessing(pixels))
+
+    def load_backbone(self, weights: Mapping[str, Tensor]) -> None:
+        """Copy backbone tensors in place (names as in ``backbone_state``); all must be present."""
+        own = self.backbone_state()
+        missing = [k for k in own if k not in weights]
+        if missing:
+            raise IncompatibleModelsError(
+                f"{len(missing)} backbone tensor(s) missing, e.g. {missing[:3]}",
+                details={"missing": missing},
+            )
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(weights[name].to(dtype=t.dtype, device=t.device))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        ids = {id(t) for t in self.backbone_state().values()}
+        return [p for p in self.parameters() if id(p) in ids]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What an adapter needs from a checkpoint folder (read by ``checkpoints.py``)."""
+
+    config: Mapping[str, Any]
+    processor: Mapping[str, Any] | None = None  # preprocessor_config.json
+    root: str | None = None  # local folder, for tokenizer files
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ModelFamily(ABC):
+    """One family of models (ViT-like classifiers, CLIP, ...)."""
+
+    name: str
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, config: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint with this config.json belongs to the family."""
+
+    @abstractmethod
+    def is_backbone(self, name: str) -> bool:
+        """Whether a tensor (canonical name) is part of task and backdoor vectors."""
+
+    def canonical(self, weights: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Checkpoint tensor names → the family's canonical names (identity by default)."""
+        return weights
+
+    @abstractmethod
+    def classifier(
+        self,
+        backbone: Mapping[str, Tensor],
+        head_source: Mapping[str, Tensor] | None,
+        classes: tuple[str, ...],
+    ) -> Classifier:
+        """A classifier with the given backbone and the head taken from ``head_source``
+        (``None``: a freshly initialised head, to be fit)."""
+
+    def head_from(
+        self, base: Mapping[str, Tensor], suspect: Mapping[str, Tensor]
+    ) -> Mapping[str, Tensor]:
+        """Where a suspect's head lives: in the suspect itself for most families."""
+        return suspect
+
+    @abstractmethod
+    def task_classifier(
+        self, base: Mapping[str, Tensor], data: Any, *, device: torch.device, seed: int = 0
+    ) -> Callable[[], Classifier]:
+        """A factory of fresh copies of the *base* with a head for ``data`` (an ImageDataset):
+        the starting point of every fine-tune on that data (method.md, "Heads")."""
+
+    @abstractmethod
+    def head_keys(self, weights: Mapping[str, Tensor]) -> list[str]:
+        """The tensors of ``weights`` that form its head (saved with a task model)."""
+
+
+class PrefixedWeights(Mapping[str, Tensor]):
+    """A read-only view of ``weights`` with ``prefix`` added to every name."""
+
+    def __init__(self, inner: Mapping[str, Tensor], prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def __getitem__(self, name: str) -> Tensor:
+        if not name.startswith(self.prefix):
+            raise KeyError(name)
+        return self.inner[name[len(self.prefix) :]]
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.prefix + k for k in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def info(self, name: str) -> Any:
+        """Dtype and shape without reading data, when the inner mapping can tell."""
+        return self.inner.info(name[len(self.prefix) :])  # type: ignore[attr-defined]

@@ -1,0 +1,141 @@
+"""CLIP, the paper's setting: the vision tower is fine-tuned, the head is zero-shot.
+
+The head is built from class names and prompt templates with the *base* model's text tower, so a
+fine-tuned ``CLIPVisionModel`` checkpoint (the layout of the public task-arithmetic CLIP ViT-B/32
+task models: only ``vision_model.*``) is scanned against the full base ``CLIPModel``. The backbone,
+and so every task vector, is ``vision_model.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+from mergeshield.errors import UnsupportedModelError
+from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
+
+PREFIX = "vision_model."
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# A few of the CLIP paper's ImageNet templates; the zero-shot head averages their embeddings.
+TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.", "a {}.")
+
+
+class CLIPClassifier(Classifier):
+    def __init__(self, model: CLIPModel, text_features: Tensor, preprocessing: Preprocessing):
+        super().__init__()
+        self.vision_model = model.vision_model
+        self.visual_projection = model.visual_projection
+        self.logit_scale = nn.Parameter(model.logit_scale.detach().clone(), requires_grad=False)
+        self.register_buffer("text_features", text_features)  # (K, D), unit norm, the frozen head
+        self.preprocessing = preprocessing
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        pooled = self.vision_model(pixel_values=inputs).pooler_output  # (N, width)
+        feats = nn.functional.normalize(self.visual_projection(pooled), dim=-1)  # (N, D)
+        head: Tensor = self.text_features
+        return self.logit_scale.exp() * feats @ head.to(feats.dtype).T
+
+    def head(self) -> nn.Module:
+        return self.visual_projection
+
+    def backbone_state(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {PREFIX + k: p for k, p in self.vision_model.named_parameters()}
+        out.update(
+            {PREFIX + k: b for k, b in self.vision_model.named_buffers() if b.is_floating_point()}
+        )
+        return out
+
+
+class CLIPFamily(ModelFamily):
+    """Full ``CLIPModel`` bases; ``CLIPModel`` or ``CLIPVisionModel`` task checkpoints."""
+
+    name = "clip"
+
+    def __init__(
+        self,
+        base_config: Mapping[str, Any],
+        processor: Mapping[str, Any] | None,
+        tokenizer_root: str | None,
+    ) -> None:
+        if base_config.get("model_type") != "clip":
+            raise UnsupportedModelError(
+                "a CLIP task model must be scanned against a full CLIPModel base (with its text "
+                "tower, to build the zero-shot head); got model_type "
+                f"{base_config.get('model_type')!r}"
+            )
+        self.config = CLIPConfig(**{k: v for k, v in base_config.items() if k != "architectures"})
+        p = dict(processor or {})
+        p.setdefault("image_mean", list(OPENAI_CLIP_MEAN))
+        p.setdefault("image_std", list(OPENAI_CLIP_STD))
+        self.preprocessing = Preprocessing.from_config(p, self.config.vision_config.image_size, 3)
+        self.tokenizer_root = tokenizer_root
+
+    @classmethod
+    def matches(cls, config: Mapping[str, Any]) -> bool:
+        return config.get("model_type") in ("clip", "clip_vision_model")
+
+    def is_backbone(self, name: str) -> bool:
+        return name.startswith(PREFIX)
+
+    def canonical(self, weights: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        # transformers>=5 saves CLIPVisionModel without the "vision_model." prefix; v4 with it.
+        if any(k.startswith(PREFIX) for k in weights):
+            return weights
+        return PrefixedWeights(weights, PREFIX)
+
+    def head_keys(self, weights: Mapping[str, Tensor]) -> list[str]:
+        return []  # the head is rebuilt from class names with the base text tower
+
+    def head_from(
+        self, base: Mapping[str, Tensor], suspect: Mapping[str, Tensor]
+    ) -> Mapping[str, Tensor]:
+        return base  # text tower and visual projection come from the base
+
+    def task_classifier(
+        self, base: Mapping[str, Tensor], data: Any, *, device: torch.device, seed: int = 0
+    ) -> Callable[[], Classifier]:
+        """The base with its zero-shot head for ``data``'s class names (nothing to fit)."""
+        return lambda: self.classifier(base, base, data.classes).to(device)
+
+    def classifier(
+        self,
+        backbone: Mapping[str, Tensor],
+        head_source: Mapping[str, Tensor] | None,
+        classes: tuple[str, ...],
+    ) -> Classifier:
+        if head_source is None:
+            raise UnsupportedModelError("a CLIP head is built from the base model's text tower")
+        model = CLIPModel(self.config)
+        own = model.state_dict()
+        with torch.no_grad():
+            for name, t in own.items():
+                if name in head_source and t.is_floating_point():
+                    t.copy_(head_source[name].to(t.dtype))
+        model.eval()
+        text = self._text_features(model, classes)
+        clf = CLIPClassifier(model, text, self.preprocessing)
+        clf.load_backbone(backbone)
+        return clf.eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def _text_features(self, model: CLIPModel, classes: tuple[str, ...]) -> Tensor:
+        if self.tokenizer_root is None:
+            raise UnsupportedModelError("the CLIP base has no tokenizer files to build its head")
+        tok = AutoTokenizer.from_pretrained(self.tokenizer_root, trust_remote_code=False)
+        rows = []
+        for name in classes:
+            prompts = [t.format(name) for t in TEMPLATES]
+            batch = tok(prompts, padding=True, return_tensors="pt")
+            out = model.get_text_features(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
+            emb = out if isinstance(out, Tensor) else out.pooler_output  # (T, D)
+            emb = nn.functional.normalize(emb, dim=-1).mean(0)
+            rows.append(nn.functional.normalize(emb, dim=-1))
+        return torch.stack(rows).clone()  # (K, D)
+

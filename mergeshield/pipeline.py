@@ -1,0 +1,208 @@
+"""The one product function: ``scan(request) -> ScanReport``.
+
+The CLI, the worker and the tests all call it. Stages, in order: resolve the two checkpoints, check
+they share a backbone, measure the task vector, measure the suspect (clean accuracy and ASR of every
+trigger it can name: probes, user triggers, injection triggers, inverted triggers), build or load
+BV_inj, sweep λ, write the cleaned checkpoint, decide the verdict, write the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from mergeshield import __version__, checkpoints
+from mergeshield.errors import UnsupportedModelError
+from mergeshield.ibvs import DEFAULT_GRID, InjectionRecipe, sanitise
+from mergeshield.measure import Measurement, measure_and_sanitise, summarise
+from mergeshield.models import ModelFamily, backbone_keys, family_for
+from mergeshield.report import ScanReport, decide, write_report
+from mergeshield.report.schema import (
+    FileDigest, IncompleteReason, Metrics, ModelInput, OutputSummary,
+)
+from mergeshield.task_vectors import TaskVector
+from mergeshield.training import Progress
+from mergeshield.triggers import Trigger
+
+
+class ScanRequest(BaseModel):
+    """What to scan and how. Everything here enters the configuration hash (the cache key)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    suspect: str  # hub repo id, HF-layout folder, .safetensors or .bin file
+    base: str  # the base model the suspect was fine-tuned from
+    suspect_revision: str | None = None  # branch, tag or sha (hub sources)
+    base_revision: str | None = None
+    evaluation: str | None = None  # dataset: bundled name, folder or hub dataset id
+    evaluation_revision: str | None = None
+    injection_data: str | None = None  # the defender's data for BV_inj; default: ``evaluation``
+    recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
+    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
+    budget_points: float = 2.0  # max clean-accuracy drop (points) the chosen λ may cost
+    fixed_lambda: float | None = None  # skip the sweep's choice and use this λ
+    triggers: list[Trigger] = Field(default_factory=list)  # user-supplied triggers
+    user_targets: list[int | None] = Field(default_factory=list)  # per user trigger; None = any
+    probes: bool = True  # measure the probe panel
+    inversion: bool = True  # reconstruct triggers by inversion (costs a few seconds per model)
+    inversion_steps: int = 60
+    max_eval: int | None = 1000  # test images evaluated (seeded subset); None = all
+    min_asr_gap: float = 0.2  # finding threshold: suspect ASR (CI low) − reference ASR
+    seed: int = 0
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+@dataclass
+class ScanContext:
+    """Where and how to run: not part of the configuration hash."""
+
+    out_dir: Path | None = None  # cleaned checkpoint + report; None = report only
+    formats: tuple[str, ...] = ("json",)  # also "sarif", "html", "txt"
+    token: str | None = None  # hub token; never logged nor reported
+    endpoint: str | None = None  # hub endpoint (mirrors, private hubs)
+    cache_dir: Path | None = None  # hub downloads and the BV_inj cache
+    local_files_only: bool = False
+    device: str | None = None  # "cuda", "cpu"; None = CUDA when present
+    scan_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    progress: Progress | None = None
+
+
+class _Timer:
+    def __init__(self, progress: Progress | None) -> None:
+        self.timings: dict[str, float] = {}
+        self.progress = progress
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(name, 0.0)
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
+    """Scan ``request.suspect`` against ``request.base``; write outputs to ``ctx.out_dir``."""
+    ctx = ctx or ScanContext()
+    timer = _Timer(ctx.progress)
+    device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hub: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
+                           "cache_dir": ctx.cache_dir}
+    with timer.stage("resolve"):
+        suspect_src = checkpoints.resolve(request.suspect, revision=request.suspect_revision,
+                                          local_files_only=ctx.local_files_only, **hub)
+        base_src = checkpoints.resolve(request.base, revision=request.base_revision,
+                                       local_files_only=ctx.local_files_only, **hub)
+    incomplete: list[IncompleteReason] = []
+    family: ModelFamily | None = None
+    try:
+        family = family_for(base_src.config, suspect_src.config,
+                            processor=checkpoints.read_json(base_src, "preprocessor_config.json"),
+                            tokenizer_root=str(base_src.root))
+    except UnsupportedModelError as exc:
+        incomplete.append(IncompleteReason(code=exc.code, message=exc.message))
+    if request.evaluation is None:
+        incomplete.append(IncompleteReason(
+            code="no_evaluation_data",
+            message="no evaluation dataset was given, so clean accuracy and ASR were not "
+                    "measured and nothing was sanitised: pass --eval"))
+
+    with checkpoints.open_checkpoint(suspect_src) as suspect_ck, \
+            checkpoints.open_checkpoint(base_src) as base_ck:
+        suspect_w = family.canonical(suspect_ck) if family else suspect_ck
+        base_w = family.canonical(base_ck) if family else base_ck
+        with timer.stage("task_vector"):
+            keys, skipped = backbone_keys(family, base_w, suspect_w)
+            checkpoints.check_compatible(base_w, suspect_w, keys=set(keys).__contains__)
+            tau = TaskVector.between(base_w, suspect_w, keys)
+        m: Measurement | None = None
+        if family is not None and request.evaluation is not None:
+            m = measure_and_sanitise(
+                request, family, base_w, suspect_w, tau, _revision_of(base_src),
+                device=device, stage=timer.stage, hub=hub,
+                cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None,
+            )
+        with timer.stage("summary"):
+            tv_summary = summarise(tau, base_w, skipped, m.bv if m else None)
+        output = None
+        if ctx.out_dir is not None and m is not None:
+            with timer.stage("write_checkpoint"):
+                output = _write_cleaned(ctx, suspect_src, base_src, suspect_w, m)
+    findings, verdict = decide(m.metrics.triggers if m else [], incomplete=incomplete,
+                               min_asr_gap=request.min_asr_gap)
+    report = ScanReport(
+        scanner_version=__version__, scan_id=ctx.scan_id,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        suspect=_model_input(suspect_src, family), base=_model_input(base_src, family),
+        evaluation=m.dataset if m else None,
+        config=request.model_dump(mode="json"), config_hash=request.config_hash(),
+        device=str(device), timings=timer.timings, task_vector=tv_summary,
+        injection=m.injection if m else None, metrics=m.metrics if m else Metrics(),
+        sweep=m.sweep if m else None,
+        findings=findings, verdict=verdict, incomplete=incomplete, output=output,
+    )
+    if ctx.out_dir is not None:
+        write_report(report, ctx.out_dir, ctx.formats)
+    return report
+
+
+def _revision_of(src: checkpoints.ResolvedSource) -> str:
+    """The base's identity in cache keys: its commit sha, or the hash of its weight files."""
+    if src.revision:
+        return src.revision
+    digest = hashlib.sha256()
+    for path, _size, sha in src.files_digest():
+        digest.update(f"{path}:{sha}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _model_input(src: checkpoints.ResolvedSource, family: ModelFamily | None) -> ModelInput:
+    archs = (src.config or {}).get("architectures") or [None]
+    return ModelInput(
+        source=src.source, kind=src.kind, revision_requested=src.revision_requested,
+        revision=src.revision, family=family.name if family else None, architecture=archs[0],
+        files=[FileDigest(path=p, size=s, sha256=h) for p, s, h in src.files_digest()],
+    )
+
+
+def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
+                   base_src: checkpoints.ResolvedSource, suspect_w: Mapping[str, Tensor],
+                   m: Measurement) -> OutputSummary:
+    """θ' = θ_suspect − λ·BV_inj, streamed to ``ctx.out_dir`` with provenance in __metadata__."""
+    assert ctx.out_dir is not None
+    metadata = {
+        "format": "pt",
+        "mergeshield.scan_id": ctx.scan_id,
+        "mergeshield.scanner_version": __version__,
+        "mergeshield.suspect": suspect_src.source,
+        "mergeshield.suspect_revision": suspect_src.revision or "",
+        "mergeshield.base": base_src.source,
+        "mergeshield.base_revision": base_src.revision or "",
+        "mergeshield.ibvs_lambda": repr(m.chosen_lambda),
+        "mergeshield.recipe_hash": m.injection.recipe_hash,
+    }
+    info = suspect_w.info  # type: ignore[attr-defined]
+    files = checkpoints.save_checkpoint(
+        ctx.out_dir, sanitise(suspect_w, m.bv, m.chosen_lambda),
+        specs={k: info(k) for k in suspect_w}, config=suspect_src.config,
+        extra_files=checkpoints.extra_files(suspect_src), metadata=metadata,
+    )
+    return OutputSummary(
+        directory=str(ctx.out_dir),
+        files=[FileDigest(path=p.name, size=p.stat().st_size, sha256=checkpoints.sha256_file(p))
+               for p in files],
+        metadata=metadata,
+    )

@@ -1,0 +1,241 @@
+"""A tiny, real model zoo built offline: bases, clean and backdoored fine-tunes, their datasets.
+
+For each family (a ``ViTForImageClassification`` and a ``CLIPModel``) a base is pre-trained on
+Fashion-MNIST, then every task is fine-tuned three times from it with the same seed and batch
+order: clean, BadNets and blended. Everything is saved in Hugging Face layout so the real loading
+code runs, and ``manifest.json`` records the ground truth (which model carries which trigger).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTConfig
+from transformers import ViTForImageClassification, ViTImageProcessor
+
+from mergeshield.data import ImageDataset, TaskData, load_task, save_task
+from mergeshield.models import CLIPFamily, Classifier, HFImageFamily
+from mergeshield.training import FinetuneConfig, Progress, finetune, fit_head
+from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, poison
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    quick: bool = False
+    seed: int = 0
+    families: tuple[str, ...] = ("vit", "clip")
+    hidden: int = 64  # ViT width (patch 7 on 28×28: 16 tokens, fast on 2 cores)
+    layers: int = 4  # ViT depth
+    patch: int = 7
+    pretrain_images: int = 20000  # Fashion-MNIST images for the base; quick uses 6000
+    pretrain: FinetuneConfig = FinetuneConfig(epochs=5, lr=3e-3)
+    task_images: int = 4000  # training images per task; quick uses 2000
+    finetune: FinetuneConfig = FinetuneConfig(epochs=5, lr=1e-3)
+    poison_rate: float = 0.1  # ρ, method.md's default
+
+    @classmethod
+    def for_speed(cls, quick: bool, seed: int = 0) -> ZooConfig:
+        """The full zoo, or the CI-sized one (about a minute on 2 cores)."""
+        if not quick:
+            return cls(seed=seed, pretrain=FinetuneConfig(epochs=5, lr=3e-3, seed=seed),
+                       finetune=FinetuneConfig(epochs=5, lr=1e-3, seed=seed))
+        return cls(quick=True, seed=seed, pretrain_images=6000, task_images=2000,
+                   pretrain=FinetuneConfig(epochs=3, lr=3e-3, seed=seed),
+                   finetune=FinetuneConfig(epochs=4, lr=1e-3, seed=seed))
+
+
+# (task name, bundled source, BadNets trigger, its target, blended trigger, its target)
+TASKS: tuple[tuple[str, str, Trigger, int, Trigger, int], ...] = (
+    ("mnist", "mnist5k",
+     PatchTrigger(pattern="checkerboard", size=3, location="bottom_right"), 0,
+     BlendedTrigger(pattern="noise", alpha=0.15, seed=7), 1),
+    ("digits", "digits",
+     PatchTrigger(pattern="random", size=3, location="top_left", seed=3), 3,
+     BlendedTrigger(pattern="stripes", alpha=0.15, seed=0), 5),
+    ("mnist-rot90", "mnist5k:rot90",
+     PatchTrigger(pattern="solid", size=3, location="top_right"), 7,
+     BlendedTrigger(pattern="noise", alpha=0.15, seed=11), 2),
+)
+
+
+def build_zoo(
+    out: str | Path, cfg: ZooConfig | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Build the zoo under ``out`` and return the manifest (also written to manifest.json)."""
+    cfg = cfg or ZooConfig()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    say: Progress = progress or (lambda _s, _f: None)
+    t0 = time.perf_counter()
+    pretrain = load_task("fashion_mnist", max_train=cfg.pretrain_images, max_test=2000, seed=cfg.seed)
+    tasks = {
+        name: load_task(src, max_train=cfg.task_images, max_test=1000, seed=cfg.seed, image_size=28)
+        for name, src, *_ in TASKS
+    }
+    datasets = []
+    for name, task in [("fashion_mnist", pretrain), *tasks.items()]:
+        save_task(task, root / "datasets" / name)
+        datasets.append({"name": name, "path": f"datasets/{name}", "classes": list(task.train.classes)})
+    models: list[dict[str, Any]] = []
+    for family in cfg.families:
+        builder = _VitBuilder(root, cfg) if family == "vit" else _ClipBuilder(root, cfg)
+        say(f"{family}: pretrain", 0.0)
+        models.append(builder.pretrain(pretrain))
+        for name, _src, bd_trigger, bd_target, bl_trigger, bl_target in TASKS:
+            task = tasks[name]
+            variants: list[tuple[str, dict[str, Any] | None, ImageDataset]] = [
+                ("clean", None, task.train)
+            ]
+            for kind, trig, target in (("badnets", bd_trigger, bd_target),
+                                       ("blended", bl_trigger, bl_target)):
+                poisoned, _ = poison(task.train, trig, target, cfg.poison_rate, seed=cfg.seed)
+                attack = {"type": kind, "target": target, "trigger": trig.model_dump(),
+                          "poison_rate": cfg.poison_rate}
+                variants.append((kind, attack, poisoned))
+            for kind, attack, train in variants:
+                say(f"{family}: {name}-{kind}", 0.0)
+                models.append(builder.finetune(name, kind, task, train, attack))
+    manifest = {
+        "version": 1,
+        "quick": cfg.quick,
+        "seed": cfg.seed,
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "models": models,
+        "datasets": datasets,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+class _VitBuilder:
+    name = "vit"
+
+    def __init__(self, root: Path, cfg: ZooConfig) -> None:
+        self.root, self.cfg = root, cfg
+        self.base_dir = root / "models" / "vit-base"
+        self.config = ViTConfig(
+            image_size=28, patch_size=cfg.patch, num_channels=1, hidden_size=cfg.hidden,
+            num_hidden_layers=cfg.layers, num_attention_heads=4,
+            intermediate_size=2 * cfg.hidden, num_labels=10,
+        )
+        self.processor = {"image_mean": [0.5], "image_std": [0.5]}
+        self.family = HFImageFamily(self.config.to_dict(), self.processor)
+        self.heads: dict[str, Callable[[], Classifier]] = {}
+
+    def pretrain(self, data: TaskData) -> dict[str, Any]:
+        torch.manual_seed(self.cfg.seed)
+        state = self.family.initial_weights(len(data.train.classes))
+        clf = self.family.classifier(state, state, data.train.classes)
+        finetune(clf, data.train, self.cfg.pretrain, train_head=True)
+        self._save(clf, self.base_dir, data.train.classes)
+        self.base = {k: v.detach().clone() for k, v in clf.backbone_state().items()}
+        return _entry("vit-base", self.base_dir, self.root, "vit", "fashion_mnist", None, None)
+
+    def finetune(self, task: str, kind: str, data: TaskData, train: ImageDataset,
+                 attack: dict[str, Any] | None) -> dict[str, Any]:
+        if task not in self.heads:  # the base with a linear probe fit on its features
+            self.heads[task] = self.family.task_classifier(
+                self.base, data.train, device=torch.device("cpu"), seed=self.cfg.seed)
+        clf = self.heads[task]()
+        finetune(clf, train, self.cfg.finetune)
+        out = self.root / "models" / f"vit-{task}-{kind}"
+        self._save(clf, out, data.train.classes)
+        return _entry(out.name, out, self.root, "vit", task, "vit-base", attack)
+
+    def _save(self, clf: Classifier, out: Path, classes: tuple[str, ...]) -> None:
+        model = clf.model  # type: ignore[attr-defined]
+        model.config.id2label = dict(enumerate(classes))
+        model.config.label2id = {c: i for i, c in enumerate(classes)}
+        model.save_pretrained(out)
+        ViTImageProcessor(do_resize=True, size={"height": 28, "width": 28}, do_rescale=True,
+                          do_normalize=True, **self.processor).save_pretrained(out)
+
+
+class _ClipBuilder:
+    name = "clip"
+
+    def __init__(self, root: Path, cfg: ZooConfig) -> None:
+        self.root, self.cfg = root, cfg
+        self.base_dir = root / "models" / "clip-base"
+        self.config = CLIPConfig(
+            text_config={"vocab_size": len(_char_vocab()), "hidden_size": 32,
+                         "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "intermediate_size": 64, "max_position_embeddings": 32,
+                         "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513},
+            vision_config={"image_size": 28, "patch_size": self.cfg.patch, "num_channels": 3,
+                           "hidden_size": self.cfg.hidden, "num_hidden_layers": self.cfg.layers,
+                           "num_attention_heads": 4, "intermediate_size": 2 * self.cfg.hidden},
+            projection_dim=32,
+        )
+
+    def _family(self) -> CLIPFamily:
+        return CLIPFamily(self.config.to_dict(), {"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+                          str(self.base_dir))
+
+    def pretrain(self, data: TaskData) -> dict[str, Any]:
+        torch.manual_seed(self.cfg.seed)
+        model = CLIPModel(self.config)
+        model.save_pretrained(self.base_dir)  # text tower and tokenizer first: the head needs them
+        _save_tokenizer(self.base_dir)
+        CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                           image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(self.base_dir)
+        self.base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        clf = self._family().classifier(self.base_state, self.base_state, data.train.classes)
+        # the vision tower learns to meet the (frozen) text tower's class embeddings
+        finetune(clf, data.train, self.cfg.pretrain, train_head=True)
+        self.base_state.update({k: v.detach().clone() for k, v in clf.backbone_state().items()})
+        self.base_state["visual_projection.weight"] = clf.head().weight.detach().clone()  # type: ignore[operator]
+        model.load_state_dict(self.base_state)
+        model.save_pretrained(self.base_dir)
+        return _entry("clip-base", self.base_dir, self.root, "clip", "fashion_mnist", None, None)
+
+    def finetune(self, task: str, kind: str, data: TaskData, train: ImageDataset,
+                 attack: dict[str, Any] | None) -> dict[str, Any]:
+        clf = self._family().classifier(self.base_state, self.base_state, data.train.classes)
+        finetune(clf, train, self.cfg.finetune)
+        out = self.root / "models" / f"clip-{task}-{kind}"
+        out.mkdir(parents=True, exist_ok=True)
+        # the public task-vector layout: a CLIPVisionModel with "vision_model.*" keys
+        tensors = {k: v.detach().contiguous() for k, v in clf.backbone_state().items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        vision = self.config.vision_config.to_dict()
+        vision.update({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model"})
+        (out / "config.json").write_text(json.dumps(vision, indent=2))
+        return _entry(out.name, out, self.root, "clip", task, "clip-base", attack)
+
+
+def _entry(name: str, path: Path, root: Path, family: str, task: str, base: str | None,
+           attack: dict[str, Any] | None) -> dict[str, Any]:
+    dataset = task
+    return {"name": name, "path": str(path.relative_to(root)), "family": family, "task": task,
+            "dataset": f"datasets/{dataset}", "base": base, "attack": attack}
+
+
+def _char_vocab() -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary (no merges): byte-level symbols, then word ends."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in cs]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return vocab
+
+
+def _save_tokenizer(out: Path) -> None:
+    CLIPTokenizer(vocab=_char_vocab(), merges=[]).save_pretrained(out)
+

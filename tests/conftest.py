@@ -1,0 +1,3 @@
+"""Shared fixtures: each lives in a tests/support module and is re-exported here."""
+
+from tests.support.hub import hub  # noqa: F401
