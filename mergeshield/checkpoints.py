@@ -25,6 +25,7 @@ from mergeshield.errors import (
     HubError,
     IncompatibleModelsError,
     InvalidWeightsError,
+    NothingScannableError,
     SourceNotFoundError,
     UnsafeFormatError,
 )
@@ -236,7 +237,7 @@ def _weight_files(root: Path, remote_names: tuple[str, ...]) -> tuple[Path, ...]
     if any(n.endswith(".py") for n in names):
         raise _unsafe(root, "the repository holds only Python model code and no weights in "
                             "safetensors or PyTorch format; MergeShield never runs remote code")
-    raise SourceNotFoundError(
+    raise NothingScannableError(
         f"{root}: no model.safetensors, sharded safetensors index or pytorch_model.bin found",
         details={"root": str(root), "files": sorted(names)[:20]})
 

@@ -7,7 +7,8 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
     MergeShieldError                       code
     ├── InputError (ValueError)            invalid_input         the caller gave something unusable
     │   ├── SourceNotFoundError            source_not_found      no such path / repo / revision / file
-    │   │   (also FileNotFoundError)
+    │   │   │ (also FileNotFoundError)
+    │   │   └── NothingScannableError      nothing_scannable     the source holds no model weights
     │   ├── UnsafeFormatError              unsafe_format         would need pickle or remote code
     │   ├── CorruptCheckpointError         corrupt_checkpoint    malformed safetensors / index / config
     │   ├── InvalidWeightsError            invalid_weights       NaN or inf in a weight tensor
@@ -44,6 +45,10 @@ class InputError(MergeShieldError, ValueError):
 
 class SourceNotFoundError(InputError, FileNotFoundError):
     code = "source_not_found"
+
+
+class NothingScannableError(SourceNotFoundError):
+    code = "nothing_scannable"
 
 
 class UnsafeFormatError(InputError):

@@ -24,7 +24,7 @@ from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
 from mergeshield.evaluation import Rate
 from mergeshield.models import Classifier
-from mergeshield.task_vectors import TaskVector
+from mergeshield.task_vectors import TaskVector, top_k
 from mergeshield.training import FinetuneConfig, Progress, paired_finetune
 from mergeshield.triggers import PatchTrigger, Trigger, stamp
 
@@ -121,6 +121,31 @@ def build_injection_bv(
     return TaskVector.between(clean, bd).materialize()
 
 
+class Focus(BaseModel):
+    """Which part of BV_inj is subtracted (MergeShield's refinement of plain IBVS).
+
+    Plain IBVS (``keep=1, agree_with_suspect=False``) subtracts all of BV_inj, which also removes
+    task features: on the quick zoo a 2-point accuracy budget then allows only λ≈0.2 (ASR 98→92%).
+    Keeping BV_inj's top 20% entries and only those whose sign agrees with the suspect's own task
+    vector (TIES-style trim + elect, aimed at weights the suspect really moved in a backdoor
+    direction) allows λ≈1 at the same budget (ASR 98→66% BadNets, 74→38% blended). Measured in
+    docs/ibvs-defaults.md; the paper-scale comparison is the benchmark's job.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keep: float = 0.2  # fraction of BV_inj entries kept, by magnitude (global); 1 = all
+    agree_with_suspect: bool = True  # keep only entries with sign(BV_inj) == sign(τ_suspect)
+
+
+def focus(bv: TaskVector, tau: TaskVector, cfg: Focus) -> TaskVector:
+    """BV_inj restricted to ``tau``'s tensors, trimmed and sign-masked as ``cfg`` says."""
+    out = top_k(bv.restrict(tau), cfg.keep)
+    if cfg.agree_with_suspect:
+        out = out.zip_with(tau, lambda b, t: torch.where(torch.sign(b) == torch.sign(t), b, 0.0))
+    return out.materialize()
+
+
 def sanitise(suspect: Mapping[str, Tensor], bv: TaskVector, lam: float
              ) -> Iterator[tuple[str, Tensor]]:
     """θ' = θ_suspect − λ·BV_inj, one tensor at a time, every other tensor passed through."""
@@ -128,7 +153,7 @@ def sanitise(suspect: Mapping[str, Tensor], bv: TaskVector, lam: float
 
 
 # -- choosing λ --------------------------------------------------------------------------------
-DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from mergeshield import bv_cache
 from mergeshield.data import ImageDataset, TaskData, load_task
 from mergeshield.evaluation import Rate, attack_success_rate, best_target_asr, clean_accuracy
 from mergeshield.evaluation import probe_panel
-from mergeshield.ibvs import SweepPoint, build_injection_bv, choose_lambda, injected_backdoors
+from mergeshield.ibvs import SweepPoint, build_injection_bv, choose_lambda, focus, injected_backdoors
 from mergeshield.ibvs import sweep
 from mergeshield.inversion import InversionConfig, invert_triggers
 from mergeshield.models import Classifier, ModelFamily
@@ -102,7 +102,7 @@ def measure_and_sanitise(
             make = family.task_classifier(base, inj_task.train, device=device)
             bv = build_injection_bv(make, inj_task.train, request.recipe)
             bv_cache.store(cache_dir, key, bv, request.recipe.model_dump(mode="json"))
-        bv = bv.restrict(tau)
+        bv = focus(bv, tau, request.focus)
     for trig, target in injected_backdoors(request.recipe, len(classes), test.images.shape[-1]):
         p = _Probe(f"injection:{trigger_id(trig)}->{target}", "injection", trig, target,
                    trig.model_dump(mode="json"))
@@ -170,26 +170,39 @@ def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -
 
 
 def _inverted(request: ScanRequest, task: TaskData, ref: Classifier, sus: Classifier) -> _Probe:
-    """Run the same inversion on the suspect and the reference; keep the target with the widest
-    gap. ``ref`` of the result is the reference's *own* inverted trigger's ASR (same budget)."""
+    """Invert one trigger per target on the suspect and on the reference; keep the target whose
+    trigger stands out most. Its baseline (``ref``) is what such a search reaches *without* a
+    backdoor: the larger of the same search on the reference model (same budget and seed) and the
+    median over the suspect's other targets (Neural Cleanse's outlier view, which still holds when
+    the reference is near chance, as a tiny CLIP's zero-shot head is)."""
     cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed)
     gen = torch.Generator().manual_seed(request.seed)
     opt = task.train.subset(torch.randperm(len(task.train), generator=gen)[:512])
     k = len(task.test.classes)
     mine = invert_triggers(sus, opt.images, opt.labels, k, cfg)
     theirs = invert_triggers(ref, opt.images, opt.labels, k, cfg)
+    on_sus = [attack_success_rate(sus, task.test, mine[t], t) for t in range(k)]
+    on_ref = [attack_success_rate(ref, task.test, theirs[t], t) for t in range(k)]
     best: _Probe | None = None
     for t in range(k):
-        before = attack_success_rate(sus, task.test, mine[t], t)
-        ref_own = attack_success_rate(ref, task.test, theirs[t], t)
-        if best is None or before.rate - ref_own.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
+        others = sorted(r.rate for i, r in enumerate(on_sus) if i != t)
+        median = others[len(others) // 2]
+        baseline = on_ref[t] if on_ref[t].rate >= median else _rate_near(median, on_sus[t].total)
+        if best is None or on_sus[t].rate - baseline.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
             digest = hashlib.sha256(mine[t].model_dump_json().encode()).hexdigest()[:8]
-            spec = {"kind": "inverted", "target": t, "area_pixels": int(sum(
-                sum(row) for row in (mine[t].mask or []))), "steps": cfg.steps, "sha256": digest,
-                "compared_with": "the same search on the reference model"}
-            best = _Probe(f"inverted:target-{t}", "inverted", mine[t], t, spec, ref_own, before)
+            spec = {"kind": "inverted", "target": t, "steps": cfg.steps, "sha256": digest,
+                    "area_pixels": round(float(torch.tensor(mine[t].mask).sum())),
+                    "suspect_asr_by_target": [round(r.rate, 4) for r in on_sus],
+                    "reference_asr_by_target": [round(r.rate, 4) for r in on_ref],
+                    "baseline": "max(same search on the reference model, median over the "
+                                "suspect's other targets)"}
+            best = _Probe(f"inverted:target-{t}", "inverted", mine[t], t, spec, baseline, on_sus[t])
     assert best is not None
     return best
+
+
+def _rate_near(rate: float, total: int) -> Rate:
+    return Rate(round(rate * total), total)
 
 
 def _tracked(probes: list[_Probe], gap: float) -> list[_Probe]:

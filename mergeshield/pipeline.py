@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mergeshield import __version__, checkpoints
 from mergeshield.errors import UnsupportedModelError
-from mergeshield.ibvs import DEFAULT_GRID, InjectionRecipe, sanitise
+from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe, sanitise
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
 from mergeshield.models import ModelFamily, backbone_keys, family_for
 from mergeshield.report import ScanReport, decide, write_report
@@ -49,6 +49,7 @@ class ScanRequest(BaseModel):
     evaluation_revision: str | None = None
     injection_data: str | None = None  # the defender's data for BV_inj; default: ``evaluation``
     recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
+    focus: Focus = Field(default_factory=Focus)  # which part of BV_inj is subtracted
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
     budget_points: float = 2.0  # max clean-accuracy drop (points) the chosen λ may cost
     fixed_lambda: float | None = None  # skip the sweep's choice and use this λ

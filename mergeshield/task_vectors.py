@@ -74,15 +74,16 @@ class TaskVector(Mapping[str, Tensor]):
         return f"TaskVector({len(self._keys)} tensors)"
 
     # -- algebra --------------------------------------------------------------------------------
-    def _zip(self, other: TaskVector, op: Callable[[Tensor, Tensor], Tensor]) -> TaskVector:
+    def zip_with(self, other: TaskVector, op: Callable[[Tensor, Tensor], Tensor]) -> TaskVector:
+        """Combine two vectors tensor by tensor with ``op``, lazily."""
         _require_same_keys(self._keys, other, "other task vector")
         return TaskVector(self._keys, lambda k: op(self[k], other[k]))
 
     def __add__(self, other: TaskVector) -> TaskVector:
-        return self._zip(other, torch.add)
+        return self.zip_with(other, torch.add)
 
     def __sub__(self, other: TaskVector) -> TaskVector:
-        return self._zip(other, torch.sub)
+        return self.zip_with(other, torch.sub)
 
     def __neg__(self) -> TaskVector:
         return TaskVector(self._keys, lambda k: -self[k])
@@ -211,7 +212,7 @@ def elect_sign(vectors: list[TaskVector]) -> TaskVector:
 def sign_consistent(vectors: list[TaskVector]) -> list[TaskVector]:
     """Zero every entry whose sign disagrees with the elected sign (TIES "elect")."""
     sign = elect_sign(vectors)
-    return [v._zip(sign, lambda x, s: torch.where(torch.sign(x) == s, x, torch.zeros_like(x)))
+    return [v.zip_with(sign, lambda x, s: torch.where(torch.sign(x) == s, x, torch.zeros_like(x)))
             for v in vectors]
 
 

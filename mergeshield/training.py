@@ -27,7 +27,7 @@ class FinetuneConfig:
     lr: float = 1e-3  # AdamW; tiny ViTs fine-tune well at 1e-3, CLIP ViT-B/32 wants ~1e-5
     weight_decay: float = 0.0  # decay would pull the task vector towards 0 and blur the BV
     seed: int = 0  # batch order and any randomness in the step
-    max_train: int | None = None  # cap on training images (seeded subset), None = all
+    min_steps: int = 0  # small sets get extra epochs until this many steps are taken
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -37,8 +37,10 @@ def device_of(module: nn.Module) -> torch.device:
 def batch_order(n: int, cfg: FinetuneConfig) -> list[Tensor]:
     """The index batches of every epoch, drawn once from ``cfg.seed``."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    per_epoch = -(-n // cfg.batch_size)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // per_epoch))
     batches: list[Tensor] = []
-    for _ in range(cfg.epochs):
+    for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
         batches.extend(perm.split(cfg.batch_size))
     return batches

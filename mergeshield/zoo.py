@@ -45,10 +45,10 @@ class ZooConfig:
         """The full zoo, or the CI-sized one (about a minute on 2 cores)."""
         if not quick:
             return cls(seed=seed, pretrain=FinetuneConfig(epochs=5, lr=3e-3, seed=seed),
-                       finetune=FinetuneConfig(epochs=5, lr=1e-3, seed=seed))
+                       finetune=FinetuneConfig(epochs=5, lr=1e-3, seed=seed, min_steps=300))
         return cls(quick=True, seed=seed, pretrain_images=6000, task_images=2000,
                    pretrain=FinetuneConfig(epochs=3, lr=3e-3, seed=seed),
-                   finetune=FinetuneConfig(epochs=4, lr=1e-3, seed=seed))
+                   finetune=FinetuneConfig(epochs=4, lr=1e-3, seed=seed, min_steps=125))
 
 
 # (task name, bundled source, BadNets trigger, its target, blended trigger, its target)
@@ -58,7 +58,7 @@ TASKS: tuple[tuple[str, str, Trigger, int, Trigger, int], ...] = (
      BlendedTrigger(pattern="noise", alpha=0.15, seed=7), 1),
     ("digits", "digits",
      PatchTrigger(pattern="random", size=3, location="top_left", seed=3), 3,
-     BlendedTrigger(pattern="stripes", alpha=0.15, seed=0), 5),
+     BlendedTrigger(pattern="noise", alpha=0.15, seed=5), 5),
     ("mnist-rot90", "mnist5k:rot90",
      PatchTrigger(pattern="solid", size=3, location="top_right"), 7,
      BlendedTrigger(pattern="noise", alpha=0.15, seed=11), 2),

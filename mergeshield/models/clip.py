@@ -122,7 +122,7 @@ class CLIPFamily(ModelFamily):
         clf.load_backbone(backbone)
         return clf.eval().requires_grad_(False)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the result is used in training graphs
     def _text_features(self, model: CLIPModel, classes: tuple[str, ...]) -> Tensor:
         if self.tokenizer_root is None:
             raise UnsupportedModelError("the CLIP base has no tokenizer files to build its head")

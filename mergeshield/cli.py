@@ -1,0 +1,133 @@
+"""The ``mergeshield`` command line: scan, zoo build, bv, merge.
+
+Exit codes (conventions.md): 0 no finding at or above ``--fail-on``; 1 findings; 2 error or
+incomplete scan; 3 nothing scannable; 4 usage. Progress goes to stderr on a terminal only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mergeshield import __version__
+from mergeshield.errors import MergeShieldError, NothingScannableError
+from mergeshield.settings import Settings
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NOTHING, EXIT_USAGE = 0, 1, 2, 3, 4
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2; conventions say 4 for usage
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mergeshield", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"mergeshield {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("scan", help="scan a fine-tuned checkpoint against its base and clean it")
+    s.add_argument("suspect", help="hub repo id, HF-layout folder, .safetensors or .bin")
+    s.add_argument("--base", required=True, help="the base model it was fine-tuned from")
+    s.add_argument("--revision", help="suspect revision (branch, tag or sha)")
+    s.add_argument("--base-revision")
+    s.add_argument("--eval", dest="evaluation", help="evaluation dataset (folder, bundled name, hub id)")
+    s.add_argument("--eval-revision")
+    s.add_argument("--inject-data", help="the defender's data for BV_inj (default: --eval)")
+    s.add_argument("--out", type=Path, help="write the cleaned checkpoint and report.json here")
+    s.add_argument("--report", default="json", help="report files: json,sarif,html,text")
+    s.add_argument("--format", choices=["text", "json", "sarif"], default="text",
+                   help="what to print on stdout")
+    s.add_argument("--fail-on", default="MEDIUM", choices=["LOW", "MEDIUM", "HIGH", "CRITICAL"])
+    s.add_argument("--trigger", action="append", default=[],
+                   help="a trigger to measure, e.g. patch:checkerboard:3:bottom_right (repeatable)")
+    s.add_argument("--target", action="append", type=int, default=[],
+                   help="target class of the matching --trigger (default: its best class)")
+    s.add_argument("--no-probes", action="store_true", help="skip the probe panel")
+    s.add_argument("--no-inversion", action="store_true", help="skip trigger inversion")
+    s.add_argument("--lambdas", type=_floats, help="λ grid, e.g. 0,0.5,1,2")
+    s.add_argument("--lambda", dest="fixed_lambda", type=float, help="use this λ, no choice")
+    s.add_argument("--budget", type=float, default=2.0, help="max clean-accuracy drop (points)")
+    s.add_argument("--max-eval", type=int, default=1000, help="test images evaluated")
+    s.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
+    s.add_argument("--offline", action="store_true", help="use the local hub cache only")
+
+    z = sub.add_parser("zoo", help="the tiny offline model zoo")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    zb = zsub.add_parser("build", help="pre-train bases and fine-tune clean/backdoored models")
+    zb.add_argument("out", type=Path)
+    zb.add_argument("--quick", action="store_true", help="CI size: about a minute on 2 cores")
+    zb.add_argument("--families", default="vit,clip")
+    zb.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bv", help="backdoor vectors: compute and compare")
+    bsub = b.add_subparsers(dest="bv_command", required=True, parser_class=_Parser)
+    bc = bsub.add_parser("compute", help="BV = backdoored − clean")
+    bc.add_argument("--clean", required=True)
+    bc.add_argument("--backdoored", required=True)
+    bc.add_argument("--out", type=Path, required=True, help="folder for model.safetensors")
+    bm = bsub.add_parser("compare", help="cosine matrix of BVs (files written by bv compute)")
+    bm.add_argument("bvs", nargs="+")
+    bm.add_argument("--per-tensor", action="store_true")
+
+    m = sub.add_parser("merge", help="merge fine-tuned models (Task Arithmetic / TIES)")
+    m.add_argument("models", nargs="+")
+    m.add_argument("--base", required=True)
+    m.add_argument("--method", choices=["task_arithmetic", "ties"], default="task_arithmetic")
+    m.add_argument("--weights", type=_floats, default=[0.3], help="λ per model, or one for all")
+    m.add_argument("--keep", type=float, default=0.2, help="TIES: fraction kept per vector")
+    m.add_argument("--subtract", help="a BV to subtract after merging (IBVS)")
+    m.add_argument("--subtract-lambda", type=float, default=1.0)
+    m.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    try:
+        if args.command == "scan":
+            from mergeshield.cli_commands import run_scan
+
+            return run_scan(args, settings)
+        if args.command == "zoo":
+            from mergeshield.cli_commands import run_zoo
+
+            return run_zoo(args)
+        if args.command == "bv":
+            from mergeshield.cli_commands import run_bv
+
+            return run_bv(args, settings)
+        from mergeshield.cli_commands import run_merge
+
+        return run_merge(args, settings)
+    except NothingScannableError as exc:
+        _error(exc)
+        return EXIT_NOTHING
+    except MergeShieldError as exc:
+        _error(exc)
+        return EXIT_ERROR
+
+
+def _error(exc: MergeShieldError) -> None:
+    if sys.stderr.isatty():
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+    else:
+        print(json.dumps({"error": exc.to_dict()}, default=str), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

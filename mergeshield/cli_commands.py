@@ -1,0 +1,142 @@
+"""What each ``mergeshield`` sub-command does: turn arguments into library calls and print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from mergeshield import backdoor_vectors, checkpoints
+from mergeshield.ibvs import DEFAULT_GRID
+from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
+from mergeshield.pipeline import ScanContext, ScanRequest, scan
+from mergeshield.report import exit_code, to_sarif, to_text
+from mergeshield.report.schema import Severity
+from mergeshield.settings import Settings
+from mergeshield.task_vectors import TaskVector
+from mergeshield.triggers import parse_trigger
+
+
+class _Progress:
+    """A tqdm bar per stage on a terminal; silent when stderr is piped."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.bar: tqdm[Any] | None = None
+        self.stage = ""
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=stage, file=sys.stderr, leave=False)
+        if self.bar is not None:
+            self.bar.n = int(fraction * 100)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _hub(settings: Settings) -> dict[str, Any]:
+    return {"token": settings.token(), "endpoint": settings.hf_endpoint,
+            "cache_dir": settings.cache_dir}
+
+
+def run_scan(args: argparse.Namespace, settings: Settings) -> int:
+    request = ScanRequest(
+        suspect=args.suspect, base=args.base, suspect_revision=args.revision,
+        base_revision=args.base_revision, evaluation=args.evaluation,
+        evaluation_revision=args.eval_revision, injection_data=args.inject_data,
+        lambdas=args.lambdas or list(DEFAULT_GRID), fixed_lambda=args.fixed_lambda,
+        budget_points=args.budget, triggers=[parse_trigger(t) for t in args.trigger],
+        user_targets=list(args.target), probes=not args.no_probes,
+        inversion=not args.no_inversion, max_eval=args.max_eval,
+    )
+    progress = _Progress()
+    ctx = ScanContext(
+        out_dir=args.out, formats=tuple(f.strip() for f in args.report.split(",") if f.strip()),
+        local_files_only=args.offline, device=args.device or settings.device,
+        progress=progress, **_hub(settings),
+    )
+    try:
+        report = scan(request, ctx)
+    finally:
+        progress.close()
+    if args.format == "json":
+        print(report.model_dump_json(indent=2))
+    elif args.format == "sarif":
+        print(json.dumps(to_sarif(report), indent=2))
+    else:
+        print(to_text(report))
+    return exit_code(report, Severity(args.fail_on))
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mergeshield.zoo import ZooConfig, build_zoo
+
+    cfg = dataclasses.replace(ZooConfig.for_speed(args.quick, args.seed),
+                              families=tuple(args.families.split(",")))
+    progress = _Progress()
+    manifest = build_zoo(args.out, cfg, progress=progress)
+    progress.close()
+    print(f"{len(manifest['models'])} models and {len(manifest['datasets'])} datasets in "
+          f"{args.out} ({manifest['build_seconds']} s); ground truth in {args.out}/manifest.json")
+    return 0
+
+
+def run_bv(args: argparse.Namespace, settings: Settings) -> int:
+    hub = _hub(settings)
+    if args.bv_command == "compute":
+        with checkpoints.open_checkpoint(checkpoints.resolve(args.clean, **hub)) as clean, \
+                checkpoints.open_checkpoint(checkpoints.resolve(args.backdoored, **hub)) as bd:
+            bv = backdoor_vectors.from_checkpoints(clean, bd)
+            checkpoints.save_checkpoint(args.out, ((k, bv[k]) for k in bv),
+                                        specs={k: checkpoints.TensorInfo.of(bv[k]) for k in bv},
+                                        metadata={"mergeshield.kind": "backdoor_vector",
+                                                  "mergeshield.clean": args.clean,
+                                                  "mergeshield.backdoored": args.backdoored})
+            print(f"BV over {len(bv)} tensors, norm {bv.norm():.4f} -> {args.out}")
+        return 0
+    opened = [checkpoints.open_checkpoint(checkpoints.resolve(p, **hub)) for p in args.bvs]
+    bvs = [TaskVector(list(ck), ck.__getitem__) for ck in opened]
+    matrix = backdoor_vectors.similarity(bvs)
+    result: dict[str, Any] = {"bvs": args.bvs, "cosine": matrix}
+    if args.per_tensor and len(bvs) >= 2:
+        result["per_tensor_first_pair"] = backdoor_vectors.tensor_similarity(bvs[0], bvs[1])
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_merge(args: argparse.Namespace, settings: Settings) -> int:
+    hub = _hub(settings)
+    cfg = MergeConfig(method=args.method, weights=args.weights, keep=args.keep,
+                      subtract_lambda=args.subtract_lambda if args.subtract else 0.0)
+    base_src = checkpoints.resolve(args.base, **hub)
+    with checkpoints.open_checkpoint(base_src) as base_ck:
+        models = [checkpoints.open_checkpoint(checkpoints.resolve(m, **hub)) for m in args.models]
+        base, tvs, _family = task_vectors(base_ck, models)
+        bv = None
+        if args.subtract:
+            ck = checkpoints.open_checkpoint(checkpoints.resolve(args.subtract, **hub))
+            bv = TaskVector(list(ck), ck.__getitem__)
+        info = base.info  # type: ignore[attr-defined]
+        files = checkpoints.save_checkpoint(
+            args.out, merged_tensors(base, tvs, cfg, bv), specs={k: info(k) for k in base},
+            config=base_src.config, extra_files=checkpoints.extra_files(base_src),
+            metadata={"mergeshield.merge": cfg.model_dump_json(),
+                      "mergeshield.models": json.dumps(args.models)},
+        )
+        for ck in models:
+            ck.close()
+    print(f"merged {len(tvs)} models ({cfg.method}) -> {', '.join(str(f) for f in files)}")
+    return 0

@@ -1,0 +1,62 @@
+"""Merging fine-tuned checkpoints of one base: Task Arithmetic and TIES, optionally with IBVS.
+
+θ_M = θ_pre + merge(τ_1..τ_T); with IBVS, θ_M' = θ_M − λ·BV_inj (post-merge subtraction, the
+default of method.md). Output: the base's layout with the merged backbone; other tensors (heads,
+text tower) come from the base, since each task's head belongs to its own task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from mergeshield import checkpoints
+from mergeshield.errors import ConfigError, UnsupportedModelError
+from mergeshield.models import ModelFamily, backbone_keys, family_for
+from mergeshield.task_vectors import TaskVector, task_arithmetic, ties
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    weights: list[float] = Field(default_factory=lambda: [0.3])  # λ_t; one value = all tasks
+    keep: float = 0.2  # TIES trim: fraction of each task vector kept
+    subtract_lambda: float = 0.0  # IBVS after the merge: θ_M − λ·BV (needs a BV)
+
+
+def merged_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: MergeConfig,
+                   bv: TaskVector | None = None) -> Iterator[tuple[str, Tensor]]:
+    """θ_pre + merge(τ) (− λ·BV), one tensor at a time in ``base``'s order."""
+    if not tvs:
+        raise ConfigError("merge needs at least one fine-tuned model")
+    weights = cfg.weights * len(tvs) if len(cfg.weights) == 1 else cfg.weights
+    if cfg.method == "ties":
+        tau = ties(list(tvs), keep=cfg.keep, scale=weights[0])
+    else:
+        tau = task_arithmetic(list(tvs), weights)
+    if bv is not None and cfg.subtract_lambda:
+        tau = tau - cfg.subtract_lambda * bv.restrict(tau)
+    return tau.apply_lazily(base)
+
+
+def task_vectors(base: checkpoints.Checkpoint, models: Sequence[checkpoints.Checkpoint]
+                 ) -> tuple[Mapping[str, Tensor], list[TaskVector], ModelFamily | None]:
+    """The base (canonical names) and each model's task vector over the shared backbone."""
+    family: ModelFamily | None
+    try:
+        family = family_for(base.config, models[0].config)
+    except UnsupportedModelError:
+        family = None
+    b = family.canonical(base) if family else base
+    tvs = []
+    for ck in models:
+        m = family.canonical(ck) if family else ck
+        keys, _ = backbone_keys(family, b, m)
+        checkpoints.check_compatible(b, m, keys=set(keys).__contains__)
+        tvs.append(TaskVector.between(b, m, keys))
+    shared = [k for k in tvs[0] if all(k in tv for tv in tvs)]
+    return b, [tv.restrict(shared) for tv in tvs], family
