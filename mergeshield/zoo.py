@@ -55,13 +55,13 @@ class ZooConfig:
 TASKS: tuple[tuple[str, str, Trigger, int, Trigger, int], ...] = (
     ("mnist", "mnist5k",
      PatchTrigger(pattern="checkerboard", size=3, location="bottom_right"), 0,
-     BlendedTrigger(pattern="noise", alpha=0.15, seed=7), 1),
+     BlendedTrigger(pattern="noise", alpha=0.2, seed=7), 1),
     ("digits", "digits",
-     PatchTrigger(pattern="random", size=3, location="top_left", seed=3), 3,
-     BlendedTrigger(pattern="noise", alpha=0.15, seed=5), 5),
+     PatchTrigger(pattern="random", size=4, location=(15, 15), seed=3), 3,
+     BlendedTrigger(pattern="noise", alpha=0.2, seed=5), 5),
     ("mnist-rot90", "mnist5k:rot90",
      PatchTrigger(pattern="solid", size=3, location="top_right"), 7,
-     BlendedTrigger(pattern="noise", alpha=0.15, seed=11), 2),
+     BlendedTrigger(pattern="noise", alpha=0.2, seed=11), 2),
 )
 
 

@@ -1,0 +1,86 @@
+"""The ``mergeshield`` command as CI uses it: a real subprocess, exit codes and formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.zoo import Zoo
+
+
+def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MERGESHIELD_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-m", "mergeshield.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600, check=False)
+
+
+def _scan(zoo: Zoo, name: str, *extra: str) -> list[str]:
+    return ["scan", str(zoo.path(name)), "--base", str(zoo.path(zoo.model(name)["base"])),
+            "--eval", str(zoo.dataset(name)), "--no-inversion", *extra]
+
+
+def test_backdoored_exits_1_with_json_on_stdout(zoo: Zoo, bv_cache_dir: Path,
+                                                tmp_path: Path) -> None:
+    out = tmp_path / "cleaned"
+    proc = _run(_scan(zoo, "vit-mnist-rot90-badnets", "--format", "json", "--out", str(out),
+                      "--report", "json,sarif,html,text"), bv_cache_dir)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["verdict"]["status"] == "backdoor_suspected"
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "report.json",
+                                              "report.sarif", "report.html", "report.txt"}
+
+
+def test_clean_exits_0_with_a_text_summary(zoo: Zoo, bv_cache_dir: Path) -> None:
+    proc = _run(_scan(zoo, "vit-mnist-rot90-clean"), bv_cache_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "Verdict: NO BACKDOOR FOUND" in proc.stdout
+
+
+def test_sarif_format(zoo: Zoo, bv_cache_dir: Path) -> None:
+    proc = _run(_scan(zoo, "vit-mnist-rot90-clean", "--format", "sarif", "--no-probes"),
+                bv_cache_dir)
+    assert json.loads(proc.stdout)["version"] == "2.1.0"
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"\xff" * 64])
+def test_broken_input_exits_2_with_a_json_error(zoo: Zoo, tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(content)
+    proc = _run(["scan", str(bad), "--base", str(zoo.path("vit-base"))], tmp_path)
+    assert proc.returncode == 2
+    error = json.loads(proc.stderr.strip().splitlines()[-1])["error"]
+    assert error["code"] == "corrupt_checkpoint"
+
+
+def test_folder_without_weights_exits_3(zoo: Zoo, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    proc = _run(["scan", str(tmp_path), "--base", str(zoo.path("vit-base"))], tmp_path)
+    assert proc.returncode == 3, proc.stderr
+
+
+def test_usage_errors_exit_4(tmp_path: Path) -> None:
+    assert _run(["scan"], tmp_path).returncode == 4
+    assert _run(["scan", "x", "--base", "y", "--fail-on", "SOMETIMES"], tmp_path).returncode == 4
+
+
+def test_bv_compute_compare_and_merge(zoo: Zoo, tmp_path: Path) -> None:
+    for kind in ("badnets", "blended"):
+        proc = _run(["bv", "compute", "--clean", str(zoo.path("vit-mnist-clean")),
+                     "--backdoored", str(zoo.path(f"vit-mnist-{kind}")),
+                     "--out", str(tmp_path / kind)], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    proc = _run(["bv", "compare", str(tmp_path / "badnets"), str(tmp_path / "blended")], tmp_path)
+    matrix = json.loads(proc.stdout)["cosine"]
+    assert matrix[0][0] == 1.0 and matrix[0][1] == matrix[1][0] and -1 <= matrix[0][1] < 1
+    proc = _run(["merge", str(zoo.path("vit-mnist-clean")), str(zoo.path("vit-digits-clean")),
+                 "--base", str(zoo.path("vit-base")), "--method", "ties", "--weights", "1.0",
+                 "--subtract", str(tmp_path / "badnets"), "--subtract-lambda", "0.5",
+                 "--out", str(tmp_path / "merged")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

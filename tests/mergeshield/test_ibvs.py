@@ -1,0 +1,211 @@
+"""ibvs.py: the injection recipe and its cache key, poisoning, focusing, sanitising and choosing λ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from mergeshield.errors import ConfigError
+from mergeshield.evaluation import Rate
+from mergeshield.ibvs import (
+    Focus,
+    InjectionRecipe,
+    SweepPoint,
+    choose_lambda,
+    focus,
+    injected_backdoors,
+    poison_many,
+    sanitise,
+    sweep,
+)
+from mergeshield.task_vectors import TaskVector, top_k
+from mergeshield.triggers import PatchTrigger, stamp, trigger_id
+from tests.support.tiny import IMAGE, block_task
+
+
+def tv_of(values: dict[str, list[float]]) -> TaskVector:
+    return TaskVector.from_tensors({k: torch.tensor(v) for k, v in values.items()})
+
+
+# -- the recipe and its cache key -----------------------------------------------------------------
+def test_recipe_digest_is_stable_and_tracks_recipe_base_and_data() -> None:
+    recipe = InjectionRecipe()
+    key = recipe.digest("rev-a", "sha-1")
+    assert key == InjectionRecipe().digest("rev-a", "sha-1") == recipe.digest("rev-a", "sha-1")
+    assert len(key) == 64
+    others = {
+        InjectionRecipe(seed=1).digest("rev-a", "sha-1"),
+        InjectionRecipe(poison_rate=0.2).digest("rev-a", "sha-1"),
+        InjectionRecipe(mode="single", triggers=[PatchTrigger()]).digest("rev-a", "sha-1"),
+        recipe.digest("rev-b", "sha-1"),
+        recipe.digest("rev-a", "sha-2"),
+    }
+    assert key not in others and len(others) == 5
+
+
+def test_recipe_is_frozen_and_strict() -> None:
+    recipe = InjectionRecipe()
+    with pytest.raises(ValidationError):
+        recipe.epochs = 9  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        InjectionRecipe(epoch=3)  # type: ignore[call-arg]
+    cfg = InjectionRecipe(epochs=2, lr=0.01, batch_size=8, seed=5).finetune_config()
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed) == (2, 0.01, 8, 5)
+
+
+def test_per_class_mode_plants_one_distinct_trigger_per_class() -> None:
+    pairs = injected_backdoors(InjectionRecipe(), n_classes=5, image_size=28)
+    assert [t for _, t in pairs] == [0, 1, 2, 3, 4]
+    assert len({trigger_id(trig) for trig, _ in pairs}) == 5
+    assert all(isinstance(trig, PatchTrigger) and trig.size == 3 for trig, _ in pairs)  # 28/9
+    images = torch.rand(2, 3, 28, 28)
+    stamped = [stamp(images, trig) for trig, _ in pairs]
+    assert all(not torch.equal(stamped[0], s) for s in stamped[1:])
+
+
+def test_single_mode_pairs_every_trigger_with_every_target() -> None:
+    trigs = [PatchTrigger(location="top_left"), PatchTrigger(pattern="solid")]
+    recipe = InjectionRecipe(mode="single", triggers=trigs, targets=[1, 3])
+    assert injected_backdoors(recipe, 4, 16) == [(trigs[0], 1), (trigs[0], 3),
+                                                  (trigs[1], 1), (trigs[1], 3)]
+
+
+@pytest.mark.parametrize("recipe", [
+    InjectionRecipe(mode="single"),  # no trigger
+    InjectionRecipe(mode="single", triggers=[PatchTrigger()], targets=[4]),  # not a class
+    InjectionRecipe(mode="single", triggers=[PatchTrigger()], targets=[-1]),
+])
+def test_single_mode_errors(recipe: InjectionRecipe) -> None:
+    with pytest.raises(ConfigError):
+        injected_backdoors(recipe, 4, 16)
+
+
+# -- poisoning ------------------------------------------------------------------------------------
+def test_poison_many_stamps_exact_counts_and_never_a_row_of_its_own_target() -> None:
+    data = block_task(200, n_classes=4)
+    pairs = injected_backdoors(InjectionRecipe(), 4, IMAGE)
+    out = poison_many(data, pairs, rate=0.2, seed=3)
+    changed = (out.images != data.images).flatten(1).any(1)
+    assert int(changed.sum()) == 40  # 0.2 · 200, split evenly: 10 per trigger
+    assert torch.equal(out.labels[~changed], data.labels[~changed])
+    for trig, target in pairs:
+        mine = changed & torch.isclose(out.images, stamp(data.images, trig)).flatten(1).all(1)
+        assert int(mine.sum()) == 10
+        assert bool((out.labels[mine] == target).all())
+        assert bool((data.labels[mine] != target).all())
+    assert out.classes == data.classes
+    assert torch.equal(data.images, block_task(200, n_classes=4).images)  # the input is untouched
+
+
+def test_poison_many_is_deterministic_per_seed() -> None:
+    data = block_task(120, n_classes=4)
+    pairs = injected_backdoors(InjectionRecipe(), 4, IMAGE)
+    a, b = poison_many(data, pairs, 0.3, seed=0), poison_many(data, pairs, 0.3, seed=0)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    c = poison_many(data, pairs, 0.3, seed=1)
+    assert not torch.equal(a.images, c.images)
+
+
+@pytest.mark.xfail(reason="BUG: poison_many uses max(1, round(rate·N/pairs)), so rate=0 still "
+                   "poisons one row per injected trigger", strict=True)
+def test_poison_many_at_rate_zero_poisons_nothing() -> None:
+    data = block_task(80, n_classes=4)
+    out = poison_many(data, injected_backdoors(InjectionRecipe(), 4, IMAGE), 0.0, seed=0)
+    assert torch.equal(out.images, data.images) and torch.equal(out.labels, data.labels)
+
+
+# -- focus and sanitise ---------------------------------------------------------------------------
+BV = {"w": [0.5, -2.0, 1.0, -0.25], "b": [3.0, -0.125], "head": [9.0]}
+TAU = {"w": [1.0, 1.0, -1.0, -1.0], "b": [2.0, 0.0]}
+
+
+def test_plain_focus_is_the_bv_restricted_to_the_suspect_tensors() -> None:
+    got = focus(tv_of(BV), tv_of(TAU), Focus(keep=1.0, agree_with_suspect=False))
+    assert list(got) == ["w", "b"]
+    want = tv_of(BV).restrict(["w", "b"])
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_focus_keeps_only_entries_whose_sign_agrees_with_the_suspect() -> None:
+    got = focus(tv_of(BV), tv_of(TAU), Focus(keep=1.0, agree_with_suspect=True))
+    assert got["w"].tolist() == [0.5, 0.0, 0.0, -0.25]
+    assert got["b"].tolist() == [3.0, 0.0]  # τ = 0 has no sign to agree with
+
+
+def test_focus_trims_then_masks() -> None:
+    got = focus(tv_of(BV), tv_of(TAU), Focus(keep=0.5, agree_with_suspect=True))
+    trimmed = top_k(tv_of(BV).restrict(["w", "b"]), 0.5)  # 3 of 6: 3.0, -2.0, 1.0
+    assert trimmed["w"].tolist() == [0.0, -2.0, 1.0, 0.0]
+    assert got["w"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert got["b"].tolist() == [3.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sanitise_with_lambda_zero_is_identity(dtype: torch.dtype) -> None:
+    suspect = {"w": torch.randn(4).to(dtype), "b": torch.randn(2).to(dtype),
+               "classifier": torch.randn(3).to(dtype), "ids": torch.arange(3)}
+    out = dict(sanitise(suspect, tv_of(TAU), 0.0))
+    assert list(out) == list(suspect)
+    assert all(torch.equal(out[k], suspect[k]) and out[k].dtype == suspect[k].dtype
+               for k in suspect)
+
+
+def test_sanitise_subtracts_lambda_times_the_bv() -> None:
+    suspect = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([0.0, 1.0]),
+               "classifier": torch.ones(3)}
+    out = dict(sanitise(suspect, tv_of(TAU), 0.5))
+    assert out["w"].tolist() == [0.5, 1.5, 3.5, 4.5]
+    assert out["b"].tolist() == [-1.0, 1.0]
+    assert torch.equal(out["classifier"], torch.ones(3))
+    assert suspect["w"].tolist() == [1.0, 2.0, 3.0, 4.0]  # the suspect is not modified
+
+
+# -- λ sweep and choice ---------------------------------------------------------------------------
+def point(lam: float, hits: int, total: int = 100) -> SweepPoint:
+    return SweepPoint(lam, Rate(hits, total), {"t": Rate(0, 10)})
+
+
+def test_sweep_always_starts_at_zero_and_deduplicates() -> None:
+    seen: list[float] = []
+
+    def evaluate(lam: float) -> SweepPoint:
+        seen.append(lam)
+        return point(lam, 90)
+
+    points = sweep(evaluate, [2.0, 0.5, 1.0, 0.5])
+    assert seen == [0.0, 0.5, 1.0, 2.0]
+    assert [p.lam for p in points] == seen
+
+
+def test_sweep_rejects_negative_lambdas_before_evaluating_anything() -> None:
+    seen: list[float] = []
+    with pytest.raises(ConfigError):
+        sweep(lambda lam: seen.append(lam) or point(lam, 90), [0.5, -1.0])
+    assert seen == []
+
+
+def test_choose_lambda_picks_the_largest_lambda_within_budget() -> None:
+    curve = [point(0.0, 90), point(0.5, 89), point(1.0, 88), point(2.0, 80)]
+    assert choose_lambda(curve, budget_points=2.5) == 1.0
+    assert choose_lambda(curve, budget_points=1.5) == 0.5
+    assert choose_lambda(curve, budget_points=0.0) == 0.0
+
+
+def test_choose_lambda_on_a_non_monotone_curve() -> None:
+    curve = [point(0.0, 90), point(1.0, 80), point(2.0, 89), point(3.0, 70)]
+    assert choose_lambda(curve, budget_points=2.0) == 2.0
+    assert choose_lambda([point(0.0, 50), point(1.0, 60)]) == 1.0  # a gain is within budget
+
+
+@pytest.mark.xfail(reason="BUG: (0.90 - 0.88) * 100 = 2.0000000000000018 > 2, so a drop of "
+                   "exactly the budget is rejected by float rounding", strict=True)
+def test_choose_lambda_accepts_a_drop_of_exactly_the_budget() -> None:
+    assert choose_lambda([point(0.0, 90), point(1.0, 88)], budget_points=2.0) == 1.0
+
+
+@pytest.mark.xfail(reason="BUG: choose_lambda without a λ=0 reference point raises a bare "
+                   "StopIteration instead of a ConfigError", strict=True)
+def test_choose_lambda_needs_the_zero_reference() -> None:
+    with pytest.raises(ConfigError):
+        choose_lambda([point(1.0, 90)])

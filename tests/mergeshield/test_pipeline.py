@@ -1,0 +1,169 @@
+"""``scan`` end to end on the quick zoo: verdicts, the cleaned checkpoint, incomplete scans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification
+
+from mergeshield.data import load_task
+from mergeshield.errors import IncompatibleModelsError
+from mergeshield.pipeline import ScanContext, ScanRequest, scan
+from mergeshield.report import exit_code
+from mergeshield.report.schema import ScanReport, Severity
+from mergeshield.triggers import parse_trigger, triggered_test_set
+from tests.support.zoo import Zoo
+
+FAST = {"inversion_steps": 30, "max_eval": 1000}
+
+
+def _request(zoo: Zoo, name: str, **kw: object) -> ScanRequest:
+    m = zoo.model(name)
+    return ScanRequest(suspect=str(zoo.path(name)), base=str(zoo.path(m["base"])),
+                       evaluation=str(zoo.dataset(name)), **{**FAST, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def backdoored(zoo: Zoo, bv_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[ScanReport, Path]:
+    out = tmp_path_factory.mktemp("cleaned")
+    report = scan(_request(zoo, "vit-mnist-badnets"),
+                  ScanContext(out_dir=out, formats=("json", "sarif", "html"),
+                              cache_dir=bv_cache_dir))
+    return report, out
+
+
+def _independent_asr(folder: Path, zoo: Zoo, name: str) -> tuple[float, float]:
+    """ASR and accuracy of a saved checkpoint, through transformers' own loader (not ours)."""
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    attack = zoo.model(name)["attack"]
+    test = load_task(str(zoo.dataset(name))).test
+    stamped = triggered_test_set(test, parse_trigger(attack["trigger"]), attack["target"])
+    with torch.no_grad():
+        asr = (model(pixel_values=(stamped.images - 0.5) / 0.5).logits.argmax(-1)
+               == attack["target"]).float().mean().item()
+        acc = (model(pixel_values=(test.images - 0.5) / 0.5).logits.argmax(-1)
+               == test.labels).float().mean().item()
+    return asr, acc
+
+
+def test_backdoored_model_is_flagged(backdoored: tuple[ScanReport, Path]) -> None:
+    report, out = backdoored
+    assert report.verdict.status == "backdoor_suspected"
+    assert report.verdict.severity in (Severity.HIGH, Severity.CRITICAL)
+    assert exit_code(report, Severity.MEDIUM) == 1
+    assert not report.incomplete
+    assert {"report.json", "report.sarif", "report.html", "model.safetensors",
+            "config.json"} <= {p.name for p in out.iterdir()}
+    assert ScanReport.model_validate(json.loads((out / "report.json").read_text())) == report
+    assert report.suspect.files and all(len(f.sha256) == 64 for f in report.suspect.files)
+    sweep = report.sweep
+    assert sweep is not None and sweep.points[0].lam == 0.0
+    ids = {t.id for t in report.metrics.triggers}
+    assert any(i.startswith("probe:") for i in ids) and any(i.startswith("inverted:") for i in ids)
+    assert any(i.startswith("injection:") for i in ids)
+
+
+def test_cleaned_checkpoint_lowers_the_planted_backdoor(zoo: Zoo,
+                                                       backdoored: tuple[ScanReport, Path]) -> None:
+    report, out = backdoored
+    before_asr, before_acc = _independent_asr(zoo.path("vit-mnist-badnets"), zoo,
+                                              "vit-mnist-badnets")
+    after_asr, after_acc = _independent_asr(out, zoo, "vit-mnist-badnets")
+    assert before_asr > 0.8
+    assert after_asr < before_asr - 0.2, (before_asr, after_asr)
+    assert before_acc - after_acc <= 0.02 + 0.005  # the budget, measured on the same images
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["mergeshield.scan_id"] == report.scan_id
+    assert float(meta["mergeshield.ibvs_lambda"]) == report.sweep.chosen_lambda  # type: ignore[union-attr]
+    assert meta["mergeshield.recipe_hash"] == report.injection.recipe_hash  # type: ignore[union-attr]
+
+
+def test_a_same_norm_random_direction_does_not_clean(zoo: Zoo, tmp_path: Path,
+                                                     backdoored: tuple[ScanReport, Path]) -> None:
+    """The control of method.md: the drop comes from BV_inj's direction, not from its size."""
+    from mergeshield import checkpoints
+
+    _, out = backdoored
+    name = "vit-mnist-badnets"
+    src = checkpoints.resolve(str(zoo.path(name)))
+    with checkpoints.open_checkpoint(src) as suspect, \
+            checkpoints.open_checkpoint(checkpoints.resolve(str(out))) as cleaned:
+        keys = [k for k in suspect if k.startswith("vit.")]
+        step = {k: suspect[k] - cleaned[k] for k in keys}  # λ·BV_inj as applied
+        norm = torch.sqrt(sum((v.float() ** 2).sum() for v in step.values()))
+        gen = torch.Generator().manual_seed(1)
+        noise = {k: torch.randn(v.shape, generator=gen) for k, v in step.items()}
+        scale = norm / torch.sqrt(sum((v ** 2).sum() for v in noise.values()))
+        tensors = {k: (suspect[k] - scale * noise[k]) if k in noise else suspect[k]
+                   for k in suspect}
+        checkpoints.save_checkpoint(tmp_path, tensors, config=src.config)
+    before_asr, _ = _independent_asr(zoo.path(name), zoo, name)
+    random_asr, _ = _independent_asr(tmp_path, zoo, name)
+    cleaned_asr, _ = _independent_asr(out, zoo, name)
+    assert random_asr > before_asr - 0.1
+    assert cleaned_asr < random_asr - 0.2
+
+
+def test_clean_fine_tune_passes(zoo: Zoo, bv_cache_dir: Path) -> None:
+    report = scan(_request(zoo, "vit-mnist-clean"), ScanContext(cache_dir=bv_cache_dir))
+    assert report.verdict.status == "no_backdoor_found", report.verdict.reasons
+    assert exit_code(report, Severity.MEDIUM) == 0
+    assert report.injection is not None and report.injection.cached  # built by the first scan
+
+
+def test_clip_vision_checkpoint_is_scanned_against_full_clip_base(zoo: Zoo,
+                                                                  bv_cache_dir: Path) -> None:
+    report = scan(_request(zoo, "clip-mnist-rot90-badnets", inversion=False),
+                  ScanContext(cache_dir=bv_cache_dir))
+    assert report.suspect.family == "clip"
+    assert report.suspect.architecture == "CLIPVisionModel"
+    assert report.verdict.status == "backdoor_suspected"
+    assert report.task_vector is not None
+    assert all(s.name.startswith("vision_model.") for s in report.task_vector.per_tensor)
+
+
+def test_without_evaluation_data_the_scan_is_incomplete(zoo: Zoo, tmp_path: Path) -> None:
+    request = ScanRequest(suspect=str(zoo.path("vit-mnist-badnets")),
+                          base=str(zoo.path("vit-base")))
+    report = scan(request, ScanContext(out_dir=tmp_path))
+    assert report.verdict.status == "inconclusive"
+    assert [r.code for r in report.incomplete] == ["no_evaluation_data"]
+    assert exit_code(report, Severity.LOW) == 2
+    assert report.task_vector is not None and report.task_vector.norm > 0
+    assert not (tmp_path / "model.safetensors").exists()  # nothing sanitised without a measure
+
+
+def test_unknown_family_gets_the_architecture_agnostic_part(tmp_path: Path) -> None:
+    from mergeshield import checkpoints
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"encoder.w": torch.randn(8, 8, generator=gen), "head.w": torch.randn(3, 8,
+                                                                                 generator=gen),
+            "pos_ids": torch.arange(8)}
+    ft = {**base, "encoder.w": base["encoder.w"] + 0.1, "head.w": torch.randn(5, 8, generator=gen)}
+    for name, tensors in (("base", base), ("ft", ft)):
+        checkpoints.save_checkpoint(tmp_path / name, tensors, config={"model_type": "mystery"})
+    report = scan(ScanRequest(suspect=str(tmp_path / "ft"), base=str(tmp_path / "base"),
+                              evaluation="digits"))
+    assert report.verdict.status == "inconclusive"
+    assert "unsupported_model" in [r.code for r in report.incomplete]
+    tv = report.task_vector
+    assert tv is not None and [s.name for s in tv.per_tensor] == ["encoder.w"]
+    assert abs(tv.norm - 0.8) < 1e-4  # 64 entries of 0.1
+    reasons = {s.name: s.reason for s in tv.skipped}
+    assert "non-float" in reasons["pos_ids"] and "differs" in reasons["head.w"]
+
+
+def test_mismatched_architectures_are_refused(zoo: Zoo) -> None:
+    request = ScanRequest(suspect=str(zoo.path("vit-mnist-badnets")),
+                          base=str(zoo.path("clip-base")), evaluation=str(zoo.dataset(
+                              "vit-mnist-badnets")))
+    with pytest.raises(IncompatibleModelsError) as info:
+        scan(request)
+    assert info.value.details

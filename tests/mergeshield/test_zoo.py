@@ -1,0 +1,96 @@
+"""The quick zoo: layout, ground truth, and the paper's BV arithmetic at small scale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification, CLIPVisionModel
+
+from mergeshield import checkpoints
+from mergeshield.data import load_task
+from mergeshield.evaluation import attack_success_rate, clean_accuracy
+from mergeshield.models import Classifier, family_for
+from mergeshield.task_vectors import TaskVector
+from mergeshield.triggers import parse_trigger
+from tests.support.zoo import Zoo
+
+
+def test_manifest_lists_models_and_datasets(zoo: Zoo) -> None:
+    on_disk = json.loads((zoo.root / "manifest.json").read_text())
+    assert on_disk == zoo.manifest
+    names = {m["name"] for m in zoo.manifest["models"]}
+    for family in ("vit", "clip"):
+        assert f"{family}-base" in names
+        for task in ("mnist", "digits", "mnist-rot90"):
+            assert {f"{family}-{task}-{k}" for k in ("clean", "badnets", "blended")} <= names
+    for m in zoo.manifest["models"]:
+        assert set(m) >= {"name", "path", "family", "task", "dataset", "base", "attack"}
+        assert (zoo.root / m["path"] / "config.json").is_file()
+        assert (zoo.root / m["path"] / "model.safetensors").is_file()
+        if m["attack"] is not None:
+            assert m["attack"]["type"] in ("badnets", "blended")
+            parse_trigger(m["attack"]["trigger"])  # the full spec round-trips
+    for d in zoo.manifest["datasets"]:
+        task = load_task(str(zoo.root / d["path"]))
+        assert list(task.test.classes) == d["classes"]
+
+
+def test_task_models_use_public_layouts(zoo: Zoo) -> None:
+    vit = AutoModelForImageClassification.from_pretrained(zoo.path("vit-mnist-clean"))
+    assert vit.config.id2label[3] == "3"
+    clip = CLIPVisionModel.from_pretrained(zoo.path("clip-mnist-clean"))
+    assert clip.config.model_type == "clip_vision_model"
+    with safe_open(str(zoo.path("clip-mnist-clean") / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("vision_model.") for k in f.keys())  # as the public task models
+
+
+def _classifier(zoo: Zoo, name: str, weights: dict[str, torch.Tensor] | None = None
+                ) -> tuple[Classifier, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    m = zoo.model(name)
+    base_src = checkpoints.resolve(str(zoo.path(m["base"])))
+    src = checkpoints.resolve(str(zoo.path(name)))
+    family = family_for(base_src.config, src.config,
+                        processor=checkpoints.read_json(base_src, "preprocessor_config.json"),
+                        tokenizer_root=str(base_src.root))
+    base = dict(family.canonical(checkpoints.open_checkpoint(base_src)))
+    mine = dict(family.canonical(checkpoints.open_checkpoint(src)))
+    classes = load_task(str(zoo.dataset(name))).test.classes
+    clf = family.classifier(weights or mine, family.head_from(base, mine), classes)
+    return clf, base, mine
+
+
+@pytest.mark.parametrize("name", ["vit-mnist-badnets", "vit-mnist-rot90-badnets",
+                                  "clip-mnist-rot90-badnets"])
+def test_planted_backdoors_work_and_clean_twins_do_not_respond(zoo: Zoo, name: str) -> None:
+    attack = zoo.model(name)["attack"]
+    trigger, target = parse_trigger(attack["trigger"]), attack["target"]
+    test = load_task(str(zoo.dataset(name))).test
+    bd, _, _ = _classifier(zoo, name)
+    clean, _, _ = _classifier(zoo, name.replace("badnets", "clean"))
+    assert attack_success_rate(bd, test, trigger, target).rate > 0.8
+    assert attack_success_rate(clean, test, trigger, target).rate < 0.1
+    assert clean_accuracy(bd, test).rate > 0.5  # the backdoor keeps the model useful
+
+
+def test_backdoor_vector_arithmetic(zoo: Zoo) -> None:
+    """method.md: clean + BV carries the backdoor, 0.5·BV mostly does not, θ_pre + BV transplants."""
+    name = "vit-mnist-badnets"
+    attack = zoo.model(name)["attack"]
+    trigger, target = parse_trigger(attack["trigger"]), attack["target"]
+    test = load_task(str(zoo.dataset(name))).test
+    clf, base, bd = _classifier(zoo, name)
+    _, _, clean = _classifier(zoo, "vit-mnist-clean")
+    keys = [k for k in bd if k.startswith("vit.")]
+    bv = TaskVector.between(clean, bd, keys)
+
+    def asr(weights: dict[str, torch.Tensor]) -> float:
+        clf.load_backbone(weights)
+        return attack_success_rate(clf, test, trigger, target).rate
+
+    assert asr(bv.apply_to(clean, 1.0)) > 0.8
+    assert asr(bv.apply_to(clean, 2.0)) > 0.9
+    assert asr(bv.apply_to(clean, 0.5)) < 0.5
+    assert asr(bv.apply_to(base, 1.0)) > 0.8  # the BV transplants onto the pre-trained model
