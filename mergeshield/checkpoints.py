@@ -1,8 +1,9 @@
-"""Every file and hub access of MergeShield: resolve a source, read it lazily, write checkpoints.
+"""Every file access of MergeShield: resolve a source, read it lazily, write checkpoints.
 
-Weights are read only from validated safetensors; a PyTorch ``.bin`` is loaded with
-``torch.load(weights_only=True)`` and converted once. Anything that would need ``pickle.load`` or
-remote code is refused with :class:`UnsafeFormatError` before a byte of it is interpreted.
+Hub repos are fetched by :mod:`mergeshield.hub`. Weights are read only from validated
+safetensors; a PyTorch ``.bin`` is loaded with ``torch.load(weights_only=True)`` and converted
+once. Anything that would need ``pickle.load`` or remote code is refused with
+:class:`UnsafeFormatError` before a byte of it is interpreted.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from safetensors import safe_open
 
 from mergeshield.errors import (
     CorruptCheckpointError,
-    HubError,
     IncompatibleModelsError,
     InvalidWeightsError,
     NothingScannableError,
     SourceNotFoundError,
     UnsafeFormatError,
 )
+from mergeshield.hub import download_model
 from mergeshield.safetensors_io import (
     INDEX_NAME,
     SafetensorsHeader,
@@ -97,85 +98,10 @@ def resolve(source: str, *, revision: str | None = None, token: str | None = Non
     if not _REPO_ID.match(source):
         raise SourceNotFoundError(f"{source!r} is neither an existing path nor a hub repo id "
                                   "(owner/name): check the spelling", details={"source": source})
-    folder, sha, remote_names = _download(
+    folder, sha, remote_names = download_model(
         source, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
         local_files_only=local_files_only)
     return _from_folder(source, "hub", folder, revision, sha, cache_dir, remote_names)
-
-
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pt", "*.pth", "*.txt", "*.model",
-                "*.tiktoken", "*.py"]  # .py is fetched only to explain a refusal, never run
-
-
-def _download(repo_id: str, *, revision: str | None, token: str | None, endpoint: str | None,
-              cache_dir: str | Path | None,
-              local_files_only: bool) -> tuple[Path, str, tuple[str, ...]]:
-    """(snapshot folder, commit sha, file names on the hub) of ``repo_id`` at ``revision``."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-
-    offline = (local_files_only or constants.is_offline_mode()
-               or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"})
-    try:
-        if offline:
-            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                            allow_patterns=HUB_PATTERNS, local_files_only=True))
-            return folder, folder.name, ()
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
-        sha = str(info.sha)
-        folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=HUB_PATTERNS,
-                                        endpoint=endpoint, token=token, cache_dir=cache_dir))
-        _remember_ref(folder, revision or "main", sha)
-        return folder, sha, tuple(s.rfilename for s in info.siblings or ())
-    except Exception as exc:
-        error = _hub_failure(exc, repo_id, revision, token)
-        if error is None:
-            raise
-    # Raised outside the handler: no __context__ keeps the request (and its token) alive.
-    raise error
-
-
-def _hub_failure(exc: Exception, repo_id: str, revision: str | None,
-                 token: str | None) -> SourceNotFoundError | HubError | None:
-    """Our error for a huggingface_hub / network failure; None for anything else."""
-    from huggingface_hub import errors as hf
-
-    where = f"{repo_id!r} at revision {revision or 'main'!r}"
-    details: dict[str, Any] = {"repo": repo_id, "revision": revision,
-                               "reason": type(exc).__name__}
-    if isinstance(exc, hf.RepositoryNotFoundError | hf.RevisionNotFoundError
-                  | hf.RemoteEntryNotFoundError):
-        return SourceNotFoundError(
-            f"hub repo {where} was not found: check the repo id and revision, or pass a token "
-            "with access if the repo is private", details=details)
-    if isinstance(exc, hf.HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else None
-        details["status"] = status
-        if status in (401, 403):
-            return SourceNotFoundError(f"hub repo {where}: access denied (HTTP {status}); check "
-                                       "the repo id or pass a token with read access",
-                                       details=details)
-        return _hub_error(where, f"HTTP {status}", details)
-    if isinstance(exc, hf.LocalEntryNotFoundError | hf.OfflineModeIsEnabled):
-        return HubError(f"hub repo {where} is not in the local cache and the hub may not be "
-                        "contacted (offline mode); run once online first", details=details)
-    if isinstance(exc, OSError | ConnectionError | TimeoutError) or type(
-            exc).__module__.startswith(("httpx", "httpcore")):
-        return _hub_error(where, type(exc).__name__, details)
-    return None
-
-
-def _hub_error(where: str, reason: str, details: dict[str, Any]) -> HubError:
-    return HubError(f"the hub could not serve {where} ({reason}); check the endpoint and your "
-                    "connection, then retry", details=details)
-
-
-def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
-    """Record ``revision → sha`` in the hub cache, so offline runs resolve the revision too."""
-    if revision == sha or "/" in revision or revision.startswith("."):
-        return
-    refs = snapshot.parent.parent / "refs"
-    refs.mkdir(exist_ok=True)
-    atomic_write_text(refs / revision, sha)
 
 
 def _from_file(source: str, path: Path, cache_dir: str | Path | None) -> ResolvedSource:

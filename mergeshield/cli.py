@@ -31,7 +31,8 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        msg = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", required=True, help="the base model it was fine-tuned from")
     s.add_argument("--revision", help="suspect revision (branch, tag or sha)")
     s.add_argument("--base-revision")
-    s.add_argument("--eval", dest="evaluation", help="evaluation dataset (folder, bundled name, hub id)")
+    s.add_argument("--eval", dest="evaluation",
+                   help="evaluation dataset: folder, bundled name or hub id")
     s.add_argument("--eval-revision")
     s.add_argument("--inject-data", help="the defender's data for BV_inj (default: --eval)")
     s.add_argument("--out", type=Path, help="write the cleaned checkpoint and report.json here")

@@ -6,17 +6,17 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
 
     MergeShieldError                       code
     ├── InputError (ValueError)            invalid_input         the caller gave something unusable
-    │   ├── SourceNotFoundError            source_not_found      no such path / repo / revision / file
+    │   ├── SourceNotFoundError            source_not_found      no such path/repo/revision/file
     │   │   │ (also FileNotFoundError)
     │   │   └── NothingScannableError      nothing_scannable     the source holds no model weights
     │   ├── UnsafeFormatError              unsafe_format         would need pickle or remote code
-    │   ├── CorruptCheckpointError         corrupt_checkpoint    malformed safetensors / index / config
+    │   ├── CorruptCheckpointError         corrupt_checkpoint    bad safetensors/index/config
     │   ├── InvalidWeightsError            invalid_weights       NaN or inf in a weight tensor
     │   ├── IncompatibleModelsError        incompatible_models   keys / shapes / dtypes differ
     │   ├── UnsupportedModelError          unsupported_model     no adapter can run this model
     │   ├── DatasetError                   invalid_dataset       unreadable or unusable dataset
     │   └── ConfigError                    invalid_config        a bad option or recipe
-    └── HubError (ConnectionError)         hub_unavailable       the hub endpoint failed or is offline
+    └── HubError (ConnectionError)         hub_unavailable       the hub failed or is offline
 """
 
 from __future__ import annotations

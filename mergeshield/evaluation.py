@@ -99,6 +99,7 @@ def probe_panel(image_size: int) -> list[Trigger]:
     panel: list[Trigger] = []
     for loc in ("bottom_right", "top_left", "top_right", "bottom_left"):
         for pattern in ("checkerboard", "solid"):
-            panel.append(PatchTrigger(pattern=pattern, size=side, location=loc))  # type: ignore[arg-type]
+            panel.append(PatchTrigger.model_validate(
+                {"pattern": pattern, "size": side, "location": loc}))
     panel.append(BlendedTrigger(pattern="noise", alpha=0.2, seed=0))
     return panel

@@ -57,7 +57,7 @@ def invert_triggers(
         if hard is None:
             loss = loss + cfg.mask_weight * torch.sigmoid(mask_logit).sum() / k
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
     if hard is None:
         hard = _top_area(torch.sigmoid(mask_logit.detach()), area)

@@ -18,15 +18,33 @@ from torch import Tensor
 
 from mergeshield import bv_cache
 from mergeshield.data import ImageDataset, TaskData, load_task
-from mergeshield.evaluation import Rate, attack_success_rate, best_target_asr, clean_accuracy
-from mergeshield.evaluation import probe_panel
-from mergeshield.ibvs import SweepPoint, build_injection_bv, choose_lambda, focus, injected_backdoors
-from mergeshield.ibvs import sweep
+from mergeshield.evaluation import (
+    Rate,
+    attack_success_rate,
+    best_target_asr,
+    clean_accuracy,
+    probe_panel,
+)
+from mergeshield.ibvs import (
+    SweepPoint,
+    build_injection_bv,
+    choose_lambda,
+    focus,
+    injected_backdoors,
+    sweep,
+)
 from mergeshield.inversion import InversionConfig, invert_triggers
 from mergeshield.models import Classifier, ModelFamily
 from mergeshield.report.schema import (
-    DatasetInput, InjectionSummary, LambdaPoint, Metrics, SkippedTensor, SweepSummary,
-    TaskVectorSummary, TensorStat, TriggerMeasurement,
+    DatasetInput,
+    InjectionSummary,
+    LambdaPoint,
+    Metrics,
+    SkippedTensor,
+    SweepSummary,
+    TaskVectorSummary,
+    TensorStat,
+    TriggerMeasurement,
 )
 from mergeshield.task_vectors import TaskVector, cosine
 from mergeshield.triggers import Trigger, preview_png, trigger_id

@@ -29,7 +29,11 @@ from mergeshield.measure import Measurement, measure_and_sanitise, summarise
 from mergeshield.models import ModelFamily, backbone_keys, family_for
 from mergeshield.report import ScanReport, decide, write_report
 from mergeshield.report.schema import (
-    FileDigest, IncompleteReason, Metrics, ModelInput, OutputSummary,
+    FileDigest,
+    IncompleteReason,
+    Metrics,
+    ModelInput,
+    OutputSummary,
 )
 from mergeshield.task_vectors import TaskVector
 from mergeshield.training import Progress

@@ -56,7 +56,7 @@ def finetune(
     progress: Progress | None = None,
     stage: str = "finetune",
 ) -> dict[str, Tensor]:
-    """Train ``clf``'s backbone in place (and its head if ``train_head``); return a backbone copy."""
+    """Train ``clf``'s backbone in place (its head too if ``train_head``); return a copy."""
     torch.manual_seed(cfg.seed)
     params = clf.backbone_parameters()
     head_params = list(clf.head().parameters())
@@ -74,7 +74,7 @@ def finetune(
         y = data.labels[idx].to(dev)
         loss = nn.functional.cross_entropy(clf(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
         if progress is not None and (step % 20 == 0 or step == len(batches) - 1):
             progress(stage, (step + 1) / len(batches))
@@ -134,7 +134,7 @@ def fit_head(
             for idx in torch.randperm(len(feats), generator=gen).split(256):
                 loss = nn.functional.cross_entropy(head(feats[idx.to(dev)]), labels[idx.to(dev)])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 opt.step()
         for p in head.parameters():
             p.requires_grad_(False)

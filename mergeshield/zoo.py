@@ -13,16 +13,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTConfig
-from transformers import ViTForImageClassification, ViTImageProcessor
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    ViTConfig,
+    ViTImageProcessor,
+)
 
+from mergeshield.checkpoints import save_checkpoint
 from mergeshield.data import ImageDataset, TaskData, load_task, save_task
-from mergeshield.models import CLIPFamily, Classifier, HFImageFamily
-from mergeshield.training import FinetuneConfig, Progress, finetune, fit_head
+from mergeshield.models import CLIPFamily, HFImageFamily
+from mergeshield.models.hf_image import HFImageClassifier
+from mergeshield.training import FinetuneConfig, Progress, finetune
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, poison
 
 
@@ -74,7 +82,8 @@ def build_zoo(
     root.mkdir(parents=True, exist_ok=True)
     say: Progress = progress or (lambda _s, _f: None)
     t0 = time.perf_counter()
-    pretrain = load_task("fashion_mnist", max_train=cfg.pretrain_images, max_test=2000, seed=cfg.seed)
+    pretrain = load_task("fashion_mnist", max_train=cfg.pretrain_images, max_test=2000,
+                         seed=cfg.seed)
     tasks = {
         name: load_task(src, max_train=cfg.task_images, max_test=1000, seed=cfg.seed, image_size=28)
         for name, src, *_ in TASKS
@@ -82,7 +91,8 @@ def build_zoo(
     datasets = []
     for name, task in [("fashion_mnist", pretrain), *tasks.items()]:
         save_task(task, root / "datasets" / name)
-        datasets.append({"name": name, "path": f"datasets/{name}", "classes": list(task.train.classes)})
+        datasets.append({"name": name, "path": f"datasets/{name}",
+                         "classes": list(task.train.classes)})
     models: list[dict[str, Any]] = []
     for family in cfg.families:
         builder = _VitBuilder(root, cfg) if family == "vit" else _ClipBuilder(root, cfg)
@@ -96,9 +106,9 @@ def build_zoo(
             for kind, trig, target in (("badnets", bd_trigger, bd_target),
                                        ("blended", bl_trigger, bl_target)):
                 poisoned, _ = poison(task.train, trig, target, cfg.poison_rate, seed=cfg.seed)
-                attack = {"type": kind, "target": target, "trigger": trig.model_dump(),
-                          "poison_rate": cfg.poison_rate}
-                variants.append((kind, attack, poisoned))
+                spec = {"type": kind, "target": target, "trigger": trig.model_dump(),
+                        "poison_rate": cfg.poison_rate}
+                variants.append((kind, spec, poisoned))
             for kind, attack, train in variants:
                 say(f"{family}: {name}-{kind}", 0.0)
                 models.append(builder.finetune(name, kind, task, train, attack))
@@ -120,14 +130,14 @@ class _VitBuilder:
     def __init__(self, root: Path, cfg: ZooConfig) -> None:
         self.root, self.cfg = root, cfg
         self.base_dir = root / "models" / "vit-base"
-        self.config = ViTConfig(
-            image_size=28, patch_size=cfg.patch, num_channels=1, hidden_size=cfg.hidden,
-            num_hidden_layers=cfg.layers, num_attention_heads=4,
-            intermediate_size=2 * cfg.hidden, num_labels=10,
-        )
+        self.config = ViTConfig.from_dict({
+            "image_size": 28, "patch_size": cfg.patch, "num_channels": 1,
+            "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": 4,
+            "intermediate_size": 2 * cfg.hidden, "num_labels": 10,
+        })
         self.processor = {"image_mean": [0.5], "image_std": [0.5]}
         self.family = HFImageFamily(self.config.to_dict(), self.processor)
-        self.heads: dict[str, Callable[[], Classifier]] = {}
+        self.heads: dict[str, Callable[[], HFImageClassifier]] = {}
 
     def pretrain(self, data: TaskData) -> dict[str, Any]:
         torch.manual_seed(self.cfg.seed)
@@ -149,13 +159,14 @@ class _VitBuilder:
         self._save(clf, out, data.train.classes)
         return _entry(out.name, out, self.root, "vit", task, "vit-base", attack)
 
-    def _save(self, clf: Classifier, out: Path, classes: tuple[str, ...]) -> None:
-        model = clf.model  # type: ignore[attr-defined]
+    def _save(self, clf: HFImageClassifier, out: Path, classes: tuple[str, ...]) -> None:
+        model = clf.model
         model.config.id2label = dict(enumerate(classes))
         model.config.label2id = {c: i for i, c in enumerate(classes)}
         model.save_pretrained(out)
         ViTImageProcessor(do_resize=True, size={"height": 28, "width": 28}, do_rescale=True,
-                          do_normalize=True, **self.processor).save_pretrained(out)
+                          do_normalize=True, image_mean=self.processor["image_mean"],
+                          image_std=self.processor["image_std"]).save_pretrained(out)
 
 
 class _ClipBuilder:
@@ -203,11 +214,10 @@ class _ClipBuilder:
         out = self.root / "models" / f"clip-{task}-{kind}"
         out.mkdir(parents=True, exist_ok=True)
         # the public task-vector layout: a CLIPVisionModel with "vision_model.*" keys
-        tensors = {k: v.detach().contiguous() for k, v in clf.backbone_state().items()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        vision = self.config.vision_config.to_dict()
+        vision = cast(CLIPVisionConfig, self.config.vision_config).to_dict()
         vision.update({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model"})
-        (out / "config.json").write_text(json.dumps(vision, indent=2))
+        tensors = {k: v.detach().clone() for k, v in clf.backbone_state().items()}
+        save_checkpoint(out, tensors, config=vision, metadata={"format": "pt"})
         return _entry(out.name, out, self.root, "clip", task, "clip-base", attack)
 
 

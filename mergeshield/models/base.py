@@ -2,8 +2,9 @@
 
 An adapter turns checkpoint tensors into a ``Classifier``: a module that takes pixel-space images
 (N, C, H, W) in [0, 1], applies the family's preprocessing (from the Hugging Face image-processor
-config) and returns logits (N, K). It also says which tensors form the *backbone*: the part that task
-vectors and backdoor vectors cover. Heads are per task and never part of τ or BV (method.md).
+config) and returns logits (N, K). It also says which tensors form the *backbone*: the part
+that task vectors and backdoor vectors cover. Heads are per task and never part of τ or BV
+(method.md, "Heads").
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ class Preprocessing:
     def __call__(self, pixels: Tensor) -> Tensor:
         x = pixels
         if x.shape[1] != self.channels:  # (N, C, H, W): grey ↔ RGB
-            x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1)
+            if self.channels == 1:
+                x = x.mean(1, keepdim=True)
+            else:
+                x = x.expand(-1, self.channels, -1, -1)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = nn.functional.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True

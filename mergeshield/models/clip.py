@@ -37,7 +37,7 @@ class CLIPClassifier(Classifier):
     def logits(self, inputs: Tensor) -> Tensor:
         pooled = self.vision_model(pixel_values=inputs).pooler_output  # (N, width)
         feats = nn.functional.normalize(self.visual_projection(pooled), dim=-1)  # (N, D)
-        head: Tensor = self.text_features
+        head = self.get_buffer("text_features")
         return self.logit_scale.exp() * feats @ head.to(feats.dtype).T
 
     def head(self) -> nn.Module:
@@ -72,7 +72,8 @@ class CLIPFamily(ModelFamily):
         p = dict(processor or {})
         p.setdefault("image_mean", list(OPENAI_CLIP_MEAN))
         p.setdefault("image_std", list(OPENAI_CLIP_STD))
-        self.preprocessing = Preprocessing.from_config(p, self.config.vision_config.image_size, 3)
+        size = int(getattr(self.config.vision_config, "image_size", 224))
+        self.preprocessing = Preprocessing.from_config(p, size, 3)
         self.tokenizer_root = tokenizer_root
 
     @classmethod

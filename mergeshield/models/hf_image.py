@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForImageClassification, PreTrained
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from mergeshield.errors import DatasetError, IncompatibleModelsError, UnsupportedModelError
-from mergeshield.training import fit_head
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
+from mergeshield.training import fit_head
 
 
 def _build(config: Mapping[str, Any], num_labels: int) -> PreTrainedModel:
@@ -93,7 +93,9 @@ class HFImageFamily(ModelFamily):
         probe = _build(self.config, 2)
         self.prefix = probe.base_model_prefix + "."
         self.preprocessing = Preprocessing.from_config(
-            processor, int(self.config.get("image_size", 224)), int(self.config.get("num_channels", 3))
+            processor,
+            int(self.config.get("image_size", 224)),
+            int(self.config.get("num_channels", 3)),
         )
 
     @classmethod
@@ -121,12 +123,12 @@ class HFImageFamily(ModelFamily):
 
     def task_classifier(
         self, base: Mapping[str, Tensor], data: Any, *, device: torch.device, seed: int = 0
-    ) -> Callable[[], Classifier]:
+    ) -> Callable[[], HFImageClassifier]:
         """The base backbone with a linear-probe head fit on its frozen features."""
         torch.manual_seed(seed)
         probe = self.classifier(base, None, data.classes).to(device)
         fit_head(probe, data, seed=seed)
-        state = probe.checkpoint_state()  # type: ignore[attr-defined]
+        state = probe.checkpoint_state()
         return lambda: self.classifier(base, state, data.classes).to(device)
 
     def classifier(
@@ -134,7 +136,7 @@ class HFImageFamily(ModelFamily):
         backbone: Mapping[str, Tensor],
         head_source: Mapping[str, Tensor] | None,
         classes: tuple[str, ...],
-    ) -> Classifier:
+    ) -> HFImageClassifier:
         if head_source is None:  # a fresh head for ``classes``, initialised by the model
             model = _build(self.config, len(classes))
             clf = HFImageClassifier(model, self.preprocessing)

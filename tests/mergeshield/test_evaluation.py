@@ -44,7 +44,17 @@ def test_wilson_matches_known_intervals(hits: int, total: int, lo: float, hi: fl
     got = wilson(hits, total)
     assert got == pytest.approx((lo, hi), abs=1e-6)
     assert got == pytest.approx(wilson_by_quadratic(hits, total), abs=1e-6)
-    assert 0.0 <= got[0] <= hits / total <= got[1] <= 1.0
+    assert 0.0 <= got[0] <= got[1] <= 1.0
+
+
+@pytest.mark.xfail(reason="BUG: wilson() rounds the ends of all-hit / no-hit intervals past the "
+                   "observed rate: 10/10 -> hi 0.9999999999999999, 0/1000 -> lo 2.2e-19",
+                   strict=True)
+def test_wilson_interval_always_contains_the_observed_rate() -> None:
+    for total in range(1, 1001):
+        for hits in (0, 1, total // 2, total - 1, total):
+            lo, hi = wilson(hits, total)
+            assert lo <= hits / total <= hi, (hits, total, lo, hi)
 
 
 def test_wilson_against_scipy() -> None:
@@ -115,14 +125,14 @@ def test_clean_accuracy_counts_hits_over_all_images() -> None:
 
 def test_asr_excludes_target_class_images_from_the_denominator() -> None:
     # rows 2, 6, 10 are class 2 (the target): resistant or not, they never count
-    data = oracle_data(wrong=[], resistant=[1, 4, 7, 2, 6, 10])
+    data = oracle_data(wrong=[], resistant=[1, 4, 5, 2, 6, 10])
     clf = Oracle(4, target=2)
     assert attack_success_rate(clf, data, TRIGGER, target=2) == Rate(27, 30)
     assert attack_success_rate(clf, data, TRIGGER, target=1) == Rate(0, 30)
 
 
 def test_best_target_asr_finds_the_target_of_an_unknown_trigger() -> None:
-    data = oracle_data(wrong=[], resistant=[1, 4, 7])
+    data = oracle_data(wrong=[], resistant=[1, 4, 5])  # classes 1, 0, 1
     target, rate = best_target_asr(Oracle(4, target=3), data, TRIGGER)
     assert (target, rate) == (3, Rate(27, 30))
     other, low = best_target_asr(Oracle(4, target=3), data, BlendedTrigger(alpha=0.2))

@@ -1,4 +1,4 @@
-"""ibvs.py: the injection recipe and its cache key, poisoning, focusing, sanitising and choosing λ."""
+"""ibvs.py: the injection recipe and its cache key, poisoning, focus, sanitise and choosing λ."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import torch
 from pydantic import ValidationError
 
 from mergeshield.errors import ConfigError
-from mergeshield.evaluation import Rate
+from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
 from mergeshield.ibvs import (
     Focus,
     InjectionRecipe,
     SweepPoint,
+    build_injection_bv,
     choose_lambda,
     focus,
     injected_backdoors,
@@ -20,8 +21,9 @@ from mergeshield.ibvs import (
     sweep,
 )
 from mergeshield.task_vectors import TaskVector, top_k
-from mergeshield.triggers import PatchTrigger, stamp, trigger_id
-from tests.support.tiny import IMAGE, block_task
+from mergeshield.training import FinetuneConfig, finetune, paired_finetune
+from mergeshield.triggers import PatchTrigger, poison, stamp, trigger_id
+from tests.support.tiny import IMAGE, TinyNet, block_task
 
 
 def tv_of(values: dict[str, list[float]]) -> TaskVector:
@@ -209,3 +211,58 @@ def test_choose_lambda_accepts_a_drop_of_exactly_the_budget() -> None:
 def test_choose_lambda_needs_the_zero_reference() -> None:
     with pytest.raises(ConfigError):
         choose_lambda([point(1.0, 90)])
+
+
+# -- the science, on a tiny seeded run ------------------------------------------------------------
+ATTACK = PatchTrigger(pattern="checkerboard", size=3, location="bottom_right")
+TUNE = FinetuneConfig(epochs=5, batch_size=64, lr=1e-2)
+
+
+class Scenario:
+    """A pre-trained TinyNet, an attacker's paired (clean, backdoored) fine-tune, and the
+    defender's own per-class injection BV built on the same task data."""
+
+    def __init__(self) -> None:
+        pre = TinyNet(4)
+        finetune(pre, block_task(256, seed=5), TUNE, train_head=True)
+        self.pre = {k: v.detach().clone() for k, v in pre.state_dict().items()}
+        self.train, self.test = block_task(512, seed=0), block_task(200, seed=1)
+        poisoned, _ = poison(self.train, ATTACK, target=0, rate=0.1, seed=0)
+        self.clean, self.bd = paired_finetune(self.make, self.train, poisoned, TUNE)
+        self.recipe = InjectionRecipe(epochs=5, lr=1e-2, max_train=512)
+        self.bv_inj = build_injection_bv(self.make, self.train, self.recipe)
+
+    def make(self) -> TinyNet:
+        clf = TinyNet(4)
+        clf.load_state_dict(self.pre)
+        return clf
+
+    def rates(self, backbone: dict[str, torch.Tensor]) -> tuple[float, float]:
+        clf = self.make()
+        clf.load_backbone(backbone)
+        return (clean_accuracy(clf, self.test).rate,
+                attack_success_rate(clf, self.test, ATTACK, 0).rate)
+
+
+@pytest.fixture(scope="module")
+def scenario() -> Scenario:
+    return Scenario()
+
+
+def test_injection_bv_covers_the_backbone(scenario: Scenario) -> None:
+    bv = scenario.bv_inj
+    assert list(bv) == list(scenario.make().backbone_state())
+    assert bv.norm() > 0
+
+
+def test_ibvs_removes_the_attack_and_a_random_direction_does_not(scenario: Scenario) -> None:
+    clean_acc, bd_asr = scenario.rates(scenario.bd)
+    assert clean_acc > 0.9 and bd_asr > 0.8  # the planted backdoor works
+    assert scenario.rates(scenario.clean)[1] < 0.2
+    acc, asr = scenario.rates(dict(sanitise(scenario.bd, scenario.bv_inj, 1.0)))
+    assert asr < 0.3 and acc > clean_acc - 0.05, (acc, asr)
+    gen = torch.Generator().manual_seed(0)
+    noise = TaskVector.from_tensors({k: torch.randn(v.shape, generator=gen)
+                                     for k, v in scenario.bv_inj.items()})
+    same_norm = noise * (scenario.bv_inj.norm() / noise.norm())
+    assert scenario.rates(dict(sanitise(scenario.bd, same_norm, 1.0)))[1] > 0.8

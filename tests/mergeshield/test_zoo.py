@@ -76,7 +76,7 @@ def test_planted_backdoors_work_and_clean_twins_do_not_respond(zoo: Zoo, name: s
 
 
 def test_backdoor_vector_arithmetic(zoo: Zoo) -> None:
-    """method.md: clean + BV carries the backdoor, 0.5·BV mostly does not, θ_pre + BV transplants."""
+    """method.md: clean + BV carries the backdoor, 0.5·BV does not, θ_pre + BV transplants."""
     name = "vit-mnist-badnets"
     attack = zoo.model(name)["attack"]
     trigger, target = parse_trigger(attack["trigger"]), attack["target"]

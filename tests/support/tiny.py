@@ -7,8 +7,8 @@ fixtures, so nothing here is downloaded and nothing is shared between modules by
   16×16 grey images) saved with ``save_pretrained`` and "fine-tuned" copies saved with
   ``checkpoints.save_checkpoint``, so the real loading code (and transformers-5 renaming) runs.
 - ``save_clip_base``: a full ``CLIPModel`` with a character-level tokenizer (as ``zoo.py`` does);
-  ``vision_state`` gives its vision tower under either key layout.
-- ``TinyNet``: a small CNN ``Classifier`` (``backbone.*`` + ``classifier`` head) for training and
+  ``vision_config_dict`` is the config.json of a ``CLIPVisionModel`` task checkpoint.
+- ``TinyNet``: a small MLP ``Classifier`` (``backbone.*`` + ``classifier`` head) for training and
   inversion tests; ``block_task`` a separable synthetic task; ``CountingMapping`` counts reads.
 """
 
@@ -68,7 +68,7 @@ def save_finetuned(src: Path, out: Path, *, seed: int, scale: float = 0.05,
     return out
 
 
-# -- CLIP -------------------------------------------------------------------------------------------
+# -- CLIP ------------------------------------------------------------------------------------------
 def char_vocab() -> dict[str, int]:
     """A character-level CLIP BPE vocabulary with no merges (the same idea as ``zoo.py``)."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
@@ -117,21 +117,19 @@ def vision_config_dict() -> dict[str, Any]:
     return vision
 
 
-# -- a small CNN classifier and synthetic data ------------------------------------------------------
+# -- a small MLP classifier and synthetic data -----------------------------------------------------
 class TinyNet(Classifier):
-    """conv → conv → 2×2 average pool (keeps coarse location) → linear head."""
+    """flatten → linear → ReLU (the backbone) → linear head: trains in milliseconds on CPU."""
 
-    def __init__(self, n_classes: int = 4, *, channels: int = 1, width: int = 8,
+    def __init__(self, n_classes: int = 4, *, channels: int = 1, width: int = 32,
                  seed: int = 0) -> None:
         super().__init__()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.backbone = nn.Sequential(
-                nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                nn.Flatten(), nn.Linear(channels * IMAGE * IMAGE, width), nn.ReLU()
             )
-            self.classifier = nn.Linear(4 * width, n_classes)
+            self.classifier = nn.Linear(width, n_classes)
         self.preprocessing = Preprocessing(IMAGE, channels, (0.5,) * channels, (0.5,) * channels)
 
     def logits(self, inputs: Tensor) -> Tensor:

@@ -1,0 +1,76 @@
+"""inversion.py: on a model with a planted 2×2 patch backdoor, inversion finds a working trigger."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeshield.data import ImageDataset
+from mergeshield.evaluation import attack_success_rate, clean_accuracy
+from mergeshield.inversion import InversionConfig, invert_triggers
+from mergeshield.training import FinetuneConfig, finetune
+from mergeshield.triggers import ImageTrigger, PatchTrigger, poison
+from tests.support.tiny import IMAGE, TinyNet, block_task
+
+PLANTED = PatchTrigger(pattern="solid", size=2, location="bottom_right")  # rows/cols 13–14
+CFG = InversionConfig(area_fraction=4 / (IMAGE * IMAGE), steps=100, batch=24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def backdoored() -> tuple[TinyNet, ImageDataset]:
+    """A 4-class classifier trained with 20% of its data stamped with PLANTED → class 0."""
+    train, test = block_task(512, seed=0), block_task(200, seed=1)
+    poisoned, _ = poison(train, PLANTED, target=0, rate=0.2, seed=0)
+    clf = TinyNet(4)
+    finetune(clf, poisoned, FinetuneConfig(epochs=20, batch_size=64, lr=1e-2), train_head=True)
+    assert clean_accuracy(clf, test).rate > 0.95
+    assert attack_success_rate(clf, test, PLANTED, 0).rate > 0.95
+    return clf, test
+
+
+@pytest.fixture(scope="module")
+def inverted(backdoored: tuple[TinyNet, ImageDataset]) -> list[ImageTrigger]:
+    clf, test = backdoored
+    return invert_triggers(clf, test.images, test.labels, 4, CFG)
+
+
+def test_one_trigger_per_class_with_exactly_the_area_budget(inverted: list[ImageTrigger]) -> None:
+    assert len(inverted) == 4
+    for trig in inverted:
+        assert trig.mask is not None
+        mask = torch.tensor(trig.mask)
+        assert mask.shape == (IMAGE, IMAGE)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert int(mask.sum()) == 4  # round(4/256 · 16 · 16)
+        pattern = torch.tensor(trig.pattern)
+        assert pattern.shape == (1, IMAGE, IMAGE) and 0 <= pattern.min() <= pattern.max() <= 1
+
+
+def test_the_trigger_for_the_planted_target_works(
+    backdoored: tuple[TinyNet, ImageDataset], inverted: list[ImageTrigger],
+) -> None:
+    clf, test = backdoored
+    asr = [attack_success_rate(clf, test, trig, target).rate
+           for target, trig in enumerate(inverted)]
+    assert asr[0] > 0.8, asr
+    assert max(asr[1:]) < 0.5, asr  # the clean targets need more than 4 pixels
+    rows, cols = torch.nonzero(torch.tensor(inverted[0].mask), as_tuple=True)
+    assert int(rows.min()) >= 12 and int(cols.min()) >= 12  # it found the planted corner
+
+
+def test_inversion_is_deterministic_for_a_seed(
+    backdoored: tuple[TinyNet, ImageDataset], inverted: list[ImageTrigger],
+) -> None:
+    clf, test = backdoored
+    again = invert_triggers(clf, test.images, test.labels, 4, CFG)
+    assert again == inverted
+    other = invert_triggers(clf, test.images, test.labels, 4,
+                            InversionConfig(area_fraction=CFG.area_fraction, steps=20, seed=1))
+    assert other != inverted
+
+
+def test_area_budget_is_at_least_one_pixel(backdoored: tuple[TinyNet, ImageDataset]) -> None:
+    clf, test = backdoored
+    tiny = InversionConfig(area_fraction=1e-6, steps=2, batch=4, seed=0)
+    out = invert_triggers(clf, test.images[:20], test.labels[:20], 4, tiny)
+    assert all(int(torch.tensor(t.mask).sum()) == 1 for t in out)
