@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-inversion", action="store_true", help="skip trigger inversion")
     s.add_argument("--lambdas", type=_floats, help="λ grid, e.g. 0,0.5,1,2")
     s.add_argument("--lambda", dest="fixed_lambda", type=float, help="use this λ, no choice")
+    s.add_argument("--bv", help="subtract this BV (from `bv compute`) instead of building BV_inj")
     s.add_argument("--budget", type=float, default=2.0, help="max clean-accuracy drop (points)")
     s.add_argument("--max-eval", type=int, default=1000, help="test images evaluated")
     s.add_argument("--device", help="cuda or cpu (default: CUDA when present)")

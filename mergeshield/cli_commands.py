@@ -55,7 +55,7 @@ def run_scan(args: argparse.Namespace, settings: Settings) -> int:
         suspect=args.suspect, base=args.base, suspect_revision=args.revision,
         base_revision=args.base_revision, evaluation=args.evaluation,
         evaluation_revision=args.eval_revision, injection_data=args.inject_data,
-        lambdas=args.lambdas or list(DEFAULT_GRID), fixed_lambda=args.fixed_lambda,
+        lambdas=args.lambdas or list(DEFAULT_GRID), fixed_lambda=args.fixed_lambda, bv=args.bv,
         budget_points=args.budget, triggers=[parse_trigger(t) for t in args.trigger],
         user_targets=list(args.target), probes=not args.no_probes,
         inversion=not args.no_inversion, max_eval=args.max_eval,

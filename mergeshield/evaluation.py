@@ -49,7 +49,9 @@ def wilson(hits: int, total: int, z: float = 1.959964) -> tuple[float, float]:
     den = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / den
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if hits == 0 else max(0.0, centre - half)  # exact ends: never exclude p itself
+    hi = 1.0 if hits == total else min(1.0, centre + half)
+    return lo, hi
 
 
 def predict(clf: Classifier, images: Tensor, batch_size: int = 512) -> Tensor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from mergeshield.data import ImageDataset
@@ -40,8 +40,8 @@ class InjectionRecipe(BaseModel):
     # BV_inj spans backdoor directions towards every target (the attacker's target is unknown).
     # "single": ``triggers`` all sent to ``targets`` (method.md shows this misses other targets).
     mode: Literal["per_class", "single"] = "per_class"
-    triggers: list[Trigger] = Field(default_factory=list)  # used by mode="single"
-    targets: list[int] = Field(default_factory=lambda: [0])  # used by mode="single"
+    triggers: tuple[Trigger, ...] = ()  # used by mode="single"
+    targets: tuple[int, ...] = (0,)  # used by mode="single"
     patch_fraction: float = 1 / 9  # patch side / image side for per_class triggers
     poison_rate: float = 0.3  # ρ over the whole set, split evenly between the injected triggers
     epochs: int = 4  # paired fine-tune length
@@ -88,12 +88,17 @@ def injected_backdoors(recipe: InjectionRecipe, n_classes: int, image_size: int
 def poison_many(data: ImageDataset, backdoors: Sequence[tuple[Trigger, int]], rate: float,
                 seed: int) -> ImageDataset:
     """Stamp ``rate``·N rows (non-target rows of each pair), split evenly between the pairs."""
+    if not 0.0 <= rate <= 1.0 or not backdoors:
+        raise ConfigError(f"poisoning needs 0 <= rate <= 1 and at least one trigger (rate {rate})")
     gen = torch.Generator().manual_seed(seed)
     images, labels = data.images.clone(), data.labels.clone()
     free = torch.ones(len(data), dtype=torch.bool)
-    per_pair = max(1, round(rate * len(data) / len(backdoors)))
+    per_pair = round(rate * len(data) / len(backdoors))
     for trigger, target in backdoors:
         pool = torch.nonzero(free & (data.labels != target)).flatten()
+        if len(pool) < per_pair:
+            raise ConfigError(f"only {len(pool)} rows left to poison for target {target}, "
+                              f"{per_pair} needed: lower the poison rate or add data")
         rows = pool[torch.randperm(len(pool), generator=gen)[:per_pair]]
         images[rows] = stamp(images[rows], trigger)
         labels[rows] = target
@@ -174,6 +179,10 @@ def sweep(evaluate: Callable[[float], SweepPoint], grid: Sequence[float] = DEFAU
 
 def choose_lambda(points: Sequence[SweepPoint], budget_points: float = 2.0) -> float:
     """The largest λ whose clean-accuracy drop from λ=0 stays within ``budget_points``."""
-    ref = next(p for p in points if p.lam == 0.0).clean_accuracy.rate
-    ok = [p.lam for p in points if (ref - p.clean_accuracy.rate) * 100 <= budget_points]
+    zero = [p for p in points if p.lam == 0.0]
+    if not zero:
+        raise ConfigError("the λ sweep needs a λ=0 point: it is the accuracy budget's reference")
+    ref = zero[0].clean_accuracy.rate
+    # a small tolerance: (0.90 − 0.88)·100 is 2.0000000000000018 in floating point
+    ok = [p.lam for p in points if (ref - p.clean_accuracy.rate) * 100 <= budget_points + 1e-9]
     return max(ok)

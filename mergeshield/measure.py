@@ -89,6 +89,7 @@ def measure_and_sanitise(
     stage: Callable[[str], Any],
     cache_dir: str | None,
     hub: Mapping[str, Any],
+    given_bv: tuple[TaskVector, str] | None = None,
 ) -> Measurement:
     assert request.evaluation is not None
     with stage("load_data"):
@@ -113,10 +114,16 @@ def measure_and_sanitise(
             probes.append(_inverted(request, task, ref, sus))
 
     with stage("injection_bv"):
-        key = request.recipe.digest(base_revision, inj_task.train.sha256())
-        bv = bv_cache.load(cache_dir, key)
-        cached = bv is not None
-        if bv is None:
+        loaded: TaskVector | None
+        if given_bv is not None:  # the user's own BV: nothing to build
+            loaded, key = given_bv
+        else:
+            key = request.recipe.digest(base_revision, inj_task.train.sha256())
+            loaded = bv_cache.load(cache_dir, key)
+        cached = loaded is not None
+        if loaded is not None:
+            bv = loaded
+        else:
             make = family.task_classifier(base, inj_task.train, device=device)
             bv = build_injection_bv(make, inj_task.train, request.recipe)
             bv_cache.store(cache_dir, key, bv, request.recipe.model_dump(mode="json"))
@@ -156,7 +163,8 @@ def measure_and_sanitise(
         dataset=DatasetInput(source=task.source, name=task.name, classes=list(classes),
                              split="test", size=len(test), sha256=test.sha256()),
         metrics=metrics,
-        injection=InjectionSummary(recipe=request.recipe.model_dump(mode="json"),
+        injection=InjectionSummary(recipe=({"given_bv": request.bv} if given_bv else
+                                           request.recipe.model_dump(mode="json")),
                                    recipe_hash=key, cached=cached, bv_norm=bv.norm(),
                                    cosine_with_task_vector=cosine(bv, tau)),
         sweep=SweepSummary(

@@ -35,6 +35,8 @@ def merged_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: M
         raise ConfigError("merge needs at least one fine-tuned model")
     weights = cfg.weights * len(tvs) if len(cfg.weights) == 1 else cfg.weights
     if cfg.method == "ties":
+        if len(set(weights)) > 1:
+            raise ConfigError("TIES takes one scale for the merged vector, not one per model")
         tau = ties(list(tvs), keep=cfg.keep, scale=weights[0])
     else:
         tau = task_arithmetic(list(tvs), weights)

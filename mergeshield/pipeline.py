@@ -57,6 +57,7 @@ class ScanRequest(BaseModel):
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
     budget_points: float = 2.0  # max clean-accuracy drop (points) the chosen λ may cost
     fixed_lambda: float | None = None  # skip the sweep's choice and use this λ
+    bv: str | None = None  # subtract this BV (a `mergeshield bv compute` output) instead of BV_inj
     triggers: list[Trigger] = Field(default_factory=list)  # user-supplied triggers
     user_targets: list[int | None] = Field(default_factory=list)  # per user trigger; None = any
     probes: bool = True  # measure the probe panel
@@ -133,19 +134,30 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
             keys, skipped = backbone_keys(family, base_w, suspect_w)
             checkpoints.check_compatible(base_w, suspect_w, keys=set(keys).__contains__)
             tau = TaskVector.between(base_w, suspect_w, keys)
+        given = _given_bv(request, tau, hub, ctx.local_files_only)
         m: Measurement | None = None
         if family is not None and request.evaluation is not None:
             m = measure_and_sanitise(
                 request, family, base_w, suspect_w, tau, _revision_of(base_src),
-                device=device, stage=timer.stage, hub=hub,
+                device=device, stage=timer.stage, hub=hub, given_bv=given,
                 cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None,
             )
+        # what gets subtracted: the measured choice, or a given BV at a given λ (unmeasured)
+        step: tuple[TaskVector, float, str] | None = None
+        if m is not None:
+            step = (m.bv, m.chosen_lambda, m.injection.recipe_hash)
+        elif given is not None and request.fixed_lambda is not None:
+            step = (given[0], request.fixed_lambda, given[1])
+        elif given is not None:
+            incomplete.append(IncompleteReason(
+                code="no_lambda", message="a BV was given but nothing was measured to choose λ "
+                                          "with: pass --lambda to subtract it anyway"))
         with timer.stage("summary"):
-            tv_summary = summarise(tau, base_w, skipped, m.bv if m else None)
+            tv_summary = summarise(tau, base_w, skipped, step[0] if step else None)
         output = None
-        if ctx.out_dir is not None and m is not None:
+        if ctx.out_dir is not None and step is not None:
             with timer.stage("write_checkpoint"):
-                output = _write_cleaned(ctx, suspect_src, base_src, suspect_w, m)
+                output = _write_cleaned(ctx, suspect_src, base_src, suspect_w, *step)
     findings, verdict = decide(m.metrics.triggers if m else [], incomplete=incomplete,
                                min_asr_gap=request.min_asr_gap)
     report = ScanReport(
@@ -183,9 +195,21 @@ def _model_input(src: checkpoints.ResolvedSource, family: ModelFamily | None) ->
     )
 
 
+def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any], offline: bool
+              ) -> tuple[TaskVector, str] | None:
+    """The user's BV (lazily read), restricted to the suspect's task-vector tensors, and its id."""
+    if request.bv is None:
+        return None
+    src = checkpoints.resolve(request.bv, local_files_only=offline, **hub)
+    ck = checkpoints.open_checkpoint(src)  # stays open while the scan reads it
+    bv = TaskVector(list(ck), ck.__getitem__)
+    checkpoints.check_compatible(bv, tau, keys=set(tau).__contains__)
+    return bv.restrict(tau), "given:" + _revision_of(src)
+
+
 def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
                    base_src: checkpoints.ResolvedSource, suspect_w: Mapping[str, Tensor],
-                   m: Measurement) -> OutputSummary:
+                   bv: TaskVector, lam: float, recipe_hash: str) -> OutputSummary:
     """θ' = θ_suspect − λ·BV_inj, streamed to ``ctx.out_dir`` with provenance in __metadata__."""
     assert ctx.out_dir is not None
     metadata = {
@@ -196,12 +220,12 @@ def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
         "mergeshield.suspect_revision": suspect_src.revision or "",
         "mergeshield.base": base_src.source,
         "mergeshield.base_revision": base_src.revision or "",
-        "mergeshield.ibvs_lambda": repr(m.chosen_lambda),
-        "mergeshield.recipe_hash": m.injection.recipe_hash,
+        "mergeshield.ibvs_lambda": repr(lam),
+        "mergeshield.recipe_hash": recipe_hash,
     }
     info = suspect_w.info  # type: ignore[attr-defined]
     files = checkpoints.save_checkpoint(
-        ctx.out_dir, sanitise(suspect_w, m.bv, m.chosen_lambda),
+        ctx.out_dir, sanitise(suspect_w, bv, lam),
         specs={k: info(k) for k in suspect_w}, config=suspect_src.config,
         extra_files=checkpoints.extra_files(suspect_src), metadata=metadata,
     )

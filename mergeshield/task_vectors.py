@@ -48,6 +48,7 @@ class TaskVector(Mapping[str, Tensor]):
         """τ = finetuned − base over ``keys`` (default: the keys of ``finetuned``)."""
         names = tuple(finetuned if keys is None else keys)
         _require_same_keys(names, base, "base")
+        _require_same_keys(names, finetuned, "fine-tuned model")
 
         def delta(name: str) -> Tensor:
             return finetuned[name].to(torch.float32) - base[name].to(torch.float32)
@@ -66,6 +67,9 @@ class TaskVector(Mapping[str, Tensor]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._key_set  # without computing the tensor (Mapping's default would)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -153,8 +157,14 @@ def _require_same_keys(keys: Iterable[str], other: Mapping[str, Tensor], what: s
         )
 
 
+def _same_tensors(a: TaskVector, b: TaskVector) -> None:
+    _require_same_keys(a, b, "second vector")
+    _require_same_keys(b, a, "first vector")
+
+
 def cosine(a: TaskVector, b: TaskVector) -> float:
     """Global cosine similarity of the flattened vectors (0.0 when either is zero)."""
+    _same_tensors(a, b)
     dot = na = nb = 0.0
     for k in a:
         x, y = a[k].flatten(), b[k].flatten()
@@ -166,6 +176,7 @@ def cosine(a: TaskVector, b: TaskVector) -> float:
 
 def per_tensor_cosine(a: TaskVector, b: TaskVector) -> dict[str, float]:
     """Cosine similarity per tensor (0.0 for a zero tensor)."""
+    _same_tensors(a, b)
     out: dict[str, float] = {}
     for k in a:
         x, y = a[k].flatten(), b[k].flatten()
@@ -189,6 +200,8 @@ def top_k(tv: TaskVector, keep: float, scope: Literal["global", "tensor"] = "glo
     """
     if not 0.0 < keep <= 1.0:
         raise ConfigError(f"keep must be in (0, 1], got {keep}")
+    if scope not in ("global", "tensor"):
+        raise ConfigError(f"scope must be 'global' or 'tensor', got {scope!r}")
     if keep == 1.0:
         return tv
     if scope == "global":

@@ -71,16 +71,30 @@ def backbone_keys(
             skipped.append((name, "head (per task, not part of the task vector)"))
         elif family is None and name not in base:
             skipped.append((name, "not in the base model"))
-        elif family is None and _info(base, name) != info:
+        elif family is None and _same(_info(base, name), info) is False:
             skipped.append((name, "shape or dtype differs from the base (a head?)"))
         else:
             keys.append(name)
+    if family is not None:  # a backbone tensor of the base that the suspect lacks is a mismatch
+        have = set(suspect)
+        lost = [k for k in base if family.is_backbone(k) and k not in have
+                and _info(base, k).dtype.is_floating_point]
+        if lost:
+            raise IncompatibleModelsError(
+                f"{len(lost)} backbone tensor(s) of the base are missing from the other model, "
+                f"e.g. {lost[:3]}: is this the right base model?",
+                details={"missing": lost, "unexpected": [], "shape": [], "dtype": []},
+            )
     if not keys:
         raise IncompatibleModelsError(
             "the suspect and the base share no backbone tensor: is this the right base model?",
             details={"skipped": skipped[:50]},
         )
     return keys, skipped
+
+
+def _same(a: Any, b: Any) -> bool:
+    return bool(a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape))
 
 
 def _info(weights: Mapping[str, Tensor], name: str) -> Any:

@@ -16,7 +16,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 
 from mergeshield.errors import DatasetError, IncompatibleModelsError, UnsupportedModelError
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
-from mergeshield.training import fit_head
 
 
 def _build(config: Mapping[str, Any], num_labels: int) -> PreTrainedModel:
@@ -94,7 +93,7 @@ class HFImageFamily(ModelFamily):
         self.prefix = probe.base_model_prefix + "."
         self.preprocessing = Preprocessing.from_config(
             processor,
-            int(self.config.get("image_size", 224)),
+            int(self.config.get("image_size") or _processor_size(processor)),
             int(self.config.get("num_channels", 3)),
         )
 
@@ -125,6 +124,8 @@ class HFImageFamily(ModelFamily):
         self, base: Mapping[str, Tensor], data: Any, *, device: torch.device, seed: int = 0
     ) -> Callable[[], HFImageClassifier]:
         """The base backbone with a linear-probe head fit on its frozen features."""
+        from mergeshield.training import fit_head  # training imports models: keep this one lazy
+
         torch.manual_seed(seed)
         probe = self.classifier(base, None, data.classes).to(device)
         fit_head(probe, data, seed=seed)
@@ -164,3 +165,12 @@ class HFImageFamily(ModelFamily):
                 t.copy_(head[k].to(t.dtype))
         return clf.eval().requires_grad_(False)
 
+
+
+def _processor_size(processor: Mapping[str, Any] | None) -> int:
+    """The input side from an image-processor config (ResNet/ConvNeXt configs have none)."""
+    p = dict(processor or {})
+    size = p.get("crop_size") or p.get("size") or 224
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or 224
+    return int(size)

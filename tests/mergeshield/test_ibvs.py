@@ -109,8 +109,6 @@ def test_poison_many_is_deterministic_per_seed() -> None:
     assert not torch.equal(a.images, c.images)
 
 
-@pytest.mark.xfail(reason="BUG: poison_many uses max(1, round(rate·N/pairs)), so rate=0 still "
-                   "poisons one row per injected trigger", strict=True)
 def test_poison_many_at_rate_zero_poisons_nothing() -> None:
     data = block_task(80, n_classes=4)
     out = poison_many(data, injected_backdoors(InjectionRecipe(), 4, IMAGE), 0.0, seed=0)
@@ -200,14 +198,10 @@ def test_choose_lambda_on_a_non_monotone_curve() -> None:
     assert choose_lambda([point(0.0, 50), point(1.0, 60)]) == 1.0  # a gain is within budget
 
 
-@pytest.mark.xfail(reason="BUG: (0.90 - 0.88) * 100 = 2.0000000000000018 > 2, so a drop of "
-                   "exactly the budget is rejected by float rounding", strict=True)
 def test_choose_lambda_accepts_a_drop_of_exactly_the_budget() -> None:
     assert choose_lambda([point(0.0, 90), point(1.0, 88)], budget_points=2.0) == 1.0
 
 
-@pytest.mark.xfail(reason="BUG: choose_lambda without a λ=0 reference point raises a bare "
-                   "StopIteration instead of a ConfigError", strict=True)
 def test_choose_lambda_needs_the_zero_reference() -> None:
     with pytest.raises(ConfigError):
         choose_lambda([point(1.0, 90)])

@@ -123,8 +123,6 @@ def test_bad_merge_configs_are_refused(ckpts: dict[str, Path]) -> None:
         MergeConfig(method="slerp")  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(reason="BUG: merged_tensors passes only weights[0] to TIES, so per-task "
-                   "weights are silently ignored instead of applied or refused", strict=True)
 def test_ties_does_not_silently_ignore_per_task_weights(ckpts: dict[str, Path]) -> None:
     uneven = MergeConfig(method="ties", weights=[0.2, 1.0], keep=0.5)
     try:
@@ -135,9 +133,6 @@ def test_ties_does_not_silently_ignore_per_task_weights(ckpts: dict[str, Path]) 
                    for k, v in merge(ckpts, uneven.model_copy(update={"weights": [0.2]})).items())
 
 
-@pytest.mark.xfail(reason="BUG: task_vectors takes each model's backbone keys from the model and "
-                   "restricts every vector to the shared ones, so a fine-tuned model missing a "
-                   "backbone tensor silently shrinks the merge", strict=True)
 def test_a_model_missing_a_backbone_tensor_is_refused(ckpts: dict[str, Path],
                                                       tmp_path: Path) -> None:
     state = read_state(ckpts["t2"])

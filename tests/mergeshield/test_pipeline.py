@@ -159,6 +159,20 @@ def test_unknown_family_gets_the_architecture_agnostic_part(tmp_path: Path) -> N
     reasons = {s.name: s.reason for s in tv.skipped}
     assert "non-float" in reasons["pos_ids"] and "differs" in reasons["head.w"]
 
+    # IBVS subtraction with a given BV still works without a forward pass, at a given λ
+    checkpoints.save_checkpoint(tmp_path / "bv", {"encoder.w": torch.full((8, 8), 0.05)})
+    out = tmp_path / "cleaned"
+    report = scan(ScanRequest(suspect=str(tmp_path / "ft"), base=str(tmp_path / "base"),
+                              bv=str(tmp_path / "bv"), fixed_lambda=2.0),
+                  ScanContext(out_dir=out))
+    assert report.task_vector is not None
+    assert report.task_vector.per_tensor[0].cosine_with_injection_bv == pytest.approx(1.0)
+    with checkpoints.open_checkpoint(checkpoints.resolve(str(out))) as cleaned:
+        assert torch.allclose(cleaned["encoder.w"], base["encoder.w"], atol=1e-6)  # ft − 2·0.05
+        assert torch.equal(cleaned["head.w"], ft["head.w"]) and torch.equal(cleaned["pos_ids"],
+                                                                            ft["pos_ids"])
+    assert report.output is not None and report.output.metadata["mergeshield.ibvs_lambda"] == "2.0"
+
 
 def test_mismatched_architectures_are_refused(zoo: Zoo) -> None:
     request = ScanRequest(suspect=str(zoo.path("vit-mnist-badnets")),

@@ -145,9 +145,6 @@ def fresh_mergeshield() -> Iterator[None]:
         sys.modules.update(saved)
 
 
-@pytest.mark.xfail(reason="BUG: circular import: training.py imports mergeshield.models.base, "
-                   "whose package __init__ imports hf_image.py, which imports fit_head from the "
-                   "half-initialised mergeshield.training", strict=True)
 @pytest.mark.usefixtures("fresh_mergeshield")
 def test_training_module_imports_first() -> None:
     importlib.import_module("mergeshield.training")  # as `python -c "import mergeshield.training"`
