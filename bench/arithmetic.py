@@ -311,7 +311,8 @@ def run_size(args: argparse.Namespace, size: float, dtype_name: str) -> list[dic
                 print(f"  {tool:11s} {r['wall_s']:7.1f}s (sync {r['sync_s']:.1f}s)  "
                       f"{r['gbps_written']:.2f} GB/s out  {r['gbps_read_written']:.2f} GB/s r+w  "
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB (anon {r['peak_rss_anon_mib']:.0f}, "
-                      f"file {r['peak_rss_file_mib']:.0f}); others used {r['other_cpu_s']:.0f} CPU-s",
+                      f"file {r['peak_rss_file_mib']:.0f}); "
+                      f"others used {r['other_cpu_s']:.0f} CPU-s",
                       flush=True)
                 shutil.rmtree(work / "out", ignore_errors=True)
     finally:

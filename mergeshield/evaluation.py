@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mergeshield.data import ImageDataset
-from mergeshield.models import Classifier
 from mergeshield.report.schema import RateModel
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, stamp, triggered_test_set
+
+if TYPE_CHECKING:  # models imports transformers: only for annotations here
+    from mergeshield.models import Classifier
 
 
 @dataclass(frozen=True)

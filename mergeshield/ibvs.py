@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -23,10 +23,12 @@ from torch import Tensor
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
 from mergeshield.evaluation import Rate
-from mergeshield.models import Classifier
 from mergeshield.task_vectors import TaskVector, top_k
 from mergeshield.training import FinetuneConfig, Progress, paired_finetune
 from mergeshield.triggers import PatchTrigger, Trigger, stamp
+
+if TYPE_CHECKING:  # models imports transformers: only for annotations here
+    from mergeshield.models import Classifier
 
 CORNERS = ("bottom_right", "top_left", "top_right", "bottom_left")
 

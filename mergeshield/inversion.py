@@ -10,12 +10,15 @@ the scan runs the same search, with the same budget and seed, on both (method.md
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from mergeshield.models import Classifier
 from mergeshield.triggers import ImageTrigger, from_tensor
+
+if TYPE_CHECKING:  # models imports transformers: only for annotations here
+    from mergeshield.models import Classifier
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ class TaskVector(Mapping[str, Tensor]):
         for name in base:
             t = base[name]
             if name in mine:
-                yield name, (t.to(torch.float32) + scale * self[name]).to(t.dtype)
+                yield name, torch.add(t.to(torch.float32), self[name], alpha=scale).to(t.dtype)
             else:
                 yield name, t
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mergeshield.data import ImageDataset
-from mergeshield.models.base import Classifier
+
+if TYPE_CHECKING:  # models imports transformers: only for annotations here
+    from mergeshield.models import Classifier
 
 # (stage, fraction done in [0, 1])
 Progress = Callable[[str, float], None]

@@ -28,10 +28,11 @@ from transformers import (
 
 from mergeshield.checkpoints import save_checkpoint
 from mergeshield.data import ImageDataset, TaskData, load_task, save_task
-from mergeshield.models import CLIPFamily, HFImageFamily
+from mergeshield.evaluation import attack_success_rate, clean_accuracy
+from mergeshield.models import Classifier, CLIPFamily, HFImageFamily
 from mergeshield.models.hf_image import HFImageClassifier
 from mergeshield.training import FinetuneConfig, Progress, finetune
-from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, poison
+from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, parse_trigger, poison
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ class _VitBuilder:
         finetune(clf, train, self.cfg.finetune)
         out = self.root / "models" / f"vit-{task}-{kind}"
         self._save(clf, out, data.train.classes)
-        return _entry(out.name, out, self.root, "vit", task, "vit-base", attack)
+        return {**_entry(out.name, out, self.root, "vit", task, "vit-base", attack),
+                "measured": _measure(clf, data, attack)}
 
     def _save(self, clf: HFImageClassifier, out: Path, classes: tuple[str, ...]) -> None:
         model = clf.model
@@ -218,14 +220,24 @@ class _ClipBuilder:
         vision.update({"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model"})
         tensors = {k: v.detach().clone() for k, v in clf.backbone_state().items()}
         save_checkpoint(out, tensors, config=vision, metadata={"format": "pt"})
-        return _entry(out.name, out, self.root, "clip", task, "clip-base", attack)
+        return {**_entry(out.name, out, self.root, "clip", task, "clip-base", attack),
+                "measured": _measure(clf, data, attack)}
 
 
 def _entry(name: str, path: Path, root: Path, family: str, task: str, base: str | None,
            attack: dict[str, Any] | None) -> dict[str, Any]:
-    dataset = task
     return {"name": name, "path": str(path.relative_to(root)), "family": family, "task": task,
-            "dataset": f"datasets/{dataset}", "base": base, "attack": attack}
+            "dataset": f"datasets/{task}", "base": base, "attack": attack}
+
+
+def _measure(clf: Classifier, data: TaskData, attack: dict[str, Any] | None) -> dict[str, Any]:
+    """What the fine-tune achieved on its test set: clean accuracy and its own trigger's ASR."""
+    out = {"clean_accuracy": clean_accuracy(clf, data.test).to_model().model_dump()}
+    if attack is not None:
+        rate = attack_success_rate(clf, data.test, parse_trigger(attack["trigger"]),
+                                   attack["target"])
+        out["asr"] = rate.to_model().model_dump()
+    return out
 
 
 def _char_vocab() -> dict[str, int]:

@@ -181,3 +181,22 @@ def test_mismatched_architectures_are_refused(zoo: Zoo) -> None:
     with pytest.raises(IncompatibleModelsError) as info:
         scan(request)
     assert info.value.details
+
+
+def test_bf16_checkpoints_come_out_in_bf16(zoo: Zoo, tmp_path: Path, bv_cache_dir: Path) -> None:
+    from mergeshield import checkpoints
+
+    for name in ("vit-base", "vit-mnist-badnets"):
+        src = checkpoints.resolve(str(zoo.path(name)))
+        with checkpoints.open_checkpoint(src) as ck:
+            checkpoints.save_checkpoint(tmp_path / name, {k: ck[k].to(torch.bfloat16) for k in ck},
+                                        config=src.config,
+                                        extra_files=checkpoints.extra_files(src))
+    request = ScanRequest(suspect=str(tmp_path / "vit-mnist-badnets"),
+                          base=str(tmp_path / "vit-base"),
+                          evaluation=str(zoo.dataset("vit-mnist-badnets")), inversion=False,
+                          probes=False, lambdas=[0.0, 1.0])
+    report = scan(request, ScanContext(out_dir=tmp_path / "out", cache_dir=bv_cache_dir))
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert report.sweep is not None and report.sweep.chosen_lambda in (0.0, 1.0)
