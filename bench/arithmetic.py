@@ -337,21 +337,9 @@ def clip_config_dict() -> dict[str, Any]:
 
 
 def char_vocab() -> dict[str, int]:
-    """A byte-level CLIP BPE vocabulary with no merges (the real tokenizer is not offline)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 49406
-    vocab["<|endoftext|>"] = 49407
-    return vocab
+    from mergeshield.models.clip import char_level_vocab
+
+    return char_level_vocab(special_start=49406)
 
 
 def job_clip_make(work: Path) -> dict[str, Any]:

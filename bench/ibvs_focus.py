@@ -88,7 +88,8 @@ def main() -> None:
         "BV_inj (default recipe) for the IBVS rows; the random rows are seeded Gaussian "
         "directions with the norm of the named vector.",
         "",
-        "| model | subtracted direction | ASR before | CA before | λ chosen | ASR after | CA after |",
+        "| model | subtracted direction | ASR before | CA before | λ chosen | ASR after "
+        "| CA after |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} | {r[5]:.3f} | {r[6]:.3f} |"

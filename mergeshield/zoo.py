@@ -30,6 +30,7 @@ from mergeshield.checkpoints import save_checkpoint
 from mergeshield.data import ImageDataset, TaskData, load_task, save_task
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
 from mergeshield.models import Classifier, CLIPFamily, HFImageFamily
+from mergeshield.models.clip import char_level_vocab
 from mergeshield.models.hf_image import HFImageClassifier
 from mergeshield.training import FinetuneConfig, Progress, finetune
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, parse_trigger, poison
@@ -178,7 +179,7 @@ class _ClipBuilder:
         self.root, self.cfg = root, cfg
         self.base_dir = root / "models" / "clip-base"
         self.config = CLIPConfig(
-            text_config={"vocab_size": len(_char_vocab()), "hidden_size": 32,
+            text_config={"vocab_size": len(char_level_vocab()), "hidden_size": 32,
                          "num_hidden_layers": 2, "num_attention_heads": 2,
                          "intermediate_size": 64, "max_position_embeddings": 32,
                          "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513},
@@ -240,24 +241,6 @@ def _measure(clf: Classifier, data: TaskData, attack: dict[str, Any] | None) -> 
     return out
 
 
-def _char_vocab() -> dict[str, int]:
-    """A character-level CLIP BPE vocabulary (no merges): byte-level symbols, then word ends."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return vocab
-
-
 def _save_tokenizer(out: Path) -> None:
-    CLIPTokenizer(vocab=_char_vocab(), merges=[]).save_pretrained(out)
+    CLIPTokenizer(vocab=char_level_vocab(), merges=[]).save_pretrained(out)
 

@@ -140,3 +140,23 @@ class CLIPFamily(ModelFamily):
             rows.append(nn.functional.normalize(emb, dim=-1))
         return torch.stack(rows).clone()  # (K, D)
 
+
+
+def char_level_vocab(special_start: int = 512) -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary (no merges) for CLIPs built offline.
+
+    The 256 byte-level symbols, the same with the end-of-word mark, then ``<|startoftext|>`` and
+    ``<|endoftext|>`` at ``special_start`` and ``special_start + 1`` (49406/49407 in OpenAI's
+    vocabulary). Use with ``CLIPTokenizer(vocab=..., merges=[])``.
+    """
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs = list(bs)
+    for extra, b in enumerate(b for b in range(256) if b not in set(bs)):
+        bs.append(b)
+        cs.append(256 + extra)
+    chars = [chr(c) for c in cs]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = special_start
+    vocab["<|endoftext|>"] = special_start + 1
+    return vocab

@@ -25,6 +25,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTFor
 from mergeshield import checkpoints
 from mergeshield.data import ImageDataset
 from mergeshield.models import Classifier, Preprocessing
+from mergeshield.models.clip import char_level_vocab
 
 IMAGE = 16  # px; every tiny model and task here uses 16×16 images
 
@@ -70,21 +71,7 @@ def save_finetuned(src: Path, out: Path, *, seed: int, scale: float = 0.05,
 
 # -- CLIP ------------------------------------------------------------------------------------------
 def char_vocab() -> dict[str, int]:
-    """A character-level CLIP BPE vocabulary with no merges (the same idea as ``zoo.py``)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return vocab
+    return char_level_vocab()
 
 
 def clip_config() -> CLIPConfig:
