@@ -233,11 +233,11 @@ def _entry(name: str, path: Path, root: Path, family: str, task: str, base: str 
 
 def _measure(clf: Classifier, data: TaskData, attack: dict[str, Any] | None) -> dict[str, Any]:
     """What the fine-tune achieved on its test set: clean accuracy and its own trigger's ASR."""
-    out = {"clean_accuracy": clean_accuracy(clf, data.test).to_model().model_dump()}
+    out = {"clean_accuracy": clean_accuracy(clf, data.test).to_model().model_dump(mode="json")}
     if attack is not None:
         rate = attack_success_rate(clf, data.test, parse_trigger(attack["trigger"]),
                                    attack["target"])
-        out["asr"] = rate.to_model().model_dump()
+        out["asr"] = rate.to_model().model_dump(mode="json")
     return out
 
 
