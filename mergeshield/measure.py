@@ -47,6 +47,7 @@ from mergeshield.report.schema import (
     TriggerMeasurement,
 )
 from mergeshield.task_vectors import TaskVector, cosine
+from mergeshield.training import Progress
 from mergeshield.triggers import Trigger, preview_png, trigger_id
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ def measure_and_sanitise(
     cache_dir: str | None,
     hub: Mapping[str, Any],
     given_bv: tuple[TaskVector, str] | None = None,
+    progress: Progress | None = None,
 ) -> Measurement:
     assert request.evaluation is not None
     with stage("load_data"):
@@ -125,7 +127,7 @@ def measure_and_sanitise(
             bv = loaded
         else:
             make = family.task_classifier(base, inj_task.train, device=device)
-            bv = build_injection_bv(make, inj_task.train, request.recipe)
+            bv = build_injection_bv(make, inj_task.train, request.recipe, progress=progress)
             bv_cache.store(cache_dir, key, bv, request.recipe.model_dump(mode="json"))
         bv = focus(bv, tau, request.focus)
     for trig, target in injected_backdoors(request.recipe, len(classes), test.images.shape[-1]):

@@ -68,7 +68,9 @@ class ScanRequest(BaseModel):
     seed: int = 0
 
     def config_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        """Hash of how to scan, not of what: models enter cache keys by their weights' sha256."""
+        what = {"suspect", "base", "suspect_revision", "base_revision"}
+        return hashlib.sha256(self.model_dump_json(exclude=what).encode()).hexdigest()
 
 
 @dataclass
@@ -76,7 +78,7 @@ class ScanContext:
     """Where and how to run: not part of the configuration hash."""
 
     out_dir: Path | None = None  # cleaned checkpoint + report; None = report only
-    formats: tuple[str, ...] = ("json",)  # also "sarif", "html", "txt"
+    formats: tuple[str, ...] = ("json",)  # also "sarif", "html", "text"
     token: str | None = None  # hub token; never logged nor reported
     endpoint: str | None = None  # hub endpoint (mirrors, private hubs)
     cache_dir: Path | None = None  # hub downloads and the BV_inj cache
@@ -139,7 +141,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
         if family is not None and request.evaluation is not None:
             m = measure_and_sanitise(
                 request, family, base_w, suspect_w, tau, _revision_of(base_src),
-                device=device, stage=timer.stage, hub=hub, given_bv=given,
+                device=device, stage=timer.stage, hub=hub, given_bv=given, progress=ctx.progress,
                 cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None,
             )
         # what gets subtracted: the measured choice, or a given BV at a given λ (unmeasured)
