@@ -108,7 +108,7 @@ def build_zoo(
             for kind, trig, target in (("badnets", bd_trigger, bd_target),
                                        ("blended", bl_trigger, bl_target)):
                 poisoned, _ = poison(task.train, trig, target, cfg.poison_rate, seed=cfg.seed)
-                spec = {"type": kind, "target": target, "trigger": trig.model_dump(),
+                spec = {"type": kind, "target": target, "trigger": trig.model_dump(mode="json"),
                         "poison_rate": cfg.poison_rate}
                 variants.append((kind, spec, poisoned))
             for kind, attack, train in variants:
