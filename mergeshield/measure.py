@@ -149,11 +149,13 @@ def measure_and_sanitise(
         points = sweep(evaluate, request.lambdas)
         lam = (request.fixed_lambda if request.fixed_lambda is not None
                else choose_lambda(points, request.budget_points))
-    with stage("measure_cleaned"):
+    with stage("measure_cleaned"):  # what the sweep already measured at λ is not redone
+        done = next((pt for pt in points if pt.lam == lam), None)
         sus.load_backbone({k: suspect[k].float() - lam * bv[k] for k in bv})
-        ca_after = clean_accuracy(sus, test)
+        ca_after = done.clean_accuracy if done else clean_accuracy(sus, test)
         for p in probes:
-            p.after = attack_success_rate(sus, test, p.trigger, p.target)
+            p.after = (done.asr[p.id] if done and p.id in done.asr
+                       else attack_success_rate(sus, test, p.trigger, p.target))
 
     sample = test.images[0]
     metrics = Metrics(
