@@ -110,7 +110,7 @@ def measure_and_sanitise(
         probes = _named_triggers(request, test, sus)
         for p in probes:
             p.ref = attack_success_rate(ref, test, p.trigger, p.target)
-            p.before = attack_success_rate(sus, test, p.trigger, p.target)
+            p.before = p.before or attack_success_rate(sus, test, p.trigger, p.target)
     if request.inversion:
         with stage("invert_triggers"):
             probes.append(_inverted(request, task, ref, sus))
@@ -139,9 +139,10 @@ def measure_and_sanitise(
 
     with stage("sweep"):
         tracked = _tracked(probes, request.min_asr_gap)
+        theta = {k: suspect[k].float() for k in bv}  # read once, not once per λ
 
         def evaluate(lam: float) -> SweepPoint:
-            sus.load_backbone({k: suspect[k].float() - lam * bv[k] for k in bv})
+            sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
             return SweepPoint(lam, clean_accuracy(sus, test),
                               {p.id: attack_success_rate(sus, test, p.trigger, p.target)
                                for p in tracked})
@@ -151,7 +152,7 @@ def measure_and_sanitise(
                else choose_lambda(points, request.budget_points))
     with stage("measure_cleaned"):  # what the sweep already measured at λ is not redone
         done = next((pt for pt in points if pt.lam == lam), None)
-        sus.load_backbone({k: suspect[k].float() - lam * bv[k] for k in bv})
+        sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
         ca_after = done.clean_accuracy if done else clean_accuracy(sus, test)
         for p in probes:
             p.after = (done.asr[p.id] if done and p.id in done.asr
@@ -193,9 +194,11 @@ def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -
     named += [("user", t, targets[i]) for i, t in enumerate(request.triggers)]
     out = []
     for source, trig, target in named:
-        tgt = target if target is not None else best_target_asr(sus, test, trig)[0]
-        out.append(_Probe(f"{source}:{trigger_id(trig)}", source, trig, tgt,
-                          trig.model_dump(mode="json")))
+        probe = _Probe(f"{source}:{trigger_id(trig)}", source, trig, target or 0,
+                       trig.model_dump(mode="json"))
+        if target is None:  # the search already measured the suspect's ASR at its best target
+            probe.target, probe.before = best_target_asr(sus, test, trig)
+        out.append(probe)
     return out
 
 
