@@ -8,7 +8,10 @@ a reader never sees half an entry; two builders of one key write the same bytes.
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +42,20 @@ def store(cache_dir: str | Path | None, key: str, bv: TaskVector, recipe: dict[s
     checkpoints.save_checkpoint(folder, ((k, bv[k]) for k in bv),
                                 metadata={"mergeshield.recipe_hash": key})
     checkpoints.atomic_write_text(folder / "recipe.json", json.dumps(recipe, indent=2))
+
+
+def file_guard(cache_dir: str | Path | None) -> Callable[[str], AbstractContextManager[None]]:
+    """A lock per key (``flock`` on ``<cache>/bv/<key>.lock``) for builders sharing one disk."""
+
+    @contextmanager
+    def guard(key: str) -> Iterator[None]:
+        if cache_dir is None:  # nothing is cached, so there is nothing to share
+            yield
+            return
+        lock = entry_dir(cache_dir, key).parent / f"{key}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+            yield
+
+    return guard

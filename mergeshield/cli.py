@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,16 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(msg) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+Extension = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
+    """The command line; ``extend`` adds sub-commands (the service adds serve, api, worker…)."""
     p = _Parser(prog="mergeshield", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"mergeshield {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub: Any = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    if extend is not None:
+        extend(sub)
 
     s = sub.add_parser("scan", help="scan a fine-tuned checkpoint against its base and clean it")
     s.add_argument("suspect", help="hub repo id, HF-layout folder, .safetensors or .bin")

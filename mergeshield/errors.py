@@ -10,13 +10,20 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
     │   │   │ (also FileNotFoundError)
     │   │   └── NothingScannableError      nothing_scannable     the source holds no model weights
     │   ├── UnsafeFormatError              unsafe_format         would need pickle or remote code
+    │   ├── UnsafeArchiveError             unsafe_archive        zip/tar with escapes, links, bombs
     │   ├── CorruptCheckpointError         corrupt_checkpoint    bad safetensors/index/config
     │   ├── InvalidWeightsError            invalid_weights       NaN or inf in a weight tensor
     │   ├── IncompatibleModelsError        incompatible_models   keys / shapes / dtypes differ
     │   ├── UnsupportedModelError          unsupported_model     no adapter can run this model
     │   ├── DatasetError                   invalid_dataset       unreadable or unusable dataset
     │   └── ConfigError                    invalid_config        a bad option or recipe
-    └── HubError (ConnectionError)         hub_unavailable       the hub failed or is offline
+    ├── HubError (ConnectionError)         hub_unavailable       the hub failed or is offline
+    └── ServiceError                                             raised by the service's edges
+        ├── AuthenticationError            unauthorized          no or an unknown API key (401)
+        ├── PermissionDeniedError          forbidden             the key may not do this (403)
+        ├── NotFoundError (LookupError)    not_found             no such scan/upload/key (404)
+        ├── ConflictError                  conflict              not in a state for this (409)
+        └── PayloadTooLargeError           payload_too_large     over the upload limit (413)
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ class UnsafeFormatError(InputError):
     code = "unsafe_format"
 
 
+class UnsafeArchiveError(InputError):
+    code = "unsafe_archive"
+
+
 class CorruptCheckpointError(InputError):
     code = "corrupt_checkpoint"
 
@@ -81,3 +92,27 @@ class ConfigError(InputError):
 
 class HubError(MergeShieldError, ConnectionError):
     code = "hub_unavailable"
+
+
+class ServiceError(MergeShieldError):
+    code = "service_error"
+
+
+class AuthenticationError(ServiceError):
+    code = "unauthorized"
+
+
+class PermissionDeniedError(ServiceError):
+    code = "forbidden"
+
+
+class NotFoundError(ServiceError, LookupError):
+    code = "not_found"
+
+
+class ConflictError(ServiceError):
+    code = "conflict"
+
+
+class PayloadTooLargeError(ServiceError):
+    code = "payload_too_large"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,7 @@ def measure_and_sanitise(
     hub: Mapping[str, Any],
     given_bv: tuple[TaskVector, str] | None = None,
     progress: Progress | None = None,
+    bv_guard: Callable[[str], AbstractContextManager[None]] | None = None,
 ) -> Measurement:
     assert request.evaluation is not None
     with stage("load_data"):
@@ -123,12 +125,17 @@ def measure_and_sanitise(
             key = request.recipe.digest(base_revision, inj_task.train.sha256())
             loaded = bv_cache.load(cache_dir, key)
         cached = loaded is not None
-        if loaded is not None:
-            bv = loaded
-        else:
-            make = family.task_classifier(base, inj_task.train, device=device)
-            bv = build_injection_bv(make, inj_task.train, request.recipe, progress=progress)
-            bv_cache.store(cache_dir, key, bv, request.recipe.model_dump(mode="json"))
+        if loaded is None:  # build under the guard; another builder may have finished meanwhile
+            with (bv_guard or bv_cache.file_guard(cache_dir))(key):
+                loaded = bv_cache.load(cache_dir, key)
+                cached = loaded is not None
+                if loaded is None:
+                    make = family.task_classifier(base, inj_task.train, device=device)
+                    loaded = build_injection_bv(make, inj_task.train, request.recipe,
+                                                progress=progress)
+                    bv_cache.store(cache_dir, key, loaded,
+                                   request.recipe.model_dump(mode="json"))
+        bv = loaded
         bv = focus(bv, tau, request.focus)
     for trig, target in injected_backdoors(request.recipe, len(classes), test.images.shape[-1]):
         p = _Probe(f"injection:{trigger_id(trig)}->{target}", "injection", trig, target,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from mergeshield import __version__, checkpoints
-from mergeshield.errors import UnsupportedModelError
+from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe, sanitise
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
 from mergeshield.models import ModelFamily, backbone_keys, family_for
@@ -86,6 +86,30 @@ class ScanContext:
     device: str | None = None  # "cuda", "cpu"; None = CUDA when present
     scan_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     progress: Progress | None = None
+    # local paths a request may name; None = any (CLI). A service sets its uploads folder, so a
+    # request can name hub ids, bundled datasets and uploads, never the server's own files.
+    allowed_roots: tuple[Path, ...] | None = None
+    # held while BV_inj for a key is built, so two workers never build one key twice;
+    # None = a file lock in the cache folder (enough for processes sharing one disk)
+    bv_guard: Callable[[str], AbstractContextManager[None]] | None = None
+
+
+# Where each stage sits on the 0–100 progress scale (its share of a typical CPU scan's time).
+STAGE_SPANS: dict[str, tuple[float, float]] = {
+    "resolve": (0, 8), "task_vector": (8, 12), "load_data": (12, 16),
+    "measure_suspect": (16, 30), "invert_triggers": (30, 40), "injection_bv": (40, 50),
+    "inject-clean": (50, 62), "inject-bd": (62, 75), "sweep": (75, 92), "summary": (92, 94),
+    "write_checkpoint": (94, 99),
+}
+
+
+def percent(stage: str, fraction: float) -> float | None:
+    """Overall progress (0–100) of ``fraction`` of the way through ``stage``; None if unknown."""
+    span = STAGE_SPANS.get(stage)
+    if span is None:
+        return None
+    lo, hi = span
+    return round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 1)
 
 
 class _Timer:
@@ -110,10 +134,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
     hub: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
                            "cache_dir": ctx.cache_dir}
     with timer.stage("resolve"):
-        suspect_src = checkpoints.resolve(request.suspect, revision=request.suspect_revision,
-                                          local_files_only=ctx.local_files_only, **hub)
-        base_src = checkpoints.resolve(request.base, revision=request.base_revision,
-                                       local_files_only=ctx.local_files_only, **hub)
+        suspect_src, base_src = resolve_inputs(request, ctx)
     incomplete: list[IncompleteReason] = []
     family: ModelFamily | None = None
     try:
@@ -142,7 +163,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
             m = measure_and_sanitise(
                 request, family, base_w, suspect_w, tau, _revision_of(base_src),
                 device=device, stage=timer.stage, hub=hub, given_bv=given, progress=ctx.progress,
-                cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None,
+                cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None, bv_guard=ctx.bv_guard,
             )
         # what gets subtracted: the measured choice, or a given BV at a given λ (unmeasured)
         step: tuple[TaskVector, float, str] | None = None
@@ -176,6 +197,37 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
     if ctx.out_dir is not None:
         write_report(report, ctx.out_dir, ctx.formats)
     return report
+
+
+def resolve_inputs(request: ScanRequest, ctx: ScanContext
+                   ) -> tuple[checkpoints.ResolvedSource, checkpoints.ResolvedSource]:
+    """(suspect, base) located and checked; local paths only inside ``ctx.allowed_roots``."""
+    if ctx.allowed_roots is not None:
+        for name in ("suspect", "base", "evaluation", "injection_data", "bv"):
+            _check_local(name, getattr(request, name), ctx.allowed_roots)
+    kw: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
+                          "cache_dir": ctx.cache_dir, "local_files_only": ctx.local_files_only}
+    return (checkpoints.resolve(request.suspect, revision=request.suspect_revision, **kw),
+            checkpoints.resolve(request.base, revision=request.base_revision, **kw))
+
+
+def cache_key(request: ScanRequest, ctx: ScanContext | None = None) -> str:
+    """sha256 of (suspect weights' sha256, base revision, scanner version, configuration hash)."""
+    suspect_src, base_src = resolve_inputs(request, ctx or ScanContext())
+    digest = hashlib.sha256()
+    for path, _size, sha in suspect_src.files_digest():
+        digest.update(f"{path}:{sha}\n".encode())
+    digest.update(f"{_revision_of(base_src)}\n{__version__}\n{request.config_hash()}".encode())
+    return digest.hexdigest()
+
+
+def _check_local(name: str, value: str | None, roots: tuple[Path, ...]) -> None:
+    if value is None or not Path(value).expanduser().exists():
+        return
+    real = Path(value).expanduser().resolve()
+    if not any(real.is_relative_to(r.resolve()) for r in roots):
+        raise ConfigError(f"{name}: {value!r} names a local path, which is not allowed here; "
+                          "give a hub id or an uploaded file", details={"field": name})
 
 
 def _revision_of(src: checkpoints.ResolvedSource) -> str:

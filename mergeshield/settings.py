@@ -1,7 +1,12 @@
 """The one settings class, read at the edges (CLI, worker, service), never inside the library.
 
-Environment variables are prefixed ``MERGESHIELD_``; the hub's standard ``HF_TOKEN`` and
-``HF_ENDPOINT`` are honoured as well. Algorithm parameters are never settings: they are arguments.
+Environment variables are prefixed ``MERGESHIELD_``; the standard ``HF_TOKEN``, ``HF_ENDPOINT``,
+``REDIS_URL`` and ``DATABASE_URL`` are honoured as well. Every field is listed, with its default,
+in ``.env.example``. Algorithm parameters are never settings: they are arguments.
+
+Without ``REDIS_URL`` / ``DATABASE_URL`` the service runs on the embedded default: Celery on its
+filesystem transport and SQLite, both under ``data_dir``. With them, the same code runs as an API
+and any number of workers on Redis and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,20 +21,78 @@ def _default_cache() -> Path:
     return Path.home() / ".cache" / "mergeshield"
 
 
+def _default_data() -> Path:
+    return Path.home() / ".local" / "share" / "mergeshield"
+
+
+def _env(name: str) -> AliasChoices:
+    """Accept ``MERGESHIELD_<NAME>`` and the standard ``<NAME>``."""
+    return AliasChoices(f"MERGESHIELD_{name}", name)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MERGESHIELD_", env_file=".env", extra="ignore")
 
-    # hub access: a token for private repos (never logged), an endpoint for mirrors / private hubs
-    hf_token: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("MERGESHIELD_HF_TOKEN", "HF_TOKEN")
-    )
-    hf_endpoint: str | None = Field(
-        default=None, validation_alias=AliasChoices("MERGESHIELD_HF_ENDPOINT", "HF_ENDPOINT")
-    )
+    # --- hub access: a token for private repos (never logged), an endpoint for mirrors
+    hf_token: SecretStr | None = Field(default=None, validation_alias=_env("HF_TOKEN"))
+    hf_endpoint: str | None = Field(default=None, validation_alias=_env("HF_ENDPOINT"))
     # hub downloads, converted .bin files and the injection-BV cache
     cache_dir: Path = Field(default_factory=_default_cache)
     # "cuda", "cpu" or None: CUDA when present
     device: str | None = None
 
+    # --- service and workers
+    # SQLite database, filesystem broker, uploads and scan artifacts (shared by API and workers)
+    data_dir: Path = Field(default_factory=_default_data)
+    # Redis broker; None = Celery's filesystem transport under data_dir (one machine)
+    redis_url: str | None = Field(default=None, validation_alias=_env("REDIS_URL"))
+    # SQLAlchemy URL (postgresql://... uses psycopg 3); None = SQLite under data_dir
+    database_url: str | None = Field(default=None, validation_alias=_env("DATABASE_URL"))
+    # uploads larger than this are refused with 413 while they stream in
+    max_upload_bytes: int = 20 * 1024**3
+    # archives: total unpacked size and member count
+    max_unpacked_bytes: int = 40 * 1024**3
+    max_archive_files: int = 10_000
+    # a scan raises SoftTimeLimitExceeded after this many seconds and is killed after hard
+    scan_soft_time_limit: int = 6 * 3600
+    scan_hard_time_limit: int = 6 * 3600 + 300
+    # uploads at least this large go to the "gpu" queue when the scan's device is "auto"
+    gpu_route_min_bytes: int = 1024**3
+    # a running scan whose worker has not written a heartbeat for this long is re-enqueued
+    heartbeat_interval: float = 5.0
+    stale_after: float = 60.0
+    # how often the API's reconciler compares the database with the broker
+    reconcile_interval: float = 30.0
+    # a scan is tried this many times (worker crashes) before it fails for good
+    max_attempts: int = 3
+    # admin key (sees every scan, creates keys); other keys live hashed in the database
+    admin_key: SecretStr | None = None
+    # no authentication at all: only for local use (``mergeshield serve`` without --auth)
+    auth_disabled: bool = False
+    # JSON logs (one object per line) instead of plain text
+    json_logs: bool = True
+
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
+
+    def broker(self) -> str:
+        return self.redis_url or "filesystem://"
+
+    def database(self) -> str:
+        url = self.database_url or f"sqlite:///{self.data_dir / 'mergeshield.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):  # SQLAlchemy's default driver is psycopg2; we ship psycopg 3
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def scans_dir(self) -> Path:
+        return self.data_dir / "scans"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"

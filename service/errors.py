@@ -1,0 +1,65 @@
+"""HTTP mapping of the one error tree, done once: every error leaves as
+``{"error": {"code", "message", "details"}}`` with a status chosen here, never in a route."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from mergeshield import errors
+
+log = logging.getLogger("mergeshield.api")
+
+# most specific first: the first class an error is an instance of decides its status
+STATUS: list[tuple[type[errors.MergeShieldError], int]] = [
+    (errors.AuthenticationError, 401),
+    (errors.PermissionDeniedError, 403),
+    (errors.NotFoundError, 404),
+    (errors.ConflictError, 409),
+    (errors.PayloadTooLargeError, 413),
+    (errors.ConfigError, 422),
+    (errors.InputError, 400),
+    (errors.HubError, 502),
+    (errors.MergeShieldError, 500),
+]
+
+
+def status_of(exc: errors.MergeShieldError) -> int:
+    return next(code for cls, code in STATUS if isinstance(exc, cls))
+
+
+def body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.MergeShieldError)
+    async def _ours(_request: Request, exc: errors.MergeShieldError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.AuthenticationError) \
+            else None
+        return JSONResponse(body(exc.code, exc.message, exc.details), status_of(exc),
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                   for e in exc.errors()]
+        return JSONResponse(body("invalid_request", "the request body or parameters are "
+                                 "invalid: see details", details), 422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(body(code, str(exc.detail)), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(body("internal_error", "an internal error occurred; it was logged"),
+                            500)

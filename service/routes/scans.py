@@ -1,0 +1,223 @@
+"""``/v1/scans``: submit, follow, list, cancel; fetch the report and the cleaned checkpoint.
+
+Routes are thin: validate, persist, enqueue, answer. No tensor is touched here.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from mergeshield.errors import ConflictError, NotFoundError
+from mergeshield.pipeline import ScanRequest
+from service.auth import Principal, principal
+from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
+from worker.app import choose_queue, send_scan
+from worker.db import FINISHED, Database, Scan, Upload, Worker, now
+
+router = APIRouter(prefix="/v1/scans", tags=["scans"])
+Caller = Annotated[Principal, Depends(principal)]
+REPORT_FILES = {"json": ("report.json", "application/json"),
+                "sarif": ("report.sarif", "application/sarif+json"),
+                "html": ("report.html", "text/html; charset=utf-8")}
+
+
+@router.post("", status_code=202, response_model=ScanOut)
+def submit(body: ScanCreate, request: Request, response: Response, caller: Caller,
+           idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> ScanOut:
+    """Queue a scan. A retried POST with the same ``Idempotency-Key`` returns the same scan."""
+    db: Database = request.app.state.db
+    settings = request.app.state.settings
+    if idempotency_key and (same := _by_idempotency(db, caller, idempotency_key)) is not None:
+        return _out(same, response)
+    sizes = [_upload_size(db, caller, ref) for ref in (body.suspect, body.base)]
+    lib = ScanRequest(
+        suspect=body.suspect.label(), base=body.base.label(),
+        suspect_revision=body.suspect.revision, base_revision=body.base.revision,
+        evaluation=body.evaluation, evaluation_revision=body.evaluation_revision,
+        injection_data=body.injection_data, **body.options.model_dump())
+    with db.session() as s:
+        gpu_ok = s.scalar(select(func.count()).select_from(Worker).where(
+            Worker.queues.contains("gpu"),
+            Worker.last_seen > now() - timedelta(seconds=settings.stale_after))) or 0
+    scan = Scan(owner=caller.id, request={"scan": lib.model_dump(mode="json"),
+                                          "suspect_upload": body.suspect.upload,
+                                          "base_upload": body.base.upload,
+                                          "device": body.device},
+                suspect=body.suspect.label(), base=body.base.label(), force=body.force,
+                queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes, gpu_ok > 0),
+                idempotency_key=idempotency_key, enqueued_at=now())
+    try:
+        with db.session() as s:
+            s.add(scan)
+    except IntegrityError:  # the same Idempotency-Key raced in twice
+        same = _by_idempotency(db, caller, idempotency_key or "")
+        if same is None:
+            raise
+        return _out(same, response)
+    try:
+        send_scan(request.app.state.celery, scan.id, scan.queue)
+    except Exception:  # broker down: the scan is safe in the database; the reconciler sends it
+        request.app.state.log.exception("could not enqueue; the reconciler will retry")
+    response.headers["Location"] = f"/v1/scans/{scan.id}"
+    return _out(scan, response)
+
+
+@router.get("", response_model=ScanPage)
+def list_scans(request: Request, caller: Caller,
+               state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None
+               = None,
+               verdict: str | None = Query(default=None, max_length=40),
+               suspect: str | None = Query(default=None, max_length=300),
+               limit: int = Query(default=50, ge=1, le=500),
+               offset: int = Query(default=0, ge=0)) -> ScanPage:
+    """Newest first; filter by state, verdict and suspect (exact hub id or upload label)."""
+    db: Database = request.app.state.db
+    where = [] if caller.admin else [Scan.owner == caller.id]
+    if state:
+        where.append(Scan.state == state)
+    if verdict:
+        where.append(Scan.verdict == verdict)
+    if suspect:
+        where.append(Scan.suspect == suspect)
+    with db.session() as s:
+        total = s.scalar(select(func.count()).select_from(Scan).where(*where)) or 0
+        rows = s.scalars(select(Scan).where(*where).order_by(Scan.created_at.desc(), Scan.id)
+                         .limit(limit).offset(offset)).all()
+    return ScanPage(items=[_out(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{scan_id}", response_model=ScanOut)
+def get_scan(scan_id: str, request: Request, response: Response, caller: Caller) -> ScanOut:
+    return _out(_owned(request, caller, scan_id), response)
+
+
+@router.delete("/{scan_id}", response_model=ScanOut)
+def cancel(scan_id: str, request: Request, response: Response, caller: Caller) -> ScanOut:
+    """Cancel a queued or running scan (a running one stops at its next progress step)."""
+    scan = _owned(request, caller, scan_id)
+    db: Database = request.app.state.db
+    with db.session() as s:
+        done = s.execute(update(Scan).where(Scan.id == scan.id, Scan.state.not_in(FINISHED))
+                         .values(state="cancelled", finished_at=now(),
+                                 error_code="cancelled", error_message="cancelled by the user"))
+    if done.rowcount == 0:  # type: ignore[attr-defined]
+        raise ConflictError(f"scan {scan.id} already {scan.state}; nothing to cancel",
+                            details={"state": scan.state})
+    try:
+        request.app.state.celery.control.revoke(scan.id)  # a queued message is dropped unrun
+    except Exception:
+        request.app.state.log.warning("revoke failed; the worker will skip the scan anyway")
+    return _out(_owned(request, caller, scan_id), response)
+
+
+@router.get("/{scan_id}/report", response_class=FileResponse,
+            responses={200: {"content": {t: {} for _n, t in REPORT_FILES.values()}}})
+def report(scan_id: str, request: Request, caller: Caller,
+           format: Literal["json", "sarif", "html"] | None = None) -> FileResponse:
+    """The report as JSON (default), SARIF 2.1.0 or HTML (also chosen by ``Accept: text/html``)."""
+    fmt = format or ("html" if "text/html" in request.headers.get("accept", "") else "json")
+    name, media = REPORT_FILES[fmt]
+    path = _result_dir(request, _finished(request, caller, scan_id)) / name
+    return FileResponse(path, media_type=media, filename=f"{scan_id}-{name}",
+                        content_disposition_type="inline")
+
+
+@router.get("/{scan_id}/checkpoint", response_class=FileResponse)
+def checkpoint(scan_id: str, request: Request, caller: Caller,
+               layout: Literal["zip", "file"] = "zip") -> FileResponse:
+    """The cleaned model: a zip of the HF-layout folder, or (``layout=file``) its one
+    ``.safetensors`` file when it has a single one."""
+    folder = _result_dir(request, _finished(request, caller, scan_id))
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise NotFoundError("this scan wrote no cleaned checkpoint (see the report's "
+                            "'incomplete' reasons)", details={"scan": scan_id})
+    if layout == "file":
+        if len(weights) != 1:
+            raise ConflictError("the cleaned model is sharded: download layout=zip",
+                                details={"files": [w.name for w in weights]})
+        return FileResponse(weights[0], media_type="application/octet-stream",
+                            filename=f"{scan_id}-{weights[0].name}")
+    return FileResponse(_zipped(folder), media_type="application/zip",
+                        filename=f"{scan_id}-cleaned.zip")
+
+
+# --- helpers
+
+def _owned(request: Request, caller: Principal, scan_id: str) -> Scan:
+    """The scan, if the caller may see it; 404 otherwise (other keys' scans do not exist)."""
+    db: Database = request.app.state.db
+    with db.session() as s:
+        scan = s.get(Scan, scan_id)
+    if scan is None or not (caller.admin or scan.owner == caller.id):
+        raise NotFoundError(f"no scan {scan_id!r}", details={"scan": scan_id})
+    return scan
+
+
+def _finished(request: Request, caller: Principal, scan_id: str) -> Scan:
+    scan = _owned(request, caller, scan_id)
+    if scan.state != "succeeded" or scan.result_dir is None:
+        raise ConflictError(f"scan {scan_id} is {scan.state}: results exist once it succeeded",
+                            details={"state": scan.state})
+    return scan
+
+
+def _result_dir(request: Request, scan: Scan) -> Path:
+    assert scan.result_dir is not None
+    return Path(request.app.state.settings.data_dir) / scan.result_dir
+
+
+def _zipped(folder: Path) -> Path:
+    """The folder as a stored (uncompressed: weights do not compress) zip, built once."""
+    target = folder.parent / f"{folder.name}.zip"
+    if not target.exists():
+        tmp = target.with_suffix(".zip.part")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and not path.name.startswith("report."):
+                    zf.write(path, path.name)
+        tmp.replace(target)
+    return target
+
+
+def _by_idempotency(db: Database, caller: Principal, key: str) -> Scan | None:
+    with db.session() as s:
+        return s.scalars(select(Scan).where(Scan.owner == caller.id,
+                                            Scan.idempotency_key == key)).first()
+
+
+def _upload_size(db: Database, caller: Principal, ref: ModelRef) -> int | None:
+    """The upload's size (routing), checking it exists and is the caller's; None for hub."""
+    if ref.upload is None:
+        return None
+    with db.session() as s:
+        row = s.get(Upload, ref.upload)
+    if row is None or row.owner != caller.id:
+        raise NotFoundError(f"no upload {ref.upload!r}", details={"upload": ref.upload})
+    return row.size
+
+
+def _out(scan: Scan, response: Response | None = None) -> ScanOut:
+    if response is not None:
+        response.headers["Location"] = f"/v1/scans/{scan.id}"
+        if not scan.finished:
+            response.headers["Retry-After"] = "2"
+    links = {"self": f"/v1/scans/{scan.id}"}
+    if scan.state == "succeeded":
+        links |= {"report": f"/v1/scans/{scan.id}/report",
+                  "checkpoint": f"/v1/scans/{scan.id}/checkpoint"}
+    error = {"code": scan.error_code, "message": scan.error_message} if scan.error_code else None
+    return ScanOut(
+        id=scan.id, state=scan.state, stage=scan.stage, percent=scan.percent,  # type: ignore[arg-type]
+        suspect=scan.suspect, base=scan.base, queue=scan.queue, attempts=scan.attempts,
+        created_at=scan.created_at, started_at=scan.started_at, finished_at=scan.finished_at,
+        verdict=scan.verdict, severity=scan.severity, cached_from=scan.cached_from,
+        error=error, summary=scan.summary, links=links)

@@ -1,0 +1,188 @@
+"""Uploads: a multipart body streamed to disk (never held in memory), size-limited while it
+arrives, hashed on the way, de-duplicated by sha256, archives unpacked safely."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from mergeshield import archives
+from mergeshield.errors import InputError, PayloadTooLargeError
+from mergeshield.safetensors_io import read_header
+from mergeshield.settings import Settings
+from worker.db import Database, Upload
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+CHUNK = 1 << 20
+
+
+@dataclass
+class Received:
+    filename: str = ""
+    path: Path | None = None
+    size: int = 0
+    sha256: str = ""
+    _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
+
+
+async def receive(request: Request, settings: Settings) -> Received:
+    """Stream the ``file`` part of a multipart body into a temporary file under uploads/."""
+    limit = settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
+        raise _too_large(limit)  # refused before a byte is read
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise InputError("send the file as multipart/form-data in a field named 'file'")
+    tmp_dir = settings.uploads_dir / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    got = Received()
+    sink = _Sink(got, tmp_dir, limit)
+    parser = MultipartParser(params[b"boundary"], {
+        "on_header_field": sink.on_header_field, "on_header_value": sink.on_header_value,
+        "on_header_end": sink.on_header_end, "on_part_data": sink.on_part_data,
+        "on_part_end": sink.on_part_end})
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except BaseException:
+        sink.on_part_end()
+        if got.path is not None:
+            got.path.unlink(missing_ok=True)
+        raise
+    if got.path is None:
+        raise InputError("the multipart body has no part named 'file'")
+    got.sha256 = got._hash.hexdigest()
+    return got
+
+
+class _Sink:
+    """Multipart callbacks: the ``file`` part goes to a temporary file, counted and hashed."""
+
+    def __init__(self, got: Received, tmp_dir: Path, limit: int) -> None:
+        self.got, self.tmp_dir, self.limit = got, tmp_dir, limit
+        self.field, self.value = b"", b""
+        self.out: IO[bytes] | None = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.field.lower() == b"content-disposition":
+            _kind, opts = parse_options_header(self.value)
+            if opts.get(b"name") == b"file" and self.got.path is None:
+                raw = opts.get(b"filename", b"upload").decode("utf-8", "replace")
+                self.got.filename = safe_name(raw)
+                fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+                self.got.path = Path(name)
+                self.out = os.fdopen(fd, "wb")
+        self.field, self.value = b"", b""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.out is None:
+            return  # another field: ignored
+        chunk = data[start:end]
+        self.got.size += len(chunk)
+        if self.got.size > self.limit:
+            raise _too_large(self.limit)
+        self.got._hash.update(chunk)
+        self.out.write(chunk)
+
+    def on_part_end(self) -> None:
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+
+
+def store(db: Database, settings: Settings, owner: str, got: Received) -> Upload:
+    """Keep the file (once per sha256), unpack archives, record the upload (once per owner)."""
+    assert got.path is not None
+    with db.session() as s:
+        existing = s.scalars(select(Upload).where(Upload.owner == owner,
+                                                  Upload.sha256 == got.sha256)).first()
+    if existing is not None:
+        got.path.unlink(missing_ok=True)
+        return existing
+    folder = settings.uploads_dir / got.sha256
+    try:
+        kind, rel = _place(settings, folder, got)
+    except BaseException:
+        got.path.unlink(missing_ok=True)
+        raise
+    row = Upload(owner=owner, filename=got.filename, kind=kind, size=got.size,
+                 sha256=got.sha256, path=rel)
+    try:
+        with db.session() as s:
+            s.add(row)
+    except IntegrityError:  # the same owner uploaded the same bytes concurrently
+        with db.session() as s:
+            return s.scalars(select(Upload).where(Upload.owner == owner,
+                                                  Upload.sha256 == got.sha256)).one()
+    return row
+
+
+def _place(settings: Settings, folder: Path, got: Received) -> tuple[str, str]:
+    assert got.path is not None
+    name = got.filename.lower()
+    data_dir = settings.data_dir
+    if name.endswith(ARCHIVE_SUFFIXES) or archives.is_archive(got.path):
+        unpacked = folder / "unpacked"
+        if not unpacked.is_dir():  # someone else's upload of the same bytes unpacked it already
+            staging = Path(tempfile.mkdtemp(dir=settings.uploads_dir / "tmp"))
+            try:
+                root = archives.unpack(got.path, staging / "x", archives.ArchiveLimits(
+                    settings.max_unpacked_bytes, settings.max_archive_files))
+                folder.mkdir(parents=True, exist_ok=True)
+                (staging / "x").rename(unpacked)
+                rel_root = root.relative_to(staging / "x")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            (folder / "root").write_text(str(rel_root))
+        got.path.unlink(missing_ok=True)
+        rel_root = Path((folder / "root").read_text())
+        return "archive", str((unpacked / rel_root).relative_to(data_dir))
+    if not name.endswith(WEIGHT_SUFFIXES):
+        raise InputError(f"{got.filename}: upload a .safetensors or .bin file, or a zip/tar of a "
+                         "Hugging Face model folder", details={"filename": got.filename})
+    if name.endswith(".safetensors"):
+        read_header(got.path)  # a malformed header is refused now, not in a worker
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / got.filename
+    if target.exists():
+        got.path.unlink(missing_ok=True)
+    else:
+        got.path.rename(target)
+    kind = "safetensors" if name.endswith(".safetensors") else "bin"
+    return kind, str(target.relative_to(data_dir))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")
+
+
+def safe_name(name: str) -> str:
+    """A file name without folders or odd characters (what a browser sends may be a path)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE.sub("_", base).lstrip(".") or "upload"
+    return base[:200]
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the upload is larger than the limit of {limit} bytes "
+                                "(MERGESHIELD_MAX_UPLOAD_BYTES)", details={"limit": limit})
+

@@ -1,0 +1,191 @@
+"""One scan's life in the database, as a worker lives it: claim, heartbeat, progress, finish.
+
+Every transition is a conditional UPDATE, so two deliveries of one scan (a resend by the
+reconciler, a message Redis gives back) never run it twice: the second finds it claimed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import or_, select, update
+
+from mergeshield import pipeline
+from mergeshield.errors import MergeShieldError, SourceNotFoundError
+from mergeshield.pipeline import ScanContext, ScanRequest, percent
+from mergeshield.report import ScanReport
+from mergeshield.report.io import load_report
+from mergeshield.settings import Settings
+from worker.bv_guard import BvGuard
+from worker.db import Database, Scan, Upload, now
+
+log = logging.getLogger("mergeshield.worker")
+
+
+class ScanCancelled(Exception):
+    """Raised from the progress callback when the scan was cancelled in the database."""
+
+
+@dataclass
+class Job:
+    """A claimed scan: its row as read at claim time and the database to report to."""
+
+    db: Database
+    scan: Scan
+    worker: str
+    _checked: float = 0.0
+
+    def progress(self, stage: str, fraction: float) -> None:
+        """The library's progress callback: store stage and percent; stop if cancelled."""
+        if time.monotonic() - self._checked < 0.5 and fraction not in (0.0, 1.0):
+            return  # at most two writes a second
+        self._checked = time.monotonic()
+        pct = percent(stage, fraction)
+        values: dict[str, Any] = {"stage": stage, "heartbeat_at": now()}
+        if pct is not None:
+            values["percent"] = pct
+        with self.db.session() as s:
+            done = s.execute(update(Scan).where(Scan.id == self.scan.id, Scan.state == "running",
+                                                Scan.worker == self.worker).values(**values))
+        if done.rowcount == 0:  # type: ignore[attr-defined]
+            raise ScanCancelled(self.scan.id)
+
+    def succeed(self, report: ScanReport, result_dir: str, cache_key: str | None,
+                cached_from: str | None = None) -> None:
+        summary = {"verdict": report.verdict.model_dump(mode="json"),
+                   "findings": len(report.findings),
+                   "incomplete": [r.code for r in report.incomplete],
+                   "chosen_lambda": report.sweep.chosen_lambda if report.sweep else None}
+        self._finish("succeeded", verdict=report.verdict.status,
+                     severity=report.verdict.severity, result_dir=result_dir,
+                     cache_key=cache_key, cached_from=cached_from, summary=summary, percent=100.0)
+
+    def fail(self, code: str, message: str) -> None:
+        self._finish("failed", error_code=code, error_message=message)
+
+    def _finish(self, state: str, **values: Any) -> None:
+        with self.db.session() as s:
+            s.execute(update(Scan).where(Scan.id == self.scan.id, Scan.state == "running",
+                                         Scan.worker == self.worker)
+                      .values(state=state, finished_at=now(), heartbeat_at=now(), **values))
+
+
+def claim(db: Database, scan_id: str, worker: str, stale_after: float) -> Job | None:
+    """Take ``scan_id`` if it is queued (or running under a worker that stopped beating)."""
+    stale = now() - timedelta(seconds=stale_after)
+    with db.session() as s:
+        done = s.execute(
+            update(Scan)
+            .where(Scan.id == scan_id,
+                   or_(Scan.state == "queued",
+                       (Scan.state == "running") & (Scan.heartbeat_at < stale)))
+            .values(state="running", worker=worker, attempts=Scan.attempts + 1,
+                    started_at=now(), heartbeat_at=now(), stage="queued-for-worker",
+                    error_code=None, error_message=None)
+        )
+        if done.rowcount == 0:  # type: ignore[attr-defined]
+            return None
+        scan = s.scalars(select(Scan).where(Scan.id == scan_id)).one()
+    return Job(db, scan, worker)
+
+
+@contextmanager
+def heartbeat(job: Job, interval: float) -> Iterator[None]:
+    """Beat every ``interval`` seconds while the body runs (training steps may be slow)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with job.db.session() as s:
+                    s.execute(update(Scan).where(Scan.id == job.scan.id, Scan.worker == job.worker,
+                                                 Scan.state == "running")
+                              .values(heartbeat_at=now()))
+            except Exception:  # a database hiccup must not kill the scan; the next beat retries
+                log.exception("heartbeat failed")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job.scan.id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def earlier_result(db: Database, scan: Scan, key: str) -> Scan | None:
+    """A succeeded scan of the same owner with the same cache key, if any."""
+    with db.session() as s:
+        return s.scalars(select(Scan).where(Scan.cache_key == key, Scan.owner == scan.owner,
+                                            Scan.state == "succeeded", Scan.id != scan.id,
+                                            Scan.cached_from.is_(None))
+                         .order_by(Scan.finished_at.desc()).limit(1)).first()
+
+
+def result_dir(scans_dir: Path, scan_id: str) -> Path:
+    """Where a scan writes: named by its id, so a retry overwrites its own output."""
+    return scans_dir / scan_id
+
+
+def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
+    """Scan (or reuse an earlier result), then record the outcome; errors become ``failed``."""
+    scan = job.scan
+    out = result_dir(settings.scans_dir, scan.id)
+    try:
+        request = library_request(job.db, scan, settings.data_dir)
+        ctx = ScanContext(
+            out_dir=out, formats=("json", "sarif", "html"), token=settings.token(),
+            endpoint=settings.hf_endpoint, cache_dir=settings.cache_dir, device=settings.device,
+            scan_id=scan.id, progress=job.progress, allowed_roots=(settings.uploads_dir,),
+            bv_guard=bv_guard)
+        job.progress("resolve", 0.0)
+        key = pipeline.cache_key(request, ctx)
+        earlier = None if scan.force else earlier_result(job.db, scan, key)
+        if earlier is not None and earlier.result_dir:
+            report = load_report(settings.data_dir / earlier.result_dir / "report.json")
+            job.succeed(report, earlier.result_dir, key, cached_from=earlier.id)
+            log.info("cache hit", extra={"cached_from": earlier.id})
+            return
+        if out.exists():  # a retry overwrites its own output, nothing else
+            shutil.rmtree(out)
+        report = pipeline.scan(request, ctx)
+        job.succeed(report, str(out.relative_to(settings.data_dir)), key)
+        log.info("scan succeeded", extra={"verdict": report.verdict.status})
+    except ScanCancelled:
+        log.info("scan cancelled while running")
+    except SoftTimeLimitExceeded:
+        job.fail("time_limit", f"the scan ran longer than its limit of "
+                               f"{settings.scan_soft_time_limit} s and was stopped")
+        log.warning("scan exceeded its time limit")
+    except MergeShieldError as exc:
+        job.fail(exc.code, exc.message)
+        log.info("scan failed", extra={"code": exc.code})
+    except Exception as exc:  # a bug, not bad input: keep the worker alive, record what happened
+        log.exception("scan crashed")
+        job.fail("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def library_request(db: Database, scan: Scan, data_dir: Path) -> ScanRequest:
+    """The stored request as the library's ``ScanRequest``, uploads replaced by their paths."""
+    fields = dict(scan.request["scan"])
+    with db.session() as s:
+        for role in ("suspect", "base"):
+            upload_id = scan.request.get(f"{role}_upload")
+            if upload_id is None:
+                continue
+            upload = s.get(Upload, upload_id)
+            if upload is None:
+                raise SourceNotFoundError(f"the {role}'s upload {upload_id} no longer exists; "
+                                          "upload it again", details={"upload": upload_id})
+            fields[role] = str(data_dir / upload.path)
+    return ScanRequest.model_validate(fields)
