@@ -15,10 +15,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergeshield.errors import CorruptCheckpointError, InputError, UnsafeArchiveError
+from mergeshield.errors import (
+    CorruptCheckpointError,
+    InputError,
+    SourceNotFoundError,
+    UnsafeArchiveError,
+)
 
 _CHUNK = 1024 * 1024  # bytes per read: memory stays flat whatever the member size
-# what a damaged archive raises while being read (gzip and bz2 raise OSError subclasses)
+# what a damaged archive raises while read: gzip/bz2 raise OSError, an encrypted zip member
+# RuntimeError, an unknown compression method NotImplementedError
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
                 OSError, NotImplementedError, RuntimeError)
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -37,17 +43,15 @@ def is_archive(path: Path) -> bool:
     """True for a zip or a (gzip/bz2/xz) tar by content; a torch.save zip is a checkpoint."""
     if not path.is_file():
         return False
-    if zipfile.is_zipfile(path):
-        return not _is_torch_zip(path)
-    try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False
+    return not _is_torch_zip(path) if zipfile.is_zipfile(path) else tarfile.is_tarfile(path)
 
 
 def unpack(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimits()) -> Path:
     """Extract ``archive`` into the new or empty ``dest``; the model root (a lone top folder or
     ``dest``). Raises UnsafeArchiveError or CorruptCheckpointError and leaves ``dest`` empty."""
+    if not archive.is_file():
+        raise SourceNotFoundError(f"no archive file {archive.name!r}; check the upload finished",
+                                  details={"archive": archive.name})
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
@@ -64,13 +68,9 @@ def unpack(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimits()) -
                                          ".zip, .tar, .tar.gz, .tar.bz2 or .tar.xz of the model "
                                          "folder", details={"archive": archive.name})
     except BaseException:
-        for child in dest.iterdir():  # only plain files and folders were made, never links
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        if created:
-            dest.rmdir()
+        shutil.rmtree(dest)  # only plain files and folders were made there, never links
+        if not created:
+            dest.mkdir()  # the caller's folder stays, empty again
         raise
     top = list(dest.iterdir())
     return top[0] if len(top) == 1 and top[0].is_dir() else dest
@@ -111,6 +111,8 @@ class _Extraction:
         parts = tuple(p for p in name.split("/") if p not in ("", "."))
         if ".." in parts:
             raise self.refuse(name, "climbs out of the archive with '..'")
+        if not parts and not is_dir:
+            raise self.refuse(name, "is a file without a name")
         if any(len(os.fsencode(p)) > 255 for p in parts):
             raise self.refuse(name, "has a path part longer than 255 bytes")
         parents = {parts[:i] for i in range(1, len(parts))}
@@ -167,7 +169,7 @@ def _unpack_zip(archive: Path, ex: _Extraction) -> None:
     with zf:
         infos = zf.infolist()
         if infos:  # refuse from the central directory before writing anything
-            pass
+            ex.check(infos[-1].filename, len(infos), sum(i.file_size for i in infos))
         for info in infos:
             mode = info.external_attr >> 16  # Unix st_mode; 0 from tools that do not set it
             kind, is_dir = _ZIP_KINDS.get(stat.S_IFMT(mode)), info.is_dir() or stat.S_ISDIR(mode)

@@ -119,6 +119,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from worker.app import app
 
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars are noise in logs
     queues = args.queues or ("gpu,cpu" if torch.cuda.is_available() else "cpu")
     app.worker_main(["worker", "--loglevel=INFO", f"--queues={queues}",
                      f"--concurrency={args.concurrency}", "--pool=prefork",

@@ -118,7 +118,7 @@ class Scan(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     # the outcome, copied from the report for lists and filters
-    verdict: Mapped[str | None] = mapped_column(String(16), index=True, default=None)
+    verdict: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
     severity: Mapped[str | None] = mapped_column(String(16), default=None)
     # folder with report.json (+ sarif/html) and the cleaned checkpoint, relative to data_dir
     result_dir: Mapped[str | None] = mapped_column(Text, default=None)

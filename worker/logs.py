@@ -58,7 +58,8 @@ def configure(json_logs: bool, level: int = logging.INFO) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs full URLs at INFO
+    for noisy in ("httpx", "httpx2"):  # they log every request's URL at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from mergeshield.errors import (
     CorruptCheckpointError,
     InputError,
     MergeShieldError,
+    SourceNotFoundError,
     UnsafeArchiveError,
 )
 
@@ -114,7 +115,8 @@ def test_is_archive_sniffs_content_not_suffix(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["/abs/evil", "../evil", "a/../../evil", "C:/evil",
-                                  "a\\..\\..\\evil", "\\\\server\\share\\evil", "a/" + "x" * 300])
+                                  "a\\..\\..\\evil", "\\\\server\\share\\evil", "a/" + "x" * 300,
+                                  "."])
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_escaping_names_are_refused(tmp_path: Path, name: str, kind: str) -> None:
     members = [("ok.json", b"{}"), (name, b"evil")]  # the good member is written, then removed
@@ -224,6 +226,12 @@ def test_damaged_archives_are_corrupt(tmp_path: Path) -> None:
     _refused(tmp_path, tmp_path / "t.tar", CorruptCheckpointError)
     (tmp_path / "t.tar").write_bytes(b"not an archive at all")
     assert "not a zip or tar" in str(_refused(tmp_path, tmp_path / "t.tar", CorruptCheckpointError))
+
+
+def test_a_missing_archive_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(SourceNotFoundError, match="no archive file 'gone.zip'"):
+        unpack(tmp_path / "gone.zip", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_destination_with_files_is_refused_and_kept(tmp_path: Path) -> None:

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForImageClassification
 
-from mergeshield.data import load_task
 from mergeshield.errors import IncompatibleModelsError
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report import exit_code
 from mergeshield.report.schema import ScanReport, Severity
-from mergeshield.triggers import parse_trigger, triggered_test_set
 from tests.support.zoo import Zoo
+from tests.support.zoo import independent_asr as _independent_asr
 
 FAST = {"inversion_steps": 30, "max_eval": 1000}
 
@@ -35,20 +33,6 @@ def backdoored(zoo: Zoo, bv_cache_dir: Path, tmp_path_factory: pytest.TempPathFa
                   ScanContext(out_dir=out, formats=("json", "sarif", "html"),
                               cache_dir=bv_cache_dir))
     return report, out
-
-
-def _independent_asr(folder: Path, zoo: Zoo, name: str) -> tuple[float, float]:
-    """ASR and accuracy of a saved checkpoint, through transformers' own loader (not ours)."""
-    model = AutoModelForImageClassification.from_pretrained(folder).eval()
-    attack = zoo.model(name)["attack"]
-    test = load_task(str(zoo.dataset(name))).test
-    stamped = triggered_test_set(test, parse_trigger(attack["trigger"]), attack["target"])
-    with torch.no_grad():
-        asr = (model(pixel_values=(stamped.images - 0.5) / 0.5).logits.argmax(-1)
-               == attack["target"]).float().mean().item()
-        acc = (model(pixel_values=(test.images - 0.5) / 0.5).logits.argmax(-1)
-               == test.labels).float().mean().item()
-    return asr, acc
 
 
 def test_backdoored_model_is_flagged(backdoored: tuple[ScanReport, Path]) -> None:

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from transformers import AutoModelForImageClassification
 
+from mergeshield.data import load_task
+from mergeshield.triggers import parse_trigger, triggered_test_set
 from mergeshield.zoo import ZooConfig, build_zoo
 
 
@@ -46,3 +50,18 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
 def bv_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One injection-BV cache for the session: BV_inj is built once per (base, recipe, data)."""
     return tmp_path_factory.mktemp("cache")
+
+
+def independent_asr(folder: Path, zoo: Zoo, name: str) -> tuple[float, float]:
+    """ASR of ``name``'s planted trigger and clean accuracy of the checkpoint in ``folder``,
+    through transformers' own loader (not ours)."""
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    attack = zoo.model(name)["attack"]
+    test = load_task(str(zoo.dataset(name))).test
+    stamped = triggered_test_set(test, parse_trigger(attack["trigger"]), attack["target"])
+    with torch.no_grad():
+        asr = (model(pixel_values=(stamped.images - 0.5) / 0.5).logits.argmax(-1)
+               == attack["target"]).float().mean().item()
+        acc = (model(pixel_values=(test.images - 0.5) / 0.5).logits.argmax(-1)
+               == test.labels).float().mean().item()
+    return asr, acc

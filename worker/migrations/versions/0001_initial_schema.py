@@ -63,7 +63,7 @@ def upgrade() -> None:
     sa.Column('finished_at', worker.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('error_code', sa.String(length=64), nullable=True),
     sa.Column('error_message', sa.Text(), nullable=True),
-    sa.Column('verdict', sa.String(length=16), nullable=True),
+    sa.Column('verdict', sa.String(length=32), nullable=True),
     sa.Column('severity', sa.String(length=16), nullable=True),
     sa.Column('result_dir', sa.Text(), nullable=True),
     sa.Column('summary', sa.JSON(), nullable=True),

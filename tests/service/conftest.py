@@ -1,0 +1,48 @@
+"""Fixtures for the service tests: the zoo's models as uploads and on the loopback hub."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.hub import LoopbackHub
+from tests.support.stack import ensure_services
+from tests.support.zoo import Zoo
+
+SUSPECT = "vit-mnist-badnets"
+CLEAN = "vit-mnist-clean"
+FAST = {"inversion": False, "max_eval": 500}
+
+
+def zipped(folder: Path) -> bytes:
+    """An HF-layout folder as a zip, one top-level folder, as users upload it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, f"{folder.name}/{path.name}")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Published:
+    hub: LoopbackHub
+    dataset: str  # hub dataset id of the suspect's evaluation data
+
+
+@pytest.fixture(scope="session")
+def published(zoo: Zoo) -> Iterator[Published]:
+    """The zoo's ViT models and MNIST data on a loopback hub (the workers' HF_ENDPOINT)."""
+    ensure_services()
+    hub = LoopbackHub().start()
+    for name in (SUSPECT, CLEAN, zoo.model(SUSPECT)["base"]):
+        hub.add_repo(f"zoo/{name}", zoo.path(name))
+    hub.add_repo("zoo/mnist", zoo.dataset(SUSPECT), repo_type="dataset")
+    try:
+        yield Published(hub, "zoo/mnist")
+    finally:
+        hub.stop()
