@@ -34,8 +34,8 @@ class Pass:
     failed: list[str] = field(default_factory=list)
 
 
-def reconcile(db: Database, app: Celery, settings: Settings, grace: float = 10.0) -> Pass:
-    """One pass; ``grace`` seconds protect scans that were sent a moment ago."""
+def reconcile(db: Database, app: Celery, settings: Settings) -> Pass:
+    """One pass. A scan sent less than ``stale_after`` ago is left alone: it may be in flight."""
     result = Pass()
     t = now()
     stale = t - timedelta(seconds=settings.stale_after)
@@ -57,7 +57,7 @@ def reconcile(db: Database, app: Celery, settings: Settings, grace: float = 10.0
                 result.requeued.append(scan.id)
                 send_scan(app, scan.id, scan.queue)
         waiting = s.scalars(select(Scan).where(
-            Scan.state == "queued", Scan.enqueued_at < t - timedelta(seconds=grace),
+            Scan.state == "queued", Scan.enqueued_at < stale,
             Scan.id.not_in(result.requeued))).all()
     pending = broker_task_ids(app, settings) if waiting else set()
     for scan in waiting:

@@ -20,10 +20,10 @@ from tests.support.zoo import Zoo, independent_asr
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def stack(request: pytest.FixtureRequest, published: Published,
+def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp(request.param), request.param,
-              env={"HF_ENDPOINT": published.hub.url})
+              env={"HF_ENDPOINT": published.hub.url, "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
     try:
         if request.param == "sqlite-filesystem":
             s.serve()

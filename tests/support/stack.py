@@ -100,8 +100,8 @@ class Stack:
             proc.wait()
 
     def close(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM)
+        for name in list(self.procs):  # no warm shutdown: it would wait for a running scan
+            self.kill(name, signal.SIGKILL)
         if self.dbname is not None:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
