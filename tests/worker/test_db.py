@@ -1,0 +1,74 @@
+"""The migrations build exactly the schema the models describe, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, select, text
+
+from worker.db import Base, Database, Scan
+from worker.migrate import alembic_config, upgrade
+
+
+def schema_diff(db: Database) -> list[Any]:
+    """What autogenerate would change to make the database match the models."""
+    with db.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(ctx, Base.metadata))
+
+
+def revision(db: Database) -> str | None:
+    with db.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_migrations_build_the_models_schema(empty_db: Database) -> None:
+    assert inspect(empty_db.engine).get_table_names() == []
+    upgrade(empty_db)
+    assert schema_diff(empty_db) == []
+    head = ScriptDirectory.from_config(alembic_config(empty_db.url)).get_current_head()
+    assert head is not None and revision(empty_db) == head
+
+
+def test_upgrade_twice_is_a_no_op(db: Database, make_scan: Callable[..., Scan]) -> None:
+    scan = make_scan(db)
+    tables = sorted(inspect(db.engine).get_table_names())
+    before = revision(db)
+    upgrade(db)
+    assert revision(db) == before
+    assert sorted(inspect(db.engine).get_table_names()) == tables
+    assert schema_diff(db) == []
+    with db.session() as s:  # nothing was dropped and re-created
+        assert s.scalars(select(Scan.id)).all() == [scan.id]
+        assert s.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+
+
+def test_utc_datetime_round_trips_aware_utc_on_sqlite(
+        tmp_path: Path, make_scan: Callable[..., Scan]) -> None:
+    url = f"sqlite:///{tmp_path / 'mergeshield.db'}"
+    db = Database(url)
+    upgrade(db)
+    plus_two = datetime(2026, 3, 1, 14, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+    scan = make_scan(db, enqueued_at=plus_two)
+    db.dispose()
+    db = Database(url)  # a new engine and session: the values come from the file
+    try:
+        with db.session() as s:
+            row = s.get(Scan, scan.id)
+            assert row is not None and row.enqueued_at is not None
+            assert row.enqueued_at == plus_two  # the same instant...
+            assert row.enqueued_at.utcoffset() == timedelta(0)  # ...told in UTC
+            assert row.enqueued_at.replace(tzinfo=None) == datetime(2026, 3, 1, 12, 30, 15, 123456)
+            assert row.created_at.utcoffset() == timedelta(0)
+            assert abs(row.created_at - datetime.now(UTC)) < timedelta(minutes=1)
+            assert row.heartbeat_at is None  # NULL stays NULL
+            stored = s.execute(text("SELECT enqueued_at FROM scans")).scalar_one()
+        assert str(stored).startswith("2026-03-01 12:30:15")  # stored as UTC, so it sorts right
+    finally:
+        db.dispose()
