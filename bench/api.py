@@ -243,6 +243,7 @@ def bench_backend(stack: Stack, args: argparse.Namespace, manifest: dict[str, An
     first = stack.wait_for(user, real[0], ("running", "succeeded", "failed", "cancelled"), 180)
     if first["state"] != "running":
         raise RuntimeError(f"the real scan did not run: {first}\n{stack.logs(4000)}")
+    print(f"{stack.backend}: a real scan is running", flush=True)
     polled = real + [user.post("/v1/scans", json=NO_SUCH).json()["id"]
                      for _ in range(POLLED_EXTRA)]
 
@@ -337,9 +338,14 @@ def reading(results: list[Result], clients: int) -> str:
                  f"{get.cores.get('load', 0):.2f}" if get and get.latencies else ""
         out.append(f"**{target}**: " + "; ".join(verdicts) + little + ".")
     if floor is not None:
+        need = clients / (min(AIMS_MS.values()) / 1000)
+        own = [r for r in results if r.name == HEALTHZ and r.clients == clients and r is not floor]
         out.append(f"The bare FastAPI app, the floor of one uvicorn process on this machine, "
                    f"served {floor.rps:.0f} req/s with p99 {floor.pct(.99):.0f} ms at the same "
-                   f"concurrency.")
+                   f"concurrency (the service's own `/healthz`, with its timing middleware and "
+                   f"JSON access log: {', '.join(f'{r.rps:.0f}' for r in own)} req/s); "
+                   f"{clients} closed-loop clients at 25 ms need about {need:.0f} req/s, "
+                   f"{need / floor.rps:.0f}× that floor.")
     out.append("At this concurrency the latency is queueing in one Python process, not the "
                "database: the service's `api` and `serve` commands run a single uvicorn "
                "process (no `--workers` option), whose sync routes share one GIL and a 40-thread "
@@ -377,8 +383,10 @@ def write(results: list[Result], notes: list[str], args: argparse.Namespace,
         "(from the middleware's start to the response; buckets 2, 5, 10, 25, 50, 100, 250 ms, "
         "1 s, 5 s). *cores* are CPU seconds per wall second: the API process, the worker "
         "(everything else the service started), this load generator, and the rest of the "
-        "machine (PostgreSQL, Redis, ...). *bare FastAPI* is one sync route returning constant "
-        "JSON on uvicorn, one process, no access log, run while the worker scans.",
+        "machine (PostgreSQL, Redis, other people's jobs: near 1 core there means the "
+        "machine was shared and the timings are disturbed). *bare FastAPI* is one sync route "
+        "returning constant JSON on uvicorn, one process, no access log, run while the worker "
+        "scans.",
         "",
         header,
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -418,10 +426,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"msbench-api-{backend}-") as tmp:
             stack = Stack(Path(tmp), backend, redis_db=REDIS_DB, env=env)
             try:
+                t0 = time.perf_counter()
                 if backend == "sqlite-filesystem":
                     stack.serve()
                 else:
                     stack.start_api().start_worker().wait_ready()
+                print(f"{backend}: ready in {time.perf_counter() - t0:.0f} s", flush=True)
                 results += bench_backend(stack, args, manifest, i == 0, notes)
             except Exception:
                 print(stack.logs(3000), file=sys.stderr)

@@ -269,6 +269,8 @@ def test_operations_endpoints(stack: Stack, finished: dict[str, Any]) -> None:
     spec = httpx.get(f"{stack.url}/openapi.json").json()
     assert "/v1/scans" in spec["paths"] and "/v1/uploads" in spec["paths"]
     assert httpx.get(f"{stack.url}/docs").status_code == 200
+    if stack.backend == "sqlite-filesystem":  # `serve` says where it is
+        assert f"on {stack.url}" in stack.logs()
 
 
 def test_logs_carry_the_scan_id_and_no_secrets(stack: Stack, finished: dict[str, Any]) -> None:
