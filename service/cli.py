@@ -117,8 +117,9 @@ def _api(args: argparse.Namespace, settings: Settings) -> int:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
-    from worker.app import app
+    from worker.app import app, prepare_broker
 
+    prepare_broker(settings)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars are noise in logs
     queues = args.queues or ("gpu,cpu" if torch.cuda.is_available() else "cpu")
     app.worker_main(["worker", "--loglevel=INFO", f"--queues={queues}",

@@ -19,14 +19,21 @@ SCAN_TASK = "mergeshield.scan"
 QUEUES = ("gpu", "cpu")
 
 
-def create_celery(settings: Settings) -> Celery:
+def prepare_broker(settings: Settings) -> None:
+    """Create the filesystem broker's folders (nothing to do for Redis)."""
+    if settings.redis_url is None:
+        for sub in ("queue", "processed", "control"):
+            (settings.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+def create_celery(settings: Settings, *, prepare: bool = True) -> Celery:
     """A Celery app for ``settings``; the API uses it to send, workers to consume."""
     app = Celery("mergeshield", broker=settings.broker(), include=["worker.tasks"])
+    if prepare:
+        prepare_broker(settings)
     transport: dict[str, Any] = {}
     if settings.redis_url is None:
         folder = settings.broker_dir
-        for sub in ("queue", "processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
         queue = str(folder / "queue")
         transport = {"data_folder_in": queue, "data_folder_out": queue,
                      "processed_folder": str(folder / "processed"),
@@ -54,9 +61,6 @@ def send_scan(app: Celery, scan_id: str, queue: str) -> None:
     app.send_task(SCAN_TASK, args=[scan_id], task_id=scan_id, queue=queue, routing_key=queue)
 
 
-app = create_celery(Settings())  # for `celery -A worker.app` and the task decorators
-
-
 def choose_queue(device: str, sizes: list[int | None], gpu_min_bytes: int, gpu_workers: bool
                  ) -> str:
     """``gpu``/``cpu`` as asked; for ``auto``, big or unknown-size (hub) models go to ``gpu``
@@ -65,3 +69,8 @@ def choose_queue(device: str, sizes: list[int | None], gpu_min_bytes: int, gpu_w
         return device
     big = any(size is None or size >= gpu_min_bytes for size in sizes)
     return "gpu" if big and gpu_workers else "cpu"
+
+
+# for `celery -A worker.app` and the task decorators; importing it creates no folder
+app = create_celery(Settings(), prepare=False)
+

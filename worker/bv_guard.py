@@ -6,6 +6,7 @@ and then read the cached file. A builder that stops beating (crashed) is taken o
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from worker.db import BvCacheEntry, Database, now
+
+log = logging.getLogger("mergeshield.worker")
 
 BvGuard = Callable[[str], AbstractContextManager[None]]
 
@@ -76,7 +79,10 @@ def _acquire(db: Database, key: str, builder: str, scan_id: str, stale_after: fl
 def _beat(db: Database, key: str, builder: str, stop: threading.Event, interval: float) -> None:
     """Keep the row fresh while building, so waiters do not take a live build over."""
     while not stop.wait(interval):
-        with db.session() as s:
-            s.execute(update(BvCacheEntry).where(BvCacheEntry.key == key,
-                                                 BvCacheEntry.builder == builder)
-                      .values(heartbeat_at=now()))
+        try:
+            with db.session() as s:
+                s.execute(update(BvCacheEntry).where(BvCacheEntry.key == key,
+                                                     BvCacheEntry.builder == builder)
+                          .values(heartbeat_at=now()))
+        except Exception:  # a database hiccup: the next beat retries before the row goes stale
+            log.exception("BV_inj build heartbeat failed")

@@ -44,7 +44,8 @@ def reconcile(db: Database, app: Celery, settings: Settings) -> Pass:
                                             Scan.heartbeat_at < stale)).all()
         for scan in dead:
             if scan.attempts >= settings.max_attempts:
-                s.execute(update(Scan).where(Scan.id == scan.id, Scan.state == "running")
+                s.execute(update(Scan).where(Scan.id == scan.id, Scan.state == "running",
+                                             Scan.heartbeat_at < stale)
                           .values(state="failed", finished_at=t, error_code="worker_lost",
                                   error_message=f"the worker running this scan stopped "
                                                 f"{scan.attempts} times (crash, kill or time "
