@@ -9,10 +9,14 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 
 from tests.support.stack import PG_ADMIN, ensure_services
 from worker.db import Database, Scan
 from worker.migrate import upgrade
+
+# ours alone: the service tests use Redis dbs 9 and 10
+REDIS_URL = "redis://127.0.0.1:6379/11"
 
 
 @pytest.fixture
@@ -64,3 +68,15 @@ def make_scan() -> Callable[..., Scan]:
         return scan
 
     return make
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    ensure_services()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from mergeshield.settings import Settings
-from tests.support.stack import ensure_services
+from tests.worker.conftest import REDIS_URL
 from worker.app import QUEUES, SCAN_TASK, choose_queue, create_celery, send_scan
 
 GB = 1024**3
-REDIS_URL = "redis://127.0.0.1:6379/12"  # ours alone: the stack tests use 9 and 10, reconcile 11
 
 
 @pytest.mark.parametrize(("device", "sizes", "gpu_workers", "queue"), [
@@ -74,18 +72,6 @@ def test_create_celery_config(tmp_path: Path, broker: str) -> None:
         assert options["control_folder"] == str(folder / "control")
         assert all((folder / sub).is_dir() for sub in ("queue", "processed", "control"))
     app.close()
-
-
-@pytest.fixture
-def redis_client() -> Iterator[redis.Redis]:
-    ensure_services()
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.mark.parametrize("queue", QUEUES)

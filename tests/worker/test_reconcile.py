@@ -16,14 +16,13 @@ import redis
 from celery import Celery
 
 from mergeshield.settings import Settings
-from tests.support.stack import ensure_services
+from tests.worker.conftest import REDIS_URL
 from worker.app import create_celery, send_scan
 from worker.db import Database, Scan, now
 from worker.migrate import upgrade
 from worker.reconcile import broker_task_ids, reconcile
 
 MakeScan = Callable[..., Scan]
-REDIS_URL = "redis://127.0.0.1:6379/11"  # ours alone: the stack tests use 9 and 10
 
 
 def long_ago() -> datetime:
@@ -38,18 +37,6 @@ def row(db: Database, scan_id: str) -> Scan:
 def in_redis(client: redis.Redis, queue: str) -> list[str]:
     """Task ids of the messages waiting in ``queue``'s Redis list, in order."""
     return [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)]
-
-
-@pytest.fixture
-def redis_client() -> Iterator[redis.Redis]:
-    ensure_services()
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.flushdb()
-        client.close()
 
 
 def stack(tmp_path: Path, redis_url: str | None) -> tuple[Settings, Database, Celery]:
