@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ AIMS_MS = {GET_SCAN: 25.0, POST_SCAN: 50.0}
 ROUTES = {GET_SCAN: ("GET", "/v1/scans/{scan_id}"), POST_SCAN: ("POST", "/v1/scans"),
           HEALTHZ: ("GET", "/healthz")}
 TICK = os.sysconf("SC_CLK_TCK")
+DB_PROCESSES = ("postgres", "redis-server")
+ROLES = ("api", "worker", "load", "db", "other")
 
 
 def baseline_app() -> FastAPI:
@@ -102,7 +105,7 @@ class Result:
         errs = sum(self.errors.values())
         err = f"{errs} ({', '.join(f'{k}×{v}' for k, v in self.errors.most_common())})" \
             if errs else "0"
-        cpu = " / ".join(f"{self.cores.get(k, 0):.2f}" for k in ("api", "worker", "load", "other"))
+        cpu = " / ".join(f"{self.cores.get(k, 0):.2f}" for k in ROLES)
         return (f"| {self.target} | {self.name} | {self.clients} | {self.rps:.0f} | "
                 f"{self.pct(.5):.1f} | {self.pct(.9):.1f} | {self.pct(.99):.1f} | "
                 f"{self.pct(1):.1f} | {err} | {self.in_app_p99} | {self.busy} | {cpu} |")
@@ -141,15 +144,17 @@ async def _load(url: str, headers: dict[str, str], method: str, paths: list[str]
 
 
 # -- what the machine did meanwhile ----------------------------------------------------------------
-def _proc_ticks() -> dict[int, tuple[int, int]]:
-    """pid -> (session id, user + system ticks) for every process."""
+def _proc_ticks() -> dict[int, tuple[int, int, str]]:
+    """pid -> (session id, user + system ticks, command name) for every process."""
     out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            head, _, tail = stat.read_text().rpartition(")")
+            fields = tail.split()
+            out[int(stat.parent.name)] = (int(fields[3]), int(fields[11]) + int(fields[12]),
+                                          head.partition("(")[2])
+        except (OSError, IndexError, ValueError):
             continue  # exited while we looked
-        out[int(stat.parent.name)] = (int(fields[3]), int(fields[11]) + int(fields[12]))
     return out
 
 
@@ -158,17 +163,17 @@ def _busy_ticks() -> int:
     return sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait
 
 
-def _cores(before: tuple[dict[int, tuple[int, int]], int], wall: float, api_pid: int,
+def _cores(before: tuple[dict[int, tuple[int, int, str]], int], wall: float, api_pid: int,
            sessions: set[int]) -> dict[str, float]:
     """Cores used per role: the API process, the worker (the rest of the service's sessions),
-    this load generator, and everything else."""
+    this load generator, PostgreSQL + Redis, and everything else."""
     (procs0, busy0), procs1 = before, _proc_ticks()
     used: Counter[str] = Counter()
-    for pid, (sid, ticks) in procs1.items():
+    for pid, (sid, ticks, comm) in procs1.items():
         role = ("api" if pid == api_pid else "load" if pid == os.getpid()
-                else "worker" if sid in sessions else None)
+                else "worker" if sid in sessions else "db" if comm in DB_PROCESSES else None)
         if role:
-            used[role] += ticks - procs0.get(pid, (sid, 0))[1]
+            used[role] += ticks - procs0.get(pid, (sid, 0, comm))[1]
     used["other"] = max(0, _busy_ticks() - busy0 - sum(used.values()))
     return {k: v / TICK / wall for k, v in used.items()}
 
@@ -208,7 +213,7 @@ class Phase:
 
 
 def _measure(target: str, url: str, phase: Phase, api_pid: int, sessions: set[int],
-             running: Any, metrics: bool) -> Result:
+             running: Callable[[], bool], metrics: bool) -> Result:
     hist0 = _histogram(url) if metrics else {}
     at_start = running()
     before = (_proc_ticks(), _busy_ticks())
@@ -281,7 +286,7 @@ def bench_backend(stack: Stack, args: argparse.Namespace, manifest: dict[str, An
 
 
 def _baseline(root: Path, clients: int, seconds: float, sessions: set[int],
-              running: Any) -> list[Result]:
+              running: Callable[[], bool]) -> list[Result]:
     port = free_port()
     log = open(root / "baseline.log", "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -334,8 +339,10 @@ def reading(results: list[Result], clients: int) -> str:
                  f"{clients / get.rps * 1000:.0f} ms for `{GET_SCAN}` (measured mean " \
                  f"{sum(get.latencies) / len(get.latencies) * 1000:.0f} ms), and the API " \
                  f"process used {get.cores.get('api', 0):.2f} cores beside the worker's " \
-                 f"{get.cores.get('worker', 0):.2f} and the load generator's " \
-                 f"{get.cores.get('load', 0):.2f}" if get and get.latencies else ""
+                 f"{get.cores.get('worker', 0):.2f}, the load generator's " \
+                 f"{get.cores.get('load', 0):.2f}, the databases' {get.cores.get('db', 0):.2f} " \
+                 f"and other jobs' {get.cores.get('other', 0):.2f} (of {os.cpu_count()})" \
+            if get and get.latencies else ""
         out.append(f"**{target}**: " + "; ".join(verdicts) + little + ".")
     if floor is not None:
         need = clients / (min(AIMS_MS.values()) / 1000)
@@ -345,9 +352,12 @@ def reading(results: list[Result], clients: int) -> str:
                    f"concurrency (the service's own `/healthz`, with its timing middleware and "
                    f"JSON access log: {', '.join(f'{r.rps:.0f}' for r in own)} req/s); "
                    f"{clients} closed-loop clients at 25 ms need about {need:.0f} req/s, "
-                   f"{need / floor.rps:.0f}× that floor.")
-    out.append("At this concurrency the latency is queueing in one Python process, not the "
-               "database: the service's `api` and `serve` commands run a single uvicorn "
+                   f"{need / floor.rps:.1f}× that floor.")
+    ones = [r for r in results if r.name == GET_SCAN and r.clients == 1]
+    if ones and all(r.pct(.5) < AIMS_MS[GET_SCAN] for r in ones):
+        out.append("One client at a time the routes are fast, so at this concurrency the latency "
+                   "is queueing in one Python process, not the database.")
+    out.append("The service's `api` and `serve` commands run a single uvicorn "
                "process (no `--workers` option), whose sync routes share one GIL and a 40-thread "
                "pool on cores that the CPU-bound scan and the load generator also want. More "
                "throughput means more `api` processes behind a balancer (the CLI's scale-out "
@@ -360,7 +370,7 @@ def write(results: list[Result], notes: list[str], args: argparse.Namespace,
     import torch
 
     header = ("| backend | endpoint | clients | req/s | p50 ms | p90 ms | p99 ms | max ms | errors "
-              "| in-app p99 | scan running start / end | cores api / worker / load / other |")
+              f"| in-app p99 | scan running start / end | cores {' / '.join(ROLES)} |")
     lines = [
         "# The API under load while a worker scans",
         "",
@@ -382,8 +392,8 @@ def write(results: list[Result], notes: list[str], args: argparse.Namespace,
         "*in-app p99* is the bucket bound of the service's own latency histogram over the window "
         "(from the middleware's start to the response; buckets 2, 5, 10, 25, 50, 100, 250 ms, "
         "1 s, 5 s). *cores* are CPU seconds per wall second: the API process, the worker "
-        "(everything else the service started), this load generator, and the rest of the "
-        "machine (PostgreSQL, Redis, other people's jobs: near 1 core there means the "
+        "(everything else the service started), this load generator, the PostgreSQL and Redis "
+        "servers, and the rest of the machine (other people's jobs: a large *other* means the "
         "machine was shared and the timings are disturbed). *bare FastAPI* is one sync route "
         "returning constant JSON on uvicorn, one process, no access log, run while the worker "
         "scans.",
@@ -409,6 +419,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--zoo", type=Path, default=Path("zoo"))
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/api.md"))
+    ap.add_argument("--api-processes", type=int, default=[1], nargs="+",
+                    help="postgres-redis: measure with each of these API process counts")
     args = ap.parse_args()
     args.backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     if not (args.zoo / "manifest.json").is_file():
@@ -422,7 +434,9 @@ def main() -> None:
     env["HF_HUB_OFFLINE"] = "1"  # the bench's hub ids fail at once, without a network
     results: list[Result] = []
     notes: list[str] = []
-    for i, backend in enumerate(args.backends):
+    runs = [(b, n) for b in args.backends
+            for n in (args.api_processes if b == "postgres-redis" else [1])]
+    for i, (backend, processes) in enumerate(runs):
         with tempfile.TemporaryDirectory(prefix=f"msbench-api-{backend}-") as tmp:
             stack = Stack(Path(tmp), backend, redis_db=REDIS_DB, env=env)
             try:
@@ -430,7 +444,9 @@ def main() -> None:
                 if backend == "sqlite-filesystem":
                     stack.serve()
                 else:
-                    stack.start_api().start_worker().wait_ready()
+                    stack.start_api(processes).start_worker().wait_ready()
+                if processes > 1:  # a label for the table: `api --processes N`
+                    stack.backend = f"{backend} (api ×{processes})"
                 print(f"{backend}: ready in {time.perf_counter() - t0:.0f} s", flush=True)
                 results += bench_backend(stack, args, manifest, i == 0, notes)
             except Exception:

@@ -37,6 +37,11 @@ def _extend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = sub.add_parser("api", help="the HTTP API alone")
     a.add_argument("--host", default="127.0.0.1")
     a.add_argument("--port", type=int, default=8000)
+    a.add_argument("--processes", type=int, default=1,
+                   help="uvicorn worker processes (each runs the reconciler; duplicates are safe)")
+    for parser in (s, a):
+        parser.add_argument("--access-log", action="store_true",
+                            help="log every request (default: off; /metrics counts them)")
     w = sub.add_parser("worker", help="a scan worker")
     w.add_argument("--queues", help="comma-separated: gpu,cpu (default: by CUDA presence)")
     w.add_argument("--concurrency", type=int, default=1, help="scans at once (1 per GPU)")
@@ -93,7 +98,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     print(f"MergeShield {'(no auth, local use) ' if not args.auth else ''}on {url}  "
           f"API docs: {url}/docs  data: {settings.data_dir}", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None,
+                    access_log=args.access_log)
     finally:
         for proc in workers:
             proc.send_signal(signal.SIGTERM)  # warm shutdown: the running scan is re-queued
@@ -110,7 +116,12 @@ def _api(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.main import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    if args.processes > 1:  # each process builds its app from the environment
+        uvicorn.run("service.main:app", factory=True, host=args.host, port=args.port,
+                    workers=args.processes, log_config=None, access_log=args.access_log)
+    else:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None,
+                    access_log=args.access_log)
     return 0
 
 

@@ -17,6 +17,7 @@ from service.routes import keys, ops, scans, uploads
 from worker import migrate
 from worker.app import create_celery
 from worker.db import Database
+from worker.logs import configure
 from worker.reconcile import reconcile
 
 log = logging.getLogger("mergeshield.api")
@@ -70,5 +71,7 @@ def _reconcile_loop(app: FastAPI, stop: threading.Event) -> None:
 
 
 def app() -> FastAPI:
-    """Factory for ``uvicorn --factory service.main:app``."""
-    return create_app()
+    """Factory for ``uvicorn --factory service.main:app`` (and ``api --processes N``)."""
+    settings = Settings()
+    configure(settings.json_logs)
+    return create_app(settings)

@@ -57,7 +57,8 @@ def configure(json_logs: bool, level: int = logging.INFO) -> None:
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery"):
         logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+        if name != "uvicorn.access":  # uvicorn turns that one off unless --access-log
+            logging.getLogger(name).propagate = True
     for noisy in ("httpx", "httpx2"):  # they log every request's URL at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -78,8 +78,8 @@ class Stack:
         self._start("serve", "serve", "--auth", "--port", str(self.port))
         return self.wait_ready()
 
-    def start_api(self) -> Stack:
-        self._start("api", "api", "--port", str(self.port))
+    def start_api(self, processes: int = 1) -> Stack:
+        self._start("api", "api", "--port", str(self.port), "--processes", str(processes))
         return self
 
     def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> Stack:
