@@ -350,18 +350,20 @@ def reading(results: list[Result], clients: int) -> str:
         out.append(f"The bare FastAPI app, the floor of one uvicorn process on this machine, "
                    f"served {floor.rps:.0f} req/s with p99 {floor.pct(.99):.0f} ms at the same "
                    f"concurrency (the service's own `/healthz`, with its timing middleware and "
-                   f"JSON access log: {', '.join(f'{r.rps:.0f}' for r in own)} req/s); "
+                   f"no access log: {', '.join(f'{r.rps:.0f}' for r in own)} req/s); "
                    f"{clients} closed-loop clients at 25 ms need about {need:.0f} req/s, "
                    f"{need / floor.rps:.1f}× that floor.")
     ones = [r for r in results if r.name == GET_SCAN and r.clients == 1]
     if ones and all(r.pct(.5) < AIMS_MS[GET_SCAN] for r in ones):
         out.append("One client at a time the routes are fast, so at this concurrency the latency "
                    "is queueing in one Python process, not the database.")
-    out.append("The service's `api` and `serve` commands run a single uvicorn "
-               "process (no `--workers` option), whose sync routes share one GIL and a 40-thread "
-               "pool on cores that the CPU-bound scan and the load generator also want. More "
-               "throughput means more `api` processes behind a balancer (the CLI's scale-out "
-               "shape), not a faster route.")
+    out.append("`serve` and `api` run one uvicorn process by default, whose sync routes share "
+               "one GIL and a 40-thread pool on cores that the CPU-bound scan and the load "
+               "generator also want. `api --processes 2` (rows marked api ×2; its processes are "
+               "counted in the worker column) adds throughput only where a core is free: on 2 "
+               "cores beside a busy worker it mostly takes time from the scan. The aim at 200 "
+               "clients needs more cores for the API (more `api` processes on other machines "
+               "behind a balancer: the scale-out shape), not a faster route.")
     return " ".join(out)
 
 

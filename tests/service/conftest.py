@@ -42,6 +42,7 @@ def published(zoo: Zoo) -> Iterator[Published]:
     for name in (SUSPECT, CLEAN, zoo.model(SUSPECT)["base"]):
         hub.add_repo(f"zoo/{name}", zoo.path(name))
     hub.add_repo("zoo/mnist", zoo.dataset(SUSPECT), repo_type="dataset")
+    hub.add_repo(f"zoo/private-{CLEAN}", zoo.path(CLEAN), private=True)
     try:
         yield Published(hub, "zoo/mnist")
     finally:

@@ -23,7 +23,8 @@ from tests.support.zoo import Zoo, independent_asr
 def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp(request.param), request.param,
-              env={"HF_ENDPOINT": published.hub.url, "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
+              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
+                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
     try:
         if request.param == "sqlite-filesystem":
             s.serve()
@@ -129,6 +130,18 @@ def test_hub_ids_through_the_loopback_hub(stack: Stack, user: httpx.Client, zoo:
     report = user.get(f"/v1/scans/{done['id']}/report").json()
     assert report["suspect"]["revision_requested"] == "main"
     assert len(report["suspect"]["revision"]) == 40  # resolved to the commit sha
+
+
+def test_private_repo_opens_with_the_token_which_is_never_written(
+        stack: Stack, user: httpx.Client, zoo: Zoo, published: Published) -> None:
+    r = user.post("/v1/scans", json={"suspect": {"hub": f"zoo/private-{CLEAN}"},
+                                     "base": {"hub": f"zoo/{zoo.model(CLEAN)['base']}"},
+                                     "evaluation": published.dataset, "options": FAST})
+    done = stack.wait_for(user, r.json()["id"])
+    assert done["state"] == "succeeded", done
+    report = user.get(f"/v1/scans/{done['id']}/report").text
+    assert published.hub.token not in report and published.hub.token not in stack.logs()
+    assert published.hub.token not in json.dumps(user.get(f"/v1/scans/{done['id']}").json())
 
 
 def test_missing_hub_repo_fails_the_scan_with_a_clear_code(stack: Stack, user: httpx.Client,
