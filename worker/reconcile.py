@@ -60,7 +60,7 @@ def reconcile(db: Database, app: Celery, settings: Settings) -> Pass:
         waiting = s.scalars(select(Scan).where(
             Scan.state == "queued", Scan.enqueued_at < stale,
             Scan.id.not_in(result.requeued))).all()
-    pending = broker_task_ids(app, settings) if waiting else set()
+    pending = broker_task_ids(app, settings, {s.id for s in waiting}) if waiting else set()
     for scan in waiting:
         if scan.id not in pending:
             send_scan(app, scan.id, scan.queue)
@@ -73,8 +73,11 @@ def reconcile(db: Database, app: Celery, settings: Settings) -> Pass:
     return result
 
 
-def broker_task_ids(app: Celery, settings: Settings) -> set[str]:
-    """Ids of scan tasks the broker or a worker holds: queued, unacked, reserved or active."""
+def broker_task_ids(app: Celery, settings: Settings, wanted: set[str] | None = None) -> set[str]:
+    """Ids of scan tasks the broker or a worker holds: queued, unacked, reserved or active.
+
+    Asking the workers costs a broadcast and a second of waiting, so it is skipped when the
+    broker's own lists already hold every id in ``wanted``."""
     ids: set[str] = set()
     if settings.redis_url is not None:
         with app.connection_for_read() as conn:
@@ -91,6 +94,8 @@ def broker_task_ids(app: Celery, settings: Settings) -> set[str]:
                 ids.add(_ids(path.read_bytes()))
             except (OSError, ValueError):  # taken by a worker while we read
                 continue
+    if wanted is not None and wanted <= ids:
+        return ids
     inspect = app.control.inspect(timeout=1.0)
     for reply in (inspect.active() or {}, inspect.reserved() or {}):
         for tasks in reply.values():
