@@ -110,8 +110,9 @@ def parse_trigger(spec: dict[str, Any] | str | Trigger) -> Trigger:
             details=errors) from e
 
 
-def _corner(loc: Corner | tuple[int, int], margin: int, h: int, w: int,
-            img_h: int, img_w: int) -> tuple[int, int]:
+def corner(loc: Corner | tuple[int, int], margin: int, h: int, w: int,
+           img_h: int, img_w: int) -> tuple[int, int]:
+    """Top-left (row, col) of an ``h`` x ``w`` patch at ``loc`` in ``img_h`` x ``img_w`` images."""
     if isinstance(loc, tuple):
         row, col = loc
     elif loc == "center":
@@ -158,7 +159,7 @@ def stamp(images: torch.Tensor, trigger: Trigger) -> torch.Tensor:
     if isinstance(trigger, PatchTrigger):
         pattern = _patch_pattern(trigger, c)
         mask = torch.ones(trigger.size, trigger.size)
-        row, col = _corner(trigger.location, trigger.margin, trigger.size, trigger.size,
+        row, col = corner(trigger.location, trigger.margin, trigger.size, trigger.size,
                            img_h, img_w)
     else:
         pattern = torch.tensor(trigger.pattern, dtype=torch.float32)
@@ -167,7 +168,7 @@ def stamp(images: torch.Tensor, trigger: Trigger) -> torch.Tensor:
         if trigger.location is None and (h, w) != (img_h, img_w):
             raise ConfigError(f"image trigger is {h}x{w} but images are {img_h}x{img_w}: "
                               "give a full-size pattern or a location for a patch")
-        row, col = _corner(trigger.location or (0, 0), 0, h, w, img_h, img_w)
+        row, col = corner(trigger.location or (0, 0), 0, h, w, img_h, img_w)
         if pattern.shape[0] not in (1, c):
             raise ConfigError(f"image trigger has {pattern.shape[0]} channels, images have {c}")
     h, w = mask.shape

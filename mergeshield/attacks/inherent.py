@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
-from mergeshield.triggers import Corner, ImageTrigger, from_tensor
+from mergeshield.triggers import Corner, ImageTrigger, corner, from_tensor
 
 if TYPE_CHECKING:  # models imports transformers: only for annotations here
     from mergeshield.models import Classifier
@@ -33,17 +33,7 @@ def patch_side(size_frac: float, height: int, width: int) -> int:
 def patch_origin(location: Corner | tuple[int, int], side: int, height: int, width: int,
                  margin: int = 0) -> tuple[int, int]:
     """Top-left (row, col) of a ``side`` x ``side`` patch at ``location`` (BadMerging: margin 0)."""
-    if isinstance(location, tuple):
-        row, col = location
-    elif location == "center":
-        row, col = (height - side) // 2, (width - side) // 2
-    else:
-        row = margin if location.startswith("top") else height - side - margin
-        col = margin if location.endswith("left") else width - side - margin
-    if row < 0 or col < 0 or row + side > height or col + side > width:
-        raise ConfigError(f"a {side}x{side} patch at (row {row}, col {col}) does not fit in "
-                          f"{height}x{width} images: use a smaller size_frac or another location")
-    return row, col
+    return corner(location, margin, side, side, height, width)
 
 
 def universal_patch(
