@@ -58,8 +58,11 @@ def finetune(
     order: list[Tensor] | None = None,
     progress: Progress | None = None,
     stage: str = "finetune",
+    extra_loss: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Train ``clf``'s backbone in place (its head too if ``train_head``); return a copy."""
+    """Train ``clf``'s backbone in place (its head too if ``train_head``); return a copy.
+
+    ``extra_loss(idx)`` adds a term for the batch of row indices ``idx`` (BadMerging uses it)."""
     torch.manual_seed(cfg.seed)
     params = clf.backbone_parameters()
     head_params = list(clf.head().parameters())
@@ -76,6 +79,8 @@ def finetune(
         x = data.images[idx].to(dev)  # (B, C, H, W) pixel space
         y = data.labels[idx].to(dev)
         loss = nn.functional.cross_entropy(clf(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mergeshield.attacks.inherent import universal_patch
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
-from mergeshield.training import FinetuneConfig, batch_order, device_of
+from mergeshield.training import FinetuneConfig, device_of, finetune
 from mergeshield.triggers import Trigger, stamp
 
 if TYPE_CHECKING:  # models imports transformers: only for annotations here
@@ -94,36 +94,18 @@ def badmerging_finetune(
         raise ConfigError(f"r_range must satisfy 0 ≤ low ≤ high ≤ 1, got {r_range}")
     if not 0 <= target < len(data.classes):
         raise ConfigError(f"target {target} is not a class index (0..{len(data.classes) - 1})")
-    torch.manual_seed(cfg.seed)
     r_gen = torch.Generator().manual_seed(cfg.seed + 1)  # apart from the global stream
-    params = clf.backbone_parameters()
-    for p in clf.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = order if order is not None else batch_order(len(data), cfg)
     dev = device_of(clf)
     pretrained.eval()
-    clf.train()
-    for step, idx in enumerate(batches):
-        x = data.images[idx].to(dev)  # (B, C, H, W) pixel space
-        y = data.labels[idx].to(dev)
-        loss = nn.functional.cross_entropy(clf(x), y)
-        if alpha:
-            x_trig = stamp(data.images[idx], trigger).to(dev)  # (B, C, H, W) triggered copies
-            with torch.no_grad():
-                f_pre = head_features(pretrained, x_trig).detach()  # (B, D)
-            r = (low + (high - low) * torch.rand(len(idx), generator=r_gen)).to(dev)  # (B,)
-            y_trig = torch.full((len(idx),), target, dtype=torch.int64, device=dev)
-            logits = _interpolated_logits(clf, x_trig, f_pre, r)
-            loss = loss + alpha * nn.functional.cross_entropy(logits, y_trig)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress is not None and (step % 20 == 0 or step == len(batches) - 1):
-            progress("badmerging", (step + 1) / len(batches))
-    clf.eval()
-    for p in clf.parameters():
-        p.requires_grad_(False)
-    return {k: v.detach().clone() for k, v in clf.backbone_state().items()}
+
+    def interpolation_loss(idx: Tensor) -> Tensor:
+        x_trig = stamp(data.images[idx], trigger).to(dev)  # (B, C, H, W) triggered copies
+        with torch.no_grad():
+            f_pre = head_features(pretrained, x_trig).detach()  # (B, D)
+        r = (low + (high - low) * torch.rand(len(idx), generator=r_gen)).to(dev)  # (B,)
+        y_trig = torch.full((len(idx),), target, dtype=torch.int64, device=dev)
+        logits = _interpolated_logits(clf, x_trig, f_pre, r)
+        return alpha * nn.functional.cross_entropy(logits, y_trig)
+
+    return finetune(clf, data, cfg, order=order, progress=progress, stage="badmerging",
+                    extra_loss=interpolation_loss if alpha else None)
