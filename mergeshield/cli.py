@@ -1,4 +1,4 @@
-"""The ``mergeshield`` command line: scan, zoo build, bv, merge.
+"""The ``mergeshield`` command line: scan, zoo build, bv, merge, bench paper.
 
 Exit codes (conventions.md): 0 no finding at or above ``--fail-on``; 1 findings; 2 error or
 incomplete scan; 3 nothing scannable; 4 usage. Progress goes to stderr on a terminal only.
@@ -32,6 +32,14 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         msg = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        msg = f"expected comma-separated integers, got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
 
 
@@ -101,6 +109,16 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     m.add_argument("--subtract", help="a BV to subtract after merging (IBVS)")
     m.add_argument("--subtract-lambda", type=float, default=1.0)
     m.add_argument("--out", type=Path, required=True)
+
+    bn = sub.add_parser("bench", help="reproduce the paper's experiments on the zoo")
+    bnsub = bn.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    bp = bnsub.add_parser("paper", help="tables, plots and results.json (arXiv:2510.08016)")
+    bp.add_argument("--out", type=Path, required=True, help="folder for the results")
+    bp.add_argument("--quick", action="store_true", help="CI size: reduced grids, quick zoo")
+    bp.add_argument("--zoo", type=Path, help="an existing zoo (built there when it has no "
+                    "manifest.json; a temporary one when omitted)")
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--only", type=_ints, default=[1, 2], help="experiments to run, e.g. 1,2")
     return p
 
 
@@ -120,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mergeshield.cli_commands import run_bv
 
             return run_bv(args, settings)
+        if args.command == "bench":
+            from mergeshield.cli_commands import run_bench
+
+            return run_bench(args)
         from mergeshield.cli_commands import run_merge
 
         return run_merge(args, settings)

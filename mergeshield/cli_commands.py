@@ -140,3 +140,18 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
             ck.close()
     print(f"merged {len(tvs)} models ({cfg.method}) -> {', '.join(str(f) for f in files)}")
     return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from mergeshield.experiments.runner import PaperConfig, run_paper
+
+    cfg = PaperConfig(out=args.out, zoo=args.zoo, quick=args.quick, seed=args.seed,
+                      only=tuple(args.only))
+    progress = _Progress()
+    try:
+        results = run_paper(cfg, progress)
+    finally:
+        progress.close()
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
+    print(f"wrote {', '.join(results['files'])} to {args.out} ({timings})")
+    return 0

@@ -1,0 +1,131 @@
+"""``mergeshield bench paper``: run the experiments on a zoo, write tables, plots and JSON.
+
+Computation lives in the experiment modules; this module chooses the configuration (quick or
+default), builds the zoo when none is given, and writes every file under ``out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeshield import __version__
+from mergeshield.errors import ConfigError
+from mergeshield.experiments import bv_arithmetic, bv_similarity, plots, tables
+from mergeshield.experiments.zoo_models import ZooAccess
+from mergeshield.zoo import ZooConfig, build_zoo
+
+Progress = Callable[[str, float], None]
+EXPERIMENTS = {1: "bv-arithmetic", 2: "bv-similarity"}
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    out: Path
+    zoo: Path | None = None  # an existing zoo; None or missing manifest: build one first
+    quick: bool = False  # CI size: reduced grids, the quick zoo
+    seed: int = 0  # zoo build and every new fine-tune (experiment 2 uses seed, seed + 1)
+    only: tuple[int, ...] = (1, 2)  # which experiments to run
+    arithmetic: bv_arithmetic.ArithmeticConfig | None = None  # None: arithmetic_config(quick)
+    similarity: bv_similarity.SimilarityConfig | None = None  # None: similarity_config(...)
+
+
+def arithmetic_config(quick: bool) -> bv_arithmetic.ArithmeticConfig:
+    """Experiment 1's configuration: the same λ grid in both modes (evaluation is cheap)."""
+    return bv_arithmetic.ArithmeticConfig()
+
+
+def similarity_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> bv_similarity.SimilarityConfig:
+    """Experiment 2: the full 2×2×2×2 grid, or the reference + one change per factor (quick);
+    fine-tunes as long as the zoo's own."""
+    return bv_similarity.SimilarityConfig(seeds=(seed, seed + 1), full_grid=not quick,
+                                          finetune=zoo_cfg.finetune, head_seed=seed)
+
+
+@contextmanager
+def _zoo(cfg: PaperConfig, progress: Progress | None) -> Iterator[tuple[ZooAccess, bool]]:
+    """The zoo to read, and whether it was built by this run (in a temporary folder if no
+    --zoo was given)."""
+    if cfg.zoo is not None and (cfg.zoo / "manifest.json").is_file():
+        yield ZooAccess(cfg.zoo), False
+        return
+    zoo_cfg = ZooConfig.for_speed(cfg.quick, cfg.seed)
+    if cfg.zoo is not None:
+        build_zoo(cfg.zoo, zoo_cfg, progress=progress)
+        yield ZooAccess(cfg.zoo), True
+        return
+    with tempfile.TemporaryDirectory(prefix="mergeshield-zoo-") as tmp:
+        build_zoo(tmp, zoo_cfg, progress=progress)
+        yield ZooAccess(Path(tmp)), True
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the selected experiments and write their files; return what ``results.json`` holds."""
+    unknown = sorted(set(cfg.only) - set(EXPERIMENTS))
+    if unknown:
+        raise ConfigError(f"no experiment {unknown}: choose from {sorted(EXPERIMENTS)} "
+                          "(3–6 are not implemented yet)")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {
+        "mergeshield": __version__, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "platform": platform.platform()},
+        "run": {"quick": cfg.quick, "seed": cfg.seed, "only": list(cfg.only)},
+        "timings_s": {}, "experiments": {},
+    }
+    with _zoo(cfg, progress) as (zoo, built):
+        zoo_cfg = ZooConfig.for_speed(bool(zoo.manifest["quick"]), int(zoo.manifest["seed"]))
+        results["zoo"] = {"path": None if built and cfg.zoo is None else str(zoo.root),
+                          "built_by_this_run": built, "manifest_quick": zoo.manifest["quick"],
+                          "manifest_seed": zoo.manifest["seed"], "config": _jsonable(zoo_cfg)}
+        results["timings_s"]["zoo"] = round(time.perf_counter() - t_start, 1)
+        where = (f"Zoo: {'quick' if zoo.manifest['quick'] else 'default'} (seed "
+                 f"{zoo.manifest['seed']}); run: {'--quick' if cfg.quick else 'default'}, "
+                 f"seed {cfg.seed}. Written by `mergeshield bench paper`.")
+        if 1 in cfg.only:
+            t0 = time.perf_counter()
+            a_cfg = cfg.arithmetic or arithmetic_config(cfg.quick)
+            curves = bv_arithmetic.run(zoo, a_cfg, progress)
+            results["experiments"]["bv-arithmetic"] = {
+                "config": _jsonable(a_cfg), "curves": [c.to_json() for c in curves]}
+            (cfg.out / "bv-arithmetic.md").write_text(tables.arithmetic_markdown(curves, where))
+            for family in sorted({c.family for c in curves}):
+                plots.injection_curves(curves, family, cfg.out / f"bv-arithmetic-{family}.png")
+            results["timings_s"]["bv-arithmetic"] = round(time.perf_counter() - t0, 1)
+        if 2 in cfg.only:
+            t0 = time.perf_counter()
+            s_cfg = cfg.similarity or similarity_config(cfg.quick, cfg.seed, zoo_cfg)
+            res = bv_similarity.run(zoo, s_cfg, progress)
+            results["experiments"]["bv-similarity"] = {"config": _jsonable(s_cfg),
+                                                       **res.to_json()}
+            (cfg.out / "bv-similarity.md").write_text(tables.similarity_markdown(res, where))
+            labels = [f"b{i} {s.id}" for i, s in enumerate(res.specs)]
+            plots.heatmap(res.cosine, labels, "cosine(BV_a, BV_b)",
+                          cfg.out / "bv-similarity-cosine.png", vmin=-1.0, vmax=1.0)
+            plots.heatmap([[r.rate for r in row] for row in res.transfer], labels,
+                          "ASR of b's trigger on clean_b + BV_a", vmin=0.0, vmax=1.0,
+                          path=cfg.out / "bv-similarity-transfer.png",
+                          xlabel="b (trigger, target, clean model)", ylabel="a (BV added)")
+            results["timings_s"]["bv-similarity"] = round(time.perf_counter() - t0, 1)
+    results["files"] = sorted(p.name for p in cfg.out.iterdir() if p.name.startswith(
+        tuple(EXPERIMENTS[i] for i in cfg.only))) + ["results.json"]
+    results["timings_s"]["total"] = round(time.perf_counter() - t_start, 1)
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
