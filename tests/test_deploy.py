@@ -257,3 +257,20 @@ def test_dockerfile_environment_names_are_settings() -> None:
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", "zoo", ".git", "cleaned*", ".mypy_cache", ".pytest_cache"} <= ignored
+
+
+def test_the_wheel_ships_every_package_and_the_migrations(tmp_path: Path) -> None:
+    """The image installs a wheel, not the checkout: Alembic's files must be inside it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], check=True)
+    [wheel] = tmp_path.glob("mergeshield-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in ROOT.glob("*/**/*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.split("/")[0] in ("mergeshield", "worker", "service"):
+            assert rel in names, rel
+    assert "worker/migrations/script.py.mako" in names
