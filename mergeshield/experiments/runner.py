@@ -22,12 +22,21 @@ import torch
 
 from mergeshield import __version__
 from mergeshield.errors import ConfigError
-from mergeshield.experiments import bv_arithmetic, bv_similarity, plots, tables
+from mergeshield.experiments import (
+    bv_arithmetic,
+    bv_similarity,
+    detection,
+    merge_attacks,
+    plots,
+    tables,
+)
+from mergeshield.experiments.merge_attackers import MergeAttackConfig
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.zoo import ZooConfig, build_zoo
 
 Progress = Callable[[str, float], None]
-EXPERIMENTS = {1: "bv-arithmetic", 2: "bv-similarity"}
+EXPERIMENTS = {1: "bv-arithmetic", 2: "bv-similarity", 3: "merge-attacks", 4: "inherent-triggers",
+               6: "detection"}
 
 
 @dataclass(frozen=True)
@@ -36,9 +45,10 @@ class PaperConfig:
     zoo: Path | None = None  # an existing zoo; None or missing manifest: build one first
     quick: bool = False  # CI size: reduced grids, the quick zoo
     seed: int = 0  # zoo build and every new fine-tune (experiment 2 uses seed, seed + 1)
-    only: tuple[int, ...] = (1, 2)  # which experiments to run
+    only: tuple[int, ...] = (1, 2, 3, 4, 6)  # which experiments to run
     arithmetic: bv_arithmetic.ArithmeticConfig | None = None  # None: arithmetic_config(quick)
     similarity: bv_similarity.SimilarityConfig | None = None  # None: similarity_config(...)
+    merging: MergeAttackConfig | None = None  # experiments 3 + 4; None: merge_config(...)
 
 
 def arithmetic_config(quick: bool) -> bv_arithmetic.ArithmeticConfig:
@@ -51,6 +61,36 @@ def similarity_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> bv_similari
     fine-tunes as long as the zoo's own."""
     return bv_similarity.SimilarityConfig(seeds=(seed, seed + 1), full_grid=not quick,
                                           finetune=zoo_cfg.finetune, head_seed=seed)
+
+
+def merge_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> MergeAttackConfig:
+    """Experiments 3 + 4 (one pass): ViT, attacked task mnist, the zoo's fine-tune settings for
+    BadMerging and the SBV pairs; quick: 2 λ, 2 BVs for SBV, 100 patch steps, 500 test images."""
+    if quick:
+        return MergeAttackConfig(lambdas=(0.5, 1.0), sbv_seeds=(seed + 1,), patch_steps=100,
+                                 finetune=zoo_cfg.finetune, max_eval=500, seed=seed)
+    return MergeAttackConfig(sbv_seeds=(seed + 1, seed + 2), patch_steps=300,
+                             finetune=zoo_cfg.finetune, seed=seed)
+
+
+def _previous(out: Path, only: tuple[int, ...]) -> dict[str, Any]:
+    """What an earlier results.json holds for experiments this run does not redo."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    keep = {EXPERIMENTS[i] for i in EXPERIMENTS if i not in only}
+    olds = old.get("experiments", {})
+    exps = {k: olds.get(v.get("same_pass_as"), v) if isinstance(v, dict) else v  # unshare
+            for k, v in olds.items() if k in keep}
+    return {"experiments": exps,
+            "timings_s": {k: v for k, v in old.get("timings_s", {}).items() if k in exps},
+            "files": [f for f in old.get("files", []) if f.startswith(tuple(exps))],
+            "carried_over": {k: {"created_at": old.get("created_at"), "run": old.get("run"),
+                                 **old.get("carried_over", {}).get(k, {})} for k in exps}}
 
 
 @contextmanager
@@ -79,8 +119,9 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
     unknown = sorted(set(cfg.only) - set(EXPERIMENTS))
     if unknown:
         raise ConfigError(f"no experiment {unknown}: choose from {sorted(EXPERIMENTS)} "
-                          "(3–6 are not implemented yet)")
+                          "(5, IBVS against baselines, is not implemented yet)")
     cfg.out.mkdir(parents=True, exist_ok=True)
+    previous = _previous(cfg.out, cfg.only)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     results: dict[str, Any] = {
@@ -124,8 +165,45 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
                           path=cfg.out / "bv-similarity-transfer.png",
                           xlabel="b (trigger, target, clean model)", ylabel="a (BV added)")
             results["timings_s"]["bv-similarity"] = round(time.perf_counter() - t0, 1)
-    results["files"] = sorted(p.name for p in cfg.out.iterdir() if p.name.startswith(
-        tuple(EXPERIMENTS[i] for i in cfg.only))) + ["results.json"]
+        if 3 in cfg.only or 4 in cfg.only:
+            _merging(cfg, zoo, zoo_cfg, where, results, progress)
+        if 6 in cfg.only:
+            t0 = time.perf_counter()
+            n = 4 if cfg.quick else 20  # clean and backdoored fine-tunes each
+            det = detection.run_detection(zoo.root, n_clean=n, n_backdoored=n,
+                                          quick=cfg.quick, seed=cfg.seed)
+            results["experiments"]["detection"] = det
+            (cfg.out / "detection.md").write_text(where + "\n\n" + detection.to_markdown(det))
+            results["timings_s"]["detection"] = round(time.perf_counter() - t0, 1)
+    results["experiments"] = {**previous.get("experiments", {}), **results["experiments"]}
+    results["timings_s"] = {**previous.get("timings_s", {}), **results["timings_s"]}
+    if previous.get("carried_over"):
+        results["carried_over"] = previous["carried_over"]  # experiments from an earlier run
+    results["files"] = sorted(set(previous.get("files", [])) | {
+        p.name for p in cfg.out.iterdir()
+        if p.name.startswith(tuple(EXPERIMENTS[i] for i in cfg.only))}) + ["results.json"]
     results["timings_s"]["total"] = round(time.perf_counter() - t_start, 1)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _merging(cfg: PaperConfig, zoo: ZooAccess, zoo_cfg: ZooConfig, where: str,
+             results: dict[str, Any], progress: Progress | None) -> None:
+    """Experiments 3 and 4 in one pass: 4 reads the merged weights 3 builds."""
+    t0 = time.perf_counter()
+    m_cfg = cfg.merging or merge_config(cfg.quick, cfg.seed, zoo_cfg)
+    res = merge_attacks.run(zoo, m_cfg, progress)
+    data = {"config": _jsonable(m_cfg), **res.to_json()}
+    seconds = round(time.perf_counter() - t0, 1)
+    if 3 in cfg.only:
+        results["experiments"]["merge-attacks"] = data
+        (cfg.out / "merge-attacks.md").write_text(tables.merge_attacks_markdown(res, where))
+        plots.merge_attacks(res, cfg.out / "merge-attacks.png")
+        results["timings_s"]["merge-attacks"] = seconds
+    if 4 in cfg.only:
+        results["experiments"]["inherent-triggers"] = (
+            {"same_pass_as": "merge-attacks"} if 3 in cfg.only else data)
+        (cfg.out / "inherent-triggers.md").write_text(tables.inherent_markdown(res, where))
+        plots.inherent(res, cfg.out / "inherent-triggers.png")
+        results["timings_s"]["inherent-triggers"] = (
+            round(time.perf_counter() - t0 - seconds, 1) if 3 in cfg.only else seconds)

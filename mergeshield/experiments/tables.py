@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from mergeshield.evaluation import Rate
 from mergeshield.experiments.bv_arithmetic import ArithmeticCurve
 from mergeshield.experiments.bv_similarity import FACTORS, SimilarityResult
+from mergeshield.experiments.merge_attacks import MergeAttackResult
 
 _EXPECTED = {"location": "strong", "seed": "strong", "target": "weak", "task": "weak"}
 
@@ -75,5 +76,67 @@ def similarity_markdown(res: SimilarityResult, header: str) -> str:
         "", "## Pairs that differ in one factor only", "",
         *_table(["factor", "ordered pairs", "mean cosine", "transfer ASR (pooled)",
                  "paper expects transfer"], sum_rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(r: Rate) -> str:
+    return f"{r.hits}/{r.total} ({r.rate:.0%})"
+
+
+def merge_attacks_markdown(res: MergeAttackResult, header: str) -> str:
+    """Experiment 3: the attacker checkpoints alone, then ASR and clean accuracy after merging."""
+    singles = []
+    for s in res.singles:
+        a = next((x for x in res.attackers if x["name"] == s.name), None)
+        lam = a["detail"].get("lambda_sbv", "–") if a else "–"
+        own = s.asr.get("attack")
+        singles.append([s.name, a["attack"] if a else "–", str(a["target"]) if a else "–",
+                        str(lam), f"{s.tv_norm:.2f}", rate_cell(own) if own else "–",
+                        rate_cell(s.accuracy)])
+    rows = []
+    for p in res.points:
+        if p.attacker == "none":
+            continue
+        acc = [rate_cell(p.accuracy[t]) for t in res.tasks]
+        rows.append([p.attacker, p.method, f"{p.lam:g}", rate_cell(p.asr["attack"]),
+                     f"{p.mean_accuracy:.1%}", *acc])
+    floors = [[p.method, f"{p.lam:g}", *(rate_cell(r) for r in p.asr.values()),
+               f"{p.mean_accuracy:.1%}"] for p in res.points if p.attacker == "none"]
+    kinds = list(next(p for p in res.points if p.attacker == "none").asr)
+    lines = [
+        "# Experiment 3: attacks after merging", "", header, "",
+        f"Attacked task: {res.task} (target {res.target}); merged with the clean zoo fine-tunes "
+        f"of {', '.join(res.tasks[1:])}. TA: θ_pre + λ·Σ τ_t; TIES: trim to the top "
+        "`ties_keep` of each τ, elect signs, disjoint mean × λ. ASR: the attack's own trigger → "
+        f"target on the non-target test images of {res.task}; CA: each task with its own head; "
+        "mean CA is the unweighted mean over tasks. 95% Wilson intervals are in `results.json`.",
+        "", "## The attacker checkpoints alone (on the attacked task)", "",
+        *_table(["attacker", "attack", "target", "λ_SBV", "‖τ‖", "ASR", "CA"], singles),
+        "", "## After merging", "",
+        *_table(["attacker", "merge", "λ", "ASR", "mean CA", *(f"CA {t}" for t in res.tasks)],
+                rows),
+        "", "## The clean merge (no backdoored model): ASR of each trigger, the floor", "",
+        *_table(["merge", "λ", *(f"ASR {k}" for k in kinds), "mean CA"], floors),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def inherent_markdown(res: MergeAttackResult, header: str) -> str:
+    """Experiment 4: the base's universal patch against a random patch, on every model."""
+    side = len(res.universal.pattern[0])
+    single_rows = [[s.name, _pct(s.asr["universal"]), _pct(s.asr["random"])]
+                   for s in res.singles]
+    rows = [[p.attacker, p.method, f"{p.lam:g}", _pct(p.asr["universal"]),
+             _pct(p.asr["random"])] for p in res.points]
+    lines = [
+        "# Experiment 4: inherent triggers", "", header, "",
+        f"A universal adversarial patch ({side}×{side} px, bottom right) optimised on the *base* "
+        f"model with {res.task}'s head toward class {res.target} (no backdoor anywhere; it is also "
+        "BadMerging's trigger), against a random patch of the same size and place. ASR over the "
+        f"non-target test images of {res.task}. 'none' is the clean merge.", "",
+        "## Unmerged models", "", *_table(["model", "ASR universal", "ASR random"], single_rows),
+        "", "## Merges (experiment 3's merged weights)", "",
+        *_table(["attacker in the merge", "merge", "λ", "ASR universal", "ASR random"], rows),
     ]
     return "\n".join(lines) + "\n"
