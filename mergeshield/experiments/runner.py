@@ -26,6 +26,7 @@ from mergeshield.experiments import (
     bv_arithmetic,
     bv_similarity,
     detection,
+    ibvs_baselines,
     merge_attacks,
     plots,
     tables,
@@ -36,7 +37,7 @@ from mergeshield.zoo import ZooConfig, build_zoo
 
 Progress = Callable[[str, float], None]
 EXPERIMENTS = {1: "bv-arithmetic", 2: "bv-similarity", 3: "merge-attacks", 4: "inherent-triggers",
-               6: "detection"}
+               5: "ibvs", 6: "detection"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class PaperConfig:
     zoo: Path | None = None  # an existing zoo; None or missing manifest: build one first
     quick: bool = False  # CI size: reduced grids, the quick zoo
     seed: int = 0  # zoo build and every new fine-tune (experiment 2 uses seed, seed + 1)
-    only: tuple[int, ...] = (1, 2, 3, 4, 6)  # which experiments to run
+    only: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # which experiments to run
     arithmetic: bv_arithmetic.ArithmeticConfig | None = None  # None: arithmetic_config(quick)
     similarity: bv_similarity.SimilarityConfig | None = None  # None: similarity_config(...)
     merging: MergeAttackConfig | None = None  # experiments 3 + 4; None: merge_config(...)
@@ -71,6 +72,21 @@ def merge_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> MergeAttackConfi
                                  finetune=zoo_cfg.finetune, max_eval=500, seed=seed)
     return MergeAttackConfig(sbv_seeds=(seed + 1, seed + 2), patch_steps=300,
                              finetune=zoo_cfg.finetune, seed=seed)
+
+
+def ibvs_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> ibvs_baselines.IBVSConfig:
+    """Experiment 5: experiment 3's attackers at the middle merge λ of ``merge_config``; quick:
+    SBV from the zoo's BV alone, 50 patch steps, 1000 attacker images, 300 test images."""
+    lams = merge_config(quick, seed, zoo_cfg).lambdas
+    lam = lams[(len(lams) - 1) // 2]
+    if quick:
+        m = MergeAttackConfig(lambdas=(lam,), sbv_seeds=(), sbv_keeps=(0.1,), patch_steps=50,
+                              finetune=zoo_cfg.finetune, max_eval=300, train_images=1000,
+                              seed=seed)
+    else:
+        m = MergeAttackConfig(lambdas=(lam,), sbv_seeds=(seed + 1, seed + 2), sbv_keeps=(0.1,),
+                              patch_steps=300, finetune=zoo_cfg.finetune, seed=seed)
+    return ibvs_baselines.IBVSConfig(merge=m, merge_lambda=lam)
 
 
 def _previous(out: Path, only: tuple[int, ...]) -> dict[str, Any]:
@@ -118,8 +134,7 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
     """Run the selected experiments and write their files; return what ``results.json`` holds."""
     unknown = sorted(set(cfg.only) - set(EXPERIMENTS))
     if unknown:
-        raise ConfigError(f"no experiment {unknown}: choose from {sorted(EXPERIMENTS)} "
-                          "(5, IBVS against baselines, is not implemented yet)")
+        raise ConfigError(f"no experiment {unknown}: choose from {sorted(EXPERIMENTS)}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     previous = _previous(cfg.out, cfg.only)
     torch.manual_seed(cfg.seed)
@@ -167,6 +182,13 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
             results["timings_s"]["bv-similarity"] = round(time.perf_counter() - t0, 1)
         if 3 in cfg.only or 4 in cfg.only:
             _merging(cfg, zoo, zoo_cfg, where, results, progress)
+        if 5 in cfg.only:
+            t0 = time.perf_counter()
+            i_cfg = ibvs_config(cfg.quick, cfg.seed, zoo_cfg)
+            ires = ibvs_baselines.run(zoo, i_cfg, progress)
+            results["experiments"]["ibvs"] = {"config": _jsonable(i_cfg), **ires.to_json()}
+            (cfg.out / "ibvs.md").write_text(tables.ibvs_markdown(ires, where))
+            results["timings_s"]["ibvs"] = round(time.perf_counter() - t0, 1)
         if 6 in cfg.only:
             t0 = time.perf_counter()
             n = 4 if cfg.quick else 20  # clean and backdoored fine-tunes each

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 from mergeshield.evaluation import Rate
 from mergeshield.experiments.bv_arithmetic import ArithmeticCurve
 from mergeshield.experiments.bv_similarity import FACTORS, SimilarityResult
+from mergeshield.experiments.ibvs_baselines import IBVSResult
 from mergeshield.experiments.merge_attacks import MergeAttackResult
 
 _EXPECTED = {"location": "strong", "seed": "strong", "target": "weak", "task": "weak"}
@@ -140,3 +142,51 @@ def inherent_markdown(res: MergeAttackResult, header: str) -> str:
         *_table(["attacker in the merge", "merge", "λ", "ASR universal", "ASR random"], rows),
     ]
     return "\n".join(lines) + "\n"
+
+
+def ibvs_markdown(res: IBVSResult, header: str) -> str:
+    """Experiment 5: per attacker × merge × defence, ASR and clean accuracy at every λ_d."""
+    lams = [lam for lam in res.lambdas if lam > 0]
+    defences = ["ibvs:per_class", "ibvs:single", "random", "oracle"]
+    rows = []
+    for a in res.attackers:
+        for method in sorted({p.method for p in res.points}):
+            zero = res.point(a["name"], method, "none", 0.0)
+            label = "none (TIES trimming alone)" if method == "ties" else "none"
+            acc = " / ".join(f"{zero.accuracy[t].rate:.1%}" for t in res.tasks)
+            rows.append([a["name"], method, label, "0", rate_cell(zero.asr), acc,
+                         f"{zero.mean_accuracy:.1%}"])
+            for d in defences:
+                for lam in lams:
+                    if d == "random":
+                        pts = [p for p in res.points if p.attacker == a["name"]
+                               and p.method == method and p.defence.startswith("random:")
+                               and p.lam == lam]
+                        asrs = sorted(p.asr.rate for p in pts)
+                        asr = f"{asrs[0]:.1%}–{asrs[-1]:.1%} ({len(pts)} seeds)"
+                        accs = " / ".join(
+                            f"{statistics.fmean(p.accuracy[t].rate for p in pts):.1%}"
+                            for t in res.tasks)
+                        mean = statistics.fmean(p.mean_accuracy for p in pts)
+                    else:
+                        p = res.point(a["name"], method, d, lam)
+                        asr, mean = rate_cell(p.asr), p.mean_accuracy
+                        accs = " / ".join(f"{p.accuracy[t].rate:.1%}" for t in res.tasks)
+                    rows.append([a["name"], method, d, f"{lam:g}", asr, accs, f"{mean:.1%}"])
+    chosen = [[c["attacker"], c["method"], c["recipe"], f"{c['lambda_d']:g}"]
+              for c in res.chosen]
+    lines = [
+        "# Experiment 5: IBVS against baselines, after merging", "", header, "",
+        f"Attacked task {res.task}; merged with {', '.join(res.tasks[1:])} at merge λ="
+        f"{res.merge_lambda:g} (TA weight / TIES scale). Defence: θ_merged − λ_d·v. ASR = the "
+        "attack's own trigger → its target on the attacked task (hits/total). Clean accuracy per "
+        f"task ({' / '.join(res.tasks)}), each with its own head. `random`: the range over "
+        "seeded same-norm (as the focused per_class BV_inj) Gaussian directions, accuracies "
+        "averaged. `oracle`: θ_attacker − θ_clean. DAM was not run (not available offline).", "",
+        *_table(["attacker", "merge", "defence", "λ_d", "ASR", "clean acc per task",
+                 "mean clean acc"], rows),
+        "", "## λ_d the library's policy picks (largest λ_d within a 2-point clean-accuracy "
+        f"drop on {res.task})", "",
+        *_table(["attacker", "merge", "recipe", "chosen λ_d"], chosen), "",
+    ]
+    return "\n".join(lines)

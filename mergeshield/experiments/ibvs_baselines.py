@@ -1,0 +1,231 @@
+"""Experiment 5: IBVS against baselines, after merging (arXiv:2510.08016, Sec. "IBVS").
+
+Experiment 3's attacker checkpoints (``merge_attackers``: BadNets, Blended, BadMerging-On, SBV,
+SBV_SC) are merged with the clean task vectors of the other tasks by TA and TIES at one merge λ.
+Then, for every subtraction strength λ_d of a small grid, θ_merged − λ_d·v is evaluated (ASR of the
+attack's own trigger on the attacked task, clean accuracy of every task with its own head) for:
+
+- ``none``: no defence (under TIES this row is also "TIES trimming alone");
+- ``ibvs:<recipe>``: v = BV_inj of the recipe, built once from the base on the attacked task's
+  training data (what the scan uses), focused with the library's default ``Focus`` against the
+  merged task vector θ_merged − θ_pre (as ``measure.py`` focuses against the suspect's τ);
+- ``random:s<seed>``: a seeded Gaussian direction with the same global norm as the focused BV_inj;
+- ``oracle``: the attacker's true BV, θ_attacker − θ_clean (for SBV that is λ_SBV·SBV exactly; for
+  BadMerging, fine-tuned from the base with its own loss, the difference to the zoo's clean
+  fine-tune is the closest "true BV" there is).
+
+The λ_d the library's policy picks (``ibvs.choose_lambda``: largest λ_d whose clean-accuracy drop on
+the attacked task stays within the budget) is reported per attacker × method × recipe.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergeshield.evaluation import Rate
+from mergeshield.experiments.merge_attackers import (
+    Attacker,
+    MergeAttackConfig,
+    Setup,
+    badmerging_attacker,
+    inherent_triggers,
+    sbv_attackers,
+    sbv_bvs,
+    zoo_attacker,
+)
+from mergeshield.experiments.merge_attacks import _evaluate
+from mergeshield.experiments.zoo_models import ZooAccess
+from mergeshield.ibvs import Focus, InjectionRecipe, SweepPoint, build_injection_bv, choose_lambda
+from mergeshield.ibvs import focus as focus_bv
+from mergeshield.merging import MergeConfig, merged_tensors
+from mergeshield.task_vectors import TaskVector
+from mergeshield.triggers import PatchTrigger
+
+Progress = Callable[[str, float], None]
+
+
+def default_recipes() -> dict[str, InjectionRecipe]:
+    """The library's default (one patch per class) and a single-trigger, single-target recipe
+    (a 3×3 random patch → class 0: the defender does not know the attacker's target)."""
+    single = InjectionRecipe(mode="single", targets=(0,), triggers=(
+        PatchTrigger(pattern="random", size=3, location="bottom_right", seed=7),))
+    return {"per_class": InjectionRecipe(), "single": single}
+
+
+@dataclass(frozen=True)
+class IBVSConfig:
+    merge: MergeAttackConfig = field(default_factory=MergeAttackConfig)
+    merge_lambda: float = 0.5  # TA weight of every task vector / TIES scale
+    lambdas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # λ_d of the subtraction
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    recipes: dict[str, InjectionRecipe] = field(default_factory=default_recipes)
+    focus: Focus = field(default_factory=Focus)
+    budget_points: float = 2.0  # the policy's clean-accuracy budget
+    attacks: tuple[str, ...] = ("badnets", "blended", "badmerging", "sbv")  # sbv: SBV and SBV_SC
+
+
+@dataclass(frozen=True)
+class DefencePoint:
+    attacker: str
+    method: str
+    defence: str  # none | ibvs:<recipe> | random:s<seed> | oracle
+    lam: float  # λ_d
+    asr: Rate
+    accuracy: dict[str, Rate]
+
+    @property
+    def mean_accuracy(self) -> float:
+        return statistics.fmean(r.rate for r in self.accuracy.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attacker": self.attacker, "method": self.method, "defence": self.defence,
+                "lambda_d": self.lam, "asr": self.asr.to_model().model_dump(mode="json"),
+                "accuracy": {k: v.to_model().model_dump(mode="json")
+                             for k, v in self.accuracy.items()},
+                "mean_accuracy": self.mean_accuracy}
+
+
+@dataclass(frozen=True)
+class IBVSResult:
+    task: str
+    tasks: tuple[str, ...]
+    merge_lambda: float
+    lambdas: tuple[float, ...]
+    attackers: tuple[dict[str, Any], ...]
+    recipes: dict[str, dict[str, Any]]  # name → recipe JSON, BV_inj norm, build seconds
+    points: tuple[DefencePoint, ...]
+    chosen: tuple[dict[str, Any], ...]  # attacker, method, recipe, lambda_d (policy)
+    seconds: dict[str, float]
+
+    def point(self, attacker: str, method: str, defence: str, lam: float) -> DefencePoint:
+        return next(p for p in self.points
+                    if (p.attacker, p.method, p.defence, p.lam) == (attacker, method, defence, lam))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, "tasks": list(self.tasks), "merge_lambda": self.merge_lambda,
+                "lambdas_d": list(self.lambdas), "attackers": list(self.attackers),
+                "recipes": self.recipes, "points": [p.to_json() for p in self.points],
+                "chosen": list(self.chosen), "seconds": self.seconds}
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+def subtract(theta: Mapping[str, Tensor], v: TaskVector, lam: float) -> dict[str, Tensor]:
+    """θ − λ·v on v's tensors; every other tensor of θ passed through."""
+    return {k: (t.float() - lam * v[k]) if k in v else t for k, t in theta.items()}
+
+
+def random_direction(like: TaskVector, seed: int) -> TaskVector:
+    """A seeded Gaussian direction over ``like``'s tensors with ``like``'s global norm."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = {k: torch.randn(like[k].shape, generator=gen) for k in sorted(like)}
+    total = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in raw.values()) ** 0.5
+    scale = like.norm() / total if total > 0 else 0.0
+    return TaskVector.from_tensors({k: raw[k] * scale for k in like})
+
+
+def oracle_bv(setup: Setup, attacker: Attacker) -> TaskVector:
+    """The attacker's true BV: θ_attacker − θ_clean of the attacked task."""
+    return TaskVector.between(setup.clean[setup.cfg.task], attacker.backbone,
+                              setup.keys).materialize()
+
+
+def _defend(setup: Setup, merged: dict[str, Tensor], a: Attacker, method: str, defence: str,
+            lam: float, v: TaskVector | None) -> DefencePoint:
+    theta = merged if v is None or lam == 0.0 else subtract(merged, v, lam)
+    asr, acc = _evaluate(setup, theta, {"attack": (a.trigger, a.target)}, setup.tasks)
+    return DefencePoint(a.name, method, defence, lam, asr["attack"], acc)
+
+
+# -- the experiment ------------------------------------------------------------------------------
+def build_attackers(setup: Setup, attacks: tuple[str, ...],
+                    progress: Progress | None = None) -> list[Attacker]:
+    """Experiment 3's attackers (its builder functions), restricted to ``attacks``."""
+    out = [zoo_attacker(setup, a) for a in ("badnets", "blended") if a in attacks]
+    if "badmerging" in attacks:
+        uni, _ = inherent_triggers(setup)
+        out.append(badmerging_attacker(setup, uni))
+    if "sbv" in attacks:
+        bvs = sbv_bvs(setup, progress)
+        sbvs = sbv_attackers(setup, bvs)  # from one BV, SBV_SC is SBV: keep one of them
+        out += [a for a in sbvs if len(bvs) > 1 or a.attack == "sbv"]
+    return out
+
+
+def injection_bvs(setup: Setup, recipes: Mapping[str, InjectionRecipe]
+                  ) -> tuple[dict[str, TaskVector], dict[str, dict[str, Any]]]:
+    """BV_inj of every recipe, from the base on the attacked task's training data (as the scan)."""
+    task = setup.cfg.task
+    train = setup.zoo.task(task).train
+    base_all = setup.zoo.weights(setup.zoo.base_of_family(setup.cfg.family)["name"], setup.ref)
+    make = setup.family.task_classifier(base_all, train, device=torch.device("cpu"))
+    bvs, info = {}, {}
+    for name, recipe in recipes.items():
+        t0 = time.perf_counter()
+        bv = build_injection_bv(make, train, recipe).restrict(setup.keys).materialize()
+        bvs[name] = bv
+        info[name] = {"recipe": recipe.model_dump(mode="json"), "bv_norm": bv.norm(),
+                      "seconds": round(time.perf_counter() - t0, 1)}
+    return bvs, info
+
+
+def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None) -> IBVSResult:
+    say: Progress = progress or (lambda _s, _f: None)
+    t0 = time.perf_counter()
+    setup = Setup(zoo, cfg.merge)
+    say("ibvs: attackers", 0.0)
+    attackers = build_attackers(setup, cfg.attacks, progress)
+    t_att = time.perf_counter()
+    say("ibvs: injection BVs", 0.0)
+    bvs, recipe_info = injection_bvs(setup, cfg.recipes)
+    t_inj = time.perf_counter()
+    clean_tvs = [setup.tv(setup.clean[t]) for t in setup.tasks[1:]]
+    lams = sorted(set(cfg.lambdas) - {0.0})
+    points: list[DefencePoint] = []
+    chosen: list[dict[str, Any]] = []
+    for i, a in enumerate(attackers):
+        say("ibvs: merge + defend", i / len(attackers))
+        oracle = oracle_bv(setup, a)
+        for method in cfg.merge.methods:
+            mcfg = MergeConfig(method=method, weights=[cfg.merge_lambda],  # type: ignore[arg-type]
+                               keep=cfg.merge.ties_keep)
+            merged = dict(merged_tensors(setup.base, [setup.tv(a.backbone), *clean_tvs], mcfg))
+            tau = setup.tv(merged)
+
+            def at(defence: str, lam: float, v: TaskVector | None,
+                   a: Attacker = a, method: str = method,
+                   merged: dict[str, Tensor] = merged) -> DefencePoint:
+                p = _defend(setup, merged, a, method, defence, lam, v)
+                points.append(p)
+                return p
+
+            zero = at("none", 0.0, None)
+            for name, bv in bvs.items():
+                v = focus_bv(bv, tau, cfg.focus)
+                sweep = [zero] + [at(f"ibvs:{name}", lam, v) for lam in lams]
+                pick = choose_lambda([SweepPoint(p.lam, p.accuracy[setup.cfg.task], {})
+                                      for p in sweep], cfg.budget_points)
+                chosen.append({"attacker": a.name, "method": method, "recipe": name,
+                               "lambda_d": pick, "focused_norm": v.norm()})
+                if name == next(iter(bvs)):  # baselines matched to the default recipe's norm
+                    for seed in cfg.random_seeds:
+                        r = random_direction(v, seed)
+                        for lam in lams:
+                            at(f"random:s{seed}", lam, r)
+            for lam in lams:
+                at("oracle", lam, oracle)
+    t_end = time.perf_counter()
+    return IBVSResult(
+        cfg.merge.task, tuple(setup.tasks), cfg.merge_lambda, tuple(sorted(set(cfg.lambdas))),
+        tuple({"name": a.name, "attack": a.attack, "target": a.target,
+               "trigger": a.trigger.model_dump(mode="json"),
+               "oracle_bv_norm": oracle_bv(setup, a).norm()} for a in attackers),
+        recipe_info, tuple(points), tuple(chosen),
+        {"build_attackers": round(t_att - t0, 1), "injection_bvs": round(t_inj - t_att, 1),
+         "merge_and_evaluate": round(t_end - t_inj, 1)})

@@ -1,0 +1,57 @@
+"""Experiment 5's pure pieces: subtraction, same-norm random directions, the oracle BV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeshield.experiments.ibvs_baselines import (
+    oracle_bv,
+    random_direction,
+    subtract,
+)
+from mergeshield.experiments.merge_attackers import MergeAttackConfig, Setup, zoo_attacker
+from mergeshield.experiments.zoo_models import ZooAccess
+from mergeshield.task_vectors import TaskVector
+from tests.support.zoo import Zoo
+
+
+@pytest.fixture(scope="module")
+def setup(zoo: Zoo) -> Setup:
+    return Setup(ZooAccess(zoo.root), MergeAttackConfig(max_eval=50, select_images=50))
+
+
+def _bv(setup: Setup) -> TaskVector:
+    gen = torch.Generator().manual_seed(3)
+    return TaskVector.from_tensors({k: torch.randn(setup.base[k].shape, generator=gen)
+                                    for k in setup.keys})
+
+
+def test_random_direction_has_the_same_norm_and_is_seeded(setup: Setup) -> None:
+    bv = _bv(setup)
+    r0, r0b, r1 = (random_direction(bv, s) for s in (0, 0, 1))
+    assert r0.norm() == pytest.approx(bv.norm(), rel=1e-5)
+    assert set(r0) == set(bv)
+    assert all(torch.equal(r0[k], r0b[k]) for k in r0)
+    assert not all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def test_lambda_zero_is_the_identity(setup: Setup) -> None:
+    theta = setup.clean[setup.cfg.task]
+    out = subtract(theta, _bv(setup), 0.0)
+    assert set(out) == set(theta)
+    assert all(torch.equal(out[k], theta[k].float()) for k in theta)
+
+
+def test_oracle_subtraction_of_clean_plus_bv_gives_back_clean(setup: Setup) -> None:
+    a = zoo_attacker(setup, "badnets")
+    bv = oracle_bv(setup, a)
+    clean = setup.clean[setup.cfg.task]
+    planted = bv.apply_to(clean, 1.0)  # exactly clean + BV
+    back = subtract(planted, bv, 1.0)
+    for k in clean:
+        torch.testing.assert_close(back[k], clean[k].float(), rtol=0, atol=1e-5)
+    # and the oracle of the zoo's attacker is its own difference to the clean fine-tune
+    back = subtract(a.backbone, bv, 1.0)
+    for k in clean:
+        torch.testing.assert_close(back[k], clean[k].float(), rtol=0, atol=1e-5)
