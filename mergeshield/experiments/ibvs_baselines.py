@@ -40,7 +40,7 @@ from mergeshield.experiments.merge_attackers import (
     sbv_bvs,
     zoo_attacker,
 )
-from mergeshield.experiments.merge_attacks import _evaluate
+from mergeshield.experiments.merge_attacks import evaluate_backbone
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.ibvs import Focus, InjectionRecipe, SweepPoint, build_injection_bv, choose_lambda
 from mergeshield.ibvs import focus as focus_bv
@@ -139,7 +139,7 @@ def oracle_bv(setup: Setup, attacker: Attacker) -> TaskVector:
 def _defend(setup: Setup, merged: dict[str, Tensor], a: Attacker, method: str, defence: str,
             lam: float, v: TaskVector | None) -> DefencePoint:
     theta = merged if v is None or lam == 0.0 else subtract(merged, v, lam)
-    asr, acc = _evaluate(setup, theta, {"attack": (a.trigger, a.target)}, setup.tasks)
+    asr, acc = evaluate_backbone(setup, theta, {"attack": (a.trigger, a.target)}, setup.tasks)
     return DefencePoint(a.name, method, defence, lam, asr["attack"], acc)
 
 

@@ -107,11 +107,11 @@ def merge_and_evaluate(setup: Setup, tvs: list[TaskVector], method: str, lam: fl
     cfg = MergeConfig(method=cast(Literal["task_arithmetic", "ties"], method), weights=[lam],
                       keep=setup.cfg.ties_keep)
     merged = dict(merged_tensors(setup.base, tvs, cfg))
-    return _evaluate(setup, merged, checks, setup.tasks)
+    return evaluate_backbone(setup, merged, checks, setup.tasks)
 
 
-def _evaluate(setup: Setup, backbone: dict[str, Tensor], checks: Checks,
-              tasks: list[str]) -> tuple[dict[str, Rate], dict[str, Rate]]:
+def evaluate_backbone(setup: Setup, backbone: dict[str, Tensor], checks: Checks,
+                      tasks: list[str]) -> tuple[dict[str, Rate], dict[str, Rate]]:
     task = setup.cfg.task
     clf = setup.clf[task]
     clf.load_backbone(backbone)
@@ -158,7 +158,7 @@ def run(zoo: ZooAccess, cfg: MergeAttackConfig,
                         *((a.name, a.backbone) for a in attackers)]:
         own = next((a for a in attackers if a.name == name), None)
         checks = {"attack": (own.trigger, own.target)} if own else floors
-        asr, acc = _evaluate(setup, theta, {**checks, **probes}, [cfg.task])
+        asr, acc = evaluate_backbone(setup, theta, {**checks, **probes}, [cfg.task])
         singles.append(Single(name, asr, acc[cfg.task], setup.tv(theta).norm()))
     clean_tvs = [setup.tv(setup.clean[t]) for t in setup.tasks]
     runs: list[tuple[str, list[TaskVector], Checks]] = [(CLEAN, clean_tvs, floors)]
