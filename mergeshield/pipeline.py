@@ -126,15 +126,22 @@ class _Timer:
         self.timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
-    """Scan ``request.suspect`` against ``request.base``; write outputs to ``ctx.out_dir``."""
+Inputs = tuple[checkpoints.ResolvedSource, checkpoints.ResolvedSource]  # (suspect, base)
+
+
+def scan(request: ScanRequest, ctx: ScanContext | None = None,
+         inputs: Inputs | None = None) -> ScanReport:
+    """Scan ``request.suspect`` against ``request.base``; write outputs to ``ctx.out_dir``.
+
+    ``inputs``: the pair ``resolve_inputs`` returned, when the caller resolved it already (the
+    worker does, for the cache key), so nothing is downloaded or hashed twice."""
     ctx = ctx or ScanContext()
     timer = _Timer(ctx.progress)
     device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hub: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
                            "cache_dir": ctx.cache_dir}
     with timer.stage("resolve"):
-        suspect_src, base_src = resolve_inputs(request, ctx)
+        suspect_src, base_src = inputs or resolve_inputs(request, ctx)
     incomplete: list[IncompleteReason] = []
     family: ModelFamily | None = None
     try:
@@ -199,8 +206,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None) -> ScanReport:
     return report
 
 
-def resolve_inputs(request: ScanRequest, ctx: ScanContext
-                   ) -> tuple[checkpoints.ResolvedSource, checkpoints.ResolvedSource]:
+def resolve_inputs(request: ScanRequest, ctx: ScanContext) -> Inputs:
     """(suspect, base) located and checked; local paths only inside ``ctx.allowed_roots``."""
     if ctx.allowed_roots is not None:
         for name in ("suspect", "base", "evaluation", "injection_data", "bv"):
@@ -211,9 +217,9 @@ def resolve_inputs(request: ScanRequest, ctx: ScanContext
             checkpoints.resolve(request.base, revision=request.base_revision, **kw))
 
 
-def cache_key(request: ScanRequest, ctx: ScanContext | None = None) -> str:
+def cache_key(request: ScanRequest, inputs: Inputs) -> str:
     """sha256 of (suspect weights' sha256, base revision, scanner version, configuration hash)."""
-    suspect_src, base_src = resolve_inputs(request, ctx or ScanContext())
+    suspect_src, base_src = inputs
     digest = hashlib.sha256()
     for path, _size, sha in suspect_src.files_digest():
         digest.update(f"{path}:{sha}\n".encode())

@@ -8,6 +8,7 @@ database is the source of truth, so ``task_ignore_result`` is on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -61,14 +62,15 @@ def send_scan(app: Celery, scan_id: str, queue: str) -> None:
     app.send_task(SCAN_TASK, args=[scan_id], task_id=scan_id, queue=queue, routing_key=queue)
 
 
-def choose_queue(device: str, sizes: list[int | None], gpu_min_bytes: int, gpu_workers: bool
-                 ) -> str:
+def choose_queue(device: str, sizes: list[int | None], gpu_min_bytes: int,
+                 gpu_workers: bool | Callable[[], bool]) -> str:
     """``gpu``/``cpu`` as asked; for ``auto``, big or unknown-size (hub) models go to ``gpu``
-    when a worker consumes it, the rest to ``cpu``."""
+    when a worker consumes it (``gpu_workers`` may be a check, asked only then), else ``cpu``."""
     if device in QUEUES:
         return device
-    big = any(size is None or size >= gpu_min_bytes for size in sizes)
-    return "gpu" if big and gpu_workers else "cpu"
+    if not any(size is None or size >= gpu_min_bytes for size in sizes):
+        return "cpu"
+    return "gpu" if (gpu_workers() if callable(gpu_workers) else gpu_workers) else "cpu"
 
 
 # for `celery -A worker.app` and the task decorators; importing it creates no folder

@@ -149,7 +149,8 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
             scan_id=scan.id, progress=job.progress, allowed_roots=(settings.uploads_dir,),
             bv_guard=bv_guard)
         job.progress("resolve", 0.0)
-        key = pipeline.cache_key(request, ctx)
+        inputs = pipeline.resolve_inputs(request, ctx)  # hashed once: key and report
+        key = pipeline.cache_key(request, inputs)
         earlier = None if scan.force else earlier_result(job.db, scan, key)
         if earlier is not None and earlier.result_dir:
             report = load_report(settings.data_dir / earlier.result_dir / "report.json")
@@ -158,7 +159,7 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
             return
         if out.exists():  # a retry overwrites its own output, nothing else
             shutil.rmtree(out)
-        report = pipeline.scan(request, ctx)
+        report = pipeline.scan(request, ctx, inputs)
         job.succeed(report, str(out.relative_to(settings.data_dir)), key)
         log.info("scan succeeded", extra={"verdict": report.verdict.status})
     except ScanCancelled:

@@ -40,11 +40,10 @@ from mergeshield.experiments.merge_attackers import (
     sbv_bvs,
     zoo_attacker,
 )
-from mergeshield.experiments.merge_attacks import evaluate_backbone
+from mergeshield.experiments.merge_attacks import evaluate_backbone, merge
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.ibvs import Focus, InjectionRecipe, SweepPoint, build_injection_bv, choose_lambda
 from mergeshield.ibvs import focus as focus_bv
-from mergeshield.merging import MergeConfig, merged_tensors
 from mergeshield.task_vectors import TaskVector
 from mergeshield.triggers import PatchTrigger
 
@@ -193,9 +192,7 @@ def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None) -> IB
         say("ibvs: merge + defend", i / len(attackers))
         oracle = oracle_bv(setup, a)
         for method in cfg.merge.methods:
-            mcfg = MergeConfig(method=method, weights=[cfg.merge_lambda],  # type: ignore[arg-type]
-                               keep=cfg.merge.ties_keep)
-            merged = dict(merged_tensors(setup.base, [setup.tv(a.backbone), *clean_tvs], mcfg))
+            merged = merge(setup, [setup.tv(a.backbone), *clean_tvs], method, cfg.merge_lambda)
             tau = setup.tv(merged)
 
             def at(defence: str, lam: float, v: TaskVector | None,

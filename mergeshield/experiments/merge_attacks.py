@@ -104,10 +104,14 @@ def merge_and_evaluate(setup: Setup, tvs: list[TaskVector], method: str, lam: fl
                        checks: Checks) -> tuple[dict[str, Rate], dict[str, Rate]]:
     """ASR of every check on the attacked task, and every task's clean accuracy, of
     θ_pre + merge(tvs) (TA: λ per task vector; TIES: keep ``ties_keep``, scale λ)."""
+    return evaluate_backbone(setup, merge(setup, tvs, method, lam), checks, setup.tasks)
+
+
+def merge(setup: Setup, tvs: list[TaskVector], method: str, lam: float) -> dict[str, Tensor]:
+    """θ_pre + merge(tvs) by ``method`` (TA: λ per task vector; TIES: keep ``ties_keep``)."""
     cfg = MergeConfig(method=cast(Literal["task_arithmetic", "ties"], method), weights=[lam],
                       keep=setup.cfg.ties_keep)
-    merged = dict(merged_tensors(setup.base, tvs, cfg))
-    return evaluate_backbone(setup, merged, checks, setup.tasks)
+    return dict(merged_tensors(setup.base, tvs, cfg))
 
 
 def evaluate_backbone(setup: Setup, backbone: dict[str, Tensor], checks: Checks,

@@ -43,16 +43,19 @@ def submit(body: ScanCreate, request: Request, response: Response, caller: Calle
         suspect_revision=body.suspect.revision, base_revision=body.base.revision,
         evaluation=body.evaluation, evaluation_revision=body.evaluation_revision,
         injection_data=body.injection_data, **body.options.model_dump())
-    with db.session() as s:
-        gpu_ok = s.scalar(select(func.count()).select_from(Worker).where(
-            Worker.queues.contains("gpu"),
-            Worker.last_seen > now() - timedelta(seconds=settings.stale_after))) or 0
+
+    def gpu_workers() -> bool:  # asked only for big or hub models under device "auto"
+        with db.session() as s:
+            return bool(s.scalar(select(func.count()).select_from(Worker).where(
+                Worker.queues.contains("gpu"),
+                Worker.last_seen > now() - timedelta(seconds=settings.stale_after))))
+
     scan = Scan(owner=caller.id, request={"scan": lib.model_dump(mode="json"),
                                           "suspect_upload": body.suspect.upload,
                                           "base_upload": body.base.upload,
                                           "device": body.device},
                 suspect=body.suspect.label(), base=body.base.label(), force=body.force,
-                queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes, gpu_ok > 0),
+                queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes, gpu_workers),
                 idempotency_key=idempotency_key, enqueued_at=now())
     try:
         with db.session() as s:
