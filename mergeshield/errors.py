@@ -16,11 +16,14 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
     │   ├── IncompatibleModelsError        incompatible_models   keys / shapes / dtypes differ
     │   ├── UnsupportedModelError          unsupported_model     no adapter can run this model
     │   ├── DatasetError                   invalid_dataset       unreadable or unusable dataset
+    │   ├── CallbackUrlError               invalid_callback_url  not http(s), or a private address
     │   └── ConfigError                    invalid_config        a bad option or recipe
     ├── HubError (ConnectionError)         hub_unavailable       the hub failed or is offline
     └── ServiceError                                             raised by the service's edges
         ├── AuthenticationError            unauthorized          no or an unknown API key (401)
+        │   └── WebhookSecretError         invalid_webhook_secret  X-Webhook-Secret missing/wrong
         ├── PermissionDeniedError          forbidden             the key may not do this (403)
+        │   └── WebhooksDisabledError      webhooks_disabled     no webhook secret configured
         ├── NotFoundError (LookupError)    not_found             no such scan/upload/key (404)
         ├── ConflictError                  conflict              not in a state for this (409)
         └── PayloadTooLargeError           payload_too_large     over the upload limit (413)
@@ -86,6 +89,10 @@ class DatasetError(InputError):
     code = "invalid_dataset"
 
 
+class CallbackUrlError(InputError):
+    code = "invalid_callback_url"
+
+
 class ConfigError(InputError):
     code = "invalid_config"
 
@@ -102,8 +109,16 @@ class AuthenticationError(ServiceError):
     code = "unauthorized"
 
 
+class WebhookSecretError(AuthenticationError):
+    code = "invalid_webhook_secret"
+
+
 class PermissionDeniedError(ServiceError):
     code = "forbidden"
+
+
+class WebhooksDisabledError(PermissionDeniedError):
+    code = "webhooks_disabled"
 
 
 class NotFoundError(ServiceError, LookupError):

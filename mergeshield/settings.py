@@ -72,6 +72,21 @@ class Settings(BaseSettings):
     # JSON logs (one object per line) instead of plain text
     json_logs: bool = True
 
+    # --- webhooks (service/routes/hub_webhook.py, worker/callbacks.py)
+    # the Hub sends it as X-Webhook-Secret; None (and no watch secret) = every delivery refused
+    webhook_secret: SecretStr | None = None
+    # result callbacks: tries before a delivery is dead; the first retry waits callback_backoff
+    # seconds and each later one twice as long as the one before (capped at callback_backoff_max)
+    callback_max_attempts: int = 8
+    callback_backoff: float = 10.0
+    callback_backoff_max: float = 3600.0
+    # seconds to wait for a callback receiver's answer
+    callback_timeout: float = 10.0
+    # how often the API looks for callbacks to send
+    callback_poll_interval: float = 1.0
+    # allow callback URLs on loopback/private/link-local addresses (SSRF guard off): tests only
+    callback_allow_private: bool = False
+
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
 
 from mergeshield import __version__
 from mergeshield.settings import Settings
 from service import errors, metrics
-from service.routes import keys, ops, scans, uploads
-from worker import migrate
+from service.routes import endpoints, keys, ops, scans, uploads, watches, webhooks
+from worker import callbacks, migrate
 from worker.app import create_celery
 from worker.db import Database
 from worker.logs import configure
@@ -33,17 +34,20 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
         migrate.upgrade(db)
         for folder in (settings.uploads_dir, settings.scans_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        thread = None
+        threads = []
         if reconciler:
-            thread = threading.Thread(target=_reconcile_loop, args=(app, stop), daemon=True,
-                                      name="reconciler")
-            thread.start()
+            threads = [threading.Thread(target=_every, args=(loop, interval, stop), daemon=True,
+                                        name=loop.__name__)
+                       for loop, interval in ((_reconcile(app), settings.reconcile_interval),
+                                              (_callbacks(app), settings.callback_poll_interval))]
+            for thread in threads:
+                thread.start()
         log.info("api ready", extra={"database": db.engine.dialect.name,
                                      "broker": "redis" if settings.redis_url else "filesystem",
                                      "auth": not settings.auth_disabled})
         yield
         stop.set()
-        if thread is not None:
+        for thread in threads:
             thread.join(timeout=5)
         db.dispose()
 
@@ -56,18 +60,34 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
     app.state.log = log
     app.state.registry = metrics.install(app, db, settings)
     errors.install(app)
-    for module in (scans, uploads, keys, ops):
+    for module in (scans, uploads, keys, ops, webhooks, endpoints, watches):
         app.include_router(module.router)
     return app
 
 
-def _reconcile_loop(app: FastAPI, stop: threading.Event) -> None:
-    settings: Settings = app.state.settings
-    while not stop.wait(settings.reconcile_interval):
+def _every(work: Callable[[], object], interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
         try:
-            reconcile(app.state.db, app.state.celery, settings)
+            work()
         except Exception:  # broker or database briefly away: the next pass tries again
-            log.exception("reconcile pass failed")
+            log.exception("%s pass failed", getattr(work, "__name__", "background"))
+
+
+def _reconcile(app: FastAPI) -> Callable[[], object]:
+    def reconciler() -> object:
+        return reconcile(app.state.db, app.state.celery, app.state.settings)
+
+    return reconciler
+
+
+def _callbacks(app: FastAPI) -> Callable[[], object]:
+    """The result-callback sender (``worker.callbacks``): no redirects, one client reused."""
+    client = httpx.Client(follow_redirects=False)
+
+    def callback_sender() -> object:
+        return callbacks.dispatch(app.state.db, app.state.settings, client)
+
+    return callback_sender
 
 
 def app() -> FastAPI:

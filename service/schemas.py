@@ -65,6 +65,8 @@ class ScanCreate(_Body):
     options: ScanOptions = Field(default_factory=ScanOptions)
     device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: big models to the gpu queue
     force: bool = False  # rescan even if an identical scan already succeeded
+    # POST the result here when the scan ends, signed per Standard Webhooks (see /v1/webhooks)
+    callback_url: str | None = Field(default=None, max_length=2000)
 
 
 class ScanOut(BaseModel):
@@ -116,3 +118,113 @@ class KeyOut(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     key: str | None = None  # the secret, shown once at creation
+
+
+# --- webhooks: watches for the Hub's webhook, callback endpoints, deliveries both ways
+
+
+class WatchScan(_Body):
+    """What a watch scans each new commit with: a ``ScanCreate`` without its suspect."""
+
+    base: ModelRef
+    evaluation: str | None = Field(default=None, pattern=DATASET)
+    evaluation_revision: str | None = Field(default=None, max_length=200)
+    injection_data: str | None = Field(default=None, pattern=DATASET)
+    options: ScanOptions = Field(default_factory=ScanOptions)
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    force: bool = False
+
+
+class WatchCreate(_Body):
+    """Scan every new commit on ``main`` of a model repo (``repo``) or of every model repo whose
+    id starts with ``repo`` (``prefix: true``, e.g. ``"my-org/"``)."""
+
+    repo: str = Field(min_length=1, max_length=200, examples=["my-org/vit-finetune"])
+    prefix: bool = False
+    scan: WatchScan
+    callback_url: str | None = Field(default=None, max_length=2000)  # each scan's result
+    # a Hub webhook of this watch's own may send this instead of the global webhook secret
+    secret: str | None = Field(default=None, min_length=16, max_length=200)
+    rate_limit: int = Field(default=20, ge=1, le=100_000)  # scans per window, at most
+    rate_window: int = Field(default=3600, ge=1, le=30 * 86400)  # seconds
+
+
+class WatchOut(BaseModel):
+    id: str
+    repo: str
+    prefix: bool
+    scan: dict[str, Any]
+    callback_url: str | None
+    has_secret: bool  # the secret itself is never shown again
+    rate_limit: int
+    rate_window: int
+    created_at: datetime
+
+
+class EndpointCreate(_Body):
+    url: str = Field(min_length=1, max_length=2000, examples=["https://ci.example.com/hooks"])
+
+
+class EndpointRotate(_Body):
+    # keep the previous secret valid beside the new one (both sign) until the next rotation
+    keep_previous: bool = True
+
+
+class EndpointOut(BaseModel):
+    """A callback endpoint. ``secrets`` (``whsec_...``, newest first) appear on create, rotate
+    and ``GET /v1/webhooks/endpoints/{id}``, never in lists."""
+
+    id: str
+    url: str
+    created_at: datetime
+    rotated_at: datetime | None
+    secrets: list[str] | None = None
+
+
+class DeliveryOut(BaseModel):
+    """One webhook delivery, inbound or outbound. A stable shape (the dashboard reads it).
+
+    - ``direction``: ``inbound`` (the Hub's webhook to us) or ``outbound`` (a scan's result to
+      its callback URL).
+    - ``state``: inbound ``accepted`` (scans queued) | ``duplicate`` (the same repo, commit and
+      configuration were already scanned: ``scan_ids`` names that scan) | ``ignored`` (not a
+      new commit of a watched model repo: ``reason`` says why) | ``rate_limited`` | ``refused``
+      (bad or missing secret); outbound ``waiting`` (the scan runs) | ``pending`` (due at
+      ``next_attempt_at``) | ``delivered`` | ``dead`` (every attempt failed; redeliver).
+    - ``event``: inbound the Hub's ``event.scope`` (``repo.content``...); outbound
+      ``scan.succeeded`` | ``scan.failed`` | ``scan.cancelled`` (None while waiting).
+    - ``repo``/``revision``: inbound, the Hub repo and the commit taken from the payload.
+    - ``headers`` and ``payload`` are given by ``GET /v1/webhooks/deliveries/{id}`` only (None
+      in lists); inbound headers never include the secret.
+    - ``links``: ``self``, ``redeliver`` (when allowed), ``scan`` (when one scan is concerned).
+    """
+
+    id: str
+    direction: Literal["inbound", "outbound"]
+    state: str
+    event: str | None
+    url: str | None
+    repo: str | None
+    revision: str | None
+    scan_id: str | None
+    scan_ids: list[str]
+    watch_ids: list[str]
+    endpoint_id: str | None
+    reason: str | None
+    attempts: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    response_status: int | None
+    created_at: datetime
+    updated_at: datetime
+    headers: dict[str, Any] | None = None
+    payload: Any = None
+    links: dict[str, str]
+
+
+class DeliveryPage(BaseModel):
+    items: list[DeliveryOut]
+    total: int
+    limit: int
+    offset: int
+

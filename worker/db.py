@@ -1,4 +1,5 @@
-"""The database: the source of truth for scans, uploads, API keys, workers and the BV_inj cache.
+"""The database: the source of truth for scans, uploads, API keys, workers, the BV_inj cache,
+webhook watches, callback endpoints and deliveries.
 
 The broker only carries scan ids; everything a scan is (its request, state, stage, result) lives
 here, so a scan survives an API restart, a worker crash and a broker that forgot its queues. The
@@ -150,6 +151,81 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+
+
+class Watch(Base):
+    """A rule for the Hub's webhook: scan every new commit on ``main`` of the matching model
+    repos against ``base``, with the scan options in ``scan`` (a ``ScanCreate`` body without
+    its suspect). Rate limit: at most ``rate_limit`` scans per ``rate_window`` seconds, counted
+    in a fixed window that a conditional UPDATE opens and fills (atomic on both databases)."""
+
+    __tablename__ = "watches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(32), index=True)
+    repo: Mapped[str] = mapped_column(String(200))  # a hub id, or a prefix of one
+    prefix: Mapped[bool] = mapped_column(default=False)  # match repo ids starting with ``repo``
+    scan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    callback_url: Mapped[str | None] = mapped_column(Text, default=None)
+    secret_hash: Mapped[str | None] = mapped_column(String(64), default=None)  # sha256 hex
+    rate_limit: Mapped[int] = mapped_column(Integer)
+    rate_window: Mapped[int] = mapped_column(Integer)  # seconds
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    window_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+
+
+class CallbackEndpoint(Base):
+    """Where result callbacks go, and the secrets (``whsec_...``, newest first) that sign them.
+    Two secrets at once while a receiver moves to the new one: every callback carries both
+    signatures."""
+
+    __tablename__ = "callback_endpoints"
+    __table_args__ = (UniqueConstraint("owner", "url"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(32), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    secrets: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class Delivery(Base):
+    """One webhook delivery, either way.
+
+    inbound (the Hub to us), state: accepted | duplicate | ignored | rate_limited | refused.
+    outbound (a scan's result to its callback endpoint), state: waiting (the scan runs) →
+    pending (due at ``next_attempt_at``; retried with backoff) → delivered | dead. A sender
+    claims a pending row by moving ``next_attempt_at`` forward with a conditional UPDATE, so
+    two senders never post the same attempt; a sender that dies leaves it due again.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("dedup_key"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str | None] = mapped_column(String(32), index=True)  # None: the admin's only
+    direction: Mapped[str] = mapped_column(String(8), index=True)  # inbound | outbound
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    event: Mapped[str | None] = mapped_column(String(64), default=None)
+    url: Mapped[str | None] = mapped_column(Text, default=None)
+    repo: Mapped[str | None] = mapped_column(String(200), default=None)  # inbound: the Hub repo
+    revision: Mapped[str | None] = mapped_column(String(64), default=None)  # and its commit
+    # outbound: "scan:<id>", one callback per scan; inbound: None
+    dedup_key: Mapped[str | None] = mapped_column(String(80), default=None)
+    scan_id: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
+    scan_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    watch_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    endpoint_id: Mapped[str | None] = mapped_column(ForeignKey("callback_endpoints.id"),
+                                                    default=None)
+    headers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # never a secret
+    payload: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)  # why ignored/refused/failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True,
+                                                             default=None)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    response_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
 
 
 class Database:

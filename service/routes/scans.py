@@ -14,13 +14,15 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from starlette.datastructures import State
 
 from mergeshield.errors import ConflictError, NotFoundError
 from mergeshield.pipeline import ScanRequest
 from service.auth import Principal, principal
 from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
+from worker import callbacks
 from worker.app import choose_queue, send_scan
-from worker.db import FINISHED, Database, Scan, Upload, Worker, now
+from worker.db import FINISHED, Database, Scan, Upload, Worker, new_id, now
 
 router = APIRouter(prefix="/v1/scans", tags=["scans"])
 Caller = Annotated[Principal, Depends(principal)]
@@ -33,16 +35,27 @@ REPORT_FILES = {"json": ("report.json", "application/json"),
 def submit(body: ScanCreate, request: Request, response: Response, caller: Caller,
            idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> ScanOut:
     """Queue a scan. A retried POST with the same ``Idempotency-Key`` returns the same scan."""
-    db: Database = request.app.state.db
-    settings = request.app.state.settings
-    if idempotency_key and (same := _by_idempotency(db, caller, idempotency_key)) is not None:
-        return _out(same, response)
+    scan, _created = queue_scan(request.app.state, caller, body, idempotency_key)
+    return _out(scan, response)
+
+
+def queue_scan(state: State, caller: Principal, body: ScanCreate,
+               idempotency_key: str | None = None) -> tuple[Scan, bool]:
+    """Persist and enqueue one scan (the one way in: this route and the Hub's webhook).
+    Returns the scan and whether it is new (False: the ``idempotency_key`` names an earlier
+    one). A ``callback_url`` gets its endpoint and a waiting callback with the scan."""
+    db: Database = state.db
+    settings = state.settings
+    if idempotency_key and (same := by_idempotency(db, caller, idempotency_key)) is not None:
+        return same, False
     sizes = [_upload_size(db, caller, ref) for ref in (body.suspect, body.base)]
     lib = ScanRequest(
         suspect=body.suspect.label(), base=body.base.label(),
         suspect_revision=body.suspect.revision, base_revision=body.base.revision,
         evaluation=body.evaluation, evaluation_revision=body.evaluation_revision,
         injection_data=body.injection_data, **body.options.model_dump())
+    endpoint = None if body.callback_url is None else callbacks.endpoint_for(
+        db, caller.id, body.callback_url, settings.callback_allow_private)
 
     def gpu_workers() -> bool:  # asked only for big or hub models under device "auto"
         with db.session() as s:
@@ -56,21 +69,23 @@ def submit(body: ScanCreate, request: Request, response: Response, caller: Calle
                                           "device": body.device},
                 suspect=body.suspect.label(), base=body.base.label(), force=body.force,
                 queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes, gpu_workers),
-                idempotency_key=idempotency_key, enqueued_at=now())
+                idempotency_key=idempotency_key, enqueued_at=now(), id=new_id())
     try:
         with db.session() as s:
             s.add(scan)
+            if endpoint is not None:
+                s.flush()  # the scan's row first: the callback refers to it
+                s.add(callbacks.waiting_delivery(scan, endpoint))
     except IntegrityError:  # the same Idempotency-Key raced in twice
-        same = _by_idempotency(db, caller, idempotency_key or "")
+        same = by_idempotency(db, caller, idempotency_key or "")
         if same is None:
             raise
-        return _out(same, response)
+        return same, False
     try:
-        send_scan(request.app.state.celery, scan.id, scan.queue)
+        send_scan(state.celery, scan.id, scan.queue)
     except Exception:  # broker down: the scan is safe in the database; the reconciler sends it
-        request.app.state.log.exception("could not enqueue; the reconciler will retry")
-    response.headers["Location"] = f"/v1/scans/{scan.id}"
-    return _out(scan, response)
+        state.log.exception("could not enqueue; the reconciler will retry")
+    return scan, True
 
 
 @router.get("", response_model=ScanPage)
@@ -191,7 +206,7 @@ def _zipped(folder: Path) -> Path:
     return target
 
 
-def _by_idempotency(db: Database, caller: Principal, key: str) -> Scan | None:
+def by_idempotency(db: Database, caller: Principal, key: str) -> Scan | None:
     with db.session() as s:
         return s.scalars(select(Scan).where(Scan.owner == caller.id,
                                             Scan.idempotency_key == key)).first()

@@ -1,0 +1,184 @@
+"""The Hugging Face Hub's webhook, understood: which watches may hear it, which commit of which
+model repo it announces, and the scans it queues.
+
+Payload (https://huggingface.co/docs/hub/webhooks): ``event.scope`` ``repo.content`` announces
+new commits (action ``update``); ``repo.type``/``repo.name`` name the repo; ``updatedRefs[]``
+lists ``{ref, oldSha, newSha}`` (``newSha`` null when a ref is deleted) and ``repo.headSha`` is
+the head of ``main``. Only a new commit on ``main`` of a model repo is scanned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from starlette.datastructures import State
+
+from mergeshield.errors import WebhooksDisabledError, WebhookSecretError
+from service.auth import Principal
+from service.routes.scans import by_idempotency, queue_scan
+from service.schemas import HUB_ID, ModelRef, ScanCreate
+from worker.db import Watch, now
+
+SHA = re.compile(r"^[0-9a-f]{40}$")
+MAIN = "refs/heads/main"
+SECRET_HEADERS = ("x-webhook-secret", "authorization", "cookie")
+
+
+@dataclass(frozen=True)
+class Commit:
+    repo: str
+    sha: str
+
+
+@dataclass
+class Outcome:
+    """What one delivery did: its state, why, and the scans it queued or found."""
+
+    state: str
+    reason: str | None = None
+    scan_ids: list[str] = field(default_factory=list)
+    watch_ids: list[str] = field(default_factory=list)
+    owner: str | None = None
+
+
+def repo_name(payload: Any) -> str | None:
+    repo = payload.get("repo") if isinstance(payload, dict) else None
+    name = repo.get("name") if isinstance(repo, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def commit_of(payload: Any) -> Commit | str:
+    """The new ``main`` commit of a model repo the payload announces, or why there is none."""
+    if not isinstance(payload, dict):
+        return "the payload is not a JSON object"
+    event = _obj(payload.get("event"))
+    scope, action = event.get("scope"), event.get("action")
+    if scope != "repo.content":
+        return f"event scope {scope!r}: only 'repo.content' (new commits) starts a scan"
+    if action == "delete":
+        return "a deletion"
+    repo = _obj(payload.get("repo"))
+    if repo.get("type") != "model":
+        return f"a {repo.get('type')!r} repo: only model repos are scanned"
+    name = repo_name(payload)
+    if name is None or not re.match(HUB_ID, name):
+        return "the payload names no valid repo (repo.name)"
+    refs = payload.get("updatedRefs")
+    if isinstance(refs, list):
+        main = next((r for r in refs if isinstance(r, dict) and r.get("ref") == MAIN), None)
+        if main is None:
+            changed = [r.get("ref") for r in refs if isinstance(r, dict)]
+            return f"no new commit on main (updated refs: {changed})"
+        sha = main.get("newSha")
+        if not sha or set(str(sha)) == {"0"}:
+            return "main was deleted"
+    else:
+        sha = repo.get("headSha")
+    if not isinstance(sha, str) or not SHA.match(sha):
+        return "the payload carries no commit sha"
+    return Commit(name, sha)
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def matching_watches(state: State, repo: str | None) -> list[Watch]:
+    """Watches whose rule names ``repo`` exactly, or as a prefix."""
+    if repo is None:
+        return []
+    with state.db.session() as s:
+        rows = s.scalars(select(Watch).order_by(Watch.created_at)).all()
+    return [w for w in rows if w.repo == repo or (w.prefix and repo.startswith(w.repo))]
+
+
+def authorize(state: State, watches: list[Watch], given: str | None) -> list[Watch]:
+    """The watches this delivery may act for: all of them with the global secret, else those
+    whose own secret it carries. Raises when no secret applies or the header matches none."""
+    configured = state.settings.webhook_secret
+    if configured is None and not any(w.secret_hash for w in watches):
+        raise WebhooksDisabledError(
+            "no webhook secret is configured (MERGESHIELD_WEBHOOK_SECRET, or a watch's secret): "
+            "every delivery is refused")
+    if not given:
+        raise WebhookSecretError("send the webhook's secret in the X-Webhook-Secret header")
+    global_ok = configured is not None and hmac.compare_digest(
+        given.encode(), configured.get_secret_value().encode())
+    digest = secret_hash(given)
+    own = [w for w in watches
+           if w.secret_hash is not None and hmac.compare_digest(digest, w.secret_hash)]
+    if not global_ok and not own:
+        raise WebhookSecretError("the X-Webhook-Secret header does not match the secret")
+    return watches if global_ok else own
+
+
+def act(state: State, payload: Any, watches: list[Watch]) -> Outcome:
+    """Queue a scan of the announced commit for each watch, de-duplicated and rate-limited."""
+    found = commit_of(payload)
+    if isinstance(found, str):
+        return Outcome("ignored", found, owner=_owner(watches))
+    if not watches:
+        return Outcome("ignored", f"no watch matches {found.repo}")
+    states: list[str] = []
+    outcome = Outcome("ignored", watch_ids=[w.id for w in watches], owner=_owner(watches))
+    for watch in watches:
+        body = ScanCreate.model_validate({
+            **watch.scan, "suspect": ModelRef(hub=found.repo, revision=found.sha),
+            "callback_url": watch.callback_url})
+        key = dedup_key(body)
+        caller = Principal(watch.owner, admin=False)
+        scan = by_idempotency(state.db, caller, key)
+        if scan is None and not take_token(state, watch):
+            states.append("rate_limited")
+            continue
+        if scan is None:
+            scan, created = queue_scan(state, caller, body, key)
+            states.append("accepted" if created else "duplicate")
+        else:
+            states.append("duplicate")
+        outcome.scan_ids.append(scan.id)
+    outcome.state = next(s for s in ("accepted", "duplicate", "rate_limited") if s in states)
+    if "rate_limited" in states:
+        outcome.reason = "a watch's rate limit was reached; no scan was queued for it"
+    return outcome
+
+
+def dedup_key(body: ScanCreate) -> str:
+    """(repo, commit, configuration) as an idempotency key: one scan per distinct triple."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return "hub:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def take_token(state: State, watch: Watch) -> bool:
+    """Count one scan in the watch's window (a new window once the old one has passed);
+    False when the window is full. Two conditional UPDATEs: atomic on both databases."""
+    t = now()
+    with state.db.session() as s:
+        s.execute(update(Watch).where(
+            Watch.id == watch.id, Watch.window_start <= t - timedelta(seconds=watch.rate_window))
+            .values(window_start=t, window_count=0))
+        took = s.execute(update(Watch).where(Watch.id == watch.id,
+                                             Watch.window_count < Watch.rate_limit)
+                         .values(window_count=Watch.window_count + 1))
+    return bool(took.rowcount)
+
+
+def recorded_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in SECRET_HEADERS}
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _owner(watches: list[Watch]) -> str | None:
+    """The one owner of these watches; None (the admin's) when they are several or none."""
+    owners = {w.owner for w in watches}
+    return owners.pop() if len(owners) == 1 else None
