@@ -121,6 +121,10 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     bp.add_argument("--only", type=_ints, default=[1, 2, 3, 4, 5, 6],
                     help="experiments to run, e.g. 1,2 (1-6 exist); results.json keeps the "
                     "others' earlier results")
+    bp.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="gpu: a ~25 M-"
+                    "parameter ViT zoo trained and evaluated on CUDA (needs a GPU; not --quick)")
+    bp.add_argument("--check", action="store_true", help="exit 1 when a claim of claims.md "
+                    "fails (the qualitative claims asserted at this scale)")
     return p
 
 

@@ -146,7 +146,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from mergeshield.experiments.runner import PaperConfig, run_paper
 
     cfg = PaperConfig(out=args.out, zoo=args.zoo, quick=args.quick, seed=args.seed,
-                      only=tuple(args.only))
+                      only=tuple(args.only), scale=args.scale)
     progress = _Progress()
     try:
         results = run_paper(cfg, progress)
@@ -154,4 +154,9 @@ def run_bench(args: argparse.Namespace) -> int:
         progress.close()
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
     print(f"wrote {', '.join(results['files'])} to {args.out} ({timings})")
-    return 0
+    failed = [c for c in results["claims"] if c["held"] is False]
+    for c in results["claims"]:
+        if c["held"] is not None:
+            print(f"claim {c['id']}: {'holds' if c['held'] else 'FAILS'} ({c['expect']}; "
+                  f"measured {c['measured']:.3f})")
+    return 1 if args.check and failed else 0

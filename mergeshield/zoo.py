@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from transformers import (
@@ -35,6 +35,8 @@ from mergeshield.models.hf_image import HFImageClassifier
 from mergeshield.training import FinetuneConfig, Progress, finetune
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, parse_trigger, poison
 
+Scale = Literal["quick", "default", "gpu"]
+
 
 @dataclass(frozen=True)
 class ZooConfig:
@@ -49,6 +51,24 @@ class ZooConfig:
     task_images: int = 4000  # training images per task; quick uses 2000
     finetune: FinetuneConfig = FinetuneConfig(epochs=5, lr=1e-3)
     poison_rate: float = 0.1  # ρ, method.md's default
+    heads: int = 4  # attention heads of every ViT tower
+    device: str = "cpu"  # where the zoo trains: "cuda" for the GPU scale
+
+    @classmethod
+    def for_scale(cls, scale: Scale, seed: int = 0) -> ZooConfig:
+        """``quick`` and ``default`` as ``for_speed``; ``gpu``: a ViT of about 25 M parameters
+        (width 512, depth 12, patch 4: 49 tokens), trained on CUDA with 60,000 Fashion-MNIST
+        images and the tasks' full training splits."""
+        if scale != "gpu":
+            return cls.for_speed(scale == "quick", seed)
+        return cls(seed=seed, hidden=512, layers=12, heads=8, patch=4, pretrain_images=60000,
+                   task_images=60000, device="cuda",
+                   pretrain=FinetuneConfig(epochs=10, lr=5e-4, batch_size=256, seed=seed),
+                   finetune=FinetuneConfig(epochs=5, lr=2e-4, seed=seed, min_steps=300))
+
+    @property
+    def scale(self) -> Scale:
+        return "gpu" if self.device != "cpu" else "quick" if self.quick else "default"
 
     @classmethod
     def for_speed(cls, quick: bool, seed: int = 0) -> ZooConfig:
@@ -117,6 +137,7 @@ def build_zoo(
     manifest = {
         "version": 1,
         "quick": cfg.quick,
+        "scale": cfg.scale,
         "seed": cfg.seed,
         "build_seconds": round(time.perf_counter() - t0, 1),
         "models": models,
@@ -134,7 +155,8 @@ class _VitBuilder:
         self.base_dir = root / "models" / "vit-base"
         self.config = ViTConfig.from_dict({
             "image_size": 28, "patch_size": cfg.patch, "num_channels": 1,
-            "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": 4,
+            "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,
+            "num_attention_heads": cfg.heads,
             "intermediate_size": 2 * cfg.hidden, "num_labels": 10,
         })
         self.processor = {"image_mean": [0.5], "image_std": [0.5]}
@@ -144,7 +166,7 @@ class _VitBuilder:
     def pretrain(self, data: TaskData) -> dict[str, Any]:
         torch.manual_seed(self.cfg.seed)
         state = self.family.initial_weights(len(data.train.classes))
-        clf = self.family.classifier(state, state, data.train.classes)
+        clf = self.family.classifier(state, state, data.train.classes).to(self.cfg.device)
         finetune(clf, data.train, self.cfg.pretrain, train_head=True)
         self._save(clf, self.base_dir, data.train.classes)
         self.base = {k: v.detach().clone() for k, v in clf.backbone_state().items()}
@@ -154,7 +176,7 @@ class _VitBuilder:
                  attack: dict[str, Any] | None) -> dict[str, Any]:
         if task not in self.heads:  # the base with a linear probe fit on its features
             self.heads[task] = self.family.task_classifier(
-                self.base, data.train, device=torch.device("cpu"), seed=self.cfg.seed)
+                self.base, data.train, device=torch.device(self.cfg.device), seed=self.cfg.seed)
         clf = self.heads[task]()
         finetune(clf, train, self.cfg.finetune)
         out = self.root / "models" / f"vit-{task}-{kind}"
@@ -185,7 +207,8 @@ class _ClipBuilder:
                          "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513},
             vision_config={"image_size": 28, "patch_size": self.cfg.patch, "num_channels": 3,
                            "hidden_size": self.cfg.hidden, "num_hidden_layers": self.cfg.layers,
-                           "num_attention_heads": 4, "intermediate_size": 2 * self.cfg.hidden},
+                           "num_attention_heads": self.cfg.heads,
+                           "intermediate_size": 2 * self.cfg.hidden},
             projection_dim=32,
         )
 
@@ -201,7 +224,8 @@ class _ClipBuilder:
         CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                            image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(self.base_dir)
         self.base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        clf = self._family().classifier(self.base_state, self.base_state, data.train.classes)
+        clf = self._family().classifier(self.base_state, self.base_state,
+                                        data.train.classes).to(self.cfg.device)
         # the vision tower learns to meet the (frozen) text tower's class embeddings
         finetune(clf, data.train, self.cfg.pretrain, train_head=True)
         self.base_state.update({k: v.detach().clone() for k, v in clf.backbone_state().items()})
@@ -212,7 +236,8 @@ class _ClipBuilder:
 
     def finetune(self, task: str, kind: str, data: TaskData, train: ImageDataset,
                  attack: dict[str, Any] | None) -> dict[str, Any]:
-        clf = self._family().classifier(self.base_state, self.base_state, data.train.classes)
+        clf = self._family().classifier(self.base_state, self.base_state,
+                                        data.train.classes).to(self.cfg.device)
         finetune(clf, train, self.cfg.finetune)
         out = self.root / "models" / f"clip-{task}-{kind}"
         out.mkdir(parents=True, exist_ok=True)

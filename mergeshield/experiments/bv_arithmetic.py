@@ -84,7 +84,7 @@ def injection_curve(zoo: ZooAccess, name: str, cfg: ArithmeticConfig) -> Arithme
     attack = entry["attack"]
     trigger = parse_trigger(attack["trigger"])
     # (N, C, H, W) test images; the head is the task's (frozen) one, from the clean fine-tune
-    clf = family.classifier(clean, family.head_from(base, clean), test.classes)
+    clf = family.classifier(clean, family.head_from(base, clean), test.classes).to(zoo.device)
     starts = {"clean": clean, "base": base}
     points = []
     for start in cfg.starts:

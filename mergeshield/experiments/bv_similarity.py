@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mergeshield.backdoor_vectors import similarity
@@ -147,8 +146,8 @@ def run(zoo: ZooAccess, cfg: SimilarityConfig,
     family = zoo.family(some)
     keys = zoo.backbone(some)
     base = zoo.weights(zoo.base_of_family(cfg.family)["name"], some)
-    cpu = torch.device("cpu")
-    makers = {t: family.task_classifier(base, zoo.task(t).train, device=cpu, seed=cfg.head_seed)
+    makers = {t: family.task_classifier(base, zoo.task(t).train, device=zoo.device,
+                                        seed=cfg.head_seed)
               for t in cfg.tasks}
     t0 = time.perf_counter()
     cleans: dict[tuple[str, int], dict[str, Tensor]] = {}

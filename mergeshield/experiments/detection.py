@@ -127,9 +127,9 @@ def _score(report: Any, tau: TaskVector, cache: Path) -> dict[str, float]:
 
 
 def run_detection(zoo_root: str | Path, *, n_clean: int = 20, n_backdoored: int = 20,
-                  quick: bool = False, seed: int = 0) -> dict[str, Any]:
+                  quick: bool = False, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Fine-tune, save and scan the population; per-model rows, ROC AUC per score, verdict rates."""
-    zoo = ZooAccess(Path(zoo_root))
+    zoo = ZooAccess(Path(zoo_root), device)
     base_entry = zoo.base_of_family("vit")
     some = next(m["name"] for m in zoo.manifest["models"]
                 if m["family"] == "vit" and m["base"] is not None)
@@ -141,8 +141,7 @@ def run_detection(zoo_root: str | Path, *, n_clean: int = 20, n_backdoored: int 
     ft = FinetuneConfig(epochs=3, lr=1e-3, min_steps=120) if quick else FinetuneConfig(
         epochs=5, lr=1e-3, min_steps=300)
     max_eval, inversion_steps = (300, 40) if quick else (500, 60)
-    cpu = torch.device("cpu")
-    makers = {t: family.task_classifier(base, zoo.task(t).train, device=cpu, seed=0)
+    makers = {t: family.task_classifier(base, zoo.task(t).train, device=zoo.device, seed=0)
               for t in TASKS}
     rows: list[dict[str, Any]] = []
     t_ft = t_scan = 0.0
@@ -169,7 +168,7 @@ def run_detection(zoo_root: str | Path, *, n_clean: int = 20, n_backdoored: int 
                                       evaluation=str(zoo.root / "datasets" / spec["task"]),
                                       max_eval=max_eval, inversion=True,
                                       inversion_steps=inversion_steps, seed=seed),
-                          ScanContext(cache_dir=cache, device="cpu"))
+                          ScanContext(cache_dir=cache, device=device))
             tau = TaskVector.between(base, theta, keys).materialize()
             rows.append({**spec, "id": f"{spec['kind']}-{n}",
                          "trigger_id": trigger_id(trig) if trig is not None else None,

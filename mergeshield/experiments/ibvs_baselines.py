@@ -14,6 +14,15 @@ attack's own trigger on the attacked task, clean accuracy of every task with its
   BadMerging, fine-tuned from the base with its own loss, the difference to the zoo's clean
   fine-tune is the closest "true BV" there is).
 
+Where the subtraction happens, for the default recipe (the first of ``recipes``):
+
+- ``ibvs:<recipe>``: after the merge, θ_merged − λ_d·v;
+- ``before:<recipe>``: on the attacker's checkpoint alone, τ_a − λ_d·focus(v, τ_a), then the merge
+  (what a MergeShield user does: scan and clean each upload, then merge the cleaned one);
+- ``inside:<recipe>``: −λ_d·focus(v, Σ τ) as one more task vector inside the merge. Under TA it is
+  the after-merge subtraction at λ_d·λ_merge; under TIES it is trimmed and votes in the sign
+  election like every other task vector.
+
 The λ_d the library's policy picks (``ibvs.choose_lambda``: largest λ_d whose clean-accuracy drop on
 the attacked task stays within the budget) is reported per attacker × method × recipe.
 """
@@ -45,17 +54,21 @@ from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.ibvs import Focus, InjectionRecipe, SweepPoint, build_injection_bv, choose_lambda
 from mergeshield.ibvs import focus as focus_bv
 from mergeshield.task_vectors import TaskVector
-from mergeshield.triggers import PatchTrigger
+from mergeshield.triggers import BlendedTrigger, PatchTrigger
 
 Progress = Callable[[str, float], None]
 
 
 def default_recipes() -> dict[str, InjectionRecipe]:
-    """The library's default (one patch per class) and a single-trigger, single-target recipe
-    (a 3×3 random patch → class 0: the defender does not know the attacker's target)."""
-    single = InjectionRecipe(mode="single", targets=(0,), triggers=(
-        PatchTrigger(pattern="random", size=3, location="bottom_right", seed=7),))
-    return {"per_class": InjectionRecipe(), "single": single}
+    """The library's default (one patch per class, first: the placement comparison uses it), a
+    single-trigger, single-target recipe (a 3×3 random patch → class 0: the defender does not know
+    the attacker's target) and a several-trigger-types recipe (that patch and a noise blend, both
+    → class 0)."""
+    patch = PatchTrigger(pattern="random", size=3, location="bottom_right", seed=7)
+    single = InjectionRecipe(mode="single", targets=(0,), triggers=(patch,))
+    types = InjectionRecipe(mode="single", targets=(0,),
+                            triggers=(patch, BlendedTrigger(pattern="noise", alpha=0.2, seed=7)))
+    return {"per_class": InjectionRecipe(), "single": single, "types": types}
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,7 @@ class IBVSConfig:
 class DefencePoint:
     attacker: str
     method: str
-    defence: str  # none | ibvs:<recipe> | random:s<seed> | oracle
+    defence: str  # none | ibvs:<r> | before:<r> | inside:<r> | random:s<seed> | oracle
     lam: float  # λ_d
     asr: Rate
     accuracy: dict[str, Rate]
@@ -138,8 +151,34 @@ def oracle_bv(setup: Setup, attacker: Attacker) -> TaskVector:
 def _defend(setup: Setup, merged: dict[str, Tensor], a: Attacker, method: str, defence: str,
             lam: float, v: TaskVector | None) -> DefencePoint:
     theta = merged if v is None or lam == 0.0 else subtract(merged, v, lam)
+    return _evaluate(setup, theta, a, method, defence, lam)
+
+
+def _evaluate(setup: Setup, theta: dict[str, Tensor], a: Attacker, method: str, defence: str,
+              lam: float) -> DefencePoint:
     asr, acc = evaluate_backbone(setup, theta, {"attack": (a.trigger, a.target)}, setup.tasks)
     return DefencePoint(a.name, method, defence, lam, asr["attack"], acc)
+
+
+def _placements(setup: Setup, a: Attacker, method: str, clean_tvs: list[TaskVector], name: str,
+                bv: TaskVector, lams: list[float], cfg: IBVSConfig) -> list[DefencePoint]:
+    """The subtraction before the merge (the attacker's upload cleaned alone, as MergeShield
+    does) and inside it (−λ_d·v as one more task vector), at every λ_d."""
+    tau_a = setup.tv(a.backbone)
+    on_upload = focus_bv(bv, tau_a, cfg.focus)
+    total = tau_a
+    for t in clean_tvs:
+        total = total + t
+    on_sum = focus_bv(bv, total.materialize(), cfg.focus)
+    out = []
+    for lam in lams:
+        cleaned = (tau_a - on_upload * lam).materialize()
+        theta = merge(setup, [cleaned, *clean_tvs], method, cfg.merge_lambda)
+        out.append(_evaluate(setup, theta, a, method, f"before:{name}", lam))
+        theta = merge(setup, [tau_a, *clean_tvs, (on_sum * -lam).materialize()], method,
+                      cfg.merge_lambda)
+        out.append(_evaluate(setup, theta, a, method, f"inside:{name}", lam))
+    return out
 
 
 # -- the experiment ------------------------------------------------------------------------------
@@ -163,7 +202,7 @@ def injection_bvs(setup: Setup, recipes: Mapping[str, InjectionRecipe]
     task = setup.cfg.task
     train = setup.zoo.task(task).train
     base_all = setup.zoo.weights(setup.zoo.base_of_family(setup.cfg.family)["name"], setup.ref)
-    make = setup.family.task_classifier(base_all, train, device=torch.device("cpu"))
+    make = setup.family.task_classifier(base_all, train, device=setup.zoo.device)
     bvs, info = {}, {}
     for name, recipe in recipes.items():
         t0 = time.perf_counter()
@@ -203,6 +242,8 @@ def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None) -> IB
                 return p
 
             zero = at("none", 0.0, None)
+            first = next(iter(bvs))
+            points.extend(_placements(setup, a, method, clean_tvs, first, bvs[first], lams, cfg))
             for name, bv in bvs.items():
                 v = focus_bv(bv, tau, cfg.focus)
                 sweep = [zero] + [at(f"ibvs:{name}", lam, v) for lam in lams]
@@ -210,7 +251,7 @@ def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None) -> IB
                                       for p in sweep], cfg.budget_points)
                 chosen.append({"attacker": a.name, "method": method, "recipe": name,
                                "lambda_d": pick, "focused_norm": v.norm()})
-                if name == next(iter(bvs)):  # baselines matched to the default recipe's norm
+                if name == first:  # baselines matched to the default recipe's norm
                     for seed in cfg.random_seeds:
                         r = random_direction(v, seed)
                         for lam in lams:

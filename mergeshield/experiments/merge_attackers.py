@@ -104,7 +104,7 @@ class Setup:
     def classifier(self, task: str, backbone: dict[str, Tensor] | None = None) -> Classifier:
         """A fresh classifier of ``task`` (its own frozen head) with ``backbone`` (base if None)."""
         return self.family.classifier(backbone or self.base, self.heads[task],
-                                      self.zoo.task(task).test.classes)
+                                      self.zoo.task(task).test.classes).to(self.zoo.device)
 
     def tv(self, backbone: dict[str, Tensor]) -> TaskVector:
         return TaskVector.between(self.base, backbone, self.keys).materialize()

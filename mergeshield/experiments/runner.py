@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,6 +25,7 @@ from mergeshield.errors import ConfigError
 from mergeshield.experiments import (
     bv_arithmetic,
     bv_similarity,
+    claims,
     detection,
     ibvs_baselines,
     merge_attacks,
@@ -33,7 +34,7 @@ from mergeshield.experiments import (
 )
 from mergeshield.experiments.merge_attackers import MergeAttackConfig
 from mergeshield.experiments.zoo_models import ZooAccess
-from mergeshield.zoo import ZooConfig, build_zoo
+from mergeshield.zoo import Scale, ZooConfig, build_zoo
 
 Progress = Callable[[str, float], None]
 EXPERIMENTS = {1: "bv-arithmetic", 2: "bv-similarity", 3: "merge-attacks", 4: "inherent-triggers",
@@ -45,6 +46,7 @@ class PaperConfig:
     out: Path
     zoo: Path | None = None  # an existing zoo; None or missing manifest: build one first
     quick: bool = False  # CI size: reduced grids, the quick zoo
+    scale: Literal["cpu", "gpu"] = "cpu"  # gpu: the zoo's GPU scale (a ~25 M-parameter ViT)
     seed: int = 0  # zoo build and every new fine-tune (experiment 2 uses seed, seed + 1)
     only: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # which experiments to run
     arithmetic: bv_arithmetic.ArithmeticConfig | None = None  # None: arithmetic_config(quick)
@@ -114,16 +116,27 @@ def _zoo(cfg: PaperConfig, progress: Progress | None) -> Iterator[tuple[ZooAcces
     """The zoo to read, and whether it was built by this run (in a temporary folder if no
     --zoo was given)."""
     if cfg.zoo is not None and (cfg.zoo / "manifest.json").is_file():
-        yield ZooAccess(cfg.zoo), False
+        zoo = ZooAccess(cfg.zoo, _device(cfg))
+        if cfg.scale == "gpu" and zoo.scale != "gpu":
+            raise ConfigError(f"{cfg.zoo} is not a GPU-scale zoo: give --zoo a new folder")
+        yield zoo, False
         return
-    zoo_cfg = ZooConfig.for_speed(cfg.quick, cfg.seed)
+    zoo_cfg = ZooConfig.for_scale(_zoo_scale(cfg), cfg.seed)
     if cfg.zoo is not None:
         build_zoo(cfg.zoo, zoo_cfg, progress=progress)
-        yield ZooAccess(cfg.zoo), True
+        yield ZooAccess(cfg.zoo, _device(cfg)), True
         return
     with tempfile.TemporaryDirectory(prefix="mergeshield-zoo-") as tmp:
         build_zoo(tmp, zoo_cfg, progress=progress)
-        yield ZooAccess(Path(tmp)), True
+        yield ZooAccess(Path(tmp), _device(cfg)), True
+
+
+def _zoo_scale(cfg: PaperConfig) -> Scale:
+    return "gpu" if cfg.scale == "gpu" else "quick" if cfg.quick else "default"
+
+
+def _device(cfg: PaperConfig) -> str:
+    return "cuda" if cfg.scale == "gpu" else "cpu"
 
 
 def _jsonable(obj: Any) -> Any:
@@ -135,6 +148,10 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
     unknown = sorted(set(cfg.only) - set(EXPERIMENTS))
     if unknown:
         raise ConfigError(f"no experiment {unknown}: choose from {sorted(EXPERIMENTS)}")
+    if cfg.scale == "gpu" and cfg.quick:
+        raise ConfigError("--scale gpu is a full run: leave out --quick")
+    if cfg.scale == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--scale gpu needs a CUDA device, and torch sees none here")
     cfg.out.mkdir(parents=True, exist_ok=True)
     previous = _previous(cfg.out, cfg.only)
     torch.manual_seed(cfg.seed)
@@ -143,11 +160,12 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
         "mergeshield": __version__, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "platform": platform.platform()},
-        "run": {"quick": cfg.quick, "seed": cfg.seed, "only": list(cfg.only)},
+        "run": {"quick": cfg.quick, "scale": cfg.scale, "seed": cfg.seed,
+                "only": list(cfg.only)},
         "timings_s": {}, "experiments": {},
     }
     with _zoo(cfg, progress) as (zoo, built):
-        zoo_cfg = ZooConfig.for_speed(bool(zoo.manifest["quick"]), int(zoo.manifest["seed"]))
+        zoo_cfg = ZooConfig.for_scale(zoo.scale, int(zoo.manifest["seed"]))
         results["zoo"] = {"path": None if built and cfg.zoo is None else str(zoo.root),
                           "built_by_this_run": built, "manifest_quick": zoo.manifest["quick"],
                           "manifest_seed": zoo.manifest["seed"], "config": _jsonable(zoo_cfg)}
@@ -193,7 +211,7 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
             t0 = time.perf_counter()
             n = 4 if cfg.quick else 20  # clean and backdoored fine-tunes each
             det = detection.run_detection(zoo.root, n_clean=n, n_backdoored=n,
-                                          quick=cfg.quick, seed=cfg.seed)
+                                          quick=cfg.quick, seed=cfg.seed, device=_device(cfg))
             results["experiments"]["detection"] = det
             (cfg.out / "detection.md").write_text(where + "\n\n" + detection.to_markdown(det))
             results["timings_s"]["detection"] = round(time.perf_counter() - t0, 1)
@@ -201,9 +219,13 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
     results["timings_s"] = {**previous.get("timings_s", {}), **results["timings_s"]}
     if previous.get("carried_over"):
         results["carried_over"] = previous["carried_over"]  # experiments from an earlier run
+    verdicts = claims.check(results["experiments"])
+    results["claims"] = [v.to_json() for v in verdicts]
+    (cfg.out / "claims.md").write_text(claims.markdown(verdicts, where))
     results["files"] = sorted(set(previous.get("files", [])) | {
         p.name for p in cfg.out.iterdir()
-        if p.name.startswith(tuple(EXPERIMENTS[i] for i in cfg.only))}) + ["results.json"]
+        if p.name.startswith(tuple(EXPERIMENTS[i] for i in cfg.only))}) + ["claims.md",
+                                                                           "results.json"]
     results["timings_s"]["total"] = round(time.perf_counter() - t_start, 1)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

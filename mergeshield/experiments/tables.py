@@ -147,7 +147,10 @@ def inherent_markdown(res: MergeAttackResult, header: str) -> str:
 def ibvs_markdown(res: IBVSResult, header: str) -> str:
     """Experiment 5: per attacker × merge × defence, ASR and clean accuracy at every λ_d."""
     lams = [lam for lam in res.lambdas if lam > 0]
-    defences = ["ibvs:per_class", "ibvs:single", "random", "oracle"]
+    names = list(res.recipes)
+    defences = [*(f"ibvs:{n}" for n in names), f"before:{names[0]}", f"inside:{names[0]}",
+                "random", "oracle"]
+    defences = [d for d in defences if d == "random" or any(p.defence == d for p in res.points)]
     rows = []
     for a in res.attackers:
         for method in sorted({p.method for p in res.points}):
@@ -178,7 +181,10 @@ def ibvs_markdown(res: IBVSResult, header: str) -> str:
     lines = [
         "# Experiment 5: IBVS against baselines, after merging", "", header, "",
         f"Attacked task {res.task}; merged with {', '.join(res.tasks[1:])} at merge λ="
-        f"{res.merge_lambda:g} (TA weight / TIES scale). Defence: θ_merged − λ_d·v. ASR = the "
+        f"{res.merge_lambda:g} (TA weight / TIES scale). Defence `ibvs:<recipe>`: θ_merged − λ_d·v "
+        "(v: that recipe's BV_inj focused against the merged task vector); `before:`: the "
+        "attacker's task vector cleaned alone (τ_a − λ_d·focus(v, τ_a)), then merged; `inside:`: "
+        "−λ_d·focus(v, Σ τ) merged as one more task vector. ASR = the "
         "attack's own trigger → its target on the attacked task (hits/total). Clean accuracy per "
         f"task ({' / '.join(res.tasks)}), each with its own head. `random`: the range over "
         "seeded same-norm (as the focused per_class BV_inj) Gaussian directions, accuracies "

@@ -9,29 +9,38 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import Tensor
 
 from mergeshield import checkpoints
 from mergeshield.data import TaskData, load_task
 from mergeshield.errors import ConfigError
 from mergeshield.models import ModelFamily, backbone_keys, family_for
+from mergeshield.zoo import Scale
 
 
 class ZooAccess:
     """Models, families and datasets of one zoo folder, loaded on demand and kept."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, device: str = "cpu") -> None:
         path = Path(root) / "manifest.json"
         if not path.is_file():
             raise ConfigError(f"{root} holds no manifest.json: build it with "
                               "`mergeshield zoo build PATH --quick`")
         self.root = Path(root)
+        self.device = torch.device(device)  # where experiments train and evaluate
         self.manifest: dict[str, Any] = json.loads(path.read_text())
         self.weights = cache(self._weights)
         self.family = cache(self._family)
         self.task = cache(self._task)
+
+    @property
+    def scale(self) -> Scale:
+        """How the zoo was built (zoos from before the GPU scale record only ``quick``)."""
+        return cast(Scale, self.manifest.get("scale", "quick" if self.manifest["quick"]
+                                             else "default"))
 
     def entry(self, name: str) -> dict[str, Any]:
         """The manifest entry of model ``name``."""

@@ -94,3 +94,21 @@ def test_backdoor_vector_arithmetic(zoo: Zoo) -> None:
     assert asr(bv.apply_to(clean, 2.0)) > 0.9
     assert asr(bv.apply_to(clean, 0.5)) < 0.5
     assert asr(bv.apply_to(base, 1.0)) > 0.8  # the BV transplants onto the pre-trained model
+
+
+def test_gpu_scale_is_a_vit_of_tens_of_millions_of_parameters(zoo: Zoo) -> None:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from mergeshield.experiments.zoo_models import ZooAccess
+    from mergeshield.zoo import ZooConfig
+
+    cfg = ZooConfig.for_scale("gpu")
+    assert (cfg.scale, cfg.device) == ("gpu", "cuda")
+    assert ZooConfig.for_scale("quick") == ZooConfig.for_speed(True)
+    vit = ViTConfig(image_size=28, patch_size=cfg.patch, num_channels=1, hidden_size=cfg.hidden,
+                    num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                    intermediate_size=2 * cfg.hidden, num_labels=10)
+    with torch.device("meta"):  # count without allocating
+        n = sum(p.numel() for p in ViTForImageClassification(vit).parameters())
+    assert 20e6 < n < 60e6
+    assert ZooAccess(zoo.root).scale == "quick"  # recorded (older zoos: derived from "quick")

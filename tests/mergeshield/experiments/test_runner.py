@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from mergeshield.cli import build_parser
 from mergeshield.errors import ConfigError
@@ -53,6 +54,10 @@ def test_runner_writes_markdown_png_and_valid_json(zoo: Zoo, tmp_path: Path) -> 
     sim = data["experiments"]["bv-similarity"]
     assert len(sim["bvs"]) == 5 and len(sim["transfer"]) == 5
     assert "| model | attack |" in (tmp_path / "bv-arithmetic.md").read_text()
+    held = {c["id"]: c["held"] for c in data["claims"]}  # the quick claims of experiment 1
+    assert held["injection"] is True and held["transplant"] is True
+    assert held["accuracy-kept"] is True and held["detection-auc"] is None  # 6 did not run
+    assert (tmp_path / "claims.md").is_file()
 
 
 def test_unknown_experiment_is_refused(tmp_path: Path) -> None:
@@ -64,3 +69,11 @@ def test_cli_parses_bench_paper() -> None:
     args = build_parser().parse_args(["bench", "paper", "--out", "x", "--quick", "--only", "1"])
     assert (args.command, args.bench_command, args.quick, args.only) == ("bench", "paper",
                                                                         True, [1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_scale_without_cuda_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        run_paper(PaperConfig(out=tmp_path, scale="gpu"))
+    with pytest.raises(ConfigError, match="leave out --quick"):
+        run_paper(PaperConfig(out=tmp_path, scale="gpu", quick=True))
