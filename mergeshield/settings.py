@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     # JSON logs (one object per line) instead of plain text
     json_logs: bool = True
 
-    # --- webhooks (service/routes/hub_webhook.py, worker/callbacks.py)
+    # --- webhooks (service/hub_events.py, worker/callbacks.py)
     # the Hub sends it as X-Webhook-Secret; None (and no watch secret) = every delivery refused
     webhook_secret: SecretStr | None = None
     # result callbacks: tries before a delivery is dead; the first retry waits callback_backoff

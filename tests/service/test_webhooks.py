@@ -1,0 +1,341 @@
+"""Webhooks against real processes, on both backends: the Hub's webhook in (payloads as the Hub
+documents them, https://huggingface.co/docs/hub/webhooks), result callbacks out to a receiver on
+loopback that checks the Standard Webhooks signatures and replays itself."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.conftest import CLEAN, FAST, Published
+from tests.support.receiver import Receiver
+from tests.support.stack import BACKENDS, Stack
+from tests.support.zoo import Zoo
+
+SECRET = "hub-webhook-secret-0123456789"
+WATCH_SECRET = "a-watch-of-its-own-secret-42"
+# the Hub's documented repo object and updatedRefs value, as its docs give them
+DOCS_REPO = {
+    "type": "model", "name": "some-user/some-repo", "id": "6366c000a2abcdf2fd69a080",
+    "private": False,
+    "url": {"web": "https://huggingface.co/some-user/some-repo",
+            "api": "https://huggingface.co/api/models/some-user/some-repo"},
+    "headSha": "c379e821c9c95d613899e8c4343e4bfee2b0c600",
+    "tags": ["license:other", "has_space"], "owner": {"id": "61d2000c3c2083e1c08af22d"}}
+DOCS_REFS = [
+    {"ref": "refs/heads/main", "oldSha": "ce9a4674fa833a68d5a73ec355f0ea95eedd60b7",
+     "newSha": "575db8b7a51b6f85eb06eee540738584589f131c"},
+    {"ref": "refs/tags/test", "oldSha": None,
+     "newSha": "575db8b7a51b6f85eb06eee540738584589f131c"}]
+# the Hub's documented full payload of a Pull Request being opened
+DOCS_PR_OPENED = {
+    "event": {"action": "create", "scope": "discussion"},
+    "repo": {"type": "model", "name": "openai-community/gpt2", "id": "621ffdc036468d709f17434d",
+             "private": False,
+             "url": {"web": "https://huggingface.co/openai-community/gpt2",
+                     "api": "https://huggingface.co/api/models/openai-community/gpt2"},
+             "owner": {"id": "628b753283ef59b5be89e937"}},
+    "discussion": {
+        "id": "6399f58518721fdd27fc9ca9", "title": "Update co2 emissions",
+        "url": {"web": "https://huggingface.co/openai-community/gpt2/discussions/19",
+                "api": "https://huggingface.co/api/models/openai-community/gpt2/discussions/19"},
+        "status": "open", "author": {"id": "61d2f90c3c2083e1c08af22d"}, "num": 19,
+        "isPullRequest": True, "changes": {"base": "refs/heads/main"}},
+    "comment": {
+        "id": "6399f58518721fdd27fc9caa", "author": {"id": "61d2f90c3c2083e1c08af22d"},
+        "content": "Add co2 emissions information to the model card", "hidden": False,
+        "url": {"web": "https://huggingface.co/openai-community/gpt2/discussions/19"
+                       "#6399f58518721fdd27fc9caa"}},
+    "webhook": {"id": "6390e855e30d9209411de93b", "version": 3}}
+
+
+def repo_content(name: str, sha: str | None = None, *, refs: list[dict[str, Any]] | None = None,
+                 repo_type: str = "model") -> dict[str, Any]:
+    """A ``repo.content`` event (a push) built from the documented pieces, for ``name``."""
+    repo = copy.deepcopy(DOCS_REPO) | {"name": name, "type": repo_type}
+    updated = copy.deepcopy(DOCS_REFS if refs is None else refs)
+    if sha is not None:
+        repo["headSha"] = updated[0]["newSha"] = sha
+    return {"event": {"action": "update", "scope": "repo.content"}, "repo": repo,
+            "updatedRefs": updated, "webhook": {"id": "6390e855e30d9209411de93b", "version": 3}}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp(f"webhooks-{request.param}"), request.param, redis_db=14,
+              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
+                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir),
+                   "MERGESHIELD_WEBHOOK_SECRET": SECRET,
+                   "MERGESHIELD_CALLBACK_ALLOW_PRIVATE": "true",
+                   "MERGESHIELD_CALLBACK_BACKOFF": "0.2", "MERGESHIELD_CALLBACK_BACKOFF_MAX": "1",
+                   "MERGESHIELD_CALLBACK_MAX_ATTEMPTS": "3",
+                   "MERGESHIELD_CALLBACK_POLL_INTERVAL": "0.2"})
+    try:
+        if request.param == "sqlite-filesystem":
+            s.serve()
+        else:
+            s.start_api().start_worker().wait_ready()
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    rx = Receiver().start()
+    try:
+        yield rx
+    finally:
+        rx.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def user(stack: Stack, admin: httpx.Client) -> Iterator[httpx.Client]:
+    key = admin.post("/v1/keys", json={"name": "registry"}).json()["key"]
+    with stack.client(key) as c:
+        yield c
+
+
+def deliver(stack: Stack, payload: Any, secret: str | None = SECRET) -> httpx.Response:
+    """POST as the Hub does: JSON, the secret in X-Webhook-Secret, no API key."""
+    headers = {"X-Webhook-Secret": secret} if secret is not None else {}
+    return httpx.post(f"{stack.url}/v1/webhooks/huggingface", json=payload, headers=headers,
+                      timeout=30)
+
+
+def watch(user: httpx.Client, repo: str, zoo: Zoo, **extra: Any) -> dict[str, Any]:
+    r = user.post("/v1/watches", json={
+        "repo": repo, "scan": {"base": {"hub": f"zoo/{zoo.model(CLEAN)['base']}"},
+                               "options": FAST}, **extra})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def endpoint(user: httpx.Client, receiver: Receiver, name: str, **route: Any) -> dict[str, Any]:
+    """A callback endpoint at the receiver's route ``name``, which trusts its secrets."""
+    url = receiver.expect(name, secrets=[], **route)
+    r = user.post("/v1/webhooks/endpoints", json={"url": url})
+    assert r.status_code == 201, r.text
+    receiver.routes[f"/{name}"].secrets = r.json()["secrets"]
+    return dict(r.json())
+
+
+def test_a_push_to_a_watched_model_is_scanned_and_its_result_called_back_signed(
+        stack: Stack, user: httpx.Client, receiver: Receiver, zoo: Zoo,
+        published: Published) -> None:
+    repo = f"zoo/{CLEAN}"
+    sha = published.hub.repos[("model", repo)].branches["main"]
+    hook = endpoint(user, receiver, f"e2e-{stack.backend}", fail_first=1)
+    w = watch(user, repo[:-3], zoo, prefix=True, callback_url=hook["url"],
+              scan={"base": {"hub": f"zoo/{zoo.model(CLEAN)['base']}"},
+                    "evaluation": published.dataset, "options": FAST})
+    r = deliver(stack, repo_content(repo, sha))
+    assert r.status_code == 202, r.text
+    inbound = r.json()
+    assert inbound["state"] == "accepted" and inbound["revision"] == sha
+    assert inbound["watch_ids"] == [w["id"]] and len(inbound["scan_ids"]) == 1
+    done = stack.wait_for(user, inbound["scan_ids"][0])
+    assert done["state"] == "succeeded" and done["verdict"] == "no_backdoor_found", done
+    report = user.get(f"/v1/scans/{done['id']}/report").json()
+    assert report["suspect"]["revision"] == sha
+    got = receiver.wait_for(f"e2e-{stack.backend}")
+    body = json.loads(got[0].body)
+    assert body["type"] == "scan.succeeded" and body["data"]["id"] == done["id"]
+    assert body["data"]["suspect_revision"] == sha and body["data"]["verdict"] == done["verdict"]
+    out = user.get("/v1/webhooks/deliveries", params={"direction": "outbound",
+                                                      "scan": done["id"]}).json()["items"]
+    assert len(out) == 1 and out[0]["state"] == "delivered" and out[0]["attempts"] == 2
+    recorded = user.get(f"/v1/webhooks/deliveries/{inbound['id']}").json()
+    assert recorded["payload"] == repo_content(repo, sha)
+    assert "x-webhook-secret" not in recorded["headers"] and SECRET not in json.dumps(recorded)
+    assert user.delete(f"/v1/watches/{w['id']}").status_code == 204
+
+
+def test_the_same_delivery_twice_gives_the_same_scan(stack: Stack, user: httpx.Client,
+                                                     zoo: Zoo) -> None:
+    w = watch(user, "zoo/dup-model", zoo)
+    payload = repo_content("zoo/dup-model")
+    first = deliver(stack, payload)
+    second = deliver(stack, payload)
+    assert first.status_code == 202 and second.status_code == 200
+    assert second.json()["state"] == "duplicate"
+    assert second.json()["scan_ids"] == first.json()["scan_ids"]
+    again = user.post(f"/v1/webhooks/deliveries/{first.json()['id']}/redeliver")
+    assert again.status_code == 202 and again.json()["scan_ids"] == first.json()["scan_ids"]
+    assert user.get("/v1/scans", params={"suspect": "zoo/dup-model"}).json()["total"] == 1
+    user.delete(f"/v1/watches/{w['id']}")
+
+
+def test_a_watch_is_rate_limited(stack: Stack, user: httpx.Client, zoo: Zoo) -> None:
+    w = watch(user, "zoo/busy-model", zoo, rate_limit=1, rate_window=3600)
+    first = deliver(stack, repo_content("zoo/busy-model", "1" * 40))
+    limited = deliver(stack, repo_content("zoo/busy-model", "2" * 40))
+    assert first.json()["state"] == "accepted"
+    assert limited.status_code == 200 and limited.json()["state"] == "rate_limited"
+    assert limited.json()["scan_ids"] == []
+    assert user.get("/v1/scans", params={"suspect": "zoo/busy-model"}).json()["total"] == 1
+    user.delete(f"/v1/watches/{w['id']}")
+
+
+def test_deletions_and_events_other_than_a_push_to_main_are_ignored(
+        stack: Stack, user: httpx.Client, zoo: Zoo) -> None:
+    name = "zoo/quiet-model"
+    w = watch(user, name, zoo)
+    pr_opened = copy.deepcopy(DOCS_PR_OPENED)
+    pr_opened["repo"]["name"] = name
+    branch_deleted = repo_content(name, refs=[{"ref": "refs/heads/main", "oldSha": "a" * 40,
+                                               "newSha": None}])
+    zeros = repo_content(name, refs=[{"ref": "refs/heads/main", "oldSha": "a" * 40,
+                                      "newSha": "0" * 40}])
+    tag_only = repo_content(name, refs=DOCS_REFS[1:])
+    repo_deleted = {**repo_content(name), "event": {"action": "delete", "scope": "repo"}}
+    dataset = repo_content(name, repo_type="dataset")
+    for payload, why in [(pr_opened, "scope 'discussion'"), (branch_deleted, "main was deleted"),
+                         (zeros, "main was deleted"), (tag_only, "no new commit on main"),
+                         (repo_deleted, "scope 'repo'"), (dataset, "'dataset' repo")]:
+        r = deliver(stack, payload)
+        assert r.status_code == 200 and r.json()["state"] == "ignored", r.text
+        assert why in r.json()["reason"] and r.json()["scan_ids"] == []
+    assert user.get("/v1/scans", params={"suspect": name}).json()["total"] == 0
+    user.delete(f"/v1/watches/{w['id']}")
+
+
+def test_a_wrong_or_missing_secret_is_refused_and_recorded(stack: Stack, user: httpx.Client,
+                                                           admin: httpx.Client, zoo: Zoo) -> None:
+    own = watch(user, "zoo/own-model", zoo, secret=WATCH_SECRET)
+    for secret in (None, "", "not-the-secret"):
+        r = deliver(stack, repo_content("zoo/own-model"), secret)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_webhook_secret"
+    ok = deliver(stack, repo_content("zoo/own-model"), WATCH_SECRET)  # the watch's own secret
+    assert ok.status_code == 202 and ok.json()["watch_ids"] == [own["id"]]
+    other = deliver(stack, repo_content("zoo/dup-model"), WATCH_SECRET)  # not its repo
+    assert other.status_code == 401
+    refused = admin.get("/v1/webhooks/deliveries", params={"direction": "inbound",
+                                                           "state": "refused"}).json()
+    assert refused["total"] >= 4
+    detail = admin.get(f"/v1/webhooks/deliveries/{refused['items'][0]['id']}").json()
+    assert "x-webhook-secret" not in detail["headers"] and "not-the-secret" not in json.dumps(
+        refused) + json.dumps(detail)
+    assert admin.post(f"/v1/webhooks/deliveries/{detail['id']}/redeliver").status_code == 409
+    user.delete(f"/v1/watches/{own['id']}")
+
+
+def test_a_dead_callback_is_redelivered(stack: Stack, user: httpx.Client, receiver: Receiver,
+                                        zoo: Zoo) -> None:
+    name = f"down-{stack.backend}"
+    hook = endpoint(user, receiver, name, fail_always=True)
+    r = user.post("/v1/scans", json={"suspect": {"hub": "zoo/no-such-model"},
+                                     "base": {"hub": f"zoo/{zoo.model(CLEAN)['base']}"},
+                                     "callback_url": hook["url"]})
+    scan = stack.wait_for(user, r.json()["id"])
+    assert scan["state"] == "failed"
+    dead = _wait_delivery(user, scan["id"], "dead")
+    assert dead["attempts"] == 3 and dead["response_status"] == 500
+    assert dead["links"]["redeliver"].endswith("/redeliver")
+    listed = user.get("/v1/webhooks/deliveries", params={"state": "dead"}).json()["items"]
+    assert dead["id"] in {d["id"] for d in listed}
+    receiver.routes[f"/{name}"].fail_always = False
+    again = user.post(dead["links"]["redeliver"])
+    assert again.status_code == 202 and again.json()["state"] == "pending"
+    done = _wait_delivery(user, scan["id"], "delivered")
+    body = json.loads(receiver.wait_for(name)[0].body)
+    assert done["attempts"] == 1 and body["type"] == "scan.failed"
+    assert body["data"]["error"]["code"] == "source_not_found"
+
+
+def test_rotation_signs_with_both_secrets_until_the_next(stack: Stack, user: httpx.Client,
+                                                         receiver: Receiver, zoo: Zoo) -> None:
+    name = f"rotating-{stack.backend}"
+    hook = endpoint(user, receiver, name)
+    old = hook["secrets"]
+    rotated = user.post(f"/v1/webhooks/endpoints/{hook['id']}/rotate").json()
+    assert len(rotated["secrets"]) == 2 and rotated["secrets"][1] == old[0]
+    assert all(e["secrets"] is None for e in user.get("/v1/webhooks/endpoints").json())
+    receiver.routes[f"/{name}"].secrets = rotated["secrets"][:1]  # knows only the new one
+    r = user.post("/v1/scans", json={"suspect": {"hub": "zoo/also-missing"},
+                                     "base": {"hub": "zoo/also-missing-base"},
+                                     "callback_url": hook["url"]})
+    got = receiver.wait_for(name)
+    assert len(got[0].headers["webhook-signature"].split(" ")) == 2
+    assert json.loads(got[0].body)["data"]["id"] == r.json()["id"]
+    only_new = user.post(f"/v1/webhooks/endpoints/{hook['id']}/rotate",
+                         json={"keep_previous": False}).json()
+    assert len(only_new["secrets"]) == 1 and old[0] not in only_new["secrets"]
+
+
+def test_deliveries_endpoints_and_watches_belong_to_their_key(
+        stack: Stack, user: httpx.Client, admin: httpx.Client, zoo: Zoo) -> None:
+    mine = user.get("/v1/webhooks/deliveries").json()
+    assert mine["total"] >= 1
+    other_key = admin.post("/v1/keys", json={"name": "someone-else"}).json()["key"]
+    with stack.client(other_key) as other:
+        assert other.get("/v1/webhooks/deliveries").json()["total"] == 0
+        assert other.get(f"/v1/webhooks/deliveries/{mine['items'][0]['id']}").status_code == 404
+        assert other.get("/v1/webhooks/endpoints").json() == []
+        w = watch(user, "zoo/private-watch", zoo)
+        assert other.get(f"/v1/watches/{w['id']}").status_code == 404
+        assert other.delete(f"/v1/watches/{w['id']}").status_code == 404
+    assert admin.get("/v1/webhooks/deliveries").json()["total"] >= mine["total"]
+    assert admin.get(f"/v1/watches/{w['id']}").json()["has_secret"] is False
+    assert user.delete(f"/v1/watches/{w['id']}").status_code == 204
+    assert user.get(f"/v1/watches/{w['id']}").status_code == 404
+    with stack.client(None) as anonymous:
+        assert anonymous.get("/v1/webhooks/deliveries").status_code == 401
+
+
+def test_bad_watches_and_callback_urls_are_refused(user: httpx.Client, zoo: Zoo) -> None:
+    base = {"base": {"hub": f"zoo/{zoo.model(CLEAN)['base']}"}}
+    bad_repo = user.post("/v1/watches", json={"repo": "../etc", "scan": base})
+    assert bad_repo.status_code == 422 and bad_repo.json()["error"]["code"] == "invalid_config"
+    short_secret = user.post("/v1/watches", json={"repo": "a/b", "scan": base, "secret": "x"})
+    assert short_secret.status_code == 422
+    for url in ("ftp://example.com/hook", "file:///etc/passwd", "not a url"):
+        r = user.post("/v1/watches", json={"repo": "a/b", "scan": base, "callback_url": url})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_callback_url"
+        scan = user.post("/v1/scans", json={"suspect": {"hub": "a/b"}, **base,
+                                            "callback_url": url})
+        assert scan.status_code == 400 and scan.json()["error"]["code"] == "invalid_callback_url"
+    assert user.get("/v1/scans", params={"suspect": "a/b"}).json()["total"] == 0
+
+
+def test_with_no_secret_configured_every_delivery_is_refused(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    s = Stack(tmp_path_factory.mktemp("webhooks-off"), "sqlite-filesystem")
+    try:
+        s.start_api().wait_up()
+        for secret in (None, SECRET):
+            r = deliver(s, repo_content("zoo/anything"), secret)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "webhooks_disabled"
+        with s.client() as admin:
+            listed = admin.get("/v1/webhooks/deliveries").json()
+        assert listed["total"] == 2 and {d["state"] for d in listed["items"]} == {"refused"}
+    finally:
+        s.close()
+
+
+def _wait_delivery(client: httpx.Client, scan_id: str, state: str,
+                   timeout: float = 60) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    items: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        items = client.get("/v1/webhooks/deliveries", params={"direction": "outbound",
+                                                              "scan": scan_id}).json()["items"]
+        if items and items[0]["state"] == state:
+            return items[0]
+        time.sleep(0.2)
+    raise AssertionError(f"the callback of {scan_id} is not {state}: {items}")
