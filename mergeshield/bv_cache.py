@@ -2,8 +2,9 @@
 
 BV_inj depends only on (base revision, injection recipe, the defender's data), so it is built once
 and shared by every scan of that base (method.md, IBVS step 2). Layout:
-``<cache>/bv/<key>/model.safetensors`` (float32 deltas) and ``recipe.json``. Writes are atomic, so
-a reader never sees half an entry; two builders of one key write the same bytes.
+``<cache>/bv/<key>/model.safetensors`` (float32 deltas), ``recipe.json`` and ``entry.json`` (what it
+was built from and its own ASR: see ``CacheEntry``). Writes are atomic, so a reader never sees half
+an entry; two builders of one key write the same bytes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,34 @@ import fcntl
 import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from mergeshield import checkpoints
+from mergeshield.report.schema import RateModel
 from mergeshield.task_vectors import TaskVector
+
+
+class CacheEntry(BaseModel):
+    """One cached BV_inj as the cache describes it (``entries``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+    recipe: dict[str, Any]
+    built_at: str  # ISO 8601, UTC (the weights' file time for entries without entry.json)
+    size: int  # bytes of model.safetensors
+    base: str | None = None  # the base model as the building scan named it
+    base_revision: str | None = None  # commit sha, or sha256 of its weight files
+    data: str | None = None  # the injection data's name
+    data_sha256: str | None = None
+    # ASR of base + BV_inj for each injected (trigger -> target), measured on ``measured_on``:
+    # how strong a backdoor the cached vector carries by itself
+    own_asr: dict[str, RateModel] = Field(default_factory=dict)
+    measured_on: str | None = None
 
 
 def entry_dir(cache_dir: str | Path, key: str) -> Path:
@@ -42,6 +66,38 @@ def store(cache_dir: str | Path | None, key: str, bv: TaskVector, recipe: dict[s
     checkpoints.save_checkpoint(folder, ((k, bv[k]) for k in bv),
                                 metadata={"mergeshield.recipe_hash": key})
     checkpoints.atomic_write_text(folder / "recipe.json", json.dumps(recipe, indent=2))
+
+
+def describe(cache_dir: str | Path | None, key: str, **info: Any) -> None:
+    """Record what ``key``'s entry was built from and its own ASR (``CacheEntry`` fields)."""
+    if cache_dir is None:
+        return
+    folder = entry_dir(cache_dir, key)
+    record = {"built_at": datetime.now(UTC).isoformat(timespec="seconds"), **info}
+    checkpoints.atomic_write_text(folder / "entry.json", json.dumps(record, indent=2))
+
+
+def entries(cache_dir: str | Path) -> list[CacheEntry]:
+    """Every complete entry in the cache, newest first (half-written ones are not listed)."""
+    root = Path(cache_dir) / "bv"
+    out = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        weights = folder / "model.safetensors"
+        if not (weights.is_file() and (folder / "recipe.json").is_file()):
+            continue
+        stat = weights.stat()
+        record: dict[str, Any] = {
+            "built_at": datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(timespec="seconds")}
+        if (folder / "entry.json").is_file():
+            record |= json.loads((folder / "entry.json").read_text())
+        record |= {"key": folder.name, "size": stat.st_size,
+                   "recipe": json.loads((folder / "recipe.json").read_text())}
+        try:
+            out.append(CacheEntry.model_validate(record))
+        except ValidationError:  # written by another scanner version: list what is certain
+            out.append(CacheEntry(key=folder.name, recipe=record["recipe"],
+                                  built_at=str(record["built_at"]), size=stat.st_size))
+    return sorted(out, key=lambda e: e.built_at, reverse=True)
 
 
 def file_guard(cache_dir: str | Path | None) -> Callable[[str], AbstractContextManager[None]]:

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,7 @@ from mergeshield.ibvs import (
     sweep,
 )
 from mergeshield.inversion import InversionConfig, invert_triggers
+from mergeshield.layers import per_layer
 from mergeshield.models import Classifier, ModelFamily
 from mergeshield.report.schema import (
     DatasetInput,
@@ -137,12 +139,23 @@ def measure_and_sanitise(
                                    request.recipe.model_dump(mode="json"))
         bv = loaded
         bv = focus(bv, tau, request.focus)
-    for trig, target in injected_backdoors(request.recipe, len(classes), test.images.shape[-1]):
+    injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
+    for trig, target in injected:
         p = _Probe(f"injection:{trigger_id(trig)}->{target}", "injection", trig, target,
                    trig.model_dump(mode="json"))
         p.ref = attack_success_rate(ref, test, trig, target)
         p.before = attack_success_rate(sus, test, trig, target)
         probes.append(p)
+    if given_bv is None and not cached and cache_dir is not None:
+        # built now: record its own strength beside it (ref is not needed after this point)
+        ref.load_backbone({k: base[k].float() + loaded[k] if k in loaded else base[k]
+                           for k in ref.backbone_state()})
+        bv_cache.describe(
+            cache_dir, key, base=_model_name(request.base), base_revision=base_revision,
+            data=inj_task.name, data_sha256=inj_task.train.sha256(),
+            measured_on=f"{task.name} test split, {len(test)} images",
+            own_asr={f"{trigger_id(t)}->{tgt}": attack_success_rate(ref, test, t, tgt)
+                     .to_model().model_dump() for t, tgt in injected})
 
     with stage("sweep"):
         tracked = _tracked(probes, request.min_asr_gap)
@@ -241,6 +254,11 @@ def _inverted(request: ScanRequest, task: TaskData, ref: Classifier, sus: Classi
     return best
 
 
+def _model_name(source: str) -> str:
+    """A hub id as given; a local path by its last part (the cache never records server paths)."""
+    return Path(source).name if Path(source).expanduser().exists() else source
+
+
 def _rate_near(rate: float, total: int) -> Rate:
     return Rate(round(rate * total), total)
 
@@ -274,6 +292,7 @@ def summarise(tau: TaskVector, base: Mapping[str, Tensor], skipped: list[tuple[s
     One pass, one tensor at a time: architecture-agnostic, runs for unknown families too.
     """
     stats: list[TensorStat] = []
+    base_norms: list[float] = []
     total = base_total = 0.0
     n_params = 0
     for name in tau:
@@ -288,10 +307,13 @@ def summarise(tau: TaskVector, base: Mapping[str, Tensor], skipped: list[tuple[s
         stats.append(TensorStat(name=name, numel=delta.numel(), norm=norm,
                                 relative_norm=norm / base_norm if base_norm > 0 else 0.0,
                                 cosine_with_injection_bv=cos))
+        base_norms.append(base_norm)
         total += norm * norm
         base_total += base_norm * base_norm
         n_params += delta.numel()
     return TaskVectorSummary(
         n_tensors=len(stats), n_parameters=n_params, norm=total ** 0.5, base_norm=base_total ** 0.5,
         per_tensor=stats, skipped=[SkippedTensor(name=n, reason=r) for n, r in skipped],
+        per_layer=per_layer((s.name, s.numel, s.norm, b) for s, b in zip(stats, base_norms,
+                                                                          strict=True)),
     )

@@ -188,6 +188,26 @@ def _task_vector(report: ScanReport) -> str:
     )
 
 
+def _layers(report: ScanReport) -> str:
+    tv = report.task_vector
+    if tv is None or not tv.per_layer:
+        return ""
+    chart = bar_chart(
+        [(layer.name, layer.relative_norm) for layer in tv.per_layer],
+        label=f"Relative task-vector norm of each of the {len(tv.per_layer)} layers, in order",
+    )
+    rows = [[layer.name, f"{layer.n_tensors}", f"{layer.numel:,}", f"{layer.norm:.4g}",
+             f"{layer.relative_norm:.4g}"] for layer in tv.per_layer]
+    return (
+        "<h2>Task-vector norm per layer</h2>"
+        f"<figure>{chart}<figcaption>‖τ‖ of each layer relative to the base layer's norm"
+        "</figcaption></figure>"
+        "<details><summary>Per-layer numbers</summary>"
+        + _table(["Layer", "Tensors", "Parameters", "Norm ‖τ‖", "Relative"], rows)
+        + "</details>"
+    )
+
+
 def _model_rows(role: str, m: ModelInput) -> list[list[str]]:
     return [
         [
@@ -256,6 +276,20 @@ def _incomplete(report: ScanReport) -> str:
     )
 
 
+def sections(report: ScanReport) -> dict[str, str]:
+    """The report's sections as escaped HTML fragments, in reading order (verdict first); the
+    dashboard places them in its own page, ``to_html`` in a standalone one."""
+    return {
+        "verdict": _verdict(report),
+        "triggers": _triggers(report),
+        "sweep": _sweep(report.sweep) if report.sweep else "",
+        "layers": _layers(report),
+        "task_vector": _task_vector(report),
+        "provenance": _provenance(report),
+        "incomplete": _incomplete(report),
+    }
+
+
 def to_html(report: ScanReport) -> str:
     """The report as one self-contained, escaped, phone-readable HTML page."""
     body: list[Any] = [
@@ -263,12 +297,7 @@ def to_html(report: ScanReport) -> str:
         f'<p class="muted">Suspect <code>{_e(report.suspect.source)}</code> '
         f"against base <code>{_e(report.base.source)}</code> · scan <code>"
         f"{_e(report.scan_id)}</code> · {_e(report.created_at)}</p></header><main>",
-        _verdict(report),
-        _triggers(report),
-        _sweep(report.sweep) if report.sweep else "",
-        _task_vector(report),
-        _provenance(report),
-        _incomplete(report),
+        *sections(report).values(),
         "</main>",
     ]
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

@@ -73,6 +73,16 @@ class TensorStat(_Model):
     cosine_with_injection_bv: float | None = None
 
 
+class LayerStat(_Model):
+    """The task vector's tensors of one layer together (``mergeshield.layers``)."""
+
+    name: str  # e.g. "vit.encoder.layer.3", "vit.embeddings"
+    n_tensors: int
+    numel: int
+    norm: float  # L2 norm of the layer's task-vector tensors together
+    relative_norm: float  # norm / L2 norm of the layer's base tensors (0 when that is 0)
+
+
 class SkippedTensor(_Model):
     name: str
     reason: str  # e.g. "head (not part of the task vector)", "non-float dtype int64"
@@ -85,6 +95,7 @@ class TaskVectorSummary(_Model):
     base_norm: float
     per_tensor: list[TensorStat]
     skipped: list[SkippedTensor]
+    per_layer: list[LayerStat] = Field(default_factory=list)  # empty in older reports
 
 
 class InjectionSummary(_Model):

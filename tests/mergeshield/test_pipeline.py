@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from mergeshield import bv_cache
 from mergeshield.errors import IncompatibleModelsError
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report import exit_code
@@ -184,3 +185,17 @@ def test_bf16_checkpoints_come_out_in_bf16(zoo: Zoo, tmp_path: Path, bv_cache_di
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert report.sweep is not None and report.sweep.chosen_lambda in (0.0, 1.0)
+
+
+def test_the_injection_bv_is_described_in_the_cache(backdoored: tuple[ScanReport, Path],
+                                                    bv_cache_dir: Path) -> None:
+    report, _ = backdoored
+    assert report.injection is not None and report.evaluation is not None
+    entry = next(e for e in bv_cache.entries(bv_cache_dir)
+                 if e.key == report.injection.recipe_hash)
+    assert entry.recipe == report.injection.recipe
+    assert entry.base == "vit-base"  # the folder's name, never the server's path
+    assert entry.base_revision and entry.base_revision.startswith("sha256:")
+    assert len(entry.own_asr) == len(report.evaluation.classes)  # one trigger per class
+    assert all(r.total > 0 and 0 <= r.rate <= 1 for r in entry.own_asr.values())
+    assert entry.measured_on and "test split" in entry.measured_on

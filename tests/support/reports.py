@@ -13,6 +13,7 @@ import math
 import struct
 import zlib
 
+from mergeshield.layers import per_layer
 from mergeshield.report.schema import (
     DatasetInput,
     FileDigest,
@@ -185,6 +186,7 @@ def _task_vector() -> TaskVectorSummary:
         norm=1.93,
         base_norm=412.5,
         per_tensor=stats,
+        per_layer=per_layer((s.name, s.numel, s.norm, 28.0) for s in stats),
         skipped=[
             SkippedTensor(name="classifier.weight", reason="head (not part of the task vector)"),
             SkippedTensor(name="vit.embeddings.position_ids", reason="non-float dtype int64"),

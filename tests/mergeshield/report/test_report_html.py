@@ -124,10 +124,12 @@ def test_backdoored_page_content() -> None:
     n_triggers = len(report.metrics.triggers)
     assert page.count('src="data:image/png;base64,') == n_triggers
     assert page.count("image-rendering:pixelated") == 1  # in the stylesheet
-    assert page.count("<svg ") == 2
+    assert page.count("<svg ") == 3  # λ sweep, per-layer norms, per-tensor norms
     assert "Lambda sweep" in page and "λ = 0.75 (chosen)" in page
     assert page.count("<polyline") == 1 + n_triggers  # clean accuracy + one per trigger
-    assert page.count('<rect x="290"') == 20  # one bar per tensor stat
+    assert page.count('<rect x="290"') == 20 + 5  # one bar per tensor stat and per layer
+    layers = page[page.index("Task-vector norm per layer") : page.index("<h2>Task vector</h2>")]
+    assert [f"vit.encoder.layer.{i}" in layers for i in range(5)] == [True] * 5
     for f in report.suspect.files + report.base.files:
         assert f.sha256 in page
     assert report.config_hash in page and report.device in page
@@ -143,7 +145,7 @@ def test_bars_are_sorted_and_capped_at_40() -> None:
         for i in range(3)
         for s in report.task_vector.per_tensor
     ]
-    tv = report.task_vector.model_copy(update={"per_tensor": stats})
+    tv = report.task_vector.model_copy(update={"per_tensor": stats, "per_layer": []})
     page = to_html(report.model_copy(update={"task_vector": tv}))
     assert page.count('<rect x="290"') == 40
     widths = [float(w) for w in re.findall(r'<rect x="290" y="[\d.]+" width="([\d.]+)"', page)]
@@ -155,7 +157,7 @@ def test_incomplete_page() -> None:
     assert "Verdict: Inconclusive" in page
     assert "<h2>Incomplete</h2>" in page and "out of GPU memory" in page
     assert "λ sweep" not in page  # no sweep was run
-    assert page.count("<svg ") == 1
+    assert page.count("<svg ") == 2  # the norms per layer and per tensor
 
 
 def test_invalid_preview_is_dropped() -> None:
