@@ -13,8 +13,17 @@ from fastapi import FastAPI
 
 from mergeshield import __version__
 from mergeshield.settings import Settings
-from service import errors, metrics
-from service.routes import endpoints, keys, ops, scans, uploads, watches, webhooks
+from service import dashboard, errors, metrics
+from service.routes import (
+    bv_cache,
+    endpoints,
+    keys,
+    ops,
+    scans,
+    uploads,
+    watches,
+    webhooks,
+)
 from worker import callbacks, migrate
 from worker.app import create_celery
 from worker.db import Database
@@ -60,8 +69,9 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
     app.state.log = log
     app.state.registry = metrics.install(app, db, settings)
     errors.install(app)
-    for module in (scans, uploads, keys, ops, webhooks, endpoints, watches):
+    for module in (scans, uploads, keys, ops, webhooks, endpoints, watches, bv_cache):
         app.include_router(module.router)
+    dashboard.install(app)
     return app
 
 

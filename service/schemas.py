@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
+from mergeshield.report import RateModel
 from mergeshield.triggers import Trigger
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$"
@@ -228,3 +229,20 @@ class DeliveryPage(BaseModel):
     limit: int
     offset: int
 
+
+class BvCacheOut(BaseModel):
+    """One injection BV in the cache (``ready``), or one being built (``building``), or a
+    database record whose files are gone (``missing``). Fields as ``mergeshield.bv_cache``."""
+
+    key: str
+    state: Literal["ready", "building", "missing"]
+    built_at: str  # ISO 8601: when built (ready) or when the build started
+    scan: str | None = None  # the scan that built it, when this service built it
+    recipe: dict[str, Any] | None = None
+    size: int | None = None
+    base: str | None = None
+    base_revision: str | None = None
+    data: str | None = None
+    data_sha256: str | None = None
+    own_asr: dict[str, RateModel] = Field(default_factory=dict)  # injected trigger -> ASR
+    measured_on: str | None = None

@@ -274,3 +274,5 @@ def test_the_wheel_ships_every_package_and_the_migrations(tmp_path: Path) -> Non
         if rel.split("/")[0] in ("mergeshield", "worker", "service"):
             assert rel in names, rel
     assert "worker/migrations/script.py.mako" in names
+    for path in ROOT.glob("service/dashboard/*/*"):  # the dashboard's templates and static files
+        assert path.relative_to(ROOT).as_posix() in names, path

@@ -18,6 +18,7 @@ from starlette.datastructures import State
 
 from mergeshield.errors import ConflictError, NotFoundError
 from mergeshield.pipeline import ScanRequest
+from mergeshield.report import LayerStat, ScanReport, load_report
 from service.auth import Principal, principal
 from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
 from worker import callbacks
@@ -136,6 +137,29 @@ def cancel(scan_id: str, request: Request, response: Response, caller: Caller) -
     return _out(_owned(request, caller, scan_id), response)
 
 
+@router.post("/{scan_id}/rescan", status_code=202, response_model=ScanOut)
+def rescan(scan_id: str, request: Request, response: Response, caller: Caller) -> ScanOut:
+    """Queue the same scan again (same inputs and options, same owner, whose uploads it reads),
+    bypassing the result cache."""
+    old = _owned(request, caller, scan_id)
+    scan = Scan(owner=old.owner, request=old.request, suspect=old.suspect, base=old.base,
+                force=True, queue=old.queue, enqueued_at=now(), id=new_id())
+    with request.app.state.db.session() as s:
+        s.add(scan)
+    try:
+        send_scan(request.app.state.celery, scan.id, scan.queue)
+    except Exception:  # broker down: the reconciler sends it
+        request.app.state.log.exception("could not enqueue; the reconciler will retry")
+    return _out(scan, response)
+
+
+@router.get("/{scan_id}/layers", response_model=list[LayerStat])
+def layers(scan_id: str, request: Request, caller: Caller) -> list[LayerStat]:
+    """The suspect's task-vector norm per layer (empty for reports older than this field)."""
+    tv = scan_report(request, caller, scan_id).task_vector
+    return tv.per_layer if tv else []
+
+
 @router.get("/{scan_id}/report", response_class=FileResponse,
             responses={200: {"content": {t: {} for _n, t in REPORT_FILES.values()}}})
 def report(scan_id: str, request: Request, caller: Caller,
@@ -178,6 +202,11 @@ def _owned(request: Request, caller: Principal, scan_id: str) -> Scan:
     if scan is None or not (caller.admin or scan.owner == caller.id):
         raise NotFoundError(f"no scan {scan_id!r}", details={"scan": scan_id})
     return scan
+
+
+def scan_report(request: Request, caller: Principal, scan_id: str) -> ScanReport:
+    """A succeeded scan's report (404/409 like the report route)."""
+    return load_report(_result_dir(request, _finished(request, caller, scan_id)) / "report.json")
 
 
 def _finished(request: Request, caller: Principal, scan_id: str) -> Scan:
