@@ -24,6 +24,7 @@ from mergeshield.errors import WebhooksDisabledError, WebhookSecretError
 from service.auth import Principal
 from service.routes.scans import by_idempotency, queue_scan
 from service.schemas import HUB_ID, ModelRef, ScanCreate
+from worker import discussions
 from worker.db import Watch, now
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -141,6 +142,9 @@ def act(state: State, payload: Any, watches: list[Watch]) -> Outcome:
         if scan is None:
             scan, created = queue_scan(state, caller, body, key)
             states.append("accepted" if created else "duplicate")
+            if created and watch.open_discussion:
+                with state.db.session() as s:
+                    s.add(discussions.delivery(scan))
         else:
             states.append("duplicate")
         outcome.scan_ids.append(scan.id)

@@ -144,6 +144,8 @@ class WatchCreate(_Body):
     prefix: bool = False
     scan: WatchScan
     callback_url: str | None = Field(default=None, max_length=2000)  # each scan's result
+    # open a discussion with each succeeded scan's verdict on the scanned repo (HF_TOKEN writes)
+    open_discussion: bool = False
     # a Hub webhook of this watch's own may send this instead of the global webhook secret
     secret: str | None = Field(default=None, min_length=16, max_length=200)
     rate_limit: int = Field(default=20, ge=1, le=100_000)  # scans per window, at most
@@ -156,6 +158,7 @@ class WatchOut(BaseModel):
     prefix: bool
     scan: dict[str, Any]
     callback_url: str | None
+    open_discussion: bool
     has_secret: bool  # the secret itself is never shown again
     rate_limit: int
     rate_window: int
@@ -191,7 +194,10 @@ class DeliveryOut(BaseModel):
       configuration were already scanned: ``scan_ids`` names that scan) | ``ignored`` (not a
       new commit of a watched model repo: ``reason`` says why) | ``rate_limited`` | ``refused``
       (bad or missing secret); outbound ``waiting`` (the scan runs) | ``pending`` (due at
-      ``next_attempt_at``) | ``delivered`` | ``dead`` (every attempt failed; redeliver).
+      ``next_attempt_at``) | ``delivered`` | ``dead`` (every attempt failed; redeliver) |
+      ``skipped`` (a discussion for a scan that did not succeed).
+    - ``url``: outbound, the callback URL, or ``hf-discussion:<repo>`` for a watch's discussion
+      on the scanned repo; inbound, the path it came to.
     - ``event``: inbound the Hub's ``event.scope`` (``repo.content``...); outbound
       ``scan.succeeded`` | ``scan.failed`` | ``scan.cancelled`` (None while waiting).
     - ``repo``/``revision``: inbound, the Hub repo and the commit taken from the payload.

@@ -1,6 +1,7 @@
 """Result callbacks: when a scan ends, POST its summary to the scan's callback URL, signed per
 Standard Webhooks (``worker.signing``), retried with exponential backoff until it is delivered
-or, after ``callback_max_attempts`` tries, ``dead`` (and redeliverable).
+or, after ``callback_max_attempts`` tries, ``dead`` (and redeliverable). A watch's discussion on
+the scanned repo (``worker.discussions``) rides the same rows and schedule.
 
 Everything lives in the ``deliveries`` table, so a restart loses nothing: the API's sender loop
 (``dispatch``, every ``callback_poll_interval``) turns ``waiting`` rows whose scan finished into
@@ -32,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from mergeshield import __version__
 from mergeshield.errors import CallbackUrlError
 from mergeshield.settings import Settings
-from worker import signing
+from worker import discussions, signing
 from worker.db import FINISHED, CallbackEndpoint, Database, Delivery, Scan, now
 
 log = logging.getLogger("mergeshield.callbacks")
@@ -145,10 +146,13 @@ def promote(db: Database) -> list[str]:
             Delivery.state == "waiting", Scan.state.in_(FINISHED))).all()
         for delivery, scan in rows:
             payload = scan_event(scan)
+            values: dict[str, Any] = {"state": "pending", "next_attempt_at": now()}
+            if discussions.is_discussion(delivery) and scan.state != "succeeded":
+                values = {"state": "skipped", "reason": f"the scan {scan.state}: no discussion"}
             changed = s.execute(update(Delivery).where(Delivery.id == delivery.id,
                                                        Delivery.state == "waiting")
-                                .values(state="pending", event=payload["type"], payload=payload,
-                                        next_attempt_at=now(), updated_at=now()))
+                                .values(event=payload["type"], payload=payload, updated_at=now(),
+                                        **values))
             if changed.rowcount:  # type: ignore[attr-defined]
                 done.append(delivery.id)
     return done
@@ -168,6 +172,13 @@ def claim(db: Database, delivery_id: str, lease: float) -> Delivery | None:
 
 def attempt(db: Database, delivery: Delivery, settings: Settings, client: httpx.Client) -> str:
     """Post once and record it; returns the new state (delivered, pending or dead)."""
+    if discussions.is_discussion(delivery):
+        try:
+            discussions.post(delivery, settings)
+            error = None
+        except Exception as exc:  # any refusal or outage of the Hub: retried like a callback
+            error = f"{type(exc).__name__}: {exc}"[:1000]
+        return _record(db, delivery, settings, None, error)
     with db.session() as s:
         endpoint = s.get(CallbackEndpoint, delivery.endpoint_id)
     body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
@@ -184,6 +195,12 @@ def attempt(db: Database, delivery: Delivery, settings: Settings, client: httpx.
         error = None if 200 <= status < 300 else f"the receiver answered {status}"
     except (httpx.HTTPError, CallbackUrlError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:1000]
+    return _record(db, delivery, settings, status, error)
+
+
+def _record(db: Database, delivery: Delivery, settings: Settings, status: int | None,
+            error: str | None) -> str:
+    """Store one attempt's outcome and schedule the next; returns the new state."""
     attempts = delivery.attempts + 1
     values: dict[str, Any] = {"attempts": attempts, "last_attempt_at": now(), "updated_at": now(),
                               "response_status": status, "reason": error}

@@ -166,6 +166,8 @@ class Watch(Base):
     prefix: Mapped[bool] = mapped_column(default=False)  # match repo ids starting with ``repo``
     scan: Mapped[dict[str, Any]] = mapped_column(JSON)
     callback_url: Mapped[str | None] = mapped_column(Text, default=None)
+    # open a discussion with the verdict on the scanned repo (needs a token that may write)
+    open_discussion: Mapped[bool] = mapped_column(default=False)
     secret_hash: Mapped[str | None] = mapped_column(String(64), default=None)  # sha256 hex
     rate_limit: Mapped[int] = mapped_column(Integer)
     rate_window: Mapped[int] = mapped_column(Integer)  # seconds
@@ -193,8 +195,10 @@ class Delivery(Base):
     """One webhook delivery, either way.
 
     inbound (the Hub to us), state: accepted | duplicate | ignored | rate_limited | refused.
-    outbound (a scan's result to its callback endpoint), state: waiting (the scan runs) →
-    pending (due at ``next_attempt_at``; retried with backoff) → delivered | dead. A sender
+    outbound (a scan's result to its callback endpoint, or as a discussion on the scanned Hub
+    repo: ``url`` ``hf-discussion:<repo>``), state: waiting (the scan runs) → pending (due at
+    ``next_attempt_at``; retried with backoff) → delivered | dead, or skipped (a discussion
+    for a scan that did not succeed). A sender
     claims a pending row by moving ``next_attempt_at`` forward with a conditional UPDATE, so
     two senders never post the same attempt; a sender that dies leaves it due again.
     """

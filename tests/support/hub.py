@@ -6,6 +6,9 @@ Serves repos registered from local folders over real HTTP on 127.0.0.1 (pass ``e
     GET  /api/{models|datasets}/{repo}/tree/{rev}[/{dir}]  file listing (``recursive=`` honoured)
     HEAD/GET /[datasets/]{repo}/resolve/{rev}/{path}       file bytes with X-Repo-Commit, ETag, size
 
+    POST /api/models/{repo}/discussions                    open a discussion (token needed)
+    GET  /api/models/{repo}/discussions/{num}              its details (``hub.discussions``)
+
 Errors carry the ``X-Error-Code`` header the client maps to RepositoryNotFoundError,
 RevisionNotFoundError and EntryNotFoundError; private repos answer 401 without
 ``Authorization: Bearer <hub.token>``. ``hub.fail_with(503)`` makes every request fail,
@@ -45,6 +48,7 @@ class LoopbackHub:
         self.repos: dict[tuple[str, str], _Repo] = {}
         self.failure: int | None = None
         self.requests: list[str] = []  # "METHOD path", for assertions on what the client did
+        self.discussions: dict[str, list[dict[str, str]]] = {}  # repo -> [{title, description}]
         self._server: ThreadingHTTPServer | None = None
         self._port = 0
 
@@ -106,6 +110,26 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         self._serve(body=True)
 
+    def do_POST(self) -> None:  # noqa: N802
+        """Only opening a discussion on a model repo, with the token."""
+        hub = self.owner
+        path = urlsplit(self.path).path
+        hub.requests.append(f"POST {path}")
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        data = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        repo_id = "/".join(parts[2:-1])
+        if parts[:2] != ["api", "models"] or parts[-1] != "discussions":
+            self._error(404, None, "unknown route", True)
+        elif self.headers.get("Authorization") != f"Bearer {hub.token}":
+            self._error(401, None, "Invalid credentials in Authorization header", True)
+        elif ("model", repo_id) not in hub.repos:
+            self._error(404, "RepoNotFound", "Repository not found", True)
+        else:
+            opened = hub.discussions.setdefault(repo_id, [])
+            opened.append({"title": data["title"], "description": data["description"]})
+            self._send(200, json.dumps({"num": len(opened)}).encode(),
+                       {"Content-Type": "application/json"})
+
     def _send(self, status: int, data: bytes = b"", headers: dict[str, str] | None = None,
               body: bool = True) -> None:
         self.send_response(status)
@@ -131,7 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(hub.failure, None, "the loopback hub is failing on purpose", body)
             return
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
-        if parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets"):
+        if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "discussions":
+            self._discussion("/".join(parts[2:4]), int(parts[5]), body)
+        elif parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets"):
             self._api(("model" if parts[1] == "models" else "dataset"), parts[2:],
                       parse_qs(url.query), body)
         elif "resolve" in parts:
@@ -146,6 +172,17 @@ class _Handler(BaseHTTPRequestHandler):
                        body)
         else:
             self._error(404, None, "unknown route", body)
+
+    def _discussion(self, repo_id: str, num: int, body: bool) -> None:
+        opened = self.owner.discussions.get(repo_id, [])
+        if not 0 < num <= len(opened):
+            self._error(404, None, "Discussion not found", body)
+            return
+        details = {"num": num, "title": opened[num - 1]["title"], "status": "open",
+                   "author": {"name": "mergeshield"}, "createdAt": "2026-01-01T00:00:00.000Z",
+                   "repo": {"name": repo_id, "type": "model"}, "isPullRequest": False,
+                   "events": []}
+        self._send(200, json.dumps(details).encode(), {"Content-Type": "application/json"}, body)
 
     def _lookup(self, repo_type: RepoType, repo_id: str, rev: str,
                 body: bool) -> tuple[str, dict[str, bytes]] | None:

@@ -40,6 +40,7 @@ def upgrade() -> None:
     sa.Column('prefix', sa.Boolean(), nullable=False),
     sa.Column('scan', sa.JSON(), nullable=False),
     sa.Column('callback_url', sa.Text(), nullable=True),
+    sa.Column('open_discussion', sa.Boolean(), nullable=False),
     sa.Column('secret_hash', sa.String(length=64), nullable=True),
     sa.Column('rate_limit', sa.Integer(), nullable=False),
     sa.Column('rate_window', sa.Integer(), nullable=False),
