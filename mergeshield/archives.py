@@ -43,7 +43,16 @@ def is_archive(path: Path) -> bool:
     """True for a zip or a (gzip/bz2/xz) tar by content; a torch.save zip is a checkpoint."""
     if not path.is_file():
         return False
-    return not _is_torch_zip(path) if zipfile.is_zipfile(path) else tarfile.is_tarfile(path)
+    return not _is_torch_zip(path) if _is_zip(path) else tarfile.is_tarfile(path)
+
+
+def _is_zip(path: Path) -> bool:
+    """A zip from its first bytes on: ``zipfile.is_zipfile`` alone also accepts any file that
+    merely ends in a zip, e.g. a tar whose last member is a torch.save zip (it would then be
+    unpacked as that inner zip)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return magic in (b"PK\x03\x04", b"PK\x05\x06") and zipfile.is_zipfile(path)
 
 
 def unpack(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimits()) -> Path:
@@ -59,7 +68,7 @@ def unpack(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimits()) -
                          "empty; unpack into a new folder", details={"archive": archive.name})
     ex = _Extraction(archive.name, dest, limits)
     try:
-        if zipfile.is_zipfile(archive):
+        if _is_zip(archive):
             _unpack_zip(archive, ex)
         elif tarfile.is_tarfile(archive):
             _unpack_tar(archive, ex)
