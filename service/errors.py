@@ -54,7 +54,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error")  # 400: a body FastAPI cannot parse (bad or deep JSON)
         return JSONResponse(body(code, str(exc.detail)), exc.status_code,
                             headers=getattr(exc, "headers", None))
 

@@ -18,7 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from mergeshield import archives
-from mergeshield.errors import InputError, PayloadTooLargeError
+from mergeshield.checkpoints import REFUSED_SUFFIXES
+from mergeshield.errors import InputError, PayloadTooLargeError, UnsafeFormatError
 from mergeshield.safetensors_io import read_header
 from mergeshield.settings import Settings
 from worker.db import Database, Upload
@@ -157,6 +158,10 @@ def _place(settings: Settings, folder: Path, got: Received) -> tuple[str, str]:
         got.path.unlink(missing_ok=True)
         rel_root = Path((folder / "root").read_text())
         return "archive", str((unpacked / rel_root).relative_to(data_dir))
+    if name.endswith(REFUSED_SUFFIXES):  # the same refusal the library gives, not "wrong type"
+        raise UnsafeFormatError(f"{got.filename}: refused, a raw pickle can run arbitrary code "
+                                "when loaded; export the weights as safetensors",
+                                details={"filename": got.filename})
     if not name.endswith(WEIGHT_SUFFIXES):
         raise InputError(f"{got.filename}: upload a .safetensors or .bin file, or a zip/tar of a "
                          "Hugging Face model folder", details={"filename": got.filename})
