@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO
 
 from fastapi import Request
+from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -56,9 +57,13 @@ async def receive(request: Request, settings: Settings) -> Received:
         "on_header_end": sink.on_header_end, "on_part_data": sink.on_part_data,
         "on_part_end": sink.on_part_end})
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+        except ParseError as exc:  # a client's broken body, not a server error
+            raise InputError(f"the multipart body is malformed ({str(exc)[:200]}); send the "
+                             "file as multipart/form-data in a field named 'file'") from None
     except BaseException:
         sink.on_part_end()
         if got.path is not None:

@@ -96,7 +96,8 @@ def list_scans(request: Request, caller: Caller,
                verdict: str | None = Query(default=None, max_length=40),
                suspect: str | None = Query(default=None, max_length=300),
                limit: int = Query(default=50, ge=1, le=500),
-               offset: int = Query(default=0, ge=0)) -> ScanPage:
+               # bounded: SQLite's integers are 64-bit (2**63 was a 500), no table is this long
+               offset: int = Query(default=0, ge=0, le=2**31 - 1)) -> ScanPage:
     """Newest first; filter by state, verdict and suspect (exact hub id or upload label)."""
     db: Database = request.app.state.db
     where = [] if caller.admin else [Scan.owner == caller.id]
