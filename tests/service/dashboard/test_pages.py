@@ -278,6 +278,21 @@ def test_webhook_deliveries_both_ways_with_redeliver(finished: dict[str, Any], p
     assert outbound["items"][0]["scan_id"] == finished["id"]
 
 
+def test_a_file_dropped_on_the_page_is_uploaded_and_a_refusal_is_shown(page: Page) -> None:
+    page.goto("/ui/scans/new")
+    zone = page.locator('[data-upload="base"] [data-drop]')
+    dropped = page.evaluate_handle("""() => {
+        const dt = new DataTransfer();
+        dt.items.add(new File(["not a model"], "notes.txt", {type: "text/plain"}));
+        return dt; }""")
+    zone.dispatch_event("dragover", {"dataTransfer": dropped})
+    expect(zone).to_have_class(re.compile(r"\bover\b"))
+    zone.dispatch_event("drop", {"dataTransfer": dropped})
+    status = page.locator('[data-upload="base"] [data-upload-status]')
+    expect(status).to_contain_text("Upload failed: notes.txt: upload a .safetensors")
+    assert page.locator('[name="base_upload"]').input_value() == ""  # nothing to scan
+
+
 def _tab_to(page: Page, check: str, limit: int = 80) -> None:
     """Press Tab until ``check`` (JS on ``el``) holds for the focused element; every stop must
     show a focus outline."""
