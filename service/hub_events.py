@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 from starlette.datastructures import State
 
-from mergeshield.errors import WebhooksDisabledError, WebhookSecretError
+from mergeshield.errors import MergeShieldError, WebhooksDisabledError, WebhookSecretError
 from service.auth import Principal
 from service.routes.scans import by_idempotency, queue_scan
 from service.schemas import HUB_ID, ModelRef, ScanCreate
@@ -127,31 +127,46 @@ def act(state: State, payload: Any, watches: list[Watch]) -> Outcome:
         return Outcome("ignored", found, owner=_owner(watches))
     if not watches:
         return Outcome("ignored", f"no watch matches {found.repo}")
-    states: list[str] = []
     outcome = Outcome("ignored", watch_ids=[w.id for w in watches], owner=_owner(watches))
+    states, reasons = [], []
     for watch in watches:
-        body = ScanCreate.model_validate({
-            **watch.scan, "suspect": ModelRef(hub=found.repo, revision=found.sha),
-            "callback_url": watch.callback_url})
-        key = dedup_key(body)
-        caller = Principal(watch.owner, admin=False)
-        scan = by_idempotency(state.db, caller, key)
-        if scan is None and not take_token(state, watch):
-            states.append("rate_limited")
-            continue
-        if scan is None:
-            scan, created = queue_scan(state, caller, body, key)
-            states.append("accepted" if created else "duplicate")
-            if created and watch.open_discussion:
-                with state.db.session() as s:
-                    s.add(discussions.delivery(scan))
-        else:
-            states.append("duplicate")
-        outcome.scan_ids.append(scan.id)
-    outcome.state = next(s for s in ("accepted", "duplicate", "rate_limited") if s in states)
-    if "rate_limited" in states:
-        outcome.reason = "a watch's rate limit was reached; no scan was queued for it"
+        result, scan_id, reason = _scan_for(state, watch, found)
+        states.append(result)
+        if scan_id is not None:
+            outcome.scan_ids.append(scan_id)
+        if reason is not None:
+            reasons.append(f"watch {watch.id}: {reason}")
+    outcome.state = next(s for s in STATES if s in states)
+    outcome.reason = "; ".join(reasons) or None
     return outcome
+
+
+STATES = ("accepted", "duplicate", "rate_limited", "failed")  # the first present names the whole
+
+
+def _scan_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | None, str | None]:
+    """One watch's scan of the commit: (accepted|duplicate|rate_limited|failed, scan, reason).
+    A watch that cannot queue (its base upload was deleted, its callback URL is refused) fails
+    alone, recorded with the reason, and the Hub still gets a 2xx: retrying would not help."""
+    body = ScanCreate.model_validate({
+        **watch.scan, "suspect": ModelRef(hub=found.repo, revision=found.sha),
+        "callback_url": watch.callback_url})
+    key = dedup_key(body)
+    caller = Principal(watch.owner, admin=False)
+    scan = by_idempotency(state.db, caller, key)
+    if scan is not None:
+        return "duplicate", scan.id, None
+    if not take_token(state, watch):
+        return "rate_limited", None, (f"over its rate limit of {watch.rate_limit} scans per "
+                                      f"{watch.rate_window} s; no scan was queued")
+    try:
+        scan, created = queue_scan(state, caller, body, key)
+    except MergeShieldError as exc:
+        return "failed", None, f"{exc.code}: {exc.message}"
+    if created and watch.open_discussion:
+        with state.db.session() as s:
+            s.add(discussions.delivery(scan))
+    return ("accepted" if created else "duplicate"), scan.id, None
 
 
 def dedup_key(body: ScanCreate) -> str:

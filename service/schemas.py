@@ -192,10 +192,13 @@ class DeliveryOut(BaseModel):
       its callback URL).
     - ``state``: inbound ``accepted`` (scans queued) | ``duplicate`` (the same repo, commit and
       configuration were already scanned: ``scan_ids`` names that scan) | ``ignored`` (not a
-      new commit of a watched model repo: ``reason`` says why) | ``rate_limited`` | ``refused``
-      (bad or missing secret); outbound ``waiting`` (the scan runs) | ``pending`` (due at
-      ``next_attempt_at``) | ``delivered`` | ``dead`` (every attempt failed; redeliver) |
-      ``skipped`` (a discussion for a scan that did not succeed).
+      new commit of a watched model repo: ``reason`` says why) | ``rate_limited`` | ``failed``
+      (a watch could not queue its scan: ``reason`` says why) | ``refused`` (bad or missing
+      secret, or no JSON); with several watches the first of accepted, duplicate,
+      rate_limited, failed that any watch reached names the delivery; outbound ``waiting``
+      (the scan runs) | ``pending`` (due at ``next_attempt_at``) | ``delivered`` | ``dead``
+      (every attempt failed; redeliver) | ``skipped`` (a discussion for a scan that did not
+      succeed).
     - ``url``: outbound, the callback URL, or ``hf-discussion:<repo>`` for a watch's discussion
       on the scanned repo; inbound, the path it came to.
     - ``event``: inbound the Hub's ``event.scope`` (``repo.content``...); outbound

@@ -194,7 +194,8 @@ class CallbackEndpoint(Base):
 class Delivery(Base):
     """One webhook delivery, either way.
 
-    inbound (the Hub to us), state: accepted | duplicate | ignored | rate_limited | refused.
+    inbound (the Hub to us), state: accepted | duplicate | ignored | rate_limited | failed |
+    refused.
     outbound (a scan's result to its callback endpoint, or as a discussion on the scanned Hub
     repo: ``url`` ``hf-discussion:<repo>``), state: waiting (the scan runs) → pending (due at
     ``next_attempt_at``; retried with backoff) → delivered | dead, or skipped (a discussion

@@ -42,11 +42,11 @@ async def huggingface(request: Request, response: Response) -> DeliveryOut:
     (202); anything else is recorded and ignored (200). A wrong or missing ``X-Webhook-Secret``
     is refused (401 ``invalid_webhook_secret``), as is everything when no secret is configured
     (403 ``webhooks_disabled``)."""
-    if int(request.headers.get("content-length") or 0) > MAX_EVENT_BYTES:
-        raise PayloadTooLargeError("a Hub webhook payload is a few kB; this one is too big")
-    raw = await request.body()
-    if len(raw) > MAX_EVENT_BYTES:
-        raise PayloadTooLargeError("a Hub webhook payload is a few kB; this one is too big")
+    raw = b""
+    async for chunk in request.stream():  # read up to the limit, never the whole of a flood
+        raw += chunk
+        if len(raw) > MAX_EVENT_BYTES:
+            raise PayloadTooLargeError("a Hub webhook payload is a few kB; this one is too big")
     return await run_in_threadpool(receive, request, response, raw)
 
 

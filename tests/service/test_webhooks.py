@@ -196,6 +196,20 @@ def test_a_watch_is_rate_limited(stack: Stack, user: httpx.Client, zoo: Zoo) -> 
     user.delete(f"/v1/watches/{w['id']}")
 
 
+def test_a_watch_that_cannot_queue_fails_alone_and_the_hub_gets_a_2xx(
+        stack: Stack, user: httpx.Client, zoo: Zoo) -> None:
+    broken = watch(user, "zoo/shared-model", zoo, scan={"base": {"upload": "f" * 32}})
+    fine = watch(user, "zoo/shared-model", zoo)
+    r = deliver(stack, repo_content("zoo/shared-model"))
+    assert r.status_code == 202 and r.json()["state"] == "accepted"
+    assert len(r.json()["scan_ids"]) == 1
+    assert f"watch {broken['id']}: not_found" in r.json()["reason"]
+    user.delete(f"/v1/watches/{fine['id']}")
+    alone = deliver(stack, repo_content("zoo/shared-model", "3" * 40))
+    assert alone.status_code == 200 and alone.json()["state"] == "failed"
+    user.delete(f"/v1/watches/{broken['id']}")
+
+
 def test_deletions_and_events_other_than_a_push_to_main_are_ignored(
         stack: Stack, user: httpx.Client, zoo: Zoo) -> None:
     name = "zoo/quiet-model"
@@ -237,6 +251,14 @@ def test_a_wrong_or_missing_secret_is_refused_and_recorded(stack: Stack, user: h
         refused) + json.dumps(detail)
     assert admin.post(f"/v1/webhooks/deliveries/{detail['id']}/redeliver").status_code == 409
     user.delete(f"/v1/watches/{own['id']}")
+
+
+def test_a_body_that_is_not_json_or_too_big_is_refused(stack: Stack) -> None:
+    url, secret = f"{stack.url}/v1/webhooks/huggingface", {"X-Webhook-Secret": SECRET}
+    garbled = httpx.post(url, content=b"{not json", headers=secret)
+    assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_input"
+    flood = httpx.post(url, content=b" " * (1024 * 1024 + 1), headers=secret)
+    assert flood.status_code == 413 and flood.json()["error"]["code"] == "payload_too_large"
 
 
 def test_a_dead_callback_is_redelivered(stack: Stack, user: httpx.Client, receiver: Receiver,
