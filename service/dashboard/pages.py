@@ -21,7 +21,7 @@ from mergeshield.errors import AuthenticationError, ConflictError, InputError, N
 from mergeshield.report.html import sections
 from service.auth import COOKIE, Principal, authenticate, check_origin, principal
 from service.dashboard import forms
-from service.routes import bv_cache, scans, webhooks
+from service.routes import bv_cache, scans, uploads, webhooks
 from worker.db import new_id
 
 HERE = Path(__file__).parent
@@ -82,6 +82,18 @@ def _back(url: str, **query: str) -> RedirectResponse:
     return RedirectResponse(url + (f"?{urlencode(query)}" if query else ""), 303)
 
 
+def _names(request: Request, caller: Principal, labels: list[str]) -> dict[str, str]:
+    """Upload labels (``upload:<id>``) → the uploaded file's name, for the caller's uploads."""
+    out = {}
+    for label in set(labels):
+        if label.startswith("upload:"):
+            try:
+                out[label] = uploads.get_upload(label[len("upload:"):], request, caller).filename
+            except NotFoundError:  # another key's upload (the admin sees every scan): keep the id
+                pass
+    return out
+
+
 def _pages(total: int, offset: int) -> dict[str, int]:
     return {"page": offset // PER_PAGE + 1, "pages": max(1, math.ceil(total / PER_PAGE)),
             "per_page": PER_PAGE}
@@ -139,7 +151,8 @@ def scan_list(request: Request, state: str = "", verdict: str = "", suspect: str
                              verdict=filters["verdict"], suspect=filters["suspect"],
                              limit=PER_PAGE, offset=offset)
     query = {k: v for k, v in filters.items() if v}
-    return _page(request, "scans.html", caller, scans=found.items, total=found.total,
+    names = _names(request, caller, [x for s in found.items for x in (s.suspect, s.base)])
+    return _page(request, "scans.html", caller, scans=found.items, total=found.total, names=names,
                  filters=filters, states=STATES, verdicts=VERDICTS,
                  api_query=urlencode({**query, "limit": PER_PAGE, "offset": offset}),
                  page_query=urlencode(query), **_pages(found.total, offset))
@@ -187,6 +200,7 @@ def scan_page(scan_id: str, request: Request) -> Response:
         return _page(request, "error.html", caller, 404, message=exc.message)
     report = scans.scan_report(request, caller, scan_id) if scan.state == "succeeded" else None
     return _page(request, "scan.html", caller, scan=scan, report=report,
+                 names=_names(request, caller, [scan.suspect, scan.base]),
                  parts=sections(report) if report else {})
 
 

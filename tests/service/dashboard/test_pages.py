@@ -176,6 +176,7 @@ def test_the_list_follows_the_scan_live_until_it_succeeds(finished: dict[str, An
     assert len({pct for _state, pct in seen}) >= 3, seen  # updated while it ran, not reloaded
     row = page.locator(f'tr[data-scan="{finished["id"]}"]')
     expect(row.locator('[data-field="verdict"]')).to_contain_text("backdoor suspected")
+    expect(row).to_contain_text(f"{SUSPECT}.zip")  # an upload is shown by its file's name
 
 
 def test_the_report_page_shows_verdict_metrics_curve_layers_triggers_provenance(
