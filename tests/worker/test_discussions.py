@@ -41,6 +41,7 @@ def scan_with_discussion(db: Database, make_scan: Callable[..., Scan], repo: str
 
 
 def settle(db: Database, cfg: Settings, delivery_id: str) -> Delivery:
+    """Run sender passes until the delivery leaves waiting/pending."""
     with httpx.Client() as client:
         for _ in range(100):
             callbacks.dispatch(db, cfg, client)
@@ -50,7 +51,7 @@ def settle(db: Database, cfg: Settings, delivery_id: str) -> Delivery:
             if row.state not in ("waiting", "pending"):
                 return row
             time.sleep(0.02)
-    raise AssertionError(f"still {row.state}")
+    raise AssertionError(f"delivery {delivery_id} never settled")
 
 
 def test_a_succeeded_scan_opens_a_discussion_with_its_verdict(
@@ -62,8 +63,9 @@ def test_a_succeeded_scan_opens_a_discussion_with_its_verdict(
     assert done.state == "delivered" and done.attempts == 1
     [opened] = hub.discussions[published]
     assert opened["title"] == "MergeShield scan: backdoor_suspected (HIGH)"
-    assert "a" * 40 in opened["description"] and SUMMARY["verdict"]["reasons"][0] in opened[
-        "description"] and row.scan_id in opened["description"]
+    assert row.scan_id is not None and row.scan_id in opened["description"]
+    assert "a" * 40 in opened["description"]
+    assert SUMMARY["verdict"]["reasons"][0] in opened["description"]
 
 
 def test_a_scan_that_did_not_succeed_opens_none(
