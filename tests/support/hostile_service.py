@@ -102,6 +102,7 @@ class RequestCase:
     status: int
     code: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    group: str = ""  # for the figures: ids in paths, model references, ...
 
     @property
     def id(self) -> str:
@@ -135,18 +136,18 @@ def request_cases() -> list[RequestCase]:
         for route in ("/v1/scans/{}", "/v1/scans/{}/report", "/v1/uploads/{}"):
             label = route.split("/")[2] + ("-report" if "report" in route else "")
             cases.append(RequestCase(f"{label}-id-{name}", "GET", route.format(raw), 404,
-                                     "not_found"))
+                                     "not_found", group="ids in paths"))
     good = {"hub": "a/b"}
     for name, ref in BAD_REFS.items():
         for role in ("suspect", "base"):
             body = {"suspect": good, "base": good, role: ref}
             cases.append(RequestCase(f"scan-{role}-{name}", "POST", "/v1/scans", 422,
-                                     "invalid_request", {"json": body}))
+                                     "invalid_request", {"json": body}, "model references"))
     for name, evaluation in (("eval-absolute-path", "/etc/passwd"), ("eval-parent", "../x"),
                              ("eval-nul", "mnist\x00")):
         cases.append(RequestCase(f"scan-{name}", "POST", "/v1/scans", 422, "invalid_request",
                                  {"json": {"suspect": good, "base": good,
-                                           "evaluation": evaluation}}))
+                                           "evaluation": evaluation}}, "model references"))
     body = b'{"suspect": {"hub": "a/b"}, "base": {"hub": "a/b"}}'
     for name, ctype, content in (
             ("scan-as-text-plain", "text/plain", body),
@@ -155,10 +156,12 @@ def request_cases() -> list[RequestCase]:
             ("scan-json-array", "application/json", b"[1, 2]"),
             ("scan-multipart", "multipart/form-data; boundary=x", b"--x--\r\n")):
         cases.append(RequestCase(name, "POST", "/v1/scans", 422, "invalid_request",
-                                 {"content": content, "headers": {"content-type": ctype}}))
+                                 {"content": content, "headers": {"content-type": ctype}},
+                                 "content types and bodies"))
     # a body the JSON parser gives up on (RecursionError) is a 400, still with a stable code
     cases.append(RequestCase("scan-deep-json", "POST", "/v1/scans", 400, "invalid_request", {
-        "content": b"[" * 50_000 + b"]" * 50_000, "headers": {"content-type": "application/json"}}))
+        "content": b"[" * 50_000 + b"]" * 50_000, "headers": {"content-type": "application/json"}},
+        "content types and bodies"))
     for name, ctype, content in (
             ("upload-as-json", "application/json", b'{"file": "model.safetensors"}'),
             ("upload-as-octet-stream", "application/octet-stream", b"\0" * 64),
@@ -166,7 +169,8 @@ def request_cases() -> list[RequestCase]:
             ("upload-multipart-no-file-part", "multipart/form-data; boundary=x",
              b'--x\r\nContent-Disposition: form-data; name="other"\r\n\r\nv\r\n--x--\r\n')):
         cases.append(RequestCase(name, "POST", "/v1/uploads", 400, "invalid_input",
-                                 {"content": content, "headers": {"content-type": ctype}}))
+                                 {"content": content, "headers": {"content-type": ctype}},
+                                 "content types and bodies"))
     for name, filename, content, status, code in (
             ("upload-name-parent-pkl", "../../../../tmp/evil.pkl", b"x", 400, "unsafe_format"),
             ("upload-name-nul", "model\x00.safetensors", b"\xff" * 64, 400,
@@ -177,7 +181,8 @@ def request_cases() -> list[RequestCase]:
             ("upload-too-large", "big.safetensors", b"\0" * (MAX_UPLOAD_BYTES + 1), 413,
              "payload_too_large")):
         cases.append(RequestCase(name, "POST", "/v1/uploads", status, code,
-                                 {"files": {"file": (filename, content)}}))
+                                 {"files": {"file": (filename, content)}},
+                                 "upload names and sizes"))
     return cases
 
 
