@@ -37,8 +37,8 @@ class CacheEntry(BaseModel):
     base_revision: str | None = None  # commit sha, or sha256 of its weight files
     data: str | None = None  # the injection data's name
     data_sha256: str | None = None
-    # ASR of base + BV_inj for each injected (trigger -> target), measured on ``measured_on``:
-    # how strong a backdoor the cached vector carries by itself
+    # the injected model θ_inj_bd's ASR for each of its (trigger -> target), measured on
+    # ``measured_on`` when it was built: whether the injection behind the cached vector took
     own_asr: dict[str, RateModel] = Field(default_factory=dict)
     measured_on: str | None = None
 

@@ -115,8 +115,12 @@ def build_injection_bv(
     recipe: InjectionRecipe,
     *,
     progress: Progress | None = None,
+    inspect: Callable[[Classifier], None] | None = None,
 ) -> TaskVector:
-    """BV_inj = θ_inj_bd − θ_inj_clean from paired fine-tunes of the base (head frozen)."""
+    """BV_inj = θ_inj_bd − θ_inj_clean from paired fine-tunes of the base (head frozen).
+
+    ``inspect`` is handed the backdoored model θ_inj_bd (with its head) before it is dropped,
+    e.g. to measure whether the injection took."""
     if recipe.max_train is not None and len(data) > recipe.max_train:
         gen = torch.Generator().manual_seed(recipe.seed)
         data = data.subset(torch.randperm(len(data), generator=gen)[: recipe.max_train])
@@ -125,6 +129,10 @@ def build_injection_bv(
     poisoned = poison_many(data, backdoors, recipe.poison_rate, recipe.seed)
     clean, bd = paired_finetune(make_classifier, data, poisoned, recipe.finetune_config(),
                                 progress=progress)
+    if inspect is not None:
+        injected = make_classifier()
+        injected.load_backbone(bd)
+        inspect(injected)
     return TaskVector.between(clean, bd).materialize()
 
 

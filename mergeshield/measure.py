@@ -119,6 +119,13 @@ def measure_and_sanitise(
         with stage("invert_triggers"):
             probes.append(_inverted(request, task, ref, sus))
 
+    injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
+    own: dict[str, Any] = {}  # the injected model's own ASR, when BV_inj is built now
+
+    def own_asr(model: Classifier) -> None:  # θ_inj_bd: did the injection take?
+        own.update({f"{trigger_id(t)}->{tgt}": attack_success_rate(model, test, t, tgt)
+                    .to_model().model_dump() for t, tgt in injected})
+
     with stage("injection_bv"):
         loaded: TaskVector | None
         if given_bv is not None:  # the user's own BV: nothing to build
@@ -134,28 +141,22 @@ def measure_and_sanitise(
                 if loaded is None:
                     make = family.task_classifier(base, inj_task.train, device=device)
                     loaded = build_injection_bv(make, inj_task.train, request.recipe,
-                                                progress=progress)
+                                                progress=progress, inspect=own_asr)
                     bv_cache.store(cache_dir, key, loaded,
                                    request.recipe.model_dump(mode="json"))
+                    bv_cache.describe(
+                        cache_dir, key, base=_model_name(request.base),
+                        base_revision=base_revision, data=inj_task.name,
+                        data_sha256=inj_task.train.sha256(), own_asr=own,
+                        measured_on=f"the injected model on {task.name} test, {len(test)} images")
         bv = loaded
         bv = focus(bv, tau, request.focus)
-    injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
     for trig, target in injected:
         p = _Probe(f"injection:{trigger_id(trig)}->{target}", "injection", trig, target,
                    trig.model_dump(mode="json"))
         p.ref = attack_success_rate(ref, test, trig, target)
         p.before = attack_success_rate(sus, test, trig, target)
         probes.append(p)
-    if given_bv is None and not cached and cache_dir is not None:
-        # built now: record its own strength beside it (ref is not needed after this point)
-        ref.load_backbone({k: base[k].float() + loaded[k] if k in loaded else base[k]
-                           for k in ref.backbone_state()})
-        bv_cache.describe(
-            cache_dir, key, base=_model_name(request.base), base_revision=base_revision,
-            data=inj_task.name, data_sha256=inj_task.train.sha256(),
-            measured_on=f"{task.name} test split, {len(test)} images",
-            own_asr={f"{trigger_id(t)}->{tgt}": attack_success_rate(ref, test, t, tgt)
-                     .to_model().model_dump() for t, tgt in injected})
 
     with stage("sweep"):
         tracked = _tracked(probes, request.min_asr_gap)

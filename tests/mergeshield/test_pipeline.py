@@ -198,4 +198,4 @@ def test_the_injection_bv_is_described_in_the_cache(backdoored: tuple[ScanReport
     assert entry.base_revision and entry.base_revision.startswith("sha256:")
     assert len(entry.own_asr) == len(report.evaluation.classes)  # one trigger per class
     assert all(r.total > 0 and 0 <= r.rate <= 1 for r in entry.own_asr.values())
-    assert entry.measured_on and "test split" in entry.measured_on
+    assert entry.measured_on and "injected model" in entry.measured_on
