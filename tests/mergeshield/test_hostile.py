@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mergeshield import archives
-from mergeshield.errors import UnsafeArchiveError
+from mergeshield.errors import ConfigError, UnsafeArchiveError
+from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from tests.support import hostile
 
 CASES = hostile.corpus()
@@ -49,3 +50,22 @@ def test_hundred_thousand_files_are_refused_by_count_before_anything_is_written(
     assert info.value.details["member"] == "m/099999"  # judged on the central directory's count
     assert not (tmp_path / "dest").exists()
     assert time.perf_counter() - t0 < 10  # no per-member work (about 0.5 s here)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "/proc/self/environ", "../../../../etc",
+                                  "link-out", "uploads/../../outside"])
+def test_a_service_scan_names_no_local_path_outside_its_roots(name: str, base: Path,
+                                                               tmp_path: Path) -> None:
+    """``allowed_roots`` (the service's uploads folder): a path outside, a ``..`` climb or a
+    symlink that leads out is refused before anything is read."""
+    roots = tmp_path / "uploads"
+    roots.mkdir()
+    (tmp_path / "outside").mkdir()
+    (roots / "link-out").symlink_to(base)
+    value = str(roots / name) if name in ("link-out",) else \
+        str(tmp_path / name) if name.startswith("uploads/") else name
+    request = ScanRequest(suspect=value, base=str(roots / "link-out"), probes=False,
+                          inversion=False)
+    with pytest.raises(ConfigError, match="local path") as info:
+        scan(request, ScanContext(allowed_roots=(roots,), local_files_only=True))
+    assert info.value.code == "invalid_config"
