@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 
 from mergeshield import errors
@@ -58,6 +59,13 @@ def install(app: FastAPI) -> None:
             exc.status_code, "http_error")  # 400: a body FastAPI cannot parse (bad or deep JSON)
         return JSONResponse(body(code, str(exc.detail)), exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_request: Request, exc: DataError) -> JSONResponse:
+        # a request value the database refuses (PostgreSQL: a NUL in text), whatever route
+        log.warning("database refused a request value: %s", str(exc.orig)[:200])
+        return JSONResponse(body("invalid_request", "a value in the request cannot be used "
+                                 f"({str(exc.orig)[:120]}); remove control characters"), 400)
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:

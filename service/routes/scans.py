@@ -26,6 +26,7 @@ from worker.app import choose_queue, send_scan
 from worker.db import FINISHED, Database, Scan, Upload, Worker, new_id, now
 
 router = APIRouter(prefix="/v1/scans", tags=["scans"])
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: a filter with one is a 422, not a 500
 Caller = Annotated[Principal, Depends(principal)]
 REPORT_FILES = {"json": ("report.json", "application/json"),
                 "sarif": ("report.sarif", "application/sarif+json"),
@@ -93,8 +94,8 @@ def queue_scan(state: State, caller: Principal, body: ScanCreate,
 def list_scans(request: Request, caller: Caller,
                state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None
                = None,
-               verdict: str | None = Query(default=None, max_length=40),
-               suspect: str | None = Query(default=None, max_length=300),
+               verdict: str | None = Query(default=None, max_length=40, pattern=NO_NUL),
+               suspect: str | None = Query(default=None, max_length=300, pattern=NO_NUL),
                limit: int = Query(default=50, ge=1, le=500),
                # bounded: SQLite's integers are 64-bit (2**63 was a 500), no table is this long
                offset: int = Query(default=0, ge=0, le=2**31 - 1)) -> ScanPage:
@@ -198,8 +199,8 @@ def checkpoint(scan_id: str, request: Request, caller: Caller,
 def _owned(request: Request, caller: Principal, scan_id: str) -> Scan:
     """The scan, if the caller may see it; 404 otherwise (other keys' scans do not exist)."""
     db: Database = request.app.state.db
-    with db.session() as s:
-        scan = s.get(Scan, scan_id)
+    with db.session() as s:  # a NUL never names a row, and PostgreSQL refuses it in a query
+        scan = None if "\x00" in scan_id else s.get(Scan, scan_id)
     if scan is None or not (caller.admin or scan.owner == caller.id):
         raise NotFoundError(f"no scan {scan_id!r}", details={"scan": scan_id})
     return scan

@@ -44,7 +44,7 @@ def list_uploads(request: Request, caller: Caller) -> list[UploadOut]:
 def get_upload(upload_id: str, request: Request, caller: Caller) -> UploadOut:
     db: Database = request.app.state.db
     with db.session() as s:
-        row = s.get(Upload, upload_id)
+        row = None if "\x00" in upload_id else s.get(Upload, upload_id)  # PostgreSQL: no NUL
     if row is None or row.owner != caller.id:
         raise NotFoundError(f"no upload {upload_id!r}", details={"upload": upload_id})
     return _out(row)

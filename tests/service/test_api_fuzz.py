@@ -13,7 +13,7 @@ from tests.support.api_fuzz import KNOWN_5XX, FuzzReport, fuzz
 from tests.support.hub import LoopbackHub
 from tests.support.stack import ADMIN_KEY, Stack
 
-EXAMPLES = 15  # per operation and mode: about 30 s for ~30 operations here
+EXAMPLES = 10  # per operation and mode: about 25 s for ~30 operations here
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The hostile-input corpus through real processes (``serve --auth`` on SQLite + the filesystem
 broker): each file case is uploaded and, when the upload is accepted, scanned by the worker; each
-request trick is sent as is. Every one is refused with its stable code, no payload runs, and the
-API and the worker are still there and still scan afterwards."""
+request trick is sent as is, to that API and to one on PostgreSQL. Every one is refused with its
+stable code, no payload runs, and the API and the worker are still there and still scan."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.support.hostile_service import (
     run_cases,
     send,
 )
-from tests.support.stack import Stack
+from tests.support.stack import Stack, ensure_services
 
 CASES = hostile.corpus()
 REQUESTS = request_cases()
@@ -33,6 +33,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("hostile-stack"), "sqlite-filesystem", env=STACK_ENV)
     try:
         yield s.serve()
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """The API alone on PostgreSQL + Redis: it stores what SQLite would not refuse (a NUL)."""
+    ensure_services()
+    s = Stack(tmp_path_factory.mktemp("hostile-pg"), "postgres-redis", env=STACK_ENV)
+    try:
+        s.start_api().wait_up()
+        with s.client() as c:
+            yield c
     finally:
         s.close()
 
@@ -66,9 +79,11 @@ def test_file_case_is_refused_where_expected(case: hostile.Case,
         assert 400 <= o.status < 500
 
 
+@pytest.mark.parametrize("backend", ["admin", "pg_admin"], ids=["sqlite", "postgres"])
 @pytest.mark.parametrize("case", REQUESTS, ids=[c.id for c in REQUESTS])
-def test_request_trick_is_refused(case: RequestCase, admin: httpx.Client) -> None:
-    r = send(admin, case)
+def test_request_trick_is_refused(case: RequestCase, backend: str,
+                                  request: pytest.FixtureRequest) -> None:
+    r = send(request.getfixturevalue(backend), case)
     assert (r.status_code, error_code(r)) == (case.status, case.code), r.text[:300]
 
 

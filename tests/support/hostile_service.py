@@ -137,6 +137,9 @@ def request_cases() -> list[RequestCase]:
             label = route.split("/")[2] + ("-report" if "report" in route else "")
             cases.append(RequestCase(f"{label}-id-{name}", "GET", route.format(raw), 404,
                                      "not_found", group="ids in paths"))
+    for name in ("suspect", "verdict"):  # filters reach the database too
+        cases.append(RequestCase(f"scans-filter-{name}-nul", "GET", f"/v1/scans?{name}=a%00b",
+                                 422, "invalid_request", group="ids in paths"))
     good = {"hub": "a/b"}
     for name, ref in BAD_REFS.items():
         for role in ("suspect", "base"):
