@@ -9,10 +9,10 @@ Run it from the repository root (it imports ``tests.support``). Sections, in ord
   archive, then ``pipeline.scan`` (resolve, validation, conversion, every tensor read);
 * hostile inputs through the service: the same cases uploaded to real processes (``serve --auth``
   on SQLite + the filesystem broker) and scanned when accepted, plus the request tricks of
-  ``tests/support/hostile_service.py``; then whether the API and the worker are alive and a clean
-  scan still succeeds;
+  ``tests/support/hostile_service.py`` (also to API + worker on PostgreSQL + Redis when they are
+  running); then whether the API and the worker are alive and a clean scan still succeeds;
 * property-based fuzzing of the safetensors header validation (``tests/support/fuzz.py``);
-* schemathesis against the same running API (``tests/support/api_fuzz.py``);
+* schemathesis against the same running APIs (``tests/support/api_fuzz.py``);
 * fault injection and soak: placeholders until that part of issue 6 adds its sections.
 
 A section is a function ``(Context) -> str`` in ``SECTIONS``; add one to add a section.
@@ -46,7 +46,7 @@ from tests.support.hostile_service import (
     send,
 )
 from tests.support.hub import LoopbackHub
-from tests.support.stack import ADMIN_KEY, Stack
+from tests.support.stack import ADMIN_KEY, Stack, ensure_services
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Context:
     api_examples: int
     stack: Stack | None = None
     client: httpx.Client | None = None
+    pg: Stack | None = None  # API + worker on PostgreSQL + Redis, when they are running
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -114,15 +115,31 @@ def _stack(ctx: Context) -> Iterator[None]:
     stack = Stack(ctx.work / "stack", "sqlite-filesystem",
                   env={**STACK_ENV, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token})
     (ctx.work / "stack").mkdir()
+    pg: Stack | None = None
     try:
         stack.serve()
+        try:
+            ensure_services()
+            (ctx.work / "pg").mkdir()
+            pg = Stack(ctx.work / "pg", "postgres-redis",
+                       env={**STACK_ENV, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token})
+            pg.start_api().start_worker().wait_ready()
+        except RuntimeError as exc:
+            print(f"PostgreSQL/Redis not running, SQLite only: {exc}")
         with stack.client() as client:
-            ctx.stack, ctx.client = stack, client
+            ctx.stack, ctx.client, ctx.pg = stack, client, pg
             yield
     finally:
-        ctx.stack = ctx.client = None
+        ctx.stack = ctx.client = ctx.pg = None
         stack.close()
+        if pg is not None:
+            pg.close()
         hub.stop()
+
+
+def _backends(ctx: Context) -> list[tuple[str, Stack]]:
+    assert ctx.stack is not None
+    return [("SQLite", ctx.stack)] + ([("PostgreSQL", ctx.pg)] if ctx.pg is not None else [])
 
 
 def service(ctx: Context) -> str:
@@ -144,16 +161,18 @@ def service(ctx: Context) -> str:
                          f"{o.stage} `{o.code}`{' and the payload ran' if o.ran else ''}")
     for kind, (n, ok, at_upload, codes) in by_kind.items():
         rows.append([kind, n, ok, at_upload, n - at_upload, _codes(codes)])  # type: ignore[arg-type]
-    requests: dict[str, list[object]] = defaultdict(lambda: [0, 0, Counter()])
-    for rc in request_cases():
-        r = send(ctx.client, rc)
+    requests: dict[tuple[str, str], list[object]] = defaultdict(lambda: [0, 0, Counter()])
+    for (backend, stack), rc in ((b, rc) for b in _backends(ctx) for rc in request_cases()):
+        with stack.client() as client:
+            r = send(client, rc)
         got = (r.status_code, error_code(r))
-        row = requests[rc.group]
+        row = requests[(rc.group, backend)]
         row[0] += 1  # type: ignore[operator]
         row[1] += got == (rc.status, rc.code)  # type: ignore[operator]
         row[2][f"{got[0]} {got[1]}"] += 1  # type: ignore[index]
         if got != (rc.status, rc.code):
-            wrong.append(f"- `{rc.id}`: expected {rc.status} `{rc.code}`, got {got[0]} `{got[1]}`")
+            wrong.append(f"- `{rc.id}` ({backend}): expected {rc.status} `{rc.code}`, got "
+                         f"{got[0]} `{got[1]}`")
     problems = list(alive(ctx.client, ctx.work / "svc"))
     procs = all(p.poll() is None for p in ctx.stack.procs.values())
     return "\n\n".join([
@@ -166,8 +185,11 @@ def service(ctx: Context) -> str:
         "process; anything that needs a tensor or a pickle, only by the worker.",
         _table(["kind", "tried", "refused as expected", "at upload", "at scan", "outcomes"],
                rows),
-        _table(["request tricks", "tried", "refused as expected", "answers"],
-               [[g, n, ok, _codes(c)] for g, (n, ok, c) in requests.items()]),  # type: ignore[arg-type]
+        "The request tricks go to that API and to one on PostgreSQL + Redis (which, unlike "
+        "SQLite, refuses a NUL in text).",
+        _table(["request tricks", "database", "tried", "refused as expected", "answers"],
+               [[g, b, n, ok, _codes(c)]  # type: ignore[arg-type]
+                for (g, b), (n, ok, c) in sorted(requests.items())]),
         f"Pickle payloads that ran: **{sum(o.ran for o in outcomes)}**. API and worker processes "
         f"alive afterwards: **{'yes' if procs else 'no'}**; `/readyz` and a clean scan "
         f"afterwards: **{'ok' if not problems else '; '.join(problems)}**.",
@@ -198,26 +220,40 @@ def fuzzing(ctx: Context) -> str:
 
 
 def api_fuzzing(ctx: Context) -> str:
-    assert ctx.stack is not None and ctx.client is not None
-    report = fuzz(ctx.stack.url, {"Authorization": f"Bearer {ADMIN_KEY}"}, ctx.api_examples)
-    rows = [[f"`{o.label}`", o.examples,
-             ", ".join(f"{s}: {n}" for s, n in sorted(o.statuses.items())),
-             len(o.server_errors), "known, see below" if o.known and o.server_errors else ""]
-            for o in report.operations]
-    fails = report.failures(include_known=True)
-    details = [f"- `{o.label}`{' (known: ' + o.known + ')' if o.known else ''}: "
-               f"{len(o.server_errors)} × 5xx, e.g. `{o.server_errors[0][:400]}`" for o in fails]
+    assert ctx.client is not None
+    reports = {name: fuzz(stack.url, {"Authorization": f"Bearer {ADMIN_KEY}"}, ctx.api_examples)
+               for name, stack in _backends(ctx)}
+    names = list(reports)
+    first = reports[names[0]]
+    rows: list[list[object]] = []
+    for i, op in enumerate(first.operations):
+        row: list[object] = [f"`{op.label}`"]
+        for name in names:
+            o = reports[name].operations[i]
+            row += [o.examples, ", ".join(f"{s}: {n}" for s, n in sorted(o.statuses.items())),
+                    len(o.server_errors)]
+        rows.append(row)
+    details = [f"- `{o.label}` ({name}){' (known: ' + o.known + ')' if o.known else ''}: "
+               f"{len(o.server_errors)} × 5xx, e.g. `{o.server_errors[0][:400]}`"
+               for name, rep in reports.items() for o in rep.failures(include_known=True)]
     problems = list(alive(ctx.client, ctx.work / "after-api"))
+    summary = "; ".join(
+        f"{name}: {len(r.operations)} operations, {r.examples} requests, "
+        f"{sum(len(o.server_errors) for o in r.operations)} answered 5xx, {r.seconds:.0f} s"
+        for name, r in reports.items())
+    header = ["operation"] + [f"{h} ({n})" for n in names for h in ("requests", "statuses",
+                                                                     "5xx")]
     return "\n\n".join([
         "## schemathesis against the OpenAPI",
         f"Every operation of `/openapi.json`, up to {ctx.api_examples} positive and "
         f"{ctx.api_examples} negative cases each (derandomised), sent with the admin key to the "
-        "same running service. A negative case cannot exist for an operation whose only input is "
-        f"a free-form path id. {len(report.operations)} operations, {report.examples} requests, "
-        f"{sum(len(o.server_errors) for o in fails)} answered 5xx, {report.seconds:.0f} s.",
-        _table(["operation", "requests", "statuses", "5xx", ""], rows),
+        "same running services (SQLite + filesystem broker; PostgreSQL + Redis, API and worker). A "
+        "negative case cannot exist for an operation whose only input is a free-form path id. "
+        f"{summary}.",
+        _table(header, rows),
         "5xx found:\n" + ("\n".join(details) if details else "none."),
-        f"`/readyz` and a clean scan afterwards: **{'ok' if not problems else problems}**.",
+        f"`/readyz` and a clean scan afterwards (SQLite stack): "
+        f"**{'ok' if not problems else problems}**.",
     ])
 
 
