@@ -5,7 +5,7 @@ A case builds its input under a folder it is given: a file, a HF-layout folder o
 Pickle payloads carry a ``__reduce__`` that writes a canary file, so "never executed" is a check
 on the disk, not a belief. The same cases run through the library (``run_library``: unpack if an
 archive, then ``pipeline.scan``, which resolves, validates and reads every tensor) and through the
-real service (``tests/service/test_hostile.py`` and ``bench/reliability.py``: upload, then scan).
+real service (``tests/service/test_hostile_inputs.py``, ``bench/reliability.py``: upload, scan).
 
 ``refused_at`` says where the service refuses a case: at ``upload`` (headers and archives are
 checked in the API process) or at ``scan`` (anything that needs a tensor or a pickle is judged by

@@ -1,6 +1,6 @@
 """The hostile corpus through the real service: every file case uploaded (a folder as a zip) and,
 when the upload is accepted, scanned against a clean base, and the request tricks (paths, ids,
-content types, sizes) sent as they are. Used by ``tests/service/test_hostile.py`` and by
+content types, sizes) sent as they are. Used by ``tests/service/test_hostile_inputs.py`` and by
 ``bench/reliability.py``.
 """
 
