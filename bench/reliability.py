@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -325,6 +326,7 @@ def main() -> None:
                         "## Known failures, not ours to fix here\n\n" + known]) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    shutil.rmtree(ctx.work, ignore_errors=True)  # the generated inputs and the stacks' data
     print(f"wrote {args.out}")
 
 

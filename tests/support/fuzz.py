@@ -18,8 +18,10 @@ line these do not, so it is not a dependency.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import shutil
 import struct
 import tempfile
 import tracemalloc
@@ -39,6 +41,7 @@ from tests.support.hostile import corpus
 
 PEAK_BYTES = 8 * 2**20  # what one parse may allocate, whatever the input claims
 _DIR = Path(tempfile.mkdtemp(prefix="mergeshield-fuzz-"))
+atexit.register(shutil.rmtree, _DIR, True)
 
 
 def _consistent(header: SafetensorsHeader, data_size: int) -> None:

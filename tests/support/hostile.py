@@ -15,10 +15,12 @@ expect it to fail (strict xfail), so closing a gap is noticed.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import tarfile
 import tempfile
@@ -141,7 +143,9 @@ _MANY: dict[int, Path] = {}
 def many_files_zip(count: int = 100_000) -> Path:
     """A zip of ``count`` empty files, built once per process (about 10 MB, a few seconds)."""
     if count not in _MANY or not _MANY[count].is_file():
-        path = Path(tempfile.mkdtemp(prefix="mergeshield-hostile-")) / f"many-{count}.zip"
+        folder = Path(tempfile.mkdtemp(prefix="mergeshield-hostile-"))
+        atexit.register(shutil.rmtree, folder, True)
+        path = folder / f"many-{count}.zip"
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
             for i in range(count):
                 zf.writestr(f"m/{i:06d}", b"")
