@@ -52,7 +52,7 @@ class Outcome:
 def repo_name(payload: Any) -> str | None:
     repo = payload.get("repo") if isinstance(payload, dict) else None
     name = repo.get("name") if isinstance(repo, dict) else None
-    return name if isinstance(name, str) else None
+    return name if isinstance(name, str) and re.match(HUB_ID, name) else None
 
 
 def commit_of(payload: Any) -> Commit | str:

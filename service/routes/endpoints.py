@@ -65,8 +65,8 @@ def rotate(endpoint_id: str, request: Request, caller: Caller,
 
 def _owned(request: Request, caller: Principal, endpoint_id: str) -> CallbackEndpoint:
     db: Database = request.app.state.db
-    with db.session() as s:
-        row = s.get(CallbackEndpoint, endpoint_id)
+    with db.session() as s:  # a NUL never names a row, and PostgreSQL refuses it in a query
+        row = None if "\x00" in endpoint_id else s.get(CallbackEndpoint, endpoint_id)
     if row is None or not (caller.admin or row.owner == caller.id):
         raise NotFoundError(f"no callback endpoint {endpoint_id!r}",
                             details={"endpoint": endpoint_id})

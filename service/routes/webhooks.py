@@ -26,6 +26,7 @@ from mergeshield.errors import (
 )
 from service import hub_events
 from service.auth import Principal, principal
+from service.routes.scans import NO_NUL
 from service.schemas import DeliveryOut, DeliveryPage
 from worker import callbacks
 from worker.db import Database, Delivery, Watch, now
@@ -62,7 +63,7 @@ def receive(request: Request, response: Response, raw: bytes) -> DeliveryOut:
     delivery.payload = payload
     delivery.repo = hub_events.repo_name(payload)
     if isinstance(payload, dict) and isinstance(payload.get("event"), dict):
-        delivery.event = str(payload["event"].get("scope"))[:64]
+        delivery.event = str(payload["event"].get("scope")).replace("\x00", "")[:64]
     try:
         watches = hub_events.authorize(state, hub_events.matching_watches(state, delivery.repo),
                                        request.headers.get("x-webhook-secret"))
@@ -82,10 +83,10 @@ def receive(request: Request, response: Response, raw: bytes) -> DeliveryOut:
 @router.get("/deliveries", response_model=DeliveryPage)
 def list_deliveries(request: Request, caller: Caller,
                     direction: Literal["inbound", "outbound"] | None = None,
-                    state: str | None = Query(default=None, max_length=16),
-                    scan: str | None = Query(default=None, max_length=32),
+                    state: str | None = Query(default=None, max_length=16, pattern=NO_NUL),
+                    scan: str | None = Query(default=None, max_length=32, pattern=NO_NUL),
                     limit: int = Query(default=50, ge=1, le=500),
-                    offset: int = Query(default=0, ge=0)) -> DeliveryPage:
+                    offset: int = Query(default=0, ge=0, le=2**31 - 1)) -> DeliveryPage:
     """Newest first; filter by direction, state and scan id. Headers and payloads are left out
     (``GET /v1/webhooks/deliveries/{id}`` has them)."""
     db: Database = request.app.state.db
@@ -155,8 +156,8 @@ def _save(db: Database, delivery: Delivery) -> None:
 def _owned(request: Request, caller: Principal, delivery_id: str) -> Delivery:
     """The delivery, if the caller may see it; 404 otherwise."""
     db: Database = request.app.state.db
-    with db.session() as s:
-        row = s.get(Delivery, delivery_id)
+    with db.session() as s:  # a NUL never names a row, and PostgreSQL refuses it in a query
+        row = None if "\x00" in delivery_id else s.get(Delivery, delivery_id)
     if row is None or not (caller.admin or row.owner == caller.id):
         raise NotFoundError(f"no delivery {delivery_id!r}", details={"delivery": delivery_id})
     return row

@@ -216,6 +216,20 @@ def test_a_body_that_is_not_json_or_too_big_is_refused(stack: Stack) -> None:
     assert flood.status_code == 413 and flood.json()["error"]["code"] == "payload_too_large"
 
 
+def test_odd_ids_filters_and_payloads_are_client_errors(stack: Stack, user: httpx.Client) -> None:
+    """PostgreSQL refuses NUL in text and SQLite integers stop at 2**63: neither is a 500."""
+    for path in ("/v1/webhooks/deliveries/a%00b", "/v1/webhooks/endpoints/a%00b",
+                 "/v1/watches/a%00b"):
+        assert user.get(path).status_code == 404
+    for params in ({"state": "a\x00b"}, {"scan": "a\x00b"}, {"offset": 2**63}):
+        assert user.get("/v1/webhooks/deliveries", params=params).status_code == 422
+    payload = repo_content("zoo/any-model")
+    payload["repo"]["name"] = "zoo/nul\x00model"
+    payload["event"]["scope"] = "repo.content\x00"
+    r = deliver(stack, payload)
+    assert r.status_code == 200 and r.json()["state"] == "ignored", r.text
+
+
 def test_a_dead_callback_is_redelivered(stack: Stack, user: httpx.Client, receiver: Receiver,
                                         zoo: Zoo) -> None:
     name = f"down-{stack.backend}"
