@@ -31,6 +31,7 @@ class Claim:
     measure: Callable[[dict[str, Any]], float]  # experiment JSON → the measured value
     threshold: float
     above: bool  # holds when measured ≥ threshold (else ≤)
+    scales: tuple[str, ...] = ("quick", "default")  # runs it is asserted on (--quick or not)
 
     def holds(self, value: float) -> bool:
         return value >= self.threshold if self.above else value <= self.threshold
@@ -165,8 +166,11 @@ CLAIMS: tuple[Claim, ...] = (
           "BadNets", "mean ASR lead of BadMerging-On over BadNets on usable merges ≥ 0.3", True,
           _badmerging_lead, 0.3, True),
     Claim("sbv-not-stronger", "merge-attacks", "SBV is stronger than a single BV after merging",
-          "best SBV ASR − best BadNets ASR over usable merges ≤ 0: NOT reproduced", False,
-          _sbv_lead, 0.0, False),
+          "best SBV ASR − best BadNets ASR over usable merges ≤ 0: NOT reproduced with 2 BVs "
+          "and 1-point budget of the quick run", False, _sbv_lead, 0.0, False, ("quick",)),
+    Claim("sbv-stronger", "merge-attacks", "SBV is stronger than a single BV after merging",
+          "best SBV ASR − best BadNets ASR over usable merges ≥ 0.2 (3 BVs)", True,
+          _sbv_lead, 0.2, True, ("default",)),
     Claim("inherent-trigger", "inherent-triggers", "a universal patch on the base is an "
           "inherent trigger", "ASR gap universal − random patch on the base ≥ 0.05", True,
           _inherent_gap, 0.05, True),
@@ -194,10 +198,13 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def check(experiments: Results) -> list[Verdict]:
-    """Every claim against the experiments that ran (a claim of a missing one is skipped)."""
+def check(experiments: Results, scale: str = "quick") -> list[Verdict]:
+    """Every claim of ``scale`` against the experiments that ran (a claim of a missing one is
+    reported as not run)."""
     out = []
     for c in CLAIMS:
+        if scale not in c.scales:
+            continue
         exp = experiments.get(c.experiment)
         if isinstance(exp, dict) and "same_pass_as" in exp:  # 4 shares 3's JSON
             exp = experiments.get(exp["same_pass_as"])

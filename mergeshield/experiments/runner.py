@@ -173,6 +173,7 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
         where = (f"Zoo: {'quick' if zoo.manifest['quick'] else 'default'} (seed "
                  f"{zoo.manifest['seed']}); run: {'--quick' if cfg.quick else 'default'}, "
                  f"seed {cfg.seed}. Written by `mergeshield bench paper`.")
+        results["where"] = where
         if 1 in cfg.only:
             t0 = time.perf_counter()
             a_cfg = cfg.arithmetic or arithmetic_config(cfg.quick)
@@ -183,6 +184,7 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
             for family in sorted({c.family for c in curves}):
                 plots.injection_curves(curves, family, cfg.out / f"bv-arithmetic-{family}.png")
             results["timings_s"]["bv-arithmetic"] = round(time.perf_counter() - t0, 1)
+            _save(cfg, results, previous, t_start)
         if 2 in cfg.only:
             t0 = time.perf_counter()
             s_cfg = cfg.similarity or similarity_config(cfg.quick, cfg.seed, zoo_cfg)
@@ -198,8 +200,10 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
                           path=cfg.out / "bv-similarity-transfer.png",
                           xlabel="b (trigger, target, clean model)", ylabel="a (BV added)")
             results["timings_s"]["bv-similarity"] = round(time.perf_counter() - t0, 1)
+            _save(cfg, results, previous, t_start)
         if 3 in cfg.only or 4 in cfg.only:
             _merging(cfg, zoo, zoo_cfg, where, results, progress)
+            _save(cfg, results, previous, t_start)
         if 5 in cfg.only:
             t0 = time.perf_counter()
             i_cfg = ibvs_config(cfg.quick, cfg.seed, zoo_cfg)
@@ -207,6 +211,7 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
             results["experiments"]["ibvs"] = {"config": _jsonable(i_cfg), **ires.to_json()}
             (cfg.out / "ibvs.md").write_text(tables.ibvs_markdown(ires, where))
             results["timings_s"]["ibvs"] = round(time.perf_counter() - t0, 1)
+            _save(cfg, results, previous, t_start)
         if 6 in cfg.only:
             t0 = time.perf_counter()
             n = 4 if cfg.quick else 20  # clean and backdoored fine-tunes each
@@ -215,20 +220,30 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
             results["experiments"]["detection"] = det
             (cfg.out / "detection.md").write_text(where + "\n\n" + detection.to_markdown(det))
             results["timings_s"]["detection"] = round(time.perf_counter() - t0, 1)
-    results["experiments"] = {**previous.get("experiments", {}), **results["experiments"]}
-    results["timings_s"] = {**previous.get("timings_s", {}), **results["timings_s"]}
+            _save(cfg, results, previous, t_start)
+    return _save(cfg, results, previous, t_start)
+
+
+def _save(cfg: PaperConfig, results: dict[str, Any], previous: dict[str, Any],
+          t_start: float) -> dict[str, Any]:
+    """Write results.json and claims.md as they stand, merged with the earlier run's experiments
+    this run does not redo; called after every experiment, so a run stopped late keeps what it
+    finished."""
+    out = dict(results)
+    out["experiments"] = {**previous.get("experiments", {}), **results["experiments"]}
+    out["timings_s"] = {**previous.get("timings_s", {}), **results["timings_s"],
+                        "total": round(time.perf_counter() - t_start, 1)}
     if previous.get("carried_over"):
-        results["carried_over"] = previous["carried_over"]  # experiments from an earlier run
-    verdicts = claims.check(results["experiments"])
-    results["claims"] = [v.to_json() for v in verdicts]
-    (cfg.out / "claims.md").write_text(claims.markdown(verdicts, where))
-    results["files"] = sorted(set(previous.get("files", [])) | {
+        out["carried_over"] = previous["carried_over"]  # experiments from an earlier run
+    verdicts = claims.check(out["experiments"], "quick" if cfg.quick else "default")
+    out["claims"] = [v.to_json() for v in verdicts]
+    (cfg.out / "claims.md").write_text(claims.markdown(verdicts, results["where"]))
+    out["files"] = sorted(set(previous.get("files", [])) | {
         p.name for p in cfg.out.iterdir()
         if p.name.startswith(tuple(EXPERIMENTS[i] for i in cfg.only))}) + ["claims.md",
                                                                            "results.json"]
-    results["timings_s"]["total"] = round(time.perf_counter() - t_start, 1)
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    (cfg.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def _merging(cfg: PaperConfig, zoo: ZooAccess, zoo_cfg: ZooConfig, where: str,
