@@ -64,7 +64,9 @@ class ScanRequest(BaseModel):
     inversion: bool = True  # reconstruct triggers by inversion (costs a few seconds per model)
     inversion_steps: int = 60
     max_eval: int | None = 1000  # test images evaluated (seeded subset); None = all
-    min_asr_gap: float = 0.2  # finding threshold: suspect ASR (CI low) − reference ASR
+    # finding threshold: suspect ASR (CI low) − reference ASR; its TPR/FPR over the seeded
+    # population of experiment 6 is the "Scan verdict" line of docs/results/detection.md
+    min_asr_gap: float = 0.2
     seed: int = 0
 
     def config_hash(self) -> str:
