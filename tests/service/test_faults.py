@@ -48,7 +48,8 @@ def test_killed_worker_scan_finishes_after_a_restart(stack: Stack, zoo: Zoo,
         stack.kill("w1")  # kill -9 of the worker and its pool, mid-scan
         assert c.get(f"/v1/scans/{scan_id}").json()["state"] == "running"
         stack.start_worker("w2")
-        done = stack.wait_for(c, scan_id, timeout=300)
+        # run alone (no BV_inj cached by test_api yet) w2 also builds BV_inj: minutes under load
+        done = stack.wait_for(c, scan_id, timeout=600)
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2 and done["verdict"] == "backdoor_suspected"
 
