@@ -23,7 +23,17 @@ from service.auth import Principal, principal
 from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
 from worker import callbacks
 from worker.app import choose_queue, send_scan
-from worker.db import FINISHED, Database, Scan, Upload, Worker, new_id, now
+from worker.db import (
+    FINISHED,
+    CallbackEndpoint,
+    Database,
+    Delivery,
+    Scan,
+    Upload,
+    Worker,
+    new_id,
+    now,
+)
 
 router = APIRouter(prefix="/v1/scans", tags=["scans"])
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: a filter with one is a 422, not a 500
@@ -73,21 +83,26 @@ def queue_scan(state: State, caller: Principal, body: ScanCreate,
                 queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes, gpu_workers),
                 idempotency_key=idempotency_key, enqueued_at=now(), id=new_id())
     try:
-        with db.session() as s:
-            s.add(scan)
-            if endpoint is not None:
-                s.flush()  # the scan's row first: the callback refers to it
-                s.add(callbacks.waiting_delivery(scan, endpoint))
+        _persist_and_send(state, scan, endpoint)
     except IntegrityError:  # the same Idempotency-Key raced in twice
         same = by_idempotency(db, caller, idempotency_key or "")
         if same is None:
             raise
         return same, False
+    return scan, True
+
+
+def _persist_and_send(state: State, scan: Scan, endpoint: CallbackEndpoint | None) -> None:
+    """Store the scan (with a waiting callback to ``endpoint``), then hand its id to the broker."""
+    with state.db.session() as s:
+        s.add(scan)
+        if endpoint is not None:
+            s.flush()  # the scan's row first: the callback refers to it
+            s.add(callbacks.waiting_delivery(scan, endpoint))
     try:
         send_scan(state.celery, scan.id, scan.queue)
     except Exception:  # broker down: the scan is safe in the database; the reconciler sends it
         state.log.exception("could not enqueue; the reconciler will retry")
-    return scan, True
 
 
 @router.get("", response_model=ScanPage)
@@ -146,12 +161,13 @@ def rescan(scan_id: str, request: Request, response: Response, caller: Caller) -
     old = _owned(request, caller, scan_id)
     scan = Scan(owner=old.owner, request=old.request, suspect=old.suspect, base=old.base,
                 force=True, queue=old.queue, enqueued_at=now(), id=new_id())
-    with request.app.state.db.session() as s:
-        s.add(scan)
-    try:
-        send_scan(request.app.state.celery, scan.id, scan.queue)
-    except Exception:  # broker down: the reconciler sends it
-        request.app.state.log.exception("could not enqueue; the reconciler will retry")
+    with request.app.state.db.session() as s:  # the old scan's callback endpoint, if it had one
+        endpoint = s.scalar(select(CallbackEndpoint).join(
+            Delivery, Delivery.endpoint_id == CallbackEndpoint.id).where(
+            Delivery.scan_id == old.id, Delivery.direction == "outbound"))
+        if endpoint is not None:
+            s.expunge(endpoint)
+    _persist_and_send(request.app.state, scan, endpoint)
     return _out(scan, response)
 
 

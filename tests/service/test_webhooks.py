@@ -271,6 +271,13 @@ def test_rotation_signs_with_both_secrets_until_the_next(stack: Stack, user: htt
     only_new = user.post(f"/v1/webhooks/endpoints/{hook['id']}/rotate",
                          json={"keep_previous": False}).json()
     assert len(only_new["secrets"]) == 1 and old[0] not in only_new["secrets"]
+    # a rescan goes the same way in: its result is called back to the same endpoint
+    stack.wait_for(user, r.json()["id"])
+    receiver.routes[f"/{name}"].secrets = only_new["secrets"]
+    again = user.post(f"/v1/scans/{r.json()['id']}/rescan")
+    assert again.status_code == 202, again.text
+    got = receiver.wait_for(name, count=2)
+    assert json.loads(got[1].body)["data"]["id"] == again.json()["id"]
 
 
 def test_deliveries_endpoints_and_watches_belong_to_their_key(
