@@ -15,7 +15,7 @@ from tests.support.stack import PG_ADMIN, ensure_services
 from worker.db import Database, Scan
 from worker.migrate import upgrade
 
-# ours alone: the service tests use Redis dbs 9 and 10
+# ours alone: the service stacks use Redis dbs 9 (default), 10 (faults) and 14 (webhooks)
 REDIS_URL = "redis://127.0.0.1:6379/11"
 
 
