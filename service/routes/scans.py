@@ -20,6 +20,7 @@ from mergeshield.errors import ConflictError, NotFoundError
 from mergeshield.pipeline import ScanRequest
 from mergeshield.report import LayerStat, ScanReport, load_report
 from service.auth import Principal, principal
+from service.paging import Limit, Offset, page
 from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
 from worker import callbacks
 from worker.app import choose_queue, send_scan
@@ -111,9 +112,7 @@ def list_scans(request: Request, caller: Caller,
                = None,
                verdict: str | None = Query(default=None, max_length=40, pattern=NO_NUL),
                suspect: str | None = Query(default=None, max_length=300, pattern=NO_NUL),
-               limit: int = Query(default=50, ge=1, le=500),
-               # bounded: SQLite's integers are 64-bit (2**63 was a 500), no table is this long
-               offset: int = Query(default=0, ge=0, le=2**31 - 1)) -> ScanPage:
+               limit: Limit = 50, offset: Offset = 0) -> ScanPage:
     """Newest first; filter by state, verdict and suspect (exact hub id or upload label)."""
     db: Database = request.app.state.db
     where = [] if caller.admin else [Scan.owner == caller.id]
@@ -123,10 +122,7 @@ def list_scans(request: Request, caller: Caller,
         where.append(Scan.verdict == verdict)
     if suspect:
         where.append(Scan.suspect == suspect)
-    with db.session() as s:
-        total = s.scalar(select(func.count()).select_from(Scan).where(*where)) or 0
-        rows = s.scalars(select(Scan).where(*where).order_by(Scan.created_at.desc(), Scan.id)
-                         .limit(limit).offset(offset)).all()
+    total, rows = page(db, Scan, where, Scan.created_at, limit, offset)
     return ScanPage(items=[_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 

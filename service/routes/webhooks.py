@@ -14,7 +14,7 @@ import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from starlette.concurrency import run_in_threadpool
 
 from mergeshield.errors import (
@@ -26,6 +26,7 @@ from mergeshield.errors import (
 )
 from service import hub_events
 from service.auth import Principal, principal
+from service.paging import Limit, Offset, page
 from service.routes.scans import NO_NUL
 from service.schemas import DeliveryOut, DeliveryPage
 from worker import callbacks
@@ -85,8 +86,7 @@ def list_deliveries(request: Request, caller: Caller,
                     direction: Literal["inbound", "outbound"] | None = None,
                     state: str | None = Query(default=None, max_length=16, pattern=NO_NUL),
                     scan: str | None = Query(default=None, max_length=32, pattern=NO_NUL),
-                    limit: int = Query(default=50, ge=1, le=500),
-                    offset: int = Query(default=0, ge=0, le=2**31 - 1)) -> DeliveryPage:
+                    limit: Limit = 50, offset: Offset = 0) -> DeliveryPage:
     """Newest first; filter by direction, state and scan id. Headers and payloads are left out
     (``GET /v1/webhooks/deliveries/{id}`` has them)."""
     db: Database = request.app.state.db
@@ -97,11 +97,7 @@ def list_deliveries(request: Request, caller: Caller,
         where.append(Delivery.state == state)
     if scan:
         where.append(Delivery.scan_id == scan)
-    with db.session() as s:
-        total = s.scalar(select(func.count()).select_from(Delivery).where(*where)) or 0
-        rows = s.scalars(select(Delivery).where(*where)
-                         .order_by(Delivery.created_at.desc(), Delivery.id)
-                         .limit(limit).offset(offset)).all()
+    total, rows = page(db, Delivery, where, Delivery.created_at, limit, offset)
     return DeliveryPage(items=[out(r, detail=False) for r in rows], total=total, limit=limit,
                         offset=offset)
 

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support.hub import LoopbackHub
-from tests.support.stack import ensure_services
+from tests.support.stack import Stack, ensure_services
 from tests.support.zoo import Zoo
 
 SUSPECT = "vit-mnist-badnets"
@@ -47,3 +48,10 @@ def published(zoo: Zoo) -> Iterator[Published]:
         yield Published(hub, "zoo/mnist")
     finally:
         hub.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(stack: Stack) -> Iterator[httpx.Client]:
+    """A client with the admin key on the module's own ``stack``."""
+    with stack.client() as c:
+        yield c

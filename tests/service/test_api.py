@@ -36,12 +36,6 @@ def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Pa
 
 
 @pytest.fixture(scope="module")
-def admin(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def user(stack: Stack, admin: httpx.Client) -> Iterator[httpx.Client]:
     """A non-admin key made through the API."""
     key = admin.post("/v1/keys", json={"name": "ci"}).json()["key"]

@@ -51,12 +51,6 @@ def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]
 
 
 @pytest.fixture(scope="module")
-def admin(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hostile-work")
 

@@ -55,12 +55,6 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def admin(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def user(stack: Stack, admin: httpx.Client) -> Iterator[httpx.Client]:
     key = admin.post("/v1/keys", json={"name": "registry"}).json()["key"]
     with stack.client(key) as c:
