@@ -28,7 +28,7 @@ from mergeshield.errors import (
     SourceNotFoundError,
     UnsafeFormatError,
 )
-from mergeshield.hub import download_model
+from mergeshield.hub import HUB_PATTERNS, download_repo
 from mergeshield.safetensors_io import (
     INDEX_NAME,
     SafetensorsHeader,
@@ -97,9 +97,9 @@ def resolve(source: str, *, revision: str | None = None, token: str | None = Non
     if not _REPO_ID.match(source):
         raise SourceNotFoundError(f"{source!r} is neither an existing path nor a hub repo id "
                                   "(owner/name): check the spelling", details={"source": source})
-    folder, sha, remote_names = download_model(
+    folder, sha, remote_names = download_repo(
         source, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
-        local_files_only=local_files_only)
+        local_files_only=local_files_only, patterns=HUB_PATTERNS)
     return _from_folder(source, "hub", folder, revision, sha, cache_dir, remote_names)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from mergeshield.data import TASK_FILE, ImageDataset, Pair, _pair, _resize, _to_float
 from mergeshield.errors import DatasetError
-from mergeshield.hub import call_hub, is_offline
+from mergeshield.hub import download_repo
 
 __all__ = ["download_dataset", "read_folder"]
 
@@ -134,11 +134,8 @@ def _from_folder(root: Path, name: str, image_size: int | None) -> Pair:
 def download_dataset(repo_id: str, revision: str | None, token: str | None,
                      endpoint: str | None, cache_dir: str | Path | None) -> Path:
     """The local snapshot folder of hub dataset ``repo_id`` at ``revision``."""
-    from huggingface_hub import snapshot_download
-
-    return call_hub(lambda: Path(snapshot_download(
-        repo_id, repo_type="dataset", revision=revision, token=token, endpoint=endpoint,
-        cache_dir=cache_dir)), repo_id, revision, noun="hub dataset", offline=is_offline())
+    return download_repo(repo_id, repo_type="dataset", revision=revision, token=token,
+                         endpoint=endpoint, cache_dir=cache_dir)[0]
 
 
 def read_folder(root: Path, image_size: int | None,

@@ -19,6 +19,12 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
     │   ├── CallbackUrlError               invalid_callback_url  not http(s), or a private address
     │   └── ConfigError                    invalid_config        a bad option or recipe
     ├── HubError (ConnectionError)         hub_unavailable       the hub failed or is offline
+    ├── StorageFullError (OSError)         disk_full             no room left to write
+    │   └── InsufficientStorageError       insufficient_storage  under min_free_bytes left (507)
+    ├── LimitError                         limit_exceeded        a scan outgrew a limit set for it
+    │   ├── StageTimeLimitError            stage_time_limit      one stage ran past its time limit
+    │   │   (also TimeoutError)
+    │   └── GpuMemoryError                 insufficient_gpu_memory  too little free GPU memory
     └── ServiceError                                             raised by the service's edges
         ├── AuthenticationError            unauthorized          no or an unknown API key (401)
         │   └── WebhookSecretError         invalid_webhook_secret  X-Webhook-Secret missing/wrong
@@ -26,11 +32,17 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
         │   └── WebhooksDisabledError      webhooks_disabled     no webhook secret configured
         ├── NotFoundError (LookupError)    not_found             no such scan/upload/key (404)
         ├── ConflictError                  conflict              not in a state for this (409)
-        └── PayloadTooLargeError           payload_too_large     over the upload limit (413)
+        ├── PayloadTooLargeError           payload_too_large     over the upload limit (413)
+        ├── QuotaExceededError             quota_exceeded        a key's concurrent scans (429)
+        │   └── StorageQuotaError          quota_exceeded        a key's stored bytes (413)
+        ├── ArtifactsExpiredError          artifacts_expired     removed by retention (410)
+        └── RequestTimeoutError            request_timeout       an upload's body stalled (408)
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 
@@ -101,6 +113,35 @@ class HubError(MergeShieldError, ConnectionError):
     code = "hub_unavailable"
 
 
+class StorageFullError(MergeShieldError, OSError):
+    code = "disk_full"
+    ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no space, quota, size limit
+
+    @classmethod
+    def of(cls, exc: OSError, what: str) -> StorageFullError | None:
+        """Ours for an ``OSError`` that means "no room to write ``what``"; None for any other."""
+        if exc.errno not in cls.ERRNOS:
+            return None
+        return cls(f"no room to write {what} ({os.strerror(exc.errno)}): free disk space or "
+                   "raise the limit, then retry", details={"errno": errno.errorcode[exc.errno]})
+
+
+class InsufficientStorageError(StorageFullError):
+    code = "insufficient_storage"
+
+
+class LimitError(MergeShieldError):
+    code = "limit_exceeded"
+
+
+class StageTimeLimitError(LimitError, TimeoutError):
+    code = "stage_time_limit"
+
+
+class GpuMemoryError(LimitError):
+    code = "insufficient_gpu_memory"
+
+
 class ServiceError(MergeShieldError):
     code = "service_error"
 
@@ -131,3 +172,19 @@ class ConflictError(ServiceError):
 
 class PayloadTooLargeError(ServiceError):
     code = "payload_too_large"
+
+
+class QuotaExceededError(ServiceError):
+    code = "quota_exceeded"
+
+
+class StorageQuotaError(QuotaExceededError):
+    pass
+
+
+class ArtifactsExpiredError(ServiceError):
+    code = "artifacts_expired"
+
+
+class RequestTimeoutError(ServiceError):
+    code = "request_timeout"

@@ -2,22 +2,30 @@
 
 Every huggingface_hub / network failure becomes a :class:`SourceNotFoundError` or
 :class:`HubError` whose message never quotes the request, so a token cannot leak into it.
+Every request has a timeout (huggingface_hub's own ``HF_HUB_DOWNLOAD_TIMEOUT`` and
+``HF_HUB_ETAG_TIMEOUT``, 10 s by default) and a transient failure (5xx, 408/429, refused,
+timed out) is retried after each of ``RETRY_DELAYS``: a blip is ridden out, an outage fails the
+scan with ``hub_unavailable`` in bounded time instead of hanging it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from mergeshield.errors import HubError, SourceNotFoundError
+from mergeshield.errors import HubError, MergeShieldError, SourceNotFoundError, StorageFullError
 from mergeshield.safetensors_io import atomic_write_text
 
-__all__ = ["HUB_PATTERNS", "call_hub", "download_model", "hub_failure", "is_offline"]
+__all__ = ["HUB_PATTERNS", "RETRY_DELAYS", "call_hub", "download_repo", "hub_failure",
+           "is_offline"]
 
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pt", "*.pth", "*.txt", "*.model",
                 "*.tiktoken", "*.py"]  # .py is fetched only to explain a refusal, never run
+RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds before each retry of a transient failure
 
 T = TypeVar("T")
 
@@ -32,42 +40,72 @@ def is_offline() -> bool:
 
 def call_hub(fetch: Callable[[], T], repo_id: str, revision: str | None, *,
              noun: str = "hub repo", offline: bool = False) -> T:
-    """``fetch()``, with a hub or network failure raised as our own error."""
-    try:
-        return fetch()
-    except Exception as exc:
-        error = hub_failure(exc, repo_id, revision, noun=noun, offline=offline)
-        if error is None:
-            raise
-    # Raised outside the handler: no __context__ keeps the request (and its token) alive.
-    raise error
+    """``fetch()``, retried on a transient failure; a hub or network failure is raised as our
+    own error."""
+    delays = iter(RETRY_DELAYS)
+    while True:
+        try:
+            return fetch()
+        except Exception as exc:
+            error = hub_failure(exc, repo_id, revision, noun=noun, offline=offline)
+            if error is None:
+                raise
+        delay = next(delays, None)
+        if delay is None or offline or not _transient(error):
+            # Raised outside the handler: no __context__ keeps the request (and its token) alive.
+            raise error
+        time.sleep(delay)
 
 
-def download_model(repo_id: str, *, revision: str | None, token: str | None,
-                   endpoint: str | None, cache_dir: str | Path | None,
-                   local_files_only: bool) -> tuple[Path, str, tuple[str, ...]]:
-    """(snapshot folder, commit sha, file names on the hub) of ``repo_id`` at ``revision``."""
-    from huggingface_hub import HfApi, snapshot_download
+def _transient(error: Exception) -> bool:
+    """A failure that may go away: the hub answered 5xx/408/429 or not at all."""
+    if not isinstance(error, HubError):
+        return False
+    status = (error.details or {}).get("status")
+    return status is None or status in (408, 429) or status >= 500
+
+
+def download_repo(repo_id: str, *, repo_type: Literal["model", "dataset"] = "model",
+                  revision: str | None, token: str | None, endpoint: str | None,
+                  cache_dir: str | Path | None, local_files_only: bool = False,
+                  patterns: list[str] | None = None) -> tuple[Path, str, tuple[str, ...]]:
+    """(snapshot folder, commit sha, file names on the hub) of ``repo_id`` at ``revision``: the
+    revision resolved once, then each file matching ``patterns`` (None: all) fetched at the sha.
+
+    File by file, not ``snapshot_download``: its tree listing has no timeout at all."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
 
     offline = local_files_only or is_offline()
 
     def fetch() -> tuple[Path, str, tuple[str, ...]]:
         if offline:
-            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                            allow_patterns=HUB_PATTERNS, local_files_only=True))
+            folder = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision,
+                                            cache_dir=cache_dir, allow_patterns=patterns,
+                                            local_files_only=True))
             return folder, folder.name, ()
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+        api = HfApi(endpoint=endpoint, token=token)
+        info = (api.model_info if repo_type == "model" else api.dataset_info)(
+            repo_id, revision=revision, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
         sha = str(info.sha)
-        folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=HUB_PATTERNS,
-                                        endpoint=endpoint, token=token, cache_dir=cache_dir))
+        names = tuple(s.rfilename for s in info.siblings or ())
+        for name in (n for n in names if patterns is None
+                     or any(fnmatch.fnmatch(n, p) for p in patterns)):
+            hf_hub_download(repo_id, name, repo_type=repo_type, revision=sha, token=token,
+                            endpoint=endpoint, cache_dir=cache_dir,
+                            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        folder = (Path(cache_dir or constants.HF_HUB_CACHE)
+                  / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots" / sha)
+        folder.mkdir(parents=True, exist_ok=True)  # a repo with no matching file: empty
         _remember_ref(folder, revision or "main", sha)
-        return folder, sha, tuple(s.rfilename for s in info.siblings or ())
+        return folder, sha, names
 
-    return call_hub(fetch, repo_id, revision, offline=offline)
+    noun = "hub repo" if repo_type == "model" else "hub dataset"
+    return call_hub(fetch, repo_id, revision, noun=noun, offline=offline)
 
 
 def hub_failure(exc: Exception, repo_id: str, revision: str | None, *, noun: str = "hub repo",
-                offline: bool = False) -> SourceNotFoundError | HubError | None:
+                offline: bool = False) -> MergeShieldError | None:
     """Our error for a huggingface_hub / network failure; None for anything else.
 
     ``offline``: the hub was not to be contacted, so a cache miss is explained as such (online,
@@ -98,6 +136,8 @@ def hub_failure(exc: Exception, repo_id: str, revision: str | None, *, noun: str
             offline and isinstance(exc, hf.LocalEntryNotFoundError)):
         return HubError(f"{noun} {where} is not in the local cache and the hub may not be "
                         "contacted (offline mode); run once online first", details=details)
+    if isinstance(exc, OSError) and (full := StorageFullError.of(exc, repo_id)) is not None:
+        return full  # the download ran out of room: not the hub's fault
     if isinstance(exc, OSError | ConnectionError | TimeoutError) or type(
             exc).__module__.startswith(("httpx", "httpcore")):
         return _hub_error(where, type(exc).__name__, details)

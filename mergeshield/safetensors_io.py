@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import struct
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,7 +22,7 @@ from typing import IO, Any
 
 import torch
 
-from mergeshield.errors import ConfigError, CorruptCheckpointError
+from mergeshield.errors import ConfigError, CorruptCheckpointError, StorageFullError
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 MAX_METADATA_BYTES = 2**20  # provenance strings, not payloads
@@ -177,28 +178,36 @@ def sha256_file(path: str | Path) -> str:
 
 
 class AtomicFile:
-    """Write ``path`` via ``path.tmp`` in the same folder: fsync, then ``os.replace``."""
+    """Write ``path`` via a hidden temporary file in the same folder: fsync, then ``os.replace``,
+    so a reader sees the old file or the new one, never half of one. A failed write leaves
+    nothing behind; one that ran out of room raises ``StorageFullError``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+        self.tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
 
     def __enter__(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.tmp, "wb")  # closed in __exit__
+        # O_EXCL: never follow a planted link; mode 0o666 minus the umask, like a plain open()
+        self._f = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
         return self._f
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, _tb: object) -> None:
         try:
-            if exc_type is None:
-                self._f.flush()
-                os.fsync(self._f.fileno())
-        finally:
-            self._f.close()
+            with self._f:  # closed whatever happens
+                if exc is None:
+                    self._f.flush()
+                    os.fsync(self._f.fileno())
+            if exc is None:
+                os.replace(self.tmp, self.path)
+                return
+        except OSError as err:  # a full disk often shows only at flush, fsync or close
+            exc = err
+        self.tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (full := StorageFullError.of(exc, self.path.name)):
+            raise full from exc
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            raise exc
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mergeshield.errors import ConfigError, InputError, SourceNotFoundError
+from mergeshield.errors import ConfigError, InputError, SourceNotFoundError, StorageFullError
 from mergeshield.report.html import to_html
 from mergeshield.report.sarif import to_sarif
 from mergeshield.report.schema import ScanReport, json_schema
@@ -53,8 +53,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (full := StorageFullError.of(exc, path.name)):
+            raise full from exc
         raise
 
 

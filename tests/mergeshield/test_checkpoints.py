@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
 import struct
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,11 +147,11 @@ def test_dtype_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
 def test_streaming_writer_writes_each_tensor_before_the_next(tmp_path: Path) -> None:
     specs = {f"layer{i}.weight": TensorInfo(torch.float32, (64, 64), 64 * 64 * 4)
              for i in range(6)}
-    tmp = tmp_path / "model.safetensors.tmp"
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
         for i, name in enumerate(specs):
             if i:  # everything yielded so far is on disk already, behind the header
+                tmp = next(tmp_path.glob(".model.safetensors.*.tmp"))
                 assert tmp.stat().st_size >= i * 64 * 64 * 4
             yield name, torch.full((64, 64), float(i))
 
@@ -308,3 +311,30 @@ def test_header_mutations_only_raise_corrupt(tmp_path_factory: pytest.TempPathFa
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 4 * 2**20
+
+
+FULL_DISK = """
+import sys, torch
+from mergeshield import checkpoints as ck
+from mergeshield.errors import StorageFullError
+try:
+    ck.save_checkpoint(sys.argv[1], {"w": torch.ones(64, 1024)})  # 256 KiB, past the limit
+except StorageFullError as exc:
+    print(exc.code, exc.details["errno"])
+"""
+
+
+def test_a_write_past_the_disk_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    """A real limit (RLIMIT_FSIZE on a child process: writes past it fail with EFBIG, as writes
+    on a full disk fail with ENOSPC): StorageFullError, and readers still see the old file."""
+    ck.save_checkpoint(tmp_path, {"w": torch.zeros(4)})
+    old = (tmp_path / "model.safetensors").read_bytes()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["disk_full", "EFBIG"], proc.stderr[-2000:]
+    assert (tmp_path / "model.safetensors").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download
 from safetensors.torch import save_file
 
 from mergeshield import checkpoints as ck
+from mergeshield import hub as hub_module
+from mergeshield.data_sources import download_dataset
 from mergeshield.errors import HubError, SourceNotFoundError, UnsafeFormatError
 from tests.support.hub import LoopbackHub
 
@@ -70,7 +72,9 @@ def test_private_repo_needs_the_token(hub: LoopbackHub, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("status", [500, 503, None])
-def test_hub_down_is_hub_error(hub: LoopbackHub, tmp_path: Path, status: int | None) -> None:
+def test_hub_down_is_hub_error(hub: LoopbackHub, tmp_path: Path, status: int | None,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "RETRY_DELAYS", (0.01, 0.01))
     hub.add_repo("acme/toy", _model(tmp_path / "m", 1.0))
     if status is None:
         hub.stop()
@@ -79,6 +83,33 @@ def test_hub_down_is_hub_error(hub: LoopbackHub, tmp_path: Path, status: int | N
     with pytest.raises(HubError) as info:
         ck.resolve("acme/toy", token=WRONG_TOKEN, endpoint=hub.url, cache_dir=tmp_path / "c")
     assert WRONG_TOKEN not in str(info.value) + repr(info.value.to_dict())
+    if status is not None:  # tried once and retried twice, then given up
+        assert len([r for r in hub.requests if r.startswith("GET /api/models/")]) == 3
+
+
+def test_a_hub_blip_is_ridden_out(hub: LoopbackHub, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 503 that is over before the retries are: the download succeeds."""
+    sha = hub.add_repo("acme/toy", _model(tmp_path / "m", 1.0))
+    hub.fail_with(503)
+    monkeypatch.setattr(hub_module.time, "sleep", lambda _s: hub.fail_with(None))
+    assert ck.resolve("acme/toy", endpoint=hub.url, cache_dir=tmp_path / "c").revision == sha
+
+
+def test_a_hung_hub_times_out(hub: LoopbackHub, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request is bounded by huggingface_hub's timeout, the tree listing included."""
+    hub.add_repo("acme/toy", _model(tmp_path / "m", 1.0))
+    hub.add_repo("acme/data", _model(tmp_path / "d", 1.0), repo_type="dataset")
+    monkeypatch.setattr(hub_module, "RETRY_DELAYS", ())
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    hub.slow(5)
+    with pytest.raises(HubError, match="ReadTimeout"):
+        ck.resolve("acme/toy", endpoint=hub.url, cache_dir=tmp_path / "c")
+    with pytest.raises(HubError, match="ReadTimeout"):
+        download_dataset("acme/data", None, None, hub.url, tmp_path / "c")
+    hub.slow(0)
 
 
 def test_offline_uses_the_cache(hub: LoopbackHub, tmp_path: Path,

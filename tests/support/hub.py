@@ -12,7 +12,8 @@ Serves repos registered from local folders over real HTTP on 127.0.0.1 (pass ``e
 Errors carry the ``X-Error-Code`` header the client maps to RepositoryNotFoundError,
 RevisionNotFoundError and EntryNotFoundError; private repos answer 401 without
 ``Authorization: Bearer <hub.token>``. ``hub.fail_with(503)`` makes every request fail,
-``hub.stop()`` takes the server down (connection refused) and ``hub.start()`` brings it back.
+``hub.slow(30)`` makes every answer wait, ``hub.stop()`` takes the server down (connection
+refused) and ``hub.start()`` brings it back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +49,7 @@ class LoopbackHub:
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], _Repo] = {}
         self.failure: int | None = None
+        self.delay = 0.0  # seconds every answer waits
         self.requests: list[str] = []  # "METHOD path", for assertions on what the client did
         self.discussions: dict[str, list[dict[str, str]]] = {}  # repo -> [{title, description}]
         self._server: ThreadingHTTPServer | None = None
@@ -77,6 +80,10 @@ class LoopbackHub:
     def fail_with(self, status: int | None) -> None:
         """Answer every request with ``status`` (e.g. 500, 503); None serves normally again."""
         self.failure = status
+
+    def slow(self, seconds: float) -> None:
+        """Wait ``seconds`` before every answer (past a client's timeout: a hung hub)."""
+        self.delay = seconds
 
     def start(self) -> LoopbackHub:
         hub = self
@@ -151,6 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.owner
         url = urlsplit(self.path)
         hub.requests.append(f"{self.command} {url.path}")
+        time.sleep(hub.delay)
         if hub.failure is not None:
             self._error(hub.failure, None, "the loopback hub is failing on purpose", body)
             return
