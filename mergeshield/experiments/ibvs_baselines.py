@@ -1,7 +1,8 @@
 """Experiment 5: IBVS against baselines, after merging (arXiv:2510.08016, Sec. "IBVS").
 
 Experiment 3's attacker checkpoints (``merge_attackers``: BadNets, Blended, BadMerging-On, SBV,
-SBV_SC) are merged with the clean task vectors of the other tasks by TA and TIES at one merge λ.
+SBV_SC at ``sbv_keeps``; handed over by the runner when experiment 3 ran, built here otherwise) are
+merged with the clean task vectors of the other tasks by TA and TIES at one merge λ.
 Then, for every subtraction strength λ_d of a small grid, θ_merged − λ_d·v is evaluated (ASR of the
 attack's own trigger on the attacked task, clean accuracy of every task with its own head) for:
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,14 +41,12 @@ from torch import Tensor
 
 from mergeshield.evaluation import Rate
 from mergeshield.experiments.merge_attackers import (
+    ATTACKS,
     Attacker,
+    Attackers,
     MergeAttackConfig,
     Setup,
-    badmerging_attacker,
-    inherent_triggers,
-    sbv_attackers,
-    sbv_bvs,
-    zoo_attacker,
+    build_attackers,
 )
 from mergeshield.experiments.merge_attacks import evaluate_backbone, merge
 from mergeshield.experiments.zoo_models import ZooAccess
@@ -80,7 +79,8 @@ class IBVSConfig:
     recipes: dict[str, InjectionRecipe] = field(default_factory=default_recipes)
     focus: Focus = field(default_factory=Focus)
     budget_points: float = 2.0  # the policy's clean-accuracy budget
-    attacks: tuple[str, ...] = ("badnets", "blended", "badmerging", "sbv")  # sbv: SBV and SBV_SC
+    attacks: tuple[str, ...] = ATTACKS  # "sbv": SBV and SBV_SC
+    sbv_keeps: tuple[float, ...] = (0.1,)  # the SBV attackers defended against (p)
 
 
 @dataclass(frozen=True)
@@ -182,20 +182,6 @@ def _placements(setup: Setup, a: Attacker, method: str, clean_tvs: list[TaskVect
 
 
 # -- the experiment ------------------------------------------------------------------------------
-def build_attackers(setup: Setup, attacks: tuple[str, ...],
-                    progress: Progress | None = None) -> list[Attacker]:
-    """Experiment 3's attackers (its builder functions), restricted to ``attacks``."""
-    out = [zoo_attacker(setup, a) for a in ("badnets", "blended") if a in attacks]
-    if "badmerging" in attacks:
-        uni, _ = inherent_triggers(setup)
-        out.append(badmerging_attacker(setup, uni))
-    if "sbv" in attacks:
-        bvs = sbv_bvs(setup, progress)
-        sbvs = sbv_attackers(setup, bvs)  # from one BV, SBV_SC is SBV: keep one of them
-        out += [a for a in sbvs if len(bvs) > 1 or a.attack == "sbv"]
-    return out
-
-
 def injection_bvs(setup: Setup, recipes: Mapping[str, InjectionRecipe]
                   ) -> tuple[dict[str, TaskVector], dict[str, dict[str, Any]]]:
     """BV_inj of every recipe, from the base on the attacked task's training data (as the scan)."""
@@ -213,12 +199,19 @@ def injection_bvs(setup: Setup, recipes: Mapping[str, InjectionRecipe]
     return bvs, info
 
 
-def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None) -> IBVSResult:
+def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None,
+        built: Attackers | None = None) -> IBVSResult:
+    """``built``: experiment 3's attackers, for the same ``cfg.merge``; None: build them here."""
     say: Progress = progress or (lambda _s, _f: None)
     t0 = time.perf_counter()
     setup = Setup(zoo, cfg.merge)
-    say("ibvs: attackers", 0.0)
-    attackers = build_attackers(setup, cfg.attacks, progress)
+    if built is None:
+        say("ibvs: attackers", 0.0)
+        own = Setup(zoo, replace(cfg.merge, sbv_keeps=cfg.sbv_keeps))
+        built = build_attackers(own, cfg.attacks, progress)
+    elif built.config != cfg.merge:
+        raise ValueError("the attackers handed over were built for another configuration")
+    attackers = built.pick(cfg.attacks, cfg.sbv_keeps)
     t_att = time.perf_counter()
     say("ibvs: injection BVs", 0.0)
     bvs, recipe_info = injection_bvs(setup, cfg.recipes)
@@ -265,5 +258,6 @@ def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None) -> IB
                "trigger": a.trigger.model_dump(mode="json"),
                "oracle_bv_norm": oracle_bv(setup, a).norm()} for a in attackers),
         recipe_info, tuple(points), tuple(chosen),
-        {"build_attackers": round(t_att - t0, 1), "injection_bvs": round(t_inj - t_att, 1),
+        {"build_attackers": round(t_att - t0, 1),  # ~0 when experiment 3's were reused
+         "injection_bvs": round(t_inj - t_att, 1),
          "merge_and_evaluate": round(t_end - t_inj, 1)})

@@ -6,6 +6,9 @@
 - SBV / SBV_SC (p ∈ sbv_keeps): from K same-trigger, same-target BadNets BVs (the zoo's pair plus
   new pairs with other seeds); the upload is θ_clean + λ_SBV·SBV with λ_SBV from
   ``choose_lambda_sbv`` (clean accuracy within 1 point, on test images held out of evaluation).
+
+``build_attackers`` makes them all once (``Attackers``); the runner hands experiment 3's to
+experiment 5, which picks the ones it defends against (``Attackers.pick``).
 """
 
 from __future__ import annotations
@@ -67,6 +70,29 @@ class Attacker:
     detail: dict[str, Any]  # λ_SBV and its curve, p, number of BVs, ...
 
 
+ATTACKS = ("badnets", "blended", "badmerging", "sbv")  # "sbv": SBV and SBV_SC at every p
+
+
+@dataclass(frozen=True)
+class Attackers:
+    """The attacker checkpoints built for ``config``, and the base's inherent patches (the
+    universal patch is BadMerging's trigger; the random one is its same-size control)."""
+
+    config: MergeAttackConfig
+    attackers: tuple[Attacker, ...]
+    universal: Trigger
+    random: Trigger
+
+    def pick(self, attacks: tuple[str, ...], sbv_keeps: tuple[float, ...]) -> list[Attacker]:
+        """The attackers of ``attacks`` ("sbv" covers SBV and SBV_SC), SBV only at ``sbv_keeps``;
+        built from a single BV, SBV_SC equals SBV and only SBV is kept."""
+        kinds = {a for a in attacks if a != "sbv"} | ({"sbv", "sbv_sc"} if "sbv" in attacks
+                                                        else set())
+        return [a for a in self.attackers if a.attack in kinds and (
+            a.attack not in ("sbv", "sbv_sc")
+            or (a.detail["p"] in sbv_keeps and (a.attack == "sbv" or a.detail["bvs"] > 1)))]
+
+
 class Setup:
     """The zoo models, heads and test splits experiment 3 and 4 share."""
 
@@ -110,6 +136,21 @@ class Setup:
         return TaskVector.between(self.base, backbone, self.keys).materialize()
 
 
+def build_attackers(setup: Setup, attacks: tuple[str, ...] = ATTACKS,
+                    progress: Progress | None = None) -> Attackers:
+    """The attackers of ``attacks`` (all by default) and the base's inherent patches."""
+    say: Progress = progress or (lambda _s, _f: None)
+    say("attackers: universal patch", 0.0)
+    uni, rnd = inherent_triggers(setup)
+    out = [zoo_attacker(setup, a) for a in ("badnets", "blended") if a in attacks]
+    if "badmerging" in attacks:
+        say("attackers: BadMerging fine-tune", 0.0)
+        out.append(badmerging_attacker(setup, uni))
+    if "sbv" in attacks:
+        out += sbv_attackers(setup, sbv_bvs(setup, progress))
+    return Attackers(setup.cfg, tuple(out), uni, rnd)
+
+
 def zoo_attacker(setup: Setup, attack: str) -> Attacker:
     """The zoo's backdoored fine-tune of the attacked task for ``attack`` (badnets, blended)."""
     m = next(m for m in setup.zoo.backdoored() if m["family"] == setup.cfg.family
@@ -150,7 +191,7 @@ def sbv_bvs(setup: Setup, progress: Progress | None = None) -> list[TaskVector]:
     rate = float(setup.badnets["attack"].get("poison_rate", 0.1))
     for i, seed in enumerate(cfg.sbv_seeds):
         if progress is not None:
-            progress("merge-attacks: SBV pairs", i / max(len(cfg.sbv_seeds), 1))
+            progress("attackers: SBV pairs", i / max(len(cfg.sbv_seeds), 1))
         poisoned, _ = poison(setup.train, trigger, setup.target, rate, seed=seed)
         ft = replace(cfg.finetune, seed=seed)
         clean, bd = paired_finetune(lambda: setup.classifier(cfg.task), setup.train, poisoned, ft)

@@ -20,14 +20,11 @@ from torch import Tensor
 from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
 from mergeshield.experiments.merge_attackers import (
     Attacker,
+    Attackers,
     MergeAttackConfig,
     Progress,
     Setup,
-    badmerging_attacker,
-    inherent_triggers,
-    sbv_attackers,
-    sbv_bvs,
-    zoo_attacker,
+    build_attackers,
 )
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.merging import MergeConfig, merged_tensors
@@ -87,6 +84,7 @@ class MergeAttackResult:
     universal: Trigger
     random: Trigger
     seconds: dict[str, float]
+    built: Attackers  # the checkpoints themselves (not in JSON): experiment 5 reuses them
 
     def point(self, attacker: str, method: str, lam: float) -> MergePoint:
         return next(p for p in self.points
@@ -133,26 +131,14 @@ def _summary(a: Attacker) -> dict[str, Any]:
             "trigger": a.trigger.model_dump(mode="json"), "detail": a.detail}
 
 
-def build_attackers(setup: Setup, progress: Progress | None = None
-                    ) -> tuple[list[Attacker], Trigger, Trigger]:
-    """Every attacker checkpoint, and the (universal, random) patches of the base."""
-    say: Progress = progress or (lambda _s, _f: None)
-    say("merge-attacks: universal patch", 0.0)
-    uni, rnd = inherent_triggers(setup)
-    say("merge-attacks: BadMerging fine-tune", 0.0)
-    attackers = [zoo_attacker(setup, "badnets"), zoo_attacker(setup, "blended"),
-                 badmerging_attacker(setup, uni)]
-    attackers += sbv_attackers(setup, sbv_bvs(setup, progress))
-    return attackers, uni, rnd
-
-
 def run(zoo: ZooAccess, cfg: MergeAttackConfig,
         progress: Progress | None = None) -> MergeAttackResult:
     """Build the attackers, merge each (and the clean set) over methods × λ, evaluate."""
     say: Progress = progress or (lambda _s, _f: None)
     t0 = time.perf_counter()
     setup = Setup(zoo, cfg)
-    attackers, uni, rnd = build_attackers(setup, progress)
+    built = build_attackers(setup, progress=progress)
+    attackers, uni, rnd = list(built.attackers), built.universal, built.random
     t_build = time.perf_counter() - t0
     probes: Checks = {"universal": (uni, setup.target), "random": (rnd, setup.target)}
     floors: Checks = {a.attack: (a.trigger, a.target) for a in attackers
@@ -179,4 +165,4 @@ def run(zoo: ZooAccess, cfg: MergeAttackConfig,
         cfg.task, tuple(setup.tasks), setup.target, tuple(_summary(a) for a in attackers),
         tuple(singles), tuple(points), uni, rnd,
         {"build_attackers": round(t_build, 1),
-         "merge_and_evaluate": round(time.perf_counter() - t0 - t_build, 1)})
+         "merge_and_evaluate": round(time.perf_counter() - t0 - t_build, 1)}, built)

@@ -32,7 +32,7 @@ from mergeshield.experiments import (
     plots,
     tables,
 )
-from mergeshield.experiments.merge_attackers import MergeAttackConfig
+from mergeshield.experiments.merge_attackers import Attackers, MergeAttackConfig
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.zoo import Scale, ZooConfig, build_zoo
 
@@ -51,7 +51,7 @@ class PaperConfig:
     only: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # which experiments to run
     arithmetic: bv_arithmetic.ArithmeticConfig | None = None  # None: arithmetic_config(quick)
     similarity: bv_similarity.SimilarityConfig | None = None  # None: similarity_config(...)
-    merging: MergeAttackConfig | None = None  # experiments 3 + 4; None: merge_config(...)
+    merging: MergeAttackConfig | None = None  # experiments 3, 4 and 5; None: merge_config(...)
 
 
 def arithmetic_config(quick: bool) -> bv_arithmetic.ArithmeticConfig:
@@ -76,19 +76,10 @@ def merge_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> MergeAttackConfi
                              finetune=zoo_cfg.finetune, seed=seed)
 
 
-def ibvs_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> ibvs_baselines.IBVSConfig:
-    """Experiment 5: experiment 3's attackers at the middle merge λ of ``merge_config``; quick:
-    SBV from the zoo's BV alone, 50 patch steps, 1000 attacker images, 300 test images."""
-    lams = merge_config(quick, seed, zoo_cfg).lambdas
-    lam = lams[(len(lams) - 1) // 2]
-    if quick:
-        m = MergeAttackConfig(lambdas=(lam,), sbv_seeds=(), sbv_keeps=(0.1,), patch_steps=50,
-                              finetune=zoo_cfg.finetune, max_eval=300, train_images=1000,
-                              seed=seed)
-    else:
-        m = MergeAttackConfig(lambdas=(lam,), sbv_seeds=(seed + 1, seed + 2), sbv_keeps=(0.1,),
-                              patch_steps=300, finetune=zoo_cfg.finetune, seed=seed)
-    return ibvs_baselines.IBVSConfig(merge=m, merge_lambda=lam)
+def ibvs_config(m: MergeAttackConfig) -> ibvs_baselines.IBVSConfig:
+    """Experiment 5: experiment 3's configuration ``m`` (so its attackers are reused), defended
+    at the middle merge λ of ``m``, SBV at p = 10%."""
+    return ibvs_baselines.IBVSConfig(merge=m, merge_lambda=m.lambdas[(len(m.lambdas) - 1) // 2])
 
 
 def _previous(out: Path, only: tuple[int, ...]) -> dict[str, Any]:
@@ -201,13 +192,15 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
                           xlabel="b (trigger, target, clean model)", ylabel="a (BV added)")
             results["timings_s"]["bv-similarity"] = round(time.perf_counter() - t0, 1)
             _save(cfg, results, previous, t_start)
+        attackers: Attackers | None = None  # experiment 3's, handed to experiment 5
         if 3 in cfg.only or 4 in cfg.only:
-            _merging(cfg, zoo, zoo_cfg, where, results, progress)
+            attackers = _merging(cfg, zoo, zoo_cfg, where, results, progress)
             _save(cfg, results, previous, t_start)
         if 5 in cfg.only:
             t0 = time.perf_counter()
-            i_cfg = ibvs_config(cfg.quick, cfg.seed, zoo_cfg)
-            ires = ibvs_baselines.run(zoo, i_cfg, progress)
+            i_cfg = ibvs_config(cfg.merging or merge_config(cfg.quick, cfg.seed, zoo_cfg))
+            reuse = attackers if attackers and attackers.config == i_cfg.merge else None
+            ires = ibvs_baselines.run(zoo, i_cfg, progress, reuse)
             results["experiments"]["ibvs"] = {"config": _jsonable(i_cfg), **ires.to_json()}
             (cfg.out / "ibvs.md").write_text(tables.ibvs_markdown(ires, where))
             results["timings_s"]["ibvs"] = round(time.perf_counter() - t0, 1)
@@ -247,8 +240,9 @@ def _save(cfg: PaperConfig, results: dict[str, Any], previous: dict[str, Any],
 
 
 def _merging(cfg: PaperConfig, zoo: ZooAccess, zoo_cfg: ZooConfig, where: str,
-             results: dict[str, Any], progress: Progress | None) -> None:
-    """Experiments 3 and 4 in one pass: 4 reads the merged weights 3 builds."""
+             results: dict[str, Any], progress: Progress | None) -> Attackers:
+    """Experiments 3 and 4 in one pass (4 reads the merged weights 3 builds); returns the
+    attackers, for experiment 5."""
     t0 = time.perf_counter()
     m_cfg = cfg.merging or merge_config(cfg.quick, cfg.seed, zoo_cfg)
     res = merge_attacks.run(zoo, m_cfg, progress)
@@ -266,3 +260,4 @@ def _merging(cfg: PaperConfig, zoo: ZooAccess, zoo_cfg: ZooConfig, where: str,
         plots.inherent(res, cfg.out / "inherent-triggers.png")
         results["timings_s"]["inherent-triggers"] = (
             round(time.perf_counter() - t0 - seconds, 1) if 3 in cfg.only else seconds)
+    return res.built

@@ -13,6 +13,7 @@ from mergeshield.cli import main
 from mergeshield.experiments import claims
 from mergeshield.experiments.ibvs_baselines import IBVSConfig
 from mergeshield.experiments.merge_attackers import MergeAttackConfig
+from mergeshield.zoo import ZooConfig
 from tests.support.zoo import Zoo
 
 
@@ -60,10 +61,9 @@ def test_quick_ibvs_claims_hold_on_the_test_zoo(zoo: Zoo, tmp_path: Path,
     both merged backdoors, same-norm random directions do not, clean accuracy is kept."""
     from mergeshield.experiments import runner
 
-    def small(quick: bool, seed: int, zoo_cfg: Any) -> IBVSConfig:
-        m = MergeAttackConfig(lambdas=(0.5,), sbv_seeds=(), patch_steps=50,
-                              finetune=zoo_cfg.finetune, max_eval=300, train_images=1000,
-                              seed=seed)
+    def small(_: MergeAttackConfig) -> IBVSConfig:
+        m = MergeAttackConfig(lambdas=(0.5,), sbv_seeds=(), patch_steps=50, max_eval=300,
+                              finetune=ZooConfig.for_speed(True).finetune, train_images=1000)
         return IBVSConfig(merge=m, merge_lambda=0.5, attacks=("badnets", "blended"),
                           lambdas=(0.0, 1.0))
 

@@ -1,18 +1,26 @@
-"""Experiment 5's pure pieces: subtraction, same-norm random directions, the oracle BV."""
+"""Experiment 5: subtraction, same-norm random directions, the oracle BV, and reusing
+experiment 3's attackers."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
+from mergeshield.experiments import merge_attacks
 from mergeshield.experiments.ibvs_baselines import (
+    IBVSConfig,
     oracle_bv,
     random_direction,
+    run,
     subtract,
 )
 from mergeshield.experiments.merge_attackers import MergeAttackConfig, Setup, zoo_attacker
 from mergeshield.experiments.zoo_models import ZooAccess
+from mergeshield.ibvs import InjectionRecipe
 from mergeshield.task_vectors import TaskVector
+from mergeshield.triggers import PatchTrigger
 from tests.support.zoo import Zoo
 
 
@@ -55,3 +63,27 @@ def test_oracle_subtraction_of_clean_plus_bv_gives_back_clean(setup: Setup) -> N
     back = subtract(a.backbone, bv, 1.0)
     for k in clean:
         torch.testing.assert_close(back[k], clean[k].float(), rtol=0, atol=1e-5)
+
+
+def test_experiment_5_reuses_experiment_3s_attackers(zoo: Zoo) -> None:
+    """The runner hands experiment 3's attackers to experiment 5, which picks its own and builds
+    none; attackers built for another configuration are refused."""
+    from tests.mergeshield.experiments.test_merge_attacks import SMALL
+
+    access = ZooAccess(zoo.root)
+    built = merge_attacks.run(access, SMALL).built
+    assert [a.name for a in built.pick(("sbv",), (0.2,))] == ["sbv-p20"]  # one BV: SBV_SC = SBV
+    assert [a.name for a in built.pick(("badnets", "blended"), (0.1,))] == ["badnets", "blended"]
+    patch = PatchTrigger(pattern="random", size=3, location="bottom_right", seed=7)
+    cfg = IBVSConfig(merge=SMALL, merge_lambda=1.0, lambdas=(0.0, 1.0), random_seeds=(0,),
+                     recipes={"single": InjectionRecipe(mode="single", targets=(0,),
+                                                        triggers=(patch,), epochs=1)},
+                     attacks=("badnets", "sbv"), sbv_keeps=(0.2,))
+    res = run(access, cfg, built=built)
+    assert [a["name"] for a in res.attackers] == ["badnets", "sbv-p20"]
+    assert res.seconds["build_attackers"] < 1.0  # nothing fine-tuned or optimised again
+    a = next(a for a in built.attackers if a.name == "sbv-p20")
+    assert res.attackers[1]["oracle_bv_norm"] == pytest.approx(oracle_bv(Setup(access, SMALL),
+                                                                          a).norm())
+    with pytest.raises(ValueError, match="another configuration"):
+        run(access, replace(cfg, merge=replace(SMALL, patch_steps=4)), built=built)
