@@ -24,6 +24,9 @@ Where the subtraction happens, for the default recipe (the first of ``recipes``)
   the after-merge subtraction at λ_d·λ_merge; under TIES it is trimmed and votes in the sign
   election like every other task vector.
 
+And a merge-time defence of another kind, under TA only: ``dam`` (``dam.py``), the merge with DAM's
+learned mask instead of plain TA (λ_d does not apply; the point is stored at λ_d = 0).
+
 The λ_d the library's policy picks (``ibvs.choose_lambda``: largest λ_d whose clean-accuracy drop on
 the attacked task stays within the budget) is reported per attacker × method × recipe.
 """
@@ -40,6 +43,7 @@ import torch
 from torch import Tensor
 
 from mergeshield.evaluation import Rate
+from mergeshield.experiments.dam import DAMConfig, dam_merge
 from mergeshield.experiments.merge_attackers import (
     ATTACKS,
     Attacker,
@@ -81,13 +85,14 @@ class IBVSConfig:
     budget_points: float = 2.0  # the policy's clean-accuracy budget
     attacks: tuple[str, ...] = ATTACKS  # "sbv": SBV and SBV_SC
     sbv_keeps: tuple[float, ...] = (0.1,)  # the SBV attackers defended against (p)
+    dam: DAMConfig | None = field(default_factory=DAMConfig)  # None: no DAM rows
 
 
 @dataclass(frozen=True)
 class DefencePoint:
     attacker: str
     method: str
-    defence: str  # none | ibvs:<r> | before:<r> | inside:<r> | random:s<seed> | oracle
+    defence: str  # none | ibvs:<r> | before:<r> | inside:<r> | random:s<seed> | oracle | dam
     lam: float  # λ_d
     asr: Rate
     accuracy: dict[str, Rate]
@@ -218,6 +223,8 @@ def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None,
     t_inj = time.perf_counter()
     clean_tvs = [setup.tv(setup.clean[t]) for t in setup.tasks[1:]]
     lams = sorted(set(cfg.lambdas) - {0.0})
+    n_dam = cfg.dam.images if cfg.dam else 0
+    dam_images = {t: zoo.task(t).train.images[:n_dam] for t in setup.tasks}
     points: list[DefencePoint] = []
     chosen: list[dict[str, Any]] = []
     for i, a in enumerate(attackers):
@@ -251,6 +258,11 @@ def run(zoo: ZooAccess, cfg: IBVSConfig, progress: Progress | None = None,
                             at(f"random:s{seed}", lam, r)
             for lam in lams:
                 at("oracle", lam, oracle)
+        if cfg.dam is not None and "task_arithmetic" in cfg.merge.methods:
+            theta = dam_merge({t: setup.clf[t] for t in setup.tasks}, setup.base,
+                              [setup.tv(a.backbone), *clean_tvs], cfg.merge_lambda,
+                              dam_images, cfg.dam)
+            points.append(_evaluate(setup, theta, a, "task_arithmetic", "dam", 0.0))
     t_end = time.perf_counter()
     return IBVSResult(
         cfg.merge.task, tuple(setup.tasks), cfg.merge_lambda, tuple(sorted(set(cfg.lambdas))),

@@ -32,6 +32,7 @@ from mergeshield.experiments import (
     plots,
     tables,
 )
+from mergeshield.experiments.dam import DAMConfig
 from mergeshield.experiments.merge_attackers import Attackers, MergeAttackConfig
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.zoo import Scale, ZooConfig, build_zoo
@@ -76,10 +77,11 @@ def merge_config(quick: bool, seed: int, zoo_cfg: ZooConfig) -> MergeAttackConfi
                              finetune=zoo_cfg.finetune, seed=seed)
 
 
-def ibvs_config(m: MergeAttackConfig) -> ibvs_baselines.IBVSConfig:
+def ibvs_config(m: MergeAttackConfig, quick: bool) -> ibvs_baselines.IBVSConfig:
     """Experiment 5: experiment 3's configuration ``m`` (so its attackers are reused), defended
-    at the middle merge λ of ``m``, SBV at p = 10%."""
-    return ibvs_baselines.IBVSConfig(merge=m, merge_lambda=m.lambdas[(len(m.lambdas) - 1) // 2])
+    at the middle merge λ of ``m``, SBV at p = 10%; DAM trains its mask 300 steps (quick: 100)."""
+    return ibvs_baselines.IBVSConfig(merge=m, merge_lambda=m.lambdas[(len(m.lambdas) - 1) // 2],
+                                     dam=DAMConfig(steps=100 if quick else 300))
 
 
 def _previous(out: Path, only: tuple[int, ...]) -> dict[str, Any]:
@@ -198,7 +200,8 @@ def run_paper(cfg: PaperConfig, progress: Progress | None = None) -> dict[str, A
             _save(cfg, results, previous, t_start)
         if 5 in cfg.only:
             t0 = time.perf_counter()
-            i_cfg = ibvs_config(cfg.merging or merge_config(cfg.quick, cfg.seed, zoo_cfg))
+            i_cfg = ibvs_config(cfg.merging or merge_config(cfg.quick, cfg.seed, zoo_cfg),
+                                cfg.quick)
             reuse = attackers if attackers and attackers.config == i_cfg.merge else None
             ires = ibvs_baselines.run(zoo, i_cfg, progress, reuse)
             results["experiments"]["ibvs"] = {"config": _jsonable(i_cfg), **ires.to_json()}

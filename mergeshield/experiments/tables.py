@@ -159,6 +159,11 @@ def ibvs_markdown(res: IBVSResult, header: str) -> str:
             acc = " / ".join(f"{zero.accuracy[t].rate:.1%}" for t in res.tasks)
             rows.append([a["name"], method, label, "0", rate_cell(zero.asr), acc,
                          f"{zero.mean_accuracy:.1%}"])
+            for p in res.points:
+                if (p.attacker, p.method, p.defence) == (a["name"], method, "dam"):
+                    rows.append([a["name"], method, "DAM (learned mask)", "–", rate_cell(p.asr),
+                                 " / ".join(f"{p.accuracy[t].rate:.1%}" for t in res.tasks),
+                                 f"{p.mean_accuracy:.1%}"])
             for d in defences:
                 for lam in lams:
                     if d == "random":
@@ -188,7 +193,8 @@ def ibvs_markdown(res: IBVSResult, header: str) -> str:
         "attack's own trigger → its target on the attacked task (hits/total). Clean accuracy per "
         f"task ({' / '.join(res.tasks)}), each with its own head. `random`: the range over "
         "seeded same-norm (as the focused per_class BV_inj) Gaussian directions, accuracies "
-        "averaged. `oracle`: θ_attacker − θ_clean. DAM was not run (not available offline).", "",
+        "averaged. `oracle`: θ_attacker − θ_clean. `DAM`: the TA merge with DAM's learned mask "
+        "(Yang et al., ICLR 2025; experiments/dam.py) instead of plain TA.", "",
         *_table(["attacker", "merge", "defence", "λ_d", "ASR", "clean acc per task",
                  "mean clean acc"], rows),
         "", "## λ_d the library's policy picks (largest λ_d within a 2-point clean-accuracy "

@@ -11,6 +11,7 @@ import pytest
 
 from mergeshield.cli import main
 from mergeshield.experiments import claims
+from mergeshield.experiments.dam import DAMConfig
 from mergeshield.experiments.ibvs_baselines import IBVSConfig
 from mergeshield.experiments.merge_attackers import MergeAttackConfig
 from mergeshield.zoo import ZooConfig
@@ -61,11 +62,11 @@ def test_quick_ibvs_claims_hold_on_the_test_zoo(zoo: Zoo, tmp_path: Path,
     both merged backdoors, same-norm random directions do not, clean accuracy is kept."""
     from mergeshield.experiments import runner
 
-    def small(_: MergeAttackConfig) -> IBVSConfig:
+    def small(_: MergeAttackConfig, quick: bool) -> IBVSConfig:
         m = MergeAttackConfig(lambdas=(0.5,), sbv_seeds=(), patch_steps=50, max_eval=300,
                               finetune=ZooConfig.for_speed(True).finetune, train_images=1000)
         return IBVSConfig(merge=m, merge_lambda=0.5, attacks=("badnets", "blended"),
-                          lambdas=(0.0, 1.0))
+                          lambdas=(0.0, 1.0), dam=DAMConfig(steps=5, images=64))
 
     monkeypatch.setattr(runner, "ibvs_config", small)
     # through the CLI with --check: every claim held → exit 0
@@ -78,5 +79,6 @@ def test_quick_ibvs_claims_hold_on_the_test_zoo(zoo: Zoo, tmp_path: Path,
     assert got["badmerging-resists-ibvs"]["held"] is None  # BadMerging was not in this run
     assert "| ibvs-badnets |" in (tmp_path / "claims.md").read_text()
     defences = {p["defence"] for p in results["experiments"]["ibvs"]["points"]}
-    assert {"before:per_class", "inside:per_class", "ibvs:types"} <= defences
+    assert {"before:per_class", "inside:per_class", "ibvs:types", "dam"} <= defences
+    assert "DAM (learned mask)" in (tmp_path / "ibvs.md").read_text()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mergeshield.experiments import merge_attacks
+from mergeshield.experiments.dam import DAMConfig
 from mergeshield.experiments.ibvs_baselines import (
     IBVSConfig,
     oracle_bv,
@@ -78,9 +79,12 @@ def test_experiment_5_reuses_experiment_3s_attackers(zoo: Zoo) -> None:
     cfg = IBVSConfig(merge=SMALL, merge_lambda=1.0, lambdas=(0.0, 1.0), random_seeds=(0,),
                      recipes={"single": InjectionRecipe(mode="single", targets=(0,),
                                                         triggers=(patch,), epochs=1)},
-                     attacks=("badnets", "sbv"), sbv_keeps=(0.2,))
+                     attacks=("badnets", "sbv"), sbv_keeps=(0.2,),
+                     dam=DAMConfig(steps=2, images=32))
     res = run(access, cfg, built=built)
     assert [a["name"] for a in res.attackers] == ["badnets", "sbv-p20"]
+    assert {(p.attacker, p.method) for p in res.points if p.defence == "dam"} == {
+        ("badnets", "task_arithmetic"), ("sbv-p20", "task_arithmetic")}  # DAM: a TA merge
     assert res.seconds["build_attackers"] < 1.0  # nothing fine-tuned or optimised again
     a = next(a for a in built.attackers if a.name == "sbv-p20")
     assert res.attackers[1]["oracle_bv_norm"] == pytest.approx(oracle_bv(Setup(access, SMALL),
