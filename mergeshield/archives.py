@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergeshield.disk import ensure_room
 from mergeshield.errors import (
     CorruptCheckpointError,
     InputError,
@@ -23,6 +24,7 @@ from mergeshield.errors import (
 )
 
 _CHUNK = 1024 * 1024  # bytes per read: memory stays flat whatever the member size
+_ROOM_EVERY = 64 * _CHUNK  # while writing, free disk is looked at again after this many bytes
 # what a damaged archive raises while read: gzip/bz2 raise OSError, an encrypted zip member
 # RuntimeError, an unknown compression method NotImplementedError
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
@@ -37,6 +39,9 @@ _FIX = "re-create the archive from the model folder with plain files only, or up
 class ArchiveLimits:
     max_bytes: int = 40 * 1024**3  # total unpacked size; a 7B model in fp32 is about 28 GiB
     max_files: int = 10_000  # members, directories included
+    # free disk (bytes) to leave: the whole archive (zip) or each member (tar) is refused before
+    # it is written when it would leave less; None = no free-space check
+    min_free_bytes: int | None = None
 
 
 def is_archive(path: Path) -> bool:
@@ -109,12 +114,18 @@ class _Extraction:
             raise self.refuse(name, f"takes the archive past {self.limits.max_bytes} unpacked "
                               "bytes", "upload a smaller model or the files one by one")
 
+    def room(self, need: int) -> None:
+        """Refuse (InsufficientStorageError) when ``need`` more bytes would fill the disk."""
+        if self.limits.min_free_bytes is not None:
+            ensure_room(self.dest, need, self.limits.min_free_bytes, f"unpacking {self.archive}")
+
     def member(self, name: str, kind: str | None, is_dir: bool, size: int) -> Path | None:
         """Vet one member and make its folders; the file to write, or None for a folder."""
         if kind is not None:
             raise self.refuse(name, f"is {kind}")
         self.members += 1
         self.check(name, self.members, self.written + size)
+        self.room(size)
         if "\\" in name or "\x00" in name or name.startswith("/") or _DRIVE.match(name):
             raise self.refuse(name, "has an absolute, Windows-style or NUL path")
         parts = tuple(p for p in name.split("/") if p not in ("", "."))
@@ -145,6 +156,8 @@ class _Extraction:
                 size += len(chunk)
                 self.written += len(chunk)
                 self.check(name, 0, self.written)  # headers may lie: count what is written
+                if self.written % _ROOM_EVERY < len(chunk):
+                    self.room(0)
                 out.write(chunk)
 
 
@@ -179,6 +192,7 @@ def _unpack_zip(archive: Path, ex: _Extraction) -> None:
         infos = zf.infolist()
         if infos:  # refuse from the central directory before writing anything
             ex.check(infos[-1].filename, len(infos), sum(i.file_size for i in infos))
+            ex.room(sum(i.file_size for i in infos))
         for info in infos:
             mode = info.external_attr >> 16  # Unix st_mode; 0 from tools that do not set it
             kind, is_dir = _ZIP_KINDS.get(stat.S_IFMT(mode)), info.is_dir() or stat.S_ISDIR(mode)

@@ -87,8 +87,9 @@ def _relative(path: Path, root: Path) -> str:
 
 def resolve(source: str, *, revision: str | None = None, token: str | None = None,
             endpoint: str | None = None, cache_dir: str | Path | None = None,
-            local_files_only: bool = False) -> ResolvedSource:
-    """Locate ``source`` (folder, file or hub repo id) and check it is safe to read."""
+            local_files_only: bool = False, min_free_bytes: int | None = None) -> ResolvedSource:
+    """Locate ``source`` (folder, file or hub repo id) and check it is safe to read; a hub
+    download must leave ``min_free_bytes`` free on the disk (None: no check)."""
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -99,7 +100,7 @@ def resolve(source: str, *, revision: str | None = None, token: str | None = Non
                                   "(owner/name): check the spelling", details={"source": source})
     folder, sha, remote_names = download_repo(
         source, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
-        local_files_only=local_files_only, patterns=HUB_PATTERNS)
+        local_files_only=local_files_only, patterns=HUB_PATTERNS, min_free_bytes=min_free_bytes)
     return _from_folder(source, "hub", folder, revision, sha, cache_dir, remote_names)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from mergeshield.disk import ensure_room
 from mergeshield.errors import HubError, MergeShieldError, SourceNotFoundError, StorageFullError
 from mergeshield.safetensors_io import atomic_write_text
 
@@ -24,7 +25,8 @@ __all__ = ["HUB_PATTERNS", "RETRY_DELAYS", "call_hub", "download_repo", "hub_fai
            "is_offline"]
 
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pt", "*.pth", "*.txt", "*.model",
-                "*.tiktoken", "*.py"]  # .py is fetched only to explain a refusal, never run
+                "*.tiktoken", "*.py", "README.md"]  # .py is fetched only to explain a refusal,
+# never run; README.md is the model card, whose base_model is checked against the given base
 RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds before each retry of a transient failure
 
 T = TypeVar("T")
@@ -68,12 +70,21 @@ def _transient(error: Exception) -> bool:
 def download_repo(repo_id: str, *, repo_type: Literal["model", "dataset"] = "model",
                   revision: str | None, token: str | None, endpoint: str | None,
                   cache_dir: str | Path | None, local_files_only: bool = False,
-                  patterns: list[str] | None = None) -> tuple[Path, str, tuple[str, ...]]:
+                  patterns: list[str] | None = None, min_free_bytes: int | None = None
+                  ) -> tuple[Path, str, tuple[str, ...]]:
     """(snapshot folder, commit sha, file names on the hub) of ``repo_id`` at ``revision``: the
     revision resolved once, then each file matching ``patterns`` (None: all) fetched at the sha.
+    ``min_free_bytes``: refused first (InsufficientStorageError) when the files not cached yet
+    would leave less free disk in the cache; None: no check.
 
     File by file, not ``snapshot_download``: its tree listing has no timeout at all."""
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub import (
+        HfApi,
+        constants,
+        hf_hub_download,
+        snapshot_download,
+        try_to_load_from_cache,
+    )
     from huggingface_hub.file_download import repo_folder_name
 
     offline = local_files_only or is_offline()
@@ -86,11 +97,18 @@ def download_repo(repo_id: str, *, repo_type: Literal["model", "dataset"] = "mod
             return folder, folder.name, ()
         api = HfApi(endpoint=endpoint, token=token)
         info = (api.model_info if repo_type == "model" else api.dataset_info)(
-            repo_id, revision=revision, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            repo_id, revision=revision, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+            files_metadata=min_free_bytes is not None)  # sizes, for the free-disk check
         sha = str(info.sha)
         names = tuple(s.rfilename for s in info.siblings or ())
-        for name in (n for n in names if patterns is None
-                     or any(fnmatch.fnmatch(n, p) for p in patterns)):
+        wanted = [s for s in info.siblings or () if patterns is None
+                  or any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)]
+        if min_free_bytes is not None:
+            need = sum(s.size or 0 for s in wanted if not isinstance(try_to_load_from_cache(
+                repo_id, s.rfilename, cache_dir, sha, repo_type), str))
+            ensure_room(Path(cache_dir or constants.HF_HUB_CACHE), need, min_free_bytes,
+                        f"downloading {repo_id!r}")
+        for name in (s.rfilename for s in wanted):
             hf_hub_download(repo_id, name, repo_type=repo_type, revision=sha, token=token,
                             endpoint=endpoint, cache_dir=cache_dir,
                             etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
@@ -112,6 +130,9 @@ def hub_failure(exc: Exception, repo_id: str, revision: str | None, *, noun: str
     huggingface_hub reports an unreachable hub as a cache miss too).
     """
     from huggingface_hub import errors as hf
+
+    if isinstance(exc, MergeShieldError):
+        return exc  # ours already, e.g. no room for the download: neither the hub's nor retried
 
     where = f"{repo_id!r} at revision {revision or 'main'!r}"
     details: dict[str, Any] = {"repo": repo_id, "revision": revision,

@@ -26,6 +26,7 @@ from mergeshield import __version__, checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe, sanitise
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
+from mergeshield.model_card import check_card_base
 from mergeshield.models import ModelFamily, backbone_keys, family_for
 from mergeshield.report import ScanReport, decide, write_report
 from mergeshield.report.schema import (
@@ -85,6 +86,7 @@ class ScanContext:
     endpoint: str | None = None  # hub endpoint (mirrors, private hubs)
     cache_dir: Path | None = None  # hub downloads and the BV_inj cache
     local_files_only: bool = False
+    min_free_bytes: int | None = None  # free disk a hub download must leave; None = no check
     device: str | None = None  # "cuda", "cpu"; None = CUDA when present
     scan_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     progress: Progress | None = None
@@ -209,14 +211,18 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
 
 
 def resolve_inputs(request: ScanRequest, ctx: ScanContext) -> Inputs:
-    """(suspect, base) located and checked; local paths only inside ``ctx.allowed_roots``."""
+    """(suspect, base) located and checked; local paths only inside ``ctx.allowed_roots``; the
+    base must be the one the suspect's model card names, if it names one."""
     if ctx.allowed_roots is not None:
         for name in ("suspect", "base", "evaluation", "injection_data", "bv"):
             _check_local(name, getattr(request, name), ctx.allowed_roots)
     kw: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
-                          "cache_dir": ctx.cache_dir, "local_files_only": ctx.local_files_only}
-    return (checkpoints.resolve(request.suspect, revision=request.suspect_revision, **kw),
-            checkpoints.resolve(request.base, revision=request.base_revision, **kw))
+                          "cache_dir": ctx.cache_dir, "local_files_only": ctx.local_files_only,
+                          "min_free_bytes": ctx.min_free_bytes}
+    suspect = checkpoints.resolve(request.suspect, revision=request.suspect_revision, **kw)
+    base = checkpoints.resolve(request.base, revision=request.base_revision, **kw)
+    check_card_base(suspect.root, base.source, base.kind, base.config)
+    return suspect, base
 
 
 def cache_key(request: ScanRequest, inputs: Inputs) -> str:

@@ -1,0 +1,33 @@
+"""Free disk space: refuse to write what would leave less than ``min_free`` bytes on the disk.
+
+Checked before the bytes arrive (a hub download, an archive's members, an upload's declared
+length) and again while they stream, so a full disk is met with a clear refusal, not a half file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from mergeshield.errors import InsufficientStorageError
+
+__all__ = ["ensure_room", "free_bytes"]
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or would: its nearest existing parent)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def ensure_room(path: Path, need: int, min_free: int, what: str) -> None:
+    """Raise :class:`InsufficientStorageError` unless writing ``need`` more bytes under ``path``
+    leaves at least ``min_free`` bytes free."""
+    free = free_bytes(path)
+    if free - need < min_free:
+        raise InsufficientStorageError(
+            f"not enough free disk for {what}: it needs {need} bytes and {min_free} must stay "
+            f"free, but {free} are free; free some disk space and retry",
+            details={"needed": need, "free": free, "min_free": min_free})
