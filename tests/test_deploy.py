@@ -22,6 +22,9 @@ from mergeshield.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SERVICES = ("api", "worker", "worker-cpu")  # the services that run the MergeShield image
+WORKERS = ("worker", "worker-cpu")
+PROXY_ENV = {"HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"}  # standard, read by huggingface_hub's HTTP
+HUB_DOMAINS = {".huggingface.co", ".hf.co"}  # the hub, its LFS and Xet CDNs
 _ENV_LINE = re.compile(r"^#?\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -170,7 +173,79 @@ def test_compose_environment_names_are_settings() -> None:
             named |= set(_environment(services[name]))
     named |= set(_INTERPOLATION.findall((ROOT / "docker-compose.yml").read_text()))
     assert {"REDIS_URL", "DATABASE_URL", "MERGESHIELD_ADMIN_KEY"} <= named
-    assert named - set(accepted) == set()
+    assert named - set(accepted) - PROXY_ENV == set()
+
+
+# --- network isolation: workers reach the broker, the database and the hub, nothing else ----
+
+
+def _networks(service: dict[str, Any]) -> set[str]:
+    nets = service.get("networks") or ["default"]
+    return set(nets if isinstance(nets, list) else nets.keys())
+
+
+def _internal(name: str) -> bool:
+    return bool((_compose().get("networks") or {}).get(name, {}).get("internal"))
+
+
+def test_workers_are_only_on_an_internal_network_with_the_broker_database_and_egress() -> None:
+    services = _services()
+    for name in WORKERS:
+        nets = _networks(services[name])
+        assert nets and all(_internal(n) for n in nets), (name, nets)
+        # who else is there: nothing that could relay traffic except the hub proxy
+        neighbours = {other for other, svc in services.items() if other != name
+                      and _networks(svc) & nets}
+        assert neighbours <= {"redis", "postgres", "egress", "api", *WORKERS}, neighbours
+        assert {"redis", "postgres", "egress"} <= neighbours
+        deps = services[name]["depends_on"]
+        assert deps["egress"]["condition"] == "service_healthy", name
+    for name in ("redis", "postgres"):  # no way out for them either
+        assert all(_internal(n) for n in _networks(services[name])), name
+
+
+def test_workers_reach_the_hub_only_through_the_egress_proxy() -> None:
+    services = _services()
+    egress = services["egress"]
+    port = re.search(r"^http_port (\d+)$", _egress_config(), re.M)
+    assert port
+    for name in WORKERS:
+        env = _environment(services[name])
+        for var in ("HTTPS_PROXY", "HTTP_PROXY"):
+            assert env[var] == f"http://egress:{port.group(1)}", (name, var)
+        assert {"redis", "postgres"} <= set(env["NO_PROXY"].split(",")), name
+        for var in ("REDIS_URL", "DATABASE_URL"):  # and everything the API gets besides
+            assert env[var] == _environment(services["api"])[var], (name, var)
+    nets = _networks(egress)
+    assert any(_internal(n) for n in nets) and not all(_internal(n) for n in nets)
+
+
+def _egress_config() -> str:
+    source = _services()["egress"]["configs"][0]
+    assert source["target"] == "/etc/squid/squid.conf"
+    return str(_compose()["configs"][source["source"]]["content"])
+
+
+def test_the_egress_proxy_allows_the_hub_hosts_and_denies_the_rest() -> None:
+    rules = [line.split() for line in _egress_config().splitlines()
+             if line.startswith(("acl ", "http_access "))]
+    acls = {r[1]: r[2:] for r in rules if r[0] == "acl"}
+    access = [r[1:] for r in rules if r[0] == "http_access"]
+    assert access[-1] == ["deny", "all"]  # whatever is not allowed above is refused
+    allowed = [a for a in access if a[0] == "allow"]
+    assert allowed, "the proxy allows nothing"
+    for rule in allowed:  # every allow names the hub's domains, through CONNECT (TLS) only
+        assert "CONNECT" in rule[1:] and acls["CONNECT"] == ["method", "CONNECT"]
+        domains = [acls[a] for a in rule[1:] if acls[a][0] == "dstdomain"]
+        assert domains and all(set(d[1:]) <= HUB_DOMAINS for d in domains), rule
+    assert ["deny", "!https"] in access and acls["https"] == ["port", "443"]
+
+
+def test_the_api_is_the_one_published_service() -> None:
+    services = _services()
+    published = {name for name, svc in services.items() if svc.get("ports")}
+    assert published == {"api"}
+    assert not all(_internal(n) for n in _networks(services["api"]))  # callbacks go out
 
 
 # --- .env.example ---------------------------------------------------------------------------
