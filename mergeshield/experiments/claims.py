@@ -179,7 +179,11 @@ CLAIMS: tuple[Claim, ...] = (
           _ibvs_removal("badnets"), 0.5, False),
     Claim("ibvs-blended", "ibvs", "IBVS removes a merged backdoor",
           "Blended under TA: ASR after IBVS (λ_d=1) ≤ 0.5 × undefended", True,
-          _ibvs_removal("blended"), 0.5, False),
+          _ibvs_removal("blended"), 0.5, False, ("quick",)),
+    Claim("blended-resists-ibvs", "ibvs", "IBVS removes a merged backdoor",
+          "Blended under TA: ASR after IBVS (λ_d=1) ≥ 0.7 × undefended: NOT reproduced at "
+          "default scale (the merged Blended backdoor is weak, ~13%, and IBVS barely moves it)",
+          False, _ibvs_removal("blended"), 0.7, True, ("default",)),
     Claim("random-does-not", "ibvs", "the effect is the BV's direction, not its norm",
           "BadNets under TA: every same-norm random direction keeps ≥ 0.7 × undefended ASR",
           True, _random_removal, 0.7, True),
