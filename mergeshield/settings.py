@@ -56,6 +56,28 @@ class Settings(BaseSettings):
     # a scan raises SoftTimeLimitExceeded after this many seconds and is killed after hard
     scan_soft_time_limit: int = 6 * 3600
     scan_hard_time_limit: int = 6 * 3600 + 300
+    # per-stage limit in seconds for every stage, and per-stage overrides by stage name (e.g.
+    # {"resolve": 1800}); the worker fails a scan whose stage runs longer; 0 = no limit
+    stage_time_limit: float = 0.0
+    stage_time_limits: dict[str, float] = Field(default_factory=dict)
+    # refuse a hub download, an archive's unpacking or an upload's bytes that would leave less
+    # than this much free disk (507 insufficient_storage)
+    min_free_bytes: int = 1024**3
+    # an upload whose body sends no byte for this many seconds is dropped (408)
+    upload_idle_timeout: float = 30.0
+    # per API key (admin keys are exempt): scans queued or running at once (429) and bytes of
+    # uploads stored (413); 0 = no limit
+    key_max_active_scans: int = 20
+    key_max_stored_bytes: int = 100 * 1024**3
+    # retention, in seconds: a finished scan's report and cleaned checkpoint, and an upload no
+    # queued or running scan uses; the row and the report summary stay. 0 = keep forever
+    artifact_retention: float = 30 * 86400.0
+    upload_retention: float = 7 * 86400.0
+    # how often the API removes what is past its retention (``mergeshield cleanup`` does one pass)
+    cleanup_interval: float = 3600.0
+    # CUDA only when its free memory is at least this many times the two checkpoints' bytes;
+    # else a scan with device "auto" runs on the CPU and one with device "gpu" fails
+    gpu_memory_factor: float = 4.0
     # uploads at least this large go to the "gpu" queue when the scan's device is "auto"
     gpu_route_min_bytes: int = 1024**3
     # a running scan whose worker has not written a heartbeat for this long is re-enqueued

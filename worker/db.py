@@ -10,12 +10,14 @@ only let ``service`` import ``worker``, not the other way round.
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -33,9 +35,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 FINISHED = ("succeeded", "failed", "cancelled")
+T = TypeVar("T")
+log = logging.getLogger("mergeshield.db")
 STATES = ("queued", "running", *FINISHED)
 
 
@@ -124,6 +129,9 @@ class Scan(Base):
     # folder with report.json (+ sarif/html) and the cleaned checkpoint, relative to data_dir
     result_dir: Mapped[str | None] = mapped_column(Text, default=None)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # when the retention cleanup removed the report files and the cleaned checkpoint (the row,
+    # its verdict and summary stay); None while they exist
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     @property
     def finished(self) -> bool:
@@ -244,8 +252,8 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        else:
-            kwargs.update(pool_size=10, max_overflow=30)
+        else:  # a server that does not answer is an error after 10 s, not a hang
+            kwargs.update(pool_size=10, max_overflow=30, connect_args={"connect_timeout": 10})
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -263,6 +271,26 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# the database is unreachable (restarting, failing over, network): worth waiting for
+DB_AWAY = (OperationalError, InterfaceError)
+
+
+def retrying(work: Callable[[], T], *, seconds: float) -> T:
+    """``work()``, tried again while the database is unreachable, for up to ``seconds``.
+    Only for work that may run twice (a conditional UPDATE)."""
+    deadline = time.monotonic() + seconds
+    pause = 0.5
+    while True:
+        try:
+            return work()
+        except DB_AWAY:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("database unreachable; trying again in %.1f s", pause)
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:

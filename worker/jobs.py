@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import or_, select, update
 
@@ -27,9 +28,11 @@ from mergeshield.report import ScanReport
 from mergeshield.report.io import load_report
 from mergeshield.settings import Settings
 from worker.bv_guard import BvGuard
-from worker.db import Database, Scan, Upload, now
+from worker.db import DB_AWAY, Database, Scan, Upload, now, retrying
+from worker.limits import StageClock, guard_device
 
 log = logging.getLogger("mergeshield.worker")
+FINISH_PATIENCE = 300.0  # seconds a finished scan waits for the database to record it
 
 
 class ScanCancelled(Exception):
@@ -43,10 +46,14 @@ class Job:
     db: Database
     scan: Scan
     worker: str
+    clock: StageClock | None = None  # per-stage time limits, checked at every report
     _checked: float = 0.0
 
     def progress(self, stage: str, fraction: float) -> None:
-        """The library's progress callback: store stage and percent; stop if cancelled."""
+        """The library's progress callback: store stage and percent; stop if cancelled or if
+        the stage ran past its time limit."""
+        if self.clock is not None:
+            self.clock.observe(stage)
         if time.monotonic() - self._checked < 0.5 and fraction not in (0.0, 1.0):
             return  # at most two writes a second
         self._checked = time.monotonic()
@@ -54,9 +61,14 @@ class Job:
         values: dict[str, Any] = {"stage": stage, "heartbeat_at": now()}
         if pct is not None:
             values["percent"] = pct
-        with self.db.session() as s:
-            done = s.execute(update(Scan).where(Scan.id == self.scan.id, Scan.state == "running",
-                                                Scan.worker == self.worker).values(**values))
+        try:
+            with self.db.session() as s:
+                done = s.execute(update(Scan).where(
+                    Scan.id == self.scan.id, Scan.state == "running", Scan.worker == self.worker)
+                    .values(**values))
+        except DB_AWAY:  # the scan goes on; a later step writes its progress
+            log.warning("database unreachable; progress not stored")
+            return
         if done.rowcount == 0:  # type: ignore[attr-defined]
             raise ScanCancelled(self.scan.id)
 
@@ -74,10 +86,13 @@ class Job:
         self._finish("failed", error_code=code, error_message=message)
 
     def _finish(self, state: str, **values: Any) -> None:
-        with self.db.session() as s:
-            s.execute(update(Scan).where(Scan.id == self.scan.id, Scan.state == "running",
-                                         Scan.worker == self.worker)
-                      .values(state=state, finished_at=now(), heartbeat_at=now(), **values))
+        def write() -> None:
+            with self.db.session() as s:
+                s.execute(update(Scan).where(Scan.id == self.scan.id, Scan.state == "running",
+                                             Scan.worker == self.worker)
+                          .values(state=state, finished_at=now(), heartbeat_at=now(), **values))
+
+        retrying(write, seconds=FINISH_PATIENCE)
 
 
 def claim(db: Database, scan_id: str, worker: str, stale_after: float) -> Job | None:
@@ -128,7 +143,8 @@ def earlier_result(db: Database, scan: Scan, key: str) -> Scan | None:
     with db.session() as s:
         return s.scalars(select(Scan).where(Scan.cache_key == key, Scan.owner == scan.owner,
                                             Scan.state == "succeeded", Scan.id != scan.id,
-                                            Scan.cached_from.is_(None))
+                                            Scan.cached_from.is_(None),
+                                            Scan.artifacts_expired_at.is_(None))
                          .order_by(Scan.finished_at.desc()).limit(1)).first()
 
 
@@ -141,29 +157,41 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
     """Scan (or reuse an earlier result), then record the outcome; errors become ``failed``."""
     scan = job.scan
     out = result_dir(settings.scans_dir, scan.id)
+    job.clock = StageClock(settings.stage_time_limit, settings.stage_time_limits)
     try:
-        request = library_request(job.db, scan, settings.data_dir)
-        ctx = ScanContext(
-            out_dir=out, formats=("json", "sarif", "html"), token=settings.token(),
-            endpoint=settings.hf_endpoint, cache_dir=settings.cache_dir, device=settings.device,
-            scan_id=scan.id, progress=job.progress, allowed_roots=(settings.uploads_dir,),
-            bv_guard=bv_guard)
-        job.progress("resolve", 0.0)
-        inputs = pipeline.resolve_inputs(request, ctx)  # hashed once: key and report
-        key = pipeline.cache_key(request, inputs)
-        earlier = None if scan.force else earlier_result(job.db, scan, key)
-        if earlier is not None and earlier.result_dir:
-            report = load_report(settings.data_dir / earlier.result_dir / "report.json")
-            job.succeed(report, earlier.result_dir, key, cached_from=earlier.id)
-            log.info("cache hit", extra={"cached_from": earlier.id})
-            return
-        if out.exists():  # a retry overwrites its own output, nothing else
-            shutil.rmtree(out)
-        report = pipeline.scan(request, ctx, inputs)
+        with job.clock:  # disarmed however the scan ends
+            request = library_request(job.db, scan, settings.data_dir)
+            device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            ctx = ScanContext(
+                out_dir=out, formats=("json", "sarif", "html"), token=settings.token(),
+                endpoint=settings.hf_endpoint, cache_dir=settings.cache_dir, device=device,
+                scan_id=scan.id, progress=job.progress, allowed_roots=(settings.uploads_dir,),
+                bv_guard=bv_guard, min_free_bytes=settings.min_free_bytes)
+            job.progress("resolve", 0.0)
+            inputs = pipeline.resolve_inputs(request, ctx)  # hashed once: key and report
+            key = pipeline.cache_key(request, inputs)
+            earlier = None if scan.force else earlier_result(job.db, scan, key)
+            if earlier is not None and earlier.result_dir and (
+                    report_path := settings.data_dir / earlier.result_dir / "report.json"
+            ).is_file():  # (a result the retention cleanup just removed is scanned again)
+                job.succeed(load_report(report_path), earlier.result_dir, key,
+                            cached_from=earlier.id)
+                log.info("cache hit", extra={"cached_from": earlier.id})
+                return
+            ctx.device = guard_device(device, scan.request.get("device", "auto"),
+                                      _checkpoint_bytes(inputs), settings.gpu_memory_factor)
+            if ctx.device != device:
+                log.warning("too little free GPU memory: the scan runs on the CPU")
+            if out.exists():  # a retry overwrites its own output, nothing else
+                shutil.rmtree(out)
+            report = pipeline.scan(request, ctx, inputs)
         job.succeed(report, str(out.relative_to(settings.data_dir)), key)
         log.info("scan succeeded", extra={"verdict": report.verdict.status})
     except ScanCancelled:
         log.info("scan cancelled while running")
+    except DB_AWAY:  # not the scan's fault: stop beating, and the reconciler queues it again
+        log.exception("database unreachable; the scan will be retried")
+        raise
     except SoftTimeLimitExceeded:
         job.fail("time_limit", f"the scan ran longer than its limit of "
                                f"{settings.scan_soft_time_limit} s and was stopped")
@@ -174,6 +202,11 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
     except Exception as exc:  # a bug, not bad input: keep the worker alive, record what happened
         log.exception("scan crashed")
         job.fail("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _checkpoint_bytes(inputs: pipeline.Inputs) -> int:
+    """Bytes of the tensors both checkpoints hold (what the GPU guard weighs)."""
+    return sum(path.stat().st_size for src in inputs for path in src.tensor_files)
 
 
 def library_request(db: Database, scan: Scan, data_dir: Path) -> ScanRequest:
