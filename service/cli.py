@@ -7,6 +7,7 @@
     db upgrade   apply database migrations
     keys         create, list and revoke API keys
     reconcile    one reconciler pass: re-enqueue what the broker lost
+    cleanup      one retention pass: remove expired scan artifacts and unused uploads
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 from mergeshield import cli as library_cli
 from mergeshield.settings import Settings
 
-SERVICE_COMMANDS = ("serve", "api", "worker", "worker-ping", "db", "keys", "reconcile")
+SERVICE_COMMANDS = ("serve", "api", "worker", "worker-ping", "db", "keys", "reconcile",
+                    "cleanup")
 
 
 def _extend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +61,8 @@ def _extend(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kr = ksub.add_parser("revoke")
     kr.add_argument("key_id")
     sub.add_parser("reconcile", help="one reconciler pass")
+    sub.add_parser("cleanup", help="one retention pass (MERGESHIELD_ARTIFACT_RETENTION, "
+                                   "MERGESHIELD_UPLOAD_RETENTION)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure(settings.json_logs)
     handler = {"serve": _serve, "api": _api, "worker": _worker, "worker-ping": _ping,
-               "db": _db, "keys": _keys, "reconcile": _reconcile}[args.command]
+               "db": _db, "keys": _keys, "reconcile": _reconcile,
+               "cleanup": _cleanup}[args.command]
     return handler(args, settings)
 
 
@@ -188,6 +193,17 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     done = reconcile(Database(settings.database()), create_celery(settings), settings)
     print(json.dumps(vars(done)))
+    return 0
+
+
+def _cleanup(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import migrate
+    from worker.cleanup import cleanup
+    from worker.db import Database
+
+    db = Database(settings.database())
+    migrate.upgrade(db)
+    print(json.dumps(vars(cleanup(db, settings))))
     return 0
 
 

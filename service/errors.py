@@ -13,6 +13,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException
 
 from mergeshield import errors
+from worker.db import DB_AWAY
 
 log = logging.getLogger("mergeshield.api")
 
@@ -23,10 +24,23 @@ STATUS: list[tuple[type[errors.MergeShieldError], int]] = [
     (errors.NotFoundError, 404),
     (errors.ConflictError, 409),
     (errors.PayloadTooLargeError, 413),
+    (errors.StorageQuotaError, 413),
+    (errors.QuotaExceededError, 429),
+    (errors.ArtifactsExpiredError, 410),
+    (errors.RequestTimeoutError, 408),
     (errors.ConfigError, 422),
     (errors.InputError, 400),
     (errors.HubError, 502),
+    (errors.StorageFullError, 507),
     (errors.MergeShieldError, 500),
+]
+
+# headers that go with a status: how to authenticate, when to try again, that the body was cut
+HEADERS: list[tuple[type[errors.MergeShieldError], dict[str, str]]] = [
+    (errors.AuthenticationError, {"WWW-Authenticate": "Bearer"}),
+    (errors.StorageQuotaError, {}),
+    (errors.QuotaExceededError, {"Retry-After": "30"}),
+    (errors.RequestTimeoutError, {"Connection": "close"}),
 ]
 
 
@@ -41,8 +55,7 @@ def body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.MergeShieldError)
     async def _ours(_request: Request, exc: errors.MergeShieldError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.AuthenticationError) \
-            else None
+        headers = next((h for cls, h in HEADERS if isinstance(exc, cls)), None)
         return JSONResponse(body(exc.code, exc.message, exc.details), status_of(exc),
                             headers=headers)
 
@@ -66,6 +79,15 @@ def install(app: FastAPI) -> None:
         log.warning("database refused a request value: %s", str(exc.orig)[:200])
         return JSONResponse(body("invalid_request", "a value in the request cannot be used "
                                  f"({str(exc.orig)[:120]}); remove control characters"), 400)
+
+    async def _db_away(_request: Request, exc: Exception) -> JSONResponse:
+        # the database restarts or fails over: say so, and when to try again; not a bug
+        log.warning("database unreachable: %s", str(getattr(exc, "orig", exc))[:200])
+        return JSONResponse(body("database_unavailable", "the database is unreachable right "
+                                 "now; retry in a few seconds"), 503, headers={"Retry-After": "5"})
+
+    for away in DB_AWAY:
+        app.add_exception_handler(away, _db_away)
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:

@@ -1,5 +1,6 @@
 """The FastAPI application: ``create_app(settings)`` wires the database, the broker, the
-routes, the error mapping, metrics and the reconciler. ``uvicorn service.main:app`` serves it."""
+routes, the error mapping, metrics and the background loops (reconciler, result callbacks,
+retention cleanup). ``uvicorn service.main:app`` serves it."""
 
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from service.routes import (
     ops,
     scans,
     uploads,
+    usage,
     watches,
     webhooks,
 )
-from worker import callbacks, migrate
+from worker import callbacks, cleanup, migrate
 from worker.app import create_celery
 from worker.db import Database
 from worker.logs import configure
-from worker.reconcile import reconcile
+from worker.reconcile import Reconciler
 
 log = logging.getLogger("mergeshield.api")
 
@@ -48,7 +50,8 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
             threads = [threading.Thread(target=_every, args=(loop, interval, stop), daemon=True,
                                         name=loop.__name__)
                        for loop, interval in ((_reconcile(app), settings.reconcile_interval),
-                                              (_callbacks(app), settings.callback_poll_interval))]
+                                              (_callbacks(app), settings.callback_poll_interval),
+                                              (_cleanup(app), settings.cleanup_interval))]
             for thread in threads:
                 thread.start()
         log.info("api ready", extra={"database": db.engine.dialect.name,
@@ -69,7 +72,7 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
     app.state.log = log
     app.state.registry = metrics.install(app, db, settings)
     errors.install(app)
-    for module in (scans, uploads, keys, ops, webhooks, endpoints, watches, bv_cache):
+    for module in (scans, uploads, usage, keys, ops, webhooks, endpoints, watches, bv_cache):
         app.include_router(module.router)
     dashboard.install(app)
     return app
@@ -84,10 +87,19 @@ def _every(work: Callable[[], object], interval: float, stop: threading.Event) -
 
 
 def _reconcile(app: FastAPI) -> Callable[[], object]:
+    passes = Reconciler(app.state.db, app.state.celery, app.state.settings)
+
     def reconciler() -> object:
-        return reconcile(app.state.db, app.state.celery, app.state.settings)
+        return passes()
 
     return reconciler
+
+
+def _cleanup(app: FastAPI) -> Callable[[], object]:
+    def retention_cleanup() -> object:
+        return cleanup.cleanup(app.state.db, app.state.settings)
+
+    return retention_cleanup
 
 
 def _callbacks(app: FastAPI) -> Callable[[], object]:

@@ -87,6 +87,8 @@ class ScanOut(BaseModel):
     cached_from: str | None
     error: dict[str, Any] | None
     summary: dict[str, Any] | None
+    # set once retention removed the report files and the cleaned checkpoint (they answer 410)
+    artifacts_expired_at: datetime | None = None
     links: dict[str, str]
 
 
@@ -104,6 +106,16 @@ class UploadOut(BaseModel):
     size: int
     sha256: str
     created_at: datetime
+
+
+class UsageOut(BaseModel):
+    key: str  # the key's id ("admin" for the settings' admin key)
+    admin: bool  # admin keys are exempt from quotas
+    active_scans: int  # queued or running
+    max_active_scans: int | None  # None: no limit
+    stored_bytes: int  # the key's uploads
+    uploads: int
+    max_stored_bytes: int | None
 
 
 class KeyCreate(_Body):

@@ -3,11 +3,13 @@ arrives, hashed on the way, de-duplicated by sha256, archives unpacked safely.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -20,14 +22,23 @@ from sqlalchemy.exc import IntegrityError
 
 from mergeshield import archives
 from mergeshield.checkpoints import REFUSED_SUFFIXES
-from mergeshield.errors import InputError, PayloadTooLargeError, UnsafeFormatError
+from mergeshield.disk import ensure_room
+from mergeshield.errors import (
+    InputError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    UnsafeFormatError,
+)
 from mergeshield.safetensors_io import read_header
 from mergeshield.settings import Settings
+from service.quotas import StoredBytes
 from worker.db import Database, Upload
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 CHUNK = 1 << 20
+ROOM_EVERY = 64 * CHUNK  # free disk is looked at again after this many bytes of an upload
+SLACK = 64 * 1024  # multipart framing around the file in a body's Content-Length
 
 
 @dataclass
@@ -39,26 +50,35 @@ class Received:
     _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
 
 
-async def receive(request: Request, settings: Settings) -> Received:
-    """Stream the ``file`` part of a multipart body into a temporary file under uploads/."""
+async def receive(request: Request, settings: Settings, quota: StoredBytes | None = None
+                  ) -> Received:
+    """Stream the ``file`` part of a multipart body into a temporary file under uploads/.
+
+    Refused before a byte is read when the declared length is over the size limit, the key's
+    quota or the free disk, and while it streams when the bytes go past them or stop coming for
+    ``upload_idle_timeout`` seconds; a refused upload's partial file is removed."""
     limit = settings.max_upload_bytes
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
-        raise _too_large(limit)  # refused before a byte is read
+    declared = max(int(length) - SLACK, 0) if length is not None and length.isdigit() else 0
+    if declared > limit:
+        raise _too_large(limit)
+    if quota is not None:
+        quota.check(declared)
+    tmp_dir = settings.uploads_dir / "tmp"
+    ensure_room(tmp_dir, declared, settings.min_free_bytes, "this upload")
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise InputError("send the file as multipart/form-data in a field named 'file'")
-    tmp_dir = settings.uploads_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     got = Received()
-    sink = _Sink(got, tmp_dir, limit)
+    sink = _Sink(got, tmp_dir, limit, quota, settings.min_free_bytes)
     parser = MultipartParser(params[b"boundary"], {
         "on_header_field": sink.on_header_field, "on_header_value": sink.on_header_value,
         "on_header_end": sink.on_header_end, "on_part_data": sink.on_part_data,
         "on_part_end": sink.on_part_end})
     try:
         try:
-            async for chunk in request.stream():
+            async for chunk in _stalling_after(request, settings.upload_idle_timeout):
                 parser.write(chunk)
             parser.finalize()
         except ParseError as exc:  # a client's broken body, not a server error
@@ -75,11 +95,30 @@ async def receive(request: Request, settings: Settings) -> Received:
     return got
 
 
+async def _stalling_after(request: Request, idle: float) -> AsyncIterator[bytes]:
+    """The body's chunks; RequestTimeoutError when none comes for ``idle`` seconds (a client
+    that stalls, slow-loris style, would otherwise hold its connection and partial file)."""
+    chunks = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the upload sent no data for {idle:g} s and was dropped; send the body without "
+                "pauses and retry", details={"idle_timeout": idle}) from None
+        yield chunk
+
+
 class _Sink:
     """Multipart callbacks: the ``file`` part goes to a temporary file, counted and hashed."""
 
-    def __init__(self, got: Received, tmp_dir: Path, limit: int) -> None:
+    def __init__(self, got: Received, tmp_dir: Path, limit: int, quota: StoredBytes | None,
+                 min_free: int) -> None:
         self.got, self.tmp_dir, self.limit = got, tmp_dir, limit
+        self.quota, self.min_free = quota, min_free
         self.field, self.value = b"", b""
         self.out: IO[bytes] | None = None
 
@@ -107,6 +146,10 @@ class _Sink:
         self.got.size += len(chunk)
         if self.got.size > self.limit:
             raise _too_large(self.limit)
+        if self.quota is not None:
+            self.quota.check(self.got.size)
+        if self.got.size % ROOM_EVERY < len(chunk):
+            ensure_room(self.tmp_dir, 0, self.min_free, "this upload")
         self.got._hash.update(chunk)
         self.out.write(chunk)
 
@@ -153,7 +196,8 @@ def _place(settings: Settings, folder: Path, got: Received) -> tuple[str, str]:
             staging = Path(tempfile.mkdtemp(dir=settings.uploads_dir / "tmp"))
             try:
                 root = archives.unpack(got.path, staging / "x", archives.ArchiveLimits(
-                    settings.max_unpacked_bytes, settings.max_archive_files))
+                    settings.max_unpacked_bytes, settings.max_archive_files,
+                    settings.min_free_bytes))
                 folder.mkdir(parents=True, exist_ok=True)
                 (staging / "x").rename(unpacked)
                 rel_root = root.relative_to(staging / "x")

@@ -198,7 +198,8 @@ def scan_page(scan_id: str, request: Request) -> Response:
         scan = scans.get_scan(scan_id, request, Response(), caller)
     except NotFoundError as exc:
         return _page(request, "error.html", caller, 404, message=exc.message)
-    report = scans.scan_report(request, caller, scan_id) if scan.state == "succeeded" else None
+    report = scans.scan_report(request, caller, scan_id) \
+        if scan.state == "succeeded" and scan.artifacts_expired_at is None else None
     return _page(request, "scan.html", caller, scan=scan, report=report,
                  names=_names(request, caller, [scan.suspect, scan.base]),
                  parts=sections(report) if report else {})

@@ -16,9 +16,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import State
 
-from mergeshield.errors import ConflictError, NotFoundError
+from mergeshield.errors import ArtifactsExpiredError, ConflictError, NotFoundError
 from mergeshield.pipeline import ScanRequest
 from mergeshield.report import LayerStat, ScanReport, load_report
+from service import quotas
 from service.auth import Principal, principal
 from service.paging import Limit, Offset, page
 from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
@@ -61,6 +62,7 @@ def queue_scan(state: State, caller: Principal, body: ScanCreate,
     settings = state.settings
     if idempotency_key and (same := by_idempotency(db, caller, idempotency_key)) is not None:
         return same, False
+    quotas.check_scans(db, settings, caller)
     sizes = [_upload_size(db, caller, ref) for ref in (body.suspect, body.base)]
     lib = ScanRequest(
         suspect=body.suspect.label(), base=body.base.label(),
@@ -155,6 +157,7 @@ def rescan(scan_id: str, request: Request, response: Response, caller: Caller) -
     """Queue the same scan again (same inputs and options, same owner, whose uploads it reads),
     bypassing the result cache."""
     old = _owned(request, caller, scan_id)
+    quotas.check_scans(request.app.state.db, request.app.state.settings, caller)
     scan = Scan(owner=old.owner, request=old.request, suspect=old.suspect, base=old.base,
                 force=True, queue=old.queue, enqueued_at=now(), id=new_id())
     with request.app.state.db.session() as s:  # the old scan's callback endpoint, if it had one
@@ -228,6 +231,13 @@ def _finished(request: Request, caller: Principal, scan_id: str) -> Scan:
     if scan.state != "succeeded" or scan.result_dir is None:
         raise ConflictError(f"scan {scan_id} is {scan.state}: results exist once it succeeded",
                             details={"state": scan.state})
+    if scan.artifacts_expired_at is not None:
+        raise ArtifactsExpiredError(
+            f"scan {scan_id}'s report files and cleaned checkpoint were removed on "
+            f"{scan.artifacts_expired_at:%Y-%m-%d} after the retention period; its verdict and "
+            "summary remain in GET /v1/scans/{id}; rescan to get them again",
+            details={"scan": scan_id,
+                     "artifacts_expired_at": scan.artifacts_expired_at.isoformat()})
     return scan
 
 
@@ -272,7 +282,7 @@ def _out(scan: Scan, response: Response | None = None) -> ScanOut:
         if not scan.finished:
             response.headers["Retry-After"] = "2"
     links = {"self": f"/v1/scans/{scan.id}"}
-    if scan.state == "succeeded":
+    if scan.state == "succeeded" and scan.artifacts_expired_at is None:
         links |= {"report": f"/v1/scans/{scan.id}/report",
                   "checkpoint": f"/v1/scans/{scan.id}/checkpoint"}
     error = {"code": scan.error_code, "message": scan.error_message} if scan.error_code else None
@@ -281,4 +291,5 @@ def _out(scan: Scan, response: Response | None = None) -> ScanOut:
         suspect=scan.suspect, base=scan.base, queue=scan.queue, attempts=scan.attempts,
         created_at=scan.created_at, started_at=scan.started_at, finished_at=scan.finished_at,
         verdict=scan.verdict, severity=scan.severity, cached_from=scan.cached_from,
-        error=error, summary=scan.summary, links=links)
+        error=error, summary=scan.summary, artifacts_expired_at=scan.artifacts_expired_at,
+        links=links)

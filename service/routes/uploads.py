@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from mergeshield.errors import NotFoundError
-from service import uploads
+from service import quotas, uploads
 from service.auth import Principal, principal
 from service.schemas import UploadOut
 from worker.db import Database, Upload
@@ -24,9 +24,12 @@ Caller = Annotated[Principal, Depends(principal)]
         "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
 async def upload(request: Request, caller: Caller) -> UploadOut:
     """Upload a ``.safetensors`` or ``.bin`` file, or a zip/tar of a HF-layout folder (multipart
-    field ``file``). The same bytes uploaded twice give the same upload."""
+    field ``file``). The same bytes uploaded twice give the same upload. Refused over the size
+    limit or the key's stored-bytes quota (413), when the disk would get too full (507), or
+    when the body stalls (408)."""
     settings = request.app.state.settings
-    got = await uploads.receive(request, settings)
+    quota = await run_in_threadpool(quotas.stored_bytes, request.app.state.db, settings, caller)
+    got = await uploads.receive(request, settings, quota)
     row = await run_in_threadpool(uploads.store, request.app.state.db, settings, caller.id, got)
     return _out(row)
 
