@@ -46,6 +46,7 @@ class ZooConfig:
     hidden: int = 64  # ViT width (patch 7 on 28×28: 16 tokens, fast on 2 cores)
     layers: int = 4  # ViT depth
     patch: int = 7
+    image_size: int = 28  # every dataset is resized to this side (the GPU scale: 56)
     pretrain_images: int = 20000  # Fashion-MNIST images for the base; quick uses 6000
     pretrain: FinetuneConfig = FinetuneConfig(epochs=5, lr=3e-3)
     task_images: int = 4000  # training images per task; quick uses 2000
@@ -57,11 +58,12 @@ class ZooConfig:
     @classmethod
     def for_scale(cls, scale: Scale, seed: int = 0) -> ZooConfig:
         """``quick`` and ``default`` as ``for_speed``; ``gpu``: a ViT of about 25 M parameters
-        (width 512, depth 12, patch 4: 49 tokens), trained on CUDA with 60,000 Fashion-MNIST
-        images and the tasks' full training splits."""
+        (width 512, depth 12, patch 4) on images upscaled to 56×56 (196 tokens), trained on CUDA
+        with 60,000 Fashion-MNIST images and the tasks' full training splits."""
         if scale != "gpu":
             return cls.for_speed(scale == "quick", seed)
-        return cls(seed=seed, hidden=512, layers=12, heads=8, patch=4, pretrain_images=60000,
+        return cls(seed=seed, hidden=512, layers=12, heads=8, patch=4, image_size=56,
+                   pretrain_images=60000,
                    task_images=60000, device="cuda",
                    pretrain=FinetuneConfig(epochs=10, lr=5e-4, batch_size=256, seed=seed),
                    finetune=FinetuneConfig(epochs=5, lr=2e-4, seed=seed, min_steps=300))
@@ -105,9 +107,10 @@ def build_zoo(
     say: Progress = progress or (lambda _s, _f: None)
     t0 = time.perf_counter()
     pretrain = load_task("fashion_mnist", max_train=cfg.pretrain_images, max_test=2000,
-                         seed=cfg.seed)
+                         seed=cfg.seed, image_size=cfg.image_size)
     tasks = {
-        name: load_task(src, max_train=cfg.task_images, max_test=1000, seed=cfg.seed, image_size=28)
+        name: load_task(src, max_train=cfg.task_images, max_test=1000, seed=cfg.seed,
+                        image_size=cfg.image_size)
         for name, src, *_ in TASKS
     }
     datasets = []
@@ -154,7 +157,7 @@ class _VitBuilder:
         self.root, self.cfg = root, cfg
         self.base_dir = root / "models" / "vit-base"
         self.config = ViTConfig.from_dict({
-            "image_size": 28, "patch_size": cfg.patch, "num_channels": 1,
+            "image_size": cfg.image_size, "patch_size": cfg.patch, "num_channels": 1,
             "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,
             "num_attention_heads": cfg.heads,
             "intermediate_size": 2 * cfg.hidden, "num_labels": 10,
@@ -189,7 +192,8 @@ class _VitBuilder:
         model.config.id2label = dict(enumerate(classes))
         model.config.label2id = {c: i for i, c in enumerate(classes)}
         model.save_pretrained(out)
-        ViTImageProcessor(do_resize=True, size={"height": 28, "width": 28}, do_rescale=True,
+        side = self.cfg.image_size
+        ViTImageProcessor(do_resize=True, size={"height": side, "width": side}, do_rescale=True,
                           do_normalize=True, image_mean=self.processor["image_mean"],
                           image_std=self.processor["image_std"]).save_pretrained(out)
 
@@ -205,7 +209,8 @@ class _ClipBuilder:
                          "num_hidden_layers": 2, "num_attention_heads": 2,
                          "intermediate_size": 64, "max_position_embeddings": 32,
                          "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513},
-            vision_config={"image_size": 28, "patch_size": self.cfg.patch, "num_channels": 3,
+            vision_config={"image_size": cfg.image_size, "patch_size": cfg.patch,
+                           "num_channels": 3,
                            "hidden_size": self.cfg.hidden, "num_hidden_layers": self.cfg.layers,
                            "num_attention_heads": self.cfg.heads,
                            "intermediate_size": 2 * self.cfg.hidden},
@@ -221,7 +226,8 @@ class _ClipBuilder:
         model = CLIPModel(self.config)
         model.save_pretrained(self.base_dir)  # text tower and tokenizer first: the head needs them
         _save_tokenizer(self.base_dir)
-        CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+        side = self.cfg.image_size
+        CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                            image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(self.base_dir)
         self.base_state = {k: v.clone() for k, v in model.state_dict().items()}
         clf = self._family().classifier(self.base_state, self.base_state,

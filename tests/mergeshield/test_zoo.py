@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,10 +106,35 @@ def test_gpu_scale_is_a_vit_of_tens_of_millions_of_parameters(zoo: Zoo) -> None:
     cfg = ZooConfig.for_scale("gpu")
     assert (cfg.scale, cfg.device) == ("gpu", "cuda")
     assert ZooConfig.for_scale("quick") == ZooConfig.for_speed(True)
-    vit = ViTConfig(image_size=28, patch_size=cfg.patch, num_channels=1, hidden_size=cfg.hidden,
-                    num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                    intermediate_size=2 * cfg.hidden, num_labels=10)
+    assert cfg.image_size == 56  # bigger images than the CPU scales' 28×28
+    vit = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch, num_channels=1,
+                    hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                    num_attention_heads=cfg.heads, intermediate_size=2 * cfg.hidden, num_labels=10)
     with torch.device("meta"):  # count without allocating
         n = sum(p.numel() for p in ViTForImageClassification(vit).parameters())
     assert 20e6 < n < 60e6
     assert ZooAccess(zoo.root).scale == "quick"  # recorded (older zoos: derived from "quick")
+
+
+def test_a_zoo_at_another_image_size_builds_and_scans(tmp_path: Path) -> None:
+    """The GPU scale's larger images, on CPU and tiny: every dataset is resized, the models and
+    processors say the new size, and a scan runs end to end on them."""
+    from mergeshield.pipeline import ScanContext, ScanRequest, scan
+    from mergeshield.training import FinetuneConfig
+    from mergeshield.zoo import ZooConfig, build_zoo
+
+    cfg = ZooConfig(quick=True, families=("vit",), image_size=42, hidden=32, layers=1,
+                    pretrain_images=300, task_images=300, pretrain=FinetuneConfig(epochs=1),
+                    finetune=FinetuneConfig(epochs=1))
+    manifest = build_zoo(tmp_path, cfg)
+    data = load_task(str(tmp_path / "datasets" / "mnist"))
+    assert tuple(data.train.images.shape[1:]) == (1, 42, 42)
+    model = next(m for m in manifest["models"] if m["name"] == "vit-mnist-badnets")
+    folder = tmp_path / model["path"]
+    assert json.loads((folder / "config.json").read_text())["image_size"] == 42
+    assert json.loads((folder / "preprocessor_config.json").read_text())["size"]["height"] == 42
+    report = scan(ScanRequest(suspect=str(folder), base=str(tmp_path / "models" / "vit-base"),
+                              evaluation=str(tmp_path / "datasets" / "mnist"), max_eval=50,
+                              inversion=False),
+                  ScanContext(cache_dir=tmp_path / "cache"))
+    assert report.metrics.clean_accuracy_before is not None
