@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -34,14 +35,17 @@ class Pass:
     failed: list[str] = field(default_factory=list)
 
 
-def reconcile(db: Database, app: Celery, settings: Settings) -> Pass:
-    """One pass. A scan sent less than ``stale_after`` ago is left alone: it may be in flight."""
+def reconcile(db: Database, app: Celery, settings: Settings, *,
+              judge_running: bool = True) -> Pass:
+    """One pass. A scan sent less than ``stale_after`` ago is left alone: it may be in flight.
+    ``judge_running=False`` leaves running scans alone (see ``Reconciler``)."""
     result = Pass()
     t = now()
     stale = t - timedelta(seconds=settings.stale_after)
     with db.session() as s:
         dead = s.scalars(select(Scan).where(Scan.state == "running",
-                                            Scan.heartbeat_at < stale)).all()
+                                            Scan.heartbeat_at < stale)).all() \
+            if judge_running else []
         for scan in dead:
             if scan.attempts >= settings.max_attempts:
                 s.execute(update(Scan).where(Scan.id == scan.id, Scan.state == "running",
@@ -73,11 +77,36 @@ def reconcile(db: Database, app: Celery, settings: Settings) -> Pass:
     return result
 
 
+class Reconciler:
+    """Passes of ``reconcile`` that judge running scans only once the database has been
+    reachable for ``stale_after``: while it was away no worker could write its heartbeat, so a
+    silent heartbeat says nothing about the worker (requeueing would run the scan twice)."""
+
+    def __init__(self, db: Database, app: Celery, settings: Settings) -> None:
+        self.db, self.app, self.settings = db, app, settings
+        self.reachable_since: float | None = None
+
+    def __call__(self) -> Pass:
+        try:
+            self.db.ping()
+        except Exception:
+            self.reachable_since = None
+            raise
+        if self.reachable_since is None:
+            self.reachable_since = time.monotonic()
+        settled = time.monotonic() - self.reachable_since >= self.settings.stale_after
+        return reconcile(self.db, self.app, self.settings, judge_running=settled)
+
+
 def broker_task_ids(app: Celery, settings: Settings, wanted: set[str] | None = None) -> set[str]:
     """Ids of scan tasks the broker or a worker holds: queued, unacked, reserved or active.
 
-    Asking the workers costs a broadcast and a second of waiting, so it is skipped when the
-    broker's own lists already hold every id in ``wanted``."""
+    Redis lists every message a worker took but has not acked (late acks), with when it was
+    taken; one taken more than ``stale_after`` ago whose scan is still queued sits in a stuck
+    worker (a Celery worker may stop dispatching after a broker reconnect: celery/celery#10302),
+    so it is not counted and the scan is sent again. The filesystem transport forgets a taken
+    message: the workers are asked, which costs a broadcast and a second of waiting, skipped
+    when the queue folder already holds every id in ``wanted``."""
     ids: set[str] = set()
     if settings.redis_url is not None:
         with app.connection_for_read() as conn:
@@ -86,14 +115,16 @@ def broker_task_ids(app: Celery, settings: Settings, wanted: set[str] | None = N
                 for key in client.scan_iter(match=f"{queue}*"):
                     if client.type(key) in (b"list", "list"):
                         ids.update(_ids(m) for m in client.lrange(key, 0, -1))
-            ids.update(_ids(json.loads(v)[0]) for v in client.hvals("unacked"))
-    else:
-        folder = Path(settings.broker_dir) / "queue"
-        for path in folder.glob("*.msg"):
-            try:
-                ids.add(_ids(path.read_bytes()))
-            except (OSError, ValueError):  # taken by a worker while we read
-                continue
+            taken_since = time.time() - settings.stale_after
+            for tag, value in client.hgetall("unacked").items():
+                if (client.zscore("unacked_index", tag) or 0) >= taken_since:
+                    ids.add(_ids(json.loads(value)[0]))
+        return ids
+    for path in (Path(settings.broker_dir) / "queue").glob("*.msg"):
+        try:
+            ids.add(_ids(path.read_bytes()))
+        except (OSError, ValueError):  # taken by a worker while we read
+            continue
     if wanted is not None and wanted <= ids:
         return ids
     inspect = app.control.inspect(timeout=1.0)

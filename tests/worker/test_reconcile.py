@@ -1,12 +1,13 @@
 """The reconciler makes a real broker agree with the database (Redis, and the filesystem transport).
 
-No worker runs here: each ``broker_task_ids`` call waits about 2 s for inspect replies that never
-come, so the tests that need it are few and the others read the queue directly.
+No worker runs here: on the filesystem transport each ``broker_task_ids`` call waits about 2 s
+for inspect replies that never come (Redis lists what workers took, so it asks none).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -90,6 +91,21 @@ def test_a_queued_scan_in_the_broker_is_not_resent(on_redis: tuple[Settings, Dat
     send_scan(app, scan.id, "cpu")
     assert reconcile(db, app, settings).resent == []
     assert in_redis(redis_client, "cpu") == [scan.id]
+
+
+def test_a_scan_taken_but_never_started_is_resent(on_redis: tuple[Settings, Database, Celery],
+                                                  make_scan: MakeScan) -> None:
+    """A worker took the message (unacked, late acks) and never claimed the scan: a worker
+    stuck after a broker reconnect. Left alone for ``stale_after`` (1 s), then sent again."""
+    settings, db, app = on_redis
+    scan = make_scan(db, queue="cpu", enqueued_at=long_ago())
+    send_scan(app, scan.id, "cpu")
+    with app.connection_for_read() as conn, conn.SimpleQueue("cpu") as queue:
+        taken = queue.get(timeout=10)  # not acked: Redis keeps it in "unacked"
+        assert taken.headers["id"] == scan.id
+        assert reconcile(db, app, settings).resent == []  # just taken: it may start any moment
+        time.sleep(1.5)
+        assert reconcile(db, app, settings).resent == [scan.id]
 
 
 def test_a_dead_workers_scan_is_queued_again(on_redis: tuple[Settings, Database, Celery],
