@@ -1,26 +1,32 @@
 """The service as real processes: API and workers started with the real command line, on the
 embedded default (SQLite + filesystem broker) or on the local Redis and PostgreSQL.
 
-Each stack gets its own data folder, its own PostgreSQL database and its own Redis db number,
-so stacks never see each other's scans. Process output goes to files under the data folder and
-is printed when a wait fails.
+Each stack gets its own data folder, its own PostgreSQL database and its own Redis db number
+(or a Redis of its own: ``redis_url``), so stacks never see each other's scans. ``pg_port``
+points the processes at another port than PostgreSQL's (a proxy a test can cut). Process output
+goes to files under the data folder and is printed when a wait fails. ``rows()`` reads the
+scans table directly: the database is the truth the fault tests check against.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import redis
+from psycopg.rows import dict_row
 
 ADMIN_KEY = "msk_test_admin_key_0123456789abcdef"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -35,7 +41,8 @@ def free_port() -> int:
 
 class Stack:
     def __init__(self, root: Path, backend: str, *, redis_db: int = 9,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, redis_url: str | None = None,
+                 pg_port: int = 5432) -> None:
         self.root, self.backend = root, backend
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,18 +67,25 @@ class Stack:
             self.dbname = f"ms_{uuid.uuid4().hex[:12]}"
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.dbname}"')
-            self.redis_url = f"redis://127.0.0.1:6379/{redis_db}"
+            self.redis_url = redis_url or f"redis://127.0.0.1:6379/{redis_db}"
             redis.Redis.from_url(self.redis_url).flushdb()
-            self.env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{self.dbname}"
+            self.env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{pg_port}/{self.dbname}"
             self.env["REDIS_URL"] = self.redis_url
 
     # --- processes
 
-    def _start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def _start(self, name: str, *args: str, env: dict[str, str] | None = None,
+               max_file_bytes: int | None = None) -> None:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+
+        def limits() -> None:  # in the child: writes past the limit fail with EFBIG
+            if max_file_bytes is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "service.cli", *args], env={**self.env, **(env or {})},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root,
+            preexec_fn=limits)
 
     def serve(self) -> Stack:
         """The README's one command: API + one worker, API keys required."""
@@ -82,8 +96,12 @@ class Stack:
         self._start("api", "api", "--port", str(self.port), "--processes", str(processes))
         return self
 
-    def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> Stack:
-        self._start(name, "worker", "--queues", "gpu,cpu", "--hostname", f"{name}@%h", env=env)
+    def start_worker(self, name: str = "worker", env: dict[str, str] | None = None,
+                     queues: str = "gpu,cpu", max_file_bytes: int | None = None) -> Stack:
+        """A worker; ``max_file_bytes`` caps every file it writes (RLIMIT_FSIZE), like a
+        nearly full disk (the log is opened before the limit applies, so keep it short)."""
+        self._start(name, "worker", "--queues", queues, "--hostname", f"{name}@%h", env=env,
+                    max_file_bytes=max_file_bytes)
         return self
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -106,6 +124,17 @@ class Stack:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
 
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Every scan in the database, straight from the table: id -> columns."""
+        sql = "SELECT * FROM scans"
+        if self.dbname is None:
+            with closing(sqlite3.connect(self.root / "data" / "mergeshield.db")) as conn:
+                conn.row_factory = sqlite3.Row
+                return {r["id"]: dict(r) for r in conn.execute(sql)}
+        with psycopg.connect(f"{PG_ADMIN.rsplit('/', 1)[0]}/{self.dbname}",
+                             row_factory=dict_row) as conn:
+            return {r["id"]: r for r in conn.execute(sql)}
+
     def logs(self, tail: int | None = None) -> str:
         """Every process's output (the last ``tail`` characters of each)."""
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-(tail or 0):]}"
@@ -117,7 +146,7 @@ class Stack:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
-    def wait_ready(self, timeout: float = 90) -> Stack:
+    def wait_ready(self, timeout: float = 300) -> Stack:
         """Until /readyz says database, broker and a worker are all there."""
         deadline = time.monotonic() + timeout
         last: Any = None
@@ -131,7 +160,7 @@ class Stack:
             time.sleep(0.3)
         raise AssertionError(f"not ready after {timeout} s: {last}\n{self.logs(4000)}")
 
-    def wait_up(self, timeout: float = 60) -> Stack:
+    def wait_up(self, timeout: float = 180) -> Stack:
         """Until /healthz answers (no worker needed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
