@@ -38,8 +38,8 @@ STATUS: list[tuple[type[errors.MergeShieldError], int]] = [
 # headers that go with a status: how to authenticate, when to try again, that the body was cut
 HEADERS: list[tuple[type[errors.MergeShieldError], dict[str, str]]] = [
     (errors.AuthenticationError, {"WWW-Authenticate": "Bearer"}),
-    (errors.StorageQuotaError, {}),
-    (errors.QuotaExceededError, {"Retry-After": "30"}),
+    (errors.StorageQuotaError, {}),  # waiting does not free stored bytes: no Retry-After
+    (errors.QuotaExceededError, {"Retry-After": "30"}),  # a running scan may finish by then
     (errors.RequestTimeoutError, {"Connection": "close"}),
 ]
 

@@ -181,7 +181,7 @@ def test_a_stage_over_its_limit_fails_the_scan_naming_the_stage(
         scanning: Stack, zoo: Zoo, zoo_uploads: dict[str, str], published: Published) -> None:
     with scanning.client() as c:
         scan_id = _upload_scan(c, zoo, zoo_uploads, published,
-                               {**FAST, "inversion": True, "inversion_steps": 5})
+                               {**CHEAP, "inversion": True, "inversion_steps": 5})
         done = scanning.wait_for(c, scan_id, timeout=900)
     assert done["state"] == "failed" and done["error"]["code"] == "stage_time_limit", done
     assert "'invert_triggers'" in done["error"]["message"]
