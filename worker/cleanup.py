@@ -89,7 +89,11 @@ def _remove_uploads(db: Database, settings: Settings, cutoff: datetime, done: Cl
         done.removed_uploads.append(upload.id)
     tmp = settings.uploads_dir / "tmp"
     for partial in tmp.iterdir() if tmp.is_dir() else ():
-        if partial.stat().st_mtime < cutoff.timestamp():  # an upload that never finished
+        try:
+            stale = partial.lstat().st_mtime < cutoff.timestamp()  # an upload never finished
+        except FileNotFoundError:  # it just finished (renamed) or was refused (removed)
+            continue
+        if stale:
             done.freed_bytes += _remove(partial)
 
 
