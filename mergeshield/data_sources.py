@@ -132,12 +132,10 @@ def _from_folder(root: Path, name: str, image_size: int | None) -> Pair:
 
 
 def download_dataset(repo_id: str, revision: str | None, token: str | None,
-                     endpoint: str | None, cache_dir: str | Path | None,
-                     min_free_bytes: int | None = None) -> Path:
-    """The local snapshot folder of hub dataset ``repo_id`` at ``revision``; refused first when
-    the files not cached yet would leave less than ``min_free_bytes`` (None: no check)."""
+                     endpoint: str | None, cache_dir: str | Path | None) -> Path:
+    """The local snapshot folder of hub dataset ``repo_id`` at ``revision``."""
     return download_repo(repo_id, repo_type="dataset", revision=revision, token=token,
-                         endpoint=endpoint, cache_dir=cache_dir, min_free_bytes=min_free_bytes)[0]
+                         endpoint=endpoint, cache_dir=cache_dir)[0]
 
 
 def read_folder(root: Path, image_size: int | None,

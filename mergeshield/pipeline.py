@@ -143,7 +143,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
     timer = _Timer(ctx.progress)
     device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hub: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
-                           "cache_dir": ctx.cache_dir, "min_free_bytes": ctx.min_free_bytes}
+                           "cache_dir": ctx.cache_dir}
     with timer.stage("resolve"):
         suspect_src, base_src = inputs or resolve_inputs(request, ctx)
     incomplete: list[IncompleteReason] = []

@@ -74,19 +74,3 @@ def test_a_hub_download_that_would_fill_the_disk_is_refused_before_a_byte(
     with pytest.raises(InsufficientStorageError) as again:
         download_repo("zoo/base", min_free_bytes=free_bytes(tmp_path) + 2**40, **kw)
     assert again.value.details["needed"] == 0
-
-
-def test_a_hub_dataset_that_would_fill_the_disk_is_refused_before_a_byte(
-        hub: LoopbackHub, tmp_path: Path) -> None:
-    """The evaluation data a scan downloads is checked like the weights."""
-    from mergeshield.data import load_task, save_task
-
-    save_task(load_task("digits", max_train=50, max_test=20), tmp_path / "ds")
-    hub.add_repo("zoo/digits", tmp_path / "ds", repo_type="dataset")
-    cache = tmp_path / "cache"
-    kw = {"endpoint": hub.url, "cache_dir": cache}
-    with pytest.raises(InsufficientStorageError) as info:
-        load_task("zoo/digits", min_free_bytes=free_bytes(tmp_path) + 2**40, **kw)
-    assert info.value.details["needed"] > 0
-    assert not [p for p in cache.rglob("*") if p.is_file() and "snapshots" in str(p)]
-    assert len(load_task("zoo/digits", min_free_bytes=0, **kw).test) == 20
