@@ -206,6 +206,22 @@ def _shape(ds: ImageDataset, image_size: int | None, channels: int | None) -> Im
     return ImageDataset(_to_float(_to_uint8(x)), ds.labels, ds.classes, ds.name)
 
 
+def check_dataset_name(source: str) -> None:
+    """Refuse now a name that can be neither a bundled dataset nor a hub dataset id (each with
+    valid modifiers), e.g. at a service's door; local folders are not this check's concern."""
+    parts = source.split(":")
+    n = len(parts)
+    while n > 1 and _is_modifier(parts[n - 1]):
+        n -= 1
+    base = ":".join(parts[:n])
+    if base in BUNDLED or (HUB_ID.match(base) and not base.startswith((".", "/"))):
+        return
+    raise SourceNotFoundError(
+        f"no dataset {base!r}: give a bundled name ({', '.join(bundled_names())}) or a hub "
+        "dataset id owner/name, optionally followed by :inverted, :rot90 or :classes=0-4",
+        details={"source": source})
+
+
 def load_task(source: str, *, revision: str | None = None, token: str | None = None,
               endpoint: str | None = None, cache_dir: str | Path | None = None,
               image_size: int | None = None, channels: int | None = None,

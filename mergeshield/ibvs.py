@@ -17,12 +17,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
 from mergeshield.evaluation import Rate
+from mergeshield.options import (
+    MAX_TRIGGERS,
+    BatchSize,
+    ClassIndex,
+    Epochs,
+    LearningRate,
+    Seed,
+    Share,
+    TrainImages,
+)
 from mergeshield.task_vectors import TaskVector, top_k
 from mergeshield.training import FinetuneConfig, Progress, paired_finetune
 from mergeshield.triggers import PatchTrigger, Trigger, stamp
@@ -42,15 +52,16 @@ class InjectionRecipe(BaseModel):
     # BV_inj spans backdoor directions towards every target (the attacker's target is unknown).
     # "single": ``triggers`` all sent to ``targets`` (method.md shows this misses other targets).
     mode: Literal["per_class", "single"] = "per_class"
-    triggers: tuple[Trigger, ...] = ()  # used by mode="single"
-    targets: tuple[int, ...] = (0,)  # used by mode="single"
-    patch_fraction: float = 1 / 9  # patch side / image side for per_class triggers
-    poison_rate: float = 0.3  # ρ over the whole set, split evenly between the injected triggers
-    epochs: int = 4  # paired fine-tune length
-    lr: float = 1e-3
-    batch_size: int = 64
-    max_train: int | None = 2000  # images of the defender's data used for the injection
-    seed: int = 0
+    # used by mode="single"
+    triggers: tuple[Trigger, ...] = Field(default=(), max_length=MAX_TRIGGERS)
+    targets: tuple[ClassIndex, ...] = Field(default=(0,), max_length=MAX_TRIGGERS)
+    patch_fraction: Share = 1 / 9  # patch side / image side for per_class triggers
+    poison_rate: Share = 0.3  # ρ over the whole set, split evenly between the injected triggers
+    epochs: Epochs = 4  # paired fine-tune length
+    lr: LearningRate = 1e-3
+    batch_size: BatchSize = 64
+    max_train: TrainImages | None = 2000  # images of the defender's data used for the injection
+    seed: Seed = 0
 
     def digest(self, base_revision: str, data_sha256: str) -> str:
         """Cache key of BV_inj: the recipe, the base revision and the data it was trained on."""

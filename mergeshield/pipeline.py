@@ -28,6 +28,17 @@ from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe, sanitise
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
 from mergeshield.model_card import check_card_base
 from mergeshield.models import ModelFamily, backbone_keys, family_for
+from mergeshield.options import (
+    MAX_LIST,
+    MAX_TRIGGERS,
+    ClassIndex,
+    EvalImages,
+    Fraction,
+    InversionSteps,
+    Lambda,
+    Points,
+    Seed,
+)
 from mergeshield.report import ScanReport, decide, write_report
 from mergeshield.report.schema import (
     FileDigest,
@@ -55,20 +66,24 @@ class ScanRequest(BaseModel):
     injection_data: str | None = None  # the defender's data for BV_inj; default: ``evaluation``
     recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
     focus: Focus = Field(default_factory=Focus)  # which part of BV_inj is subtracted
-    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
-    budget_points: float = 2.0  # max clean-accuracy drop (points) the chosen λ may cost
-    fixed_lambda: float | None = None  # skip the sweep's choice and use this λ
+    # bounds (finite, generous ceilings): mergeshield.options
+    lambdas: list[Lambda] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1,
+                                  max_length=MAX_LIST)
+    budget_points: Points = 2.0  # max clean-accuracy drop (points) the chosen λ may cost
+    fixed_lambda: Lambda | None = None  # skip the sweep's choice and use this λ
     bv: str | None = None  # subtract this BV (a `mergeshield bv compute` output) instead of BV_inj
-    triggers: list[Trigger] = Field(default_factory=list)  # user-supplied triggers
-    user_targets: list[int | None] = Field(default_factory=list)  # per user trigger; None = any
+    # user-supplied triggers
+    triggers: list[Trigger] = Field(default_factory=list, max_length=MAX_TRIGGERS)
+    # per user trigger; None = any
+    user_targets: list[ClassIndex | None] = Field(default_factory=list, max_length=MAX_TRIGGERS)
     probes: bool = True  # measure the probe panel
     inversion: bool = True  # reconstruct triggers by inversion (costs a few seconds per model)
-    inversion_steps: int = 60
-    max_eval: int | None = 1000  # test images evaluated (seeded subset); None = all
+    inversion_steps: InversionSteps = 60
+    max_eval: EvalImages | None = 1000  # test images evaluated (seeded subset); None = all
     # finding threshold: suspect ASR (CI low) − reference ASR; its TPR/FPR over the seeded
     # population of experiment 6 is the "Scan verdict" line of docs/results/detection.md
-    min_asr_gap: float = 0.2
-    seed: int = 0
+    min_asr_gap: Fraction = 0.2
+    seed: Seed = 0
 
     def config_hash(self) -> str:
         """Hash of how to scan, not of what: models enter cache keys by their weights' sha256."""

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
+from mergeshield.options import Pixel, Seed
 
 Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left", "center"]
 
@@ -31,11 +32,11 @@ class PatchTrigger(_Frozen):
 
     kind: Literal["patch"] = "patch"
     pattern: Literal["solid", "checkerboard", "random"] = "checkerboard"  # BadNets' usual choice
-    size: int = Field(default=3, ge=1)  # side in pixels at the dataset's resolution
-    location: Corner | tuple[int, int] = "bottom_right"  # tuple = (row, col) of the top-left pixel
-    margin: int = Field(default=1, ge=0)  # pixels from the border for corner locations
+    size: int = Field(default=3, ge=1, le=4096)  # side in pixels at the dataset's resolution
+    location: Corner | tuple[Pixel, Pixel] = "bottom_right"  # (row, col) of the top-left pixel
+    margin: Pixel = 1  # pixels from the border for corner locations
     value: float = Field(default=1.0, ge=0, le=1)  # solid colour, checkerboard high; low is 1-value
-    seed: int = 0  # for pattern="random"
+    seed: Seed = 0  # for pattern="random"
 
 
 class BlendedTrigger(_Frozen):
@@ -44,7 +45,7 @@ class BlendedTrigger(_Frozen):
     kind: Literal["blended"] = "blended"
     pattern: Literal["noise", "stripes"] = "noise"
     alpha: float = Field(default=0.15, ge=0, le=1)  # the paper's attacks use 0.1-0.2
-    seed: int = 0  # for pattern="noise"
+    seed: Seed = 0  # for pattern="noise"
 
 
 class ImageTrigger(_Frozen):
@@ -53,7 +54,7 @@ class ImageTrigger(_Frozen):
     kind: Literal["image"] = "image"
     pattern: list[list[list[float]]]  # (C, H, W) in [0, 1]; (C, h, w) patch if location is set
     mask: list[list[float]] | None = None  # (h, w) in [0, 1] like the pattern; None = all ones
-    location: tuple[int, int] | None = None  # top-left (row, col) of a small patch
+    location: tuple[Pixel, Pixel] | None = None  # top-left (row, col) of a small patch
 
     @model_validator(mode="after")
     def _check(self) -> ImageTrigger:

@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mergeshield.data import check_dataset_name
+from mergeshield.errors import SourceNotFoundError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
+from mergeshield.options import (
+    MAX_LIST,
+    MAX_TRIGGERS,
+    ClassIndex,
+    EvalImages,
+    Fraction,
+    InversionSteps,
+    Lambda,
+    Points,
+    Seed,
+)
 from mergeshield.report import RateModel
 from mergeshield.triggers import Trigger
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$"
 # a bundled dataset (with derived-task modifiers) or a hub dataset id: never a server path
-DATASET = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?(:[a-z0-9]+)*$"
+DATASET = (r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?"
+           r"(:[a-z0-9]+(=[0-9,\-]{1,200})?)*$")
+
+
+def _known_dataset(name: str | None) -> str | None:
+    """A bundled or hub dataset name (with valid modifiers): an unknown one is a 422 now, not
+    a scan that fails in a worker later (whether a hub dataset exists is the worker's check)."""
+    if name is not None:
+        try:
+            check_dataset_name(name)
+        except SourceNotFoundError as exc:
+            raise ValueError(exc.message) from None
+    return name
+
+
+KnownDataset = Annotated[str, AfterValidator(_known_dataset)]
 
 
 class _Body(BaseModel):
@@ -40,29 +68,38 @@ class ModelRef(_Body):
 
 
 class ScanOptions(_Body):
-    """How to scan: the library's ``ScanRequest`` options (see its docs for each)."""
+    """How to scan: the library's ``ScanRequest`` options (see its docs for each), with the
+    same bounds (``mergeshield.options``): a value outside them is a 422 before anything runs."""
 
     recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
     focus: Focus = Field(default_factory=Focus)
-    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID), max_length=64)
-    budget_points: float = Field(default=2.0, ge=0, le=100)
-    fixed_lambda: float | None = None
-    triggers: list[Trigger] = Field(default_factory=list, max_length=32)
-    user_targets: list[int | None] = Field(default_factory=list, max_length=32)
+    lambdas: list[Lambda] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1,
+                                  max_length=MAX_LIST)
+    budget_points: Points = 2.0
+    fixed_lambda: Lambda | None = None
+    triggers: list[Trigger] = Field(default_factory=list, max_length=MAX_TRIGGERS)
+    user_targets: list[ClassIndex | None] = Field(default_factory=list, max_length=MAX_TRIGGERS)
     probes: bool = True
     inversion: bool = True
-    inversion_steps: int = Field(default=60, ge=1, le=10_000)
-    max_eval: int | None = Field(default=1000, ge=1)
-    min_asr_gap: float = Field(default=0.2, ge=0, le=1)
-    seed: int = 0
+    inversion_steps: InversionSteps = 60
+    max_eval: EvalImages | None = 1000
+    min_asr_gap: Fraction = 0.2
+    seed: Seed = 0
+
+    @field_validator("focus")
+    @classmethod
+    def _finite_keep(cls, focus: Focus) -> Focus:
+        if not 0 < focus.keep <= 1:  # also refuses NaN
+            raise ValueError("focus.keep must be a fraction in (0, 1]")
+        return focus
 
 
 class ScanCreate(_Body):
     suspect: ModelRef
     base: ModelRef
-    evaluation: str | None = Field(default=None, pattern=DATASET, examples=["mnist5k"])
+    evaluation: KnownDataset | None = Field(default=None, pattern=DATASET, examples=["mnist5k"])
     evaluation_revision: str | None = Field(default=None, max_length=200)
-    injection_data: str | None = Field(default=None, pattern=DATASET)
+    injection_data: KnownDataset | None = Field(default=None, pattern=DATASET)
     options: ScanOptions = Field(default_factory=ScanOptions)
     device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: big models to the gpu queue
     force: bool = False  # rescan even if an identical scan already succeeded
@@ -140,9 +177,9 @@ class WatchScan(_Body):
     """What a watch scans each new commit with: a ``ScanCreate`` without its suspect."""
 
     base: ModelRef
-    evaluation: str | None = Field(default=None, pattern=DATASET)
+    evaluation: KnownDataset | None = Field(default=None, pattern=DATASET)
     evaluation_revision: str | None = Field(default=None, max_length=200)
-    injection_data: str | None = Field(default=None, pattern=DATASET)
+    injection_data: KnownDataset | None = Field(default=None, pattern=DATASET)
     options: ScanOptions = Field(default_factory=ScanOptions)
     device: Literal["auto", "gpu", "cpu"] = "auto"
     force: bool = False
