@@ -1,7 +1,8 @@
 """The Celery application: JSON only, explicit task names, late acks, one task at a time.
 
 The broker is Redis when ``REDIS_URL`` is set, else Celery's filesystem transport under the data
-folder (the embedded default: one machine, no server). Two queues, ``gpu`` and ``cpu``; the API
+folder (the embedded default: one machine, no server), made first-in-first-out by
+``worker.broker``. Two queues, ``gpu`` and ``cpu``; the API
 routes each scan by its needs (``worker.routing``). Results are not stored in Celery: the
 database is the source of truth, so ``task_ignore_result`` is on.
 """
@@ -15,6 +16,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from mergeshield.settings import Settings
+from worker.broker import TRANSPORT
 
 SCAN_TASK = "mergeshield.scan"
 QUEUES = ("gpu", "cpu")
@@ -33,7 +35,8 @@ def create_celery(settings: Settings, *, prepare: bool = True) -> Celery:
     if prepare:
         prepare_broker(settings)
     transport: dict[str, Any] = {}
-    if settings.redis_url is None:
+    if settings.redis_url is None:  # filesystem, in submission order (worker.broker)
+        app.conf.broker_transport = TRANSPORT
         folder = settings.broker_dir
         queue = str(folder / "queue")
         transport = {"data_folder_in": queue, "data_folder_out": queue,
