@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     reconcile_interval: float = 30.0
     # a scan is tried this many times (worker crashes) before it fails for good
     max_attempts: int = 3
+    # `serve` stopping (SIGTERM/SIGINT): seconds its workers get to stop before they are killed
+    # (a scan still running is re-queued when the service is back)
+    worker_stop_timeout: float = 10.0
     # admin key (sees every scan, creates keys); other keys live hashed in the database
     admin_key: SecretStr | None = None
     # no authentication at all: only for local use (``mergeshield serve`` without --auth)

@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,24 +98,47 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         env["MERGESHIELD_AUTH_DISABLED"] = "true"
         settings = settings.model_copy(update={"auth_disabled": True})
     migrate.upgrade(Database(settings.database()))  # before the workers look at the tables
+    # each worker in a session of its own: a terminal's Ctrl-C reaches serve alone, which stops
+    # the workers itself, and a worker's pool processes can be stopped with it as one group
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--queues",
-                                 "gpu,cpu", "--hostname", f"embedded{i}@%h"], env=env)
+                                 "gpu,cpu", "--hostname", f"embedded{i}@%h"], env=env,
+                                start_new_session=True)
                for i in range(args.workers)]
     url = f"http://{args.host}:{args.port}"
     print(f"MergeShield {'(no auth, local use) ' if not args.auth else ''}on {url}  "
           f"API docs: {url}/docs  data: {settings.data_dir}", flush=True)
+    # uvicorn stops on SIGTERM/SIGINT, then raises the signal again under the previous handler:
+    # SIGTERM's default would end this process there, before the workers are stopped
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None,
                     access_log=args.access_log)
+    except KeyboardInterrupt:  # SIGINT, raised again by uvicorn after its own shutdown
+        pass
     finally:
-        for proc in workers:
-            proc.send_signal(signal.SIGTERM)  # warm shutdown: the running scan is re-queued
-        for proc in workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_workers(workers, settings.worker_stop_timeout)
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]], patience: float) -> None:
+    """SIGTERM each worker (warm shutdown), then SIGKILL its whole group after ``patience``
+    seconds: a scan still running is re-queued by the reconciler when the service is back."""
+    for proc in workers:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + patience
+    for proc in workers:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # its pool processes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _api(args: argparse.Namespace, settings: Settings) -> int:
