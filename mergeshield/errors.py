@@ -32,6 +32,7 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
         │   └── WebhooksDisabledError      webhooks_disabled     no webhook secret configured
         ├── NotFoundError (LookupError)    not_found             no such scan/upload/key (404)
         ├── ConflictError                  conflict              not in a state for this (409)
+        ├── IdempotencyKeyReusedError      idempotency_key_reused  the key named another body (422)
         ├── PayloadTooLargeError           payload_too_large     over the upload limit (413)
         ├── QuotaExceededError             quota_exceeded        a key's concurrent scans (429)
         │   └── StorageQuotaError          quota_exceeded        a key's stored bytes (413)
@@ -168,6 +169,10 @@ class NotFoundError(ServiceError, LookupError):
 
 class ConflictError(ServiceError):
     code = "conflict"
+
+
+class IdempotencyKeyReusedError(ServiceError):
+    code = "idempotency_key_reused"
 
 
 class PayloadTooLargeError(ServiceError):

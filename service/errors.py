@@ -23,6 +23,7 @@ STATUS: list[tuple[type[errors.MergeShieldError], int]] = [
     (errors.PermissionDeniedError, 403),
     (errors.NotFoundError, 404),
     (errors.ConflictError, 409),
+    (errors.IdempotencyKeyReusedError, 422),
     (errors.PayloadTooLargeError, 413),
     (errors.StorageQuotaError, 413),
     (errors.QuotaExceededError, 429),

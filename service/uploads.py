@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from fastapi import Request
 from python_multipart.exceptions import ParseError
@@ -25,8 +24,12 @@ from mergeshield.checkpoints import REFUSED_SUFFIXES
 from mergeshield.disk import ensure_room
 from mergeshield.errors import (
     InputError,
+    MergeShieldError,
+    NothingScannableError,
     PayloadTooLargeError,
     RequestTimeoutError,
+    StorageFullError,
+    UnsafeArchiveError,
     UnsafeFormatError,
 )
 from mergeshield.safetensors_io import read_header
@@ -44,10 +47,18 @@ SLACK = 64 * 1024  # multipart framing around the file in a body's Content-Lengt
 @dataclass
 class Received:
     filename: str = ""
+    # uploads/tmp/<random>/<filename>: the user's own file name, so a message about the file
+    # (a bad header, a bad archive member) names their file, never a server temp name
     path: Path | None = None
     size: int = 0
     sha256: str = ""
+    complete: bool = False  # the body's closing boundary arrived
     _hash: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
+
+    def discard(self) -> None:
+        """Remove the received file and its private folder (whatever became of them)."""
+        if self.path is not None:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 async def receive(request: Request, settings: Settings, quota: StoredBytes | None = None
@@ -75,7 +86,7 @@ async def receive(request: Request, settings: Settings, quota: StoredBytes | Non
     parser = MultipartParser(params[b"boundary"], {
         "on_header_field": sink.on_header_field, "on_header_value": sink.on_header_value,
         "on_header_end": sink.on_header_end, "on_part_data": sink.on_part_data,
-        "on_part_end": sink.on_part_end})
+        "on_part_end": sink.on_part_end, "on_end": sink.on_end})
     try:
         try:
             async for chunk in _stalling_after(request, settings.upload_idle_timeout):
@@ -84,13 +95,19 @@ async def receive(request: Request, settings: Settings, quota: StoredBytes | Non
         except ParseError as exc:  # a client's broken body, not a server error
             raise InputError(f"the multipart body is malformed ({str(exc)[:200]}); send the "
                              "file as multipart/form-data in a field named 'file'") from None
+        if got.path is None:
+            raise InputError("the multipart body has no part named 'file'")
+        if not got.complete:  # a client that stopped early: the file may be cut anywhere
+            raise InputError(f"{got.filename}: the multipart body ended before its closing "
+                             "boundary, so the file may be incomplete; send it again",
+                             details={"filename": got.filename})
+        if got.size == 0:
+            raise InputError(f"{got.filename}: the file is empty (0 bytes); upload the model "
+                             "file itself", details={"filename": got.filename})
     except BaseException:
         sink.on_part_end()
-        if got.path is not None:
-            got.path.unlink(missing_ok=True)
+        got.discard()
         raise
-    if got.path is None:
-        raise InputError("the multipart body has no part named 'file'")
     got.sha256 = got._hash.hexdigest()
     return got
 
@@ -134,9 +151,9 @@ class _Sink:
             if opts.get(b"name") == b"file" and self.got.path is None:
                 raw = opts.get(b"filename", b"upload").decode("utf-8", "replace")
                 self.got.filename = safe_name(raw)
-                fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
-                self.got.path = Path(name)
-                self.out = os.fdopen(fd, "wb")
+                private = Path(tempfile.mkdtemp(dir=self.tmp_dir))
+                self.got.path = private / self.got.filename
+                self.out = open(self.got.path, "xb")  # noqa: SIM115 - closed at the part's end
         self.field, self.value = b"", b""
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -158,6 +175,9 @@ class _Sink:
             self.out.close()
             self.out = None
 
+    def on_end(self) -> None:
+        self.got.complete = True
+
 
 def store(db: Database, settings: Settings, owner: str, got: Received) -> Upload:
     """Keep the file (once per sha256), unpack archives, record the upload (once per owner)."""
@@ -166,14 +186,15 @@ def store(db: Database, settings: Settings, owner: str, got: Received) -> Upload
         existing = s.scalars(select(Upload).where(Upload.owner == owner,
                                                   Upload.sha256 == got.sha256)).first()
     if existing is not None:
-        got.path.unlink(missing_ok=True)
+        got.discard()
         return existing
     folder = settings.uploads_dir / got.sha256
     try:
         kind, rel = _place(settings, folder, got)
-    except BaseException:
-        got.path.unlink(missing_ok=True)
-        raise
+    except MergeShieldError as exc:
+        raise _without_server_paths(exc, settings.uploads_dir / "tmp") from None
+    finally:
+        got.discard()
     row = Upload(owner=owner, filename=got.filename, kind=kind, size=got.size,
                  sha256=got.sha256, path=rel)
     try:
@@ -195,9 +216,10 @@ def _place(settings: Settings, folder: Path, got: Received) -> tuple[str, str]:
         if not unpacked.is_dir():  # someone else's upload of the same bytes unpacked it already
             staging = Path(tempfile.mkdtemp(dir=settings.uploads_dir / "tmp"))
             try:
-                root = archives.unpack(got.path, staging / "x", archives.ArchiveLimits(
+                root = _unpack(got, staging / "x", archives.ArchiveLimits(
                     settings.max_unpacked_bytes, settings.max_archive_files,
                     settings.min_free_bytes))
+                _check_weights(got.filename, root)
                 folder.mkdir(parents=True, exist_ok=True)
                 (staging / "x").rename(unpacked)
                 rel_root = root.relative_to(staging / "x")
@@ -224,6 +246,62 @@ def _place(settings: Settings, folder: Path, got: Received) -> tuple[str, str]:
         got.path.rename(target)
     kind = "safetensors" if name.endswith(".safetensors") else "bin"
     return kind, str(target.relative_to(data_dir))
+
+
+def _unpack(got: Received, dest: Path, limits: archives.ArchiveLimits) -> Path:
+    """Unpack the upload; an OS refusal (a member path past PATH_MAX, a name the file system
+    cannot hold) is the archive's fault and is said with the user's file name."""
+    assert got.path is not None
+    try:
+        return archives.unpack(got.path, dest, limits)
+    except MergeShieldError:
+        raise
+    except OSError as exc:
+        if (full := StorageFullError.of(exc, f"{got.filename} unpacked")) is not None:
+            raise full from None
+        raise UnsafeArchiveError(
+            f"{got.filename}: a member cannot be unpacked ({exc.strerror or type(exc).__name__},"
+            " e.g. a path too long for the file system); repack the model folder with short "
+            "relative paths", details={"filename": got.filename}) from None
+
+
+def _check_weights(filename: str, root: Path) -> None:
+    """An archive must hold model weights in its model folder (where a scan looks), and every
+    safetensors header there must be sound: refused now, not minutes later in a worker."""
+    weights = [p for p in root.iterdir()
+               if p.is_file() and not p.is_symlink() and p.name.lower().endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        raise NothingScannableError(
+            f"{filename}: the archive holds no model weights (.safetensors or .bin) in its model "
+            "folder; zip the Hugging Face model folder itself",
+            details={"filename": filename, "files": sorted(p.name for p in root.iterdir())[:20]})
+    for path in weights:
+        if path.name.lower().endswith(".safetensors"):
+            try:
+                read_header(path)
+            except MergeShieldError as exc:  # said of the member, in the user's archive
+                exc.message = f"{filename}: {exc.message}"
+                exc.args = (exc.message,)
+                raise
+
+
+def _without_server_paths(exc: MergeShieldError, tmp_dir: Path) -> MergeShieldError:
+    """The error as the uploader should read it: paths under the upload's private folder
+    (``tmp/<random>/``, ``tmp/<random>/x/`` for an archive's members) cut to what they sent."""
+    private = re.compile(re.escape(str(tmp_dir)) + r"/[^/\s'\"]+/(?:x/)?")
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return private.sub("", value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    exc.message, exc.details = clean(exc.message), clean(exc.details)
+    exc.args = (exc.message,)
+    return exc
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")

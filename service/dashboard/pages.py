@@ -17,7 +17,13 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
 from mergeshield.data import bundled_names
-from mergeshield.errors import AuthenticationError, ConflictError, InputError, NotFoundError
+from mergeshield.errors import (
+    AuthenticationError,
+    ConflictError,
+    IdempotencyKeyReusedError,
+    InputError,
+    NotFoundError,
+)
 from mergeshield.report.html import sections
 from service.auth import COOKIE, Principal, authenticate, check_origin, principal
 from service.dashboard import forms
@@ -184,7 +190,8 @@ async def create_scan(request: Request) -> Response:
     try:
         scan, _new = scans.queue_scan(request.app.state, caller, body,
                                       form.get("idempotency_key") or None)
-    except (InputError, NotFoundError) as exc:  # a refused callback URL, someone else's upload
+    except (InputError, NotFoundError, IdempotencyKeyReusedError) as exc:  # a refused
+        # callback URL, someone else's upload, a form sent again after an edit
         return _new_scan_page(request, caller, form, [exc.message], 422)
     return _back(f"/ui/scans/{scan.id}")
 

@@ -5,6 +5,8 @@ Routes are thin: validate, persist, enqueue, answer. No tensor is touched here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +18,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import State
 
-from mergeshield.errors import ArtifactsExpiredError, ConflictError, NotFoundError
+from mergeshield.errors import (
+    ArtifactsExpiredError,
+    ConflictError,
+    IdempotencyKeyReusedError,
+    NotFoundError,
+)
 from mergeshield.pipeline import ScanRequest
 from mergeshield.report import LayerStat, ScanReport, load_report
 from service import quotas
@@ -48,7 +55,9 @@ REPORT_FILES = {"json": ("report.json", "application/json"),
 @router.post("", status_code=202, response_model=ScanOut)
 def submit(body: ScanCreate, request: Request, response: Response, caller: Caller,
            idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> ScanOut:
-    """Queue a scan. A retried POST with the same ``Idempotency-Key`` returns the same scan."""
+    """Queue a scan. A retried POST with the same ``Idempotency-Key`` and body returns the same
+    scan; the key sent with another body is refused (422 ``idempotency_key_reused``). Options
+    out of their bounds and unknown dataset names are a 422 before anything is queued."""
     scan, _created = queue_scan(request.app.state, caller, body, idempotency_key)
     return _out(scan, response)
 
@@ -60,7 +69,9 @@ def queue_scan(state: State, caller: Principal, body: ScanCreate,
     one). A ``callback_url`` gets its endpoint and a waiting callback with the scan."""
     db: Database = state.db
     settings = state.settings
-    if idempotency_key and (same := by_idempotency(db, caller, idempotency_key)) is not None:
+    fingerprint = body_sha256(body)
+    if idempotency_key and (same := by_idempotency(db, caller, idempotency_key,
+                                                   fingerprint)) is not None:
         return same, False
     quotas.check_scans(db, settings, caller)
     sizes = [_upload_size(db, caller, ref) for ref in (body.suspect, body.base)]
@@ -81,14 +92,14 @@ def queue_scan(state: State, caller: Principal, body: ScanCreate,
     scan = Scan(owner=caller.id, request={"scan": lib.model_dump(mode="json"),
                                           "suspect_upload": body.suspect.upload,
                                           "base_upload": body.base.upload,
-                                          "device": body.device},
+                                          "device": body.device, "body_sha256": fingerprint},
                 suspect=body.suspect.label(), base=body.base.label(), force=body.force,
                 queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes, gpu_workers),
                 idempotency_key=idempotency_key, enqueued_at=now(), id=new_id())
     try:
         _persist_and_send(state, scan, endpoint)
     except IntegrityError:  # the same Idempotency-Key raced in twice
-        same = by_idempotency(db, caller, idempotency_key or "")
+        same = by_idempotency(db, caller, idempotency_key or "", fingerprint)
         if same is None:
             raise
         return same, False
@@ -259,10 +270,26 @@ def _zipped(folder: Path) -> Path:
     return target
 
 
-def by_idempotency(db: Database, caller: Principal, key: str) -> Scan | None:
+def by_idempotency(db: Database, caller: Principal, key: str,
+                   fingerprint: str | None = None) -> Scan | None:
+    """The caller's scan made with ``key``; one made from another body (``fingerprint``: its
+    ``body_sha256``) is refused, as Stripe and the IETF Idempotency-Key draft do."""
     with db.session() as s:
-        return s.scalars(select(Scan).where(Scan.owner == caller.id,
+        scan = s.scalars(select(Scan).where(Scan.owner == caller.id,
                                             Scan.idempotency_key == key)).first()
+    stored = scan.request.get("body_sha256") if scan is not None else None
+    if fingerprint is not None and stored is not None and stored != fingerprint:
+        raise IdempotencyKeyReusedError(
+            "this Idempotency-Key was already used with a different request body; use a new "
+            "key for a new scan, or resend the first body unchanged",
+            details={"idempotency_key": key, "scan": scan.id if scan else None})
+    return scan
+
+
+def body_sha256(body: ScanCreate) -> str:
+    """The request body, canonical, hashed: what an Idempotency-Key is bound to."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _upload_size(db: Database, caller: Principal, ref: ModelRef) -> int | None:

@@ -63,7 +63,8 @@ def edge_user(edge: Stack) -> Iterator[httpx.Client]:
 
 
 def _partials(stack: Stack) -> list[Path]:
-    return list((stack.root / "data" / "uploads" / "tmp").glob("*.part"))
+    """Files of uploads still arriving (each in a private folder, under the sender's name)."""
+    return [p for p in (stack.root / "data" / "uploads" / "tmp").rglob("*") if p.is_file()]
 
 
 def test_concurrent_scans_are_limited_per_key(edge: Stack, edge_user: httpx.Client) -> None:
