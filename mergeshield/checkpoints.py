@@ -9,8 +9,10 @@ once. Anything that would need ``pickle.load`` or remote code is refused with
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,23 +22,32 @@ from typing import Any, Literal
 
 import torch
 
+from mergeshield.disk import ensure_room
 from mergeshield.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
-    InvalidWeightsError,
+    MergeShieldError,
     NothingScannableError,
     SourceNotFoundError,
+    UnsafeFileError,
     UnsafeFormatError,
+    UnsupportedTensorError,
 )
+from mergeshield.file_safety import check_regular, open_regular, plain_text, special_file_error
 from mergeshield.hub import HUB_PATTERNS, download_repo
+from mergeshield.models import MAX_PARAMETERS, check_config
+from mergeshield.models.config_guard import refuse_remote_code
 from mergeshield.safetensors_io import (
+    DTYPE_NAMES,
     INDEX_NAME,
     SafetensorsHeader,
     TensorInfo,
     atomic_write_text,
+    check_finite,
     read_header,
     save_checkpoint,
     sha256_file,
+    unsupported_dtype,
     write_safetensors,
 )
 
@@ -49,6 +60,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 REFUSED_SUFFIXES = (".pkl", ".pickle", ".joblib", ".dill")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TORCH_INDEX = "pytorch_model.bin.index.json"
+MAX_JSON_BYTES = 64 * 2**20  # a config or tokenizer JSON file; tokenizer.json files reach ~30 MB
+# a converted .bin may hold at most this many times its file's bytes: tied weights (two names,
+# one storage) are written twice; a thousand views of one storage are not
+_CONVERSION_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -87,63 +102,104 @@ def _relative(path: Path, root: Path) -> str:
 
 def resolve(source: str, *, revision: str | None = None, token: str | None = None,
             endpoint: str | None = None, cache_dir: str | Path | None = None,
-            local_files_only: bool = False, min_free_bytes: int | None = None) -> ResolvedSource:
+            local_files_only: bool = False, min_free_bytes: int | None = None,
+            max_parameters: int = MAX_PARAMETERS) -> ResolvedSource:
     """Locate ``source`` (folder, file or hub repo id) and check it is safe to read; a hub
-    download must leave ``min_free_bytes`` free on the disk (None: no check)."""
+    download or a ``.bin`` conversion must leave ``min_free_bytes`` free on the disk (None: no
+    check); a config describing more than ``max_parameters`` parameters is refused."""
     path = Path(source).expanduser()
-    if path.exists():
+    limits = _Limits(min_free_bytes, max_parameters)
+    if os.path.lexists(path):
         if path.is_dir():
-            return _from_folder(source, "directory", path, None, None, cache_dir)
-        return _from_file(source, path, cache_dir)
+            return _from_folder(source, "directory", path, None, None, cache_dir, limits)
+        return _from_file(source, path, cache_dir, limits)
     if not _REPO_ID.match(source):
         raise SourceNotFoundError(f"{source!r} is neither an existing path nor a hub repo id "
                                   "(owner/name): check the spelling", details={"source": source})
     folder, sha, remote_names = download_repo(
         source, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
         local_files_only=local_files_only, patterns=HUB_PATTERNS, min_free_bytes=min_free_bytes)
-    return _from_folder(source, "hub", folder, revision, sha, cache_dir, remote_names)
+    return _from_folder(source, "hub", folder, revision, sha, cache_dir, limits, remote_names)
 
 
-def _from_file(source: str, path: Path, cache_dir: str | Path | None) -> ResolvedSource:
+@dataclass(frozen=True)
+class _Limits:
+    min_free_bytes: int | None  # free disk a conversion must leave; None = no check
+    max_parameters: int
+
+
+def _from_file(source: str, path: Path, cache_dir: str | Path | None,
+               limits: _Limits) -> ResolvedSource:
+    if not path.exists():
+        raise SourceNotFoundError(f"{path.name}: a symbolic link to nothing; give the file "
+                                  "itself", details={"file": path.name})
+    check_regular(path)  # a FIFO or device named like a checkpoint: refused before open()
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         read_header(path)
         tensor_files: tuple[Path, ...] = (path,)
     elif suffix in PICKLE_SUFFIXES:
-        tensor_files = (_convert_pickle(path, cache_dir),)
+        tensor_files = (_convert_pickle(path, cache_dir, limits),)
     elif suffix in REFUSED_SUFFIXES:
         raise _unsafe(path, "a raw pickle can run arbitrary code when loaded; export the weights "
                             "as safetensors")
     else:
         raise CorruptCheckpointError(
             f"{path.name}: not a checkpoint file (expected .safetensors, .bin, .pt or .pth)",
-            details={"file": str(path)})
+            details={"file": path.name})
     return ResolvedSource(source, "file", None, None, path.parent, (path,), None, tensor_files)
 
 
 def _from_folder(source: str, kind: Literal["hub", "directory"], root: Path,
                  revision: str | None, sha: str | None, cache_dir: str | Path | None,
-                 remote_names: tuple[str, ...] = ()) -> ResolvedSource:
+                 limits: _Limits, remote_names: tuple[str, ...] = ()) -> ResolvedSource:
+    # a hub snapshot's files are links into the repo's blobs/ folder: that is still inside
+    _vet_folder(root, root.resolve().parent.parent if kind == "hub" else root.resolve())
     config = _read_config(root)
     weights = _weight_files(root, remote_names)
     if weights[0].suffix == ".safetensors":
-        for p in weights:
-            read_header(p)
+        headers = [read_header(p) for p in weights]
         tensor_files = weights
     else:
-        tensor_files = tuple(_convert_pickle(p, cache_dir) for p in weights)
+        if config is not None:  # a config bomb is refused before any conversion
+            check_config(config, max_parameters=limits.max_parameters)
+        tensor_files = tuple(_convert_pickle(p, cache_dir, limits) for p in weights)
+        headers = [read_header(p) for p in tensor_files]
+    if config is not None:
+        elements = sum(math.prod(e.info.shape) for h in headers for e in h.tensors.values())
+        check_config(config, weight_elements=elements, max_parameters=limits.max_parameters)
     return ResolvedSource(source, kind, revision, sha, root, weights, config, tensor_files)
 
 
+def _vet_folder(root: Path, inside: Path) -> None:
+    """Refuse a model folder holding a link that leads out of ``inside`` (a clone of a hostile
+    repo keeps ``special_tokens_map.json -> /proc/self/environ``) or a FIFO, device or socket
+    (a FIFO named ``model.safetensors`` blocks ``open()`` forever), before any file is read;
+    and any JSON file of the folder that asks for remote code (``auto_map`` in a processor or
+    tokenizer config)."""
+    with os.scandir(root) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = Path(entry.path)
+            if entry.is_symlink():
+                try:
+                    target = path.resolve()
+                except RuntimeError:  # a link loop
+                    target = Path("/")
+                if not target.is_relative_to(inside):
+                    raise UnsafeFileError(
+                        f"{entry.name}: refused, a symbolic link that leads out of the model "
+                        "folder; MergeShield reads, hashes and copies only files inside it. "
+                        "Replace the link with the file", details={"file": entry.name})
+            mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise special_file_error(path, mode)
+            if entry.name.endswith(".json") and stat.S_ISREG(mode) and entry.name not in (
+                    INDEX_NAME, _TORCH_INDEX, "tokenizer.json", "vocab.json"):
+                refuse_remote_code(read_json_file(path), entry.name)
+
+
 def _read_config(root: Path) -> dict[str, Any] | None:
-    config = read_json_file(root / "config.json")
-    if config is None:
-        return None
-    if "auto_map" in config or config.get("trust_remote_code"):
-        raise _unsafe(root / "config.json", "the config needs custom Python code "
-                      "(auto_map / trust_remote_code), which MergeShield never runs; use a "
-                      "checkpoint of an architecture built into transformers")
-    return config
+    return read_json_file(root / "config.json")  # remote code: refused by _vet_folder
 
 
 def _weight_files(root: Path, remote_names: tuple[str, ...]) -> tuple[Path, ...]:
@@ -164,8 +220,9 @@ def _weight_files(root: Path, remote_names: tuple[str, ...]) -> tuple[Path, ...]
         raise _unsafe(root, "the repository holds only Python model code and no weights in "
                             "safetensors or PyTorch format; MergeShield never runs remote code")
     raise NothingScannableError(
-        f"{root}: no model.safetensors, sharded safetensors index or pytorch_model.bin found",
-        details={"root": str(root), "files": sorted(names)[:20]})
+        "the model folder holds no model.safetensors, sharded safetensors index or "
+        "pytorch_model.bin; upload or point to the folder with the weights",
+        details={"files": sorted(names)[:20]})
 
 
 def _index_files(root: Path, index_name: str) -> tuple[Path, ...]:
@@ -173,7 +230,7 @@ def _index_files(root: Path, index_name: str) -> tuple[Path, ...]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CorruptCheckpointError(f"{index_name}: no weight_map object",
-                                     details={"file": str(root / index_name)})
+                                     details={"file": index_name})
     files: list[Path] = []
     for tensor, fname in weight_map.items():
         plain = (isinstance(fname, str) and fname not in {"", ".", ".."}
@@ -182,24 +239,38 @@ def _index_files(root: Path, index_name: str) -> tuple[Path, ...]:
             raise CorruptCheckpointError(
                 f"{index_name}: tensor {tensor!r} points to {str(fname)[:100]!r}, which is not a "
                 "file name inside the checkpoint folder",
-                details={"file": str(root / index_name), "tensor": tensor, "target": str(fname)})
+                details={"file": index_name, "tensor": tensor, "target": str(fname)[:100]})
         if root / fname not in files:
             files.append(root / fname)
     return tuple(files)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Python's json accepts them
+
+
 def read_json_file(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, or None when absent; anything else is a CorruptCheckpointError."""
-    if not path.is_file():
+    """A strict JSON object file (no NaN), or None when absent; a FIFO, a file over
+    ``MAX_JSON_BYTES`` or anything not a JSON object is refused with a stable code."""
+    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
         return None
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CorruptCheckpointError(f"{path.name} is larger than {MAX_JSON_BYTES} bytes, too "
+                                     "large for a config", details={"file": path.name})
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {str(exc)[:200]}",
-                                     details={"file": str(path)}) from None
+                                     details={"file": path.name}) from None
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{path.name} must hold a JSON object",
-                                     details={"file": str(path)})
+                                     details={"file": path.name})
+    if not plain_text(json.dumps(value, ensure_ascii=False)):
+        raise CorruptCheckpointError(f"{path.name} holds a string that is not valid Unicode "
+                                     "(a lone surrogate)", details={"file": path.name})
     return value
 
 
@@ -215,12 +286,30 @@ def extra_files(src: ResolvedSource) -> dict[str, Path]:
     if src.kind == "file":
         return {}
     skip = {"config.json", INDEX_NAME, _TORCH_INDEX}
+    inside = _inside(src)
     return {p.name: p for p in sorted(src.root.iterdir())
-            if p.is_file() and p.suffix in {".json", ".txt", ".model"} and p.name not in skip}
+            if p.suffix in {".json", ".txt", ".model"} and p.name not in skip
+            and _regular_inside(p, inside)}
+
+
+def _inside(src: ResolvedSource) -> Path:
+    """The folder no file of ``src`` may lead out of (a hub repo's, for its blobs/)."""
+    root = src.root.resolve()
+    return root.parent.parent if src.kind == "hub" else root
+
+
+def _regular_inside(path: Path, inside: Path) -> bool:
+    """Whether ``path`` is a regular file, through links that stay inside ``inside`` only."""
+    try:
+        if path.is_symlink() and not path.resolve(strict=True).is_relative_to(inside):
+            return False
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, RuntimeError):  # dangling link, link loop
+        return False
 
 
 def _unsafe(path: Path, why: str) -> UnsafeFormatError:
-    return UnsafeFormatError(f"{path.name}: refused, {why}", details={"file": str(path)})
+    return UnsafeFormatError(f"{path.name}: refused, {why}", details={"file": path.name})
 
 
 def _conversion_dir(cache_dir: str | Path | None) -> Path:
@@ -237,12 +326,42 @@ def _conversion_dir(cache_dir: str | Path | None) -> Path:
     return folder
 
 
-def _convert_pickle(path: Path, cache_dir: str | Path | None) -> Path:
-    """torch.load(weights_only=True) a flat state dict and write it once as safetensors."""
+def _convert_pickle(path: Path, cache_dir: str | Path | None, limits: _Limits) -> Path:
+    """torch.load(weights_only=True) a flat state dict and write it once as safetensors.
+
+    What is written is bounded by what the file holds: a view larger than its storage (a
+    stride-0 ``expand``, overlapping strides) is refused, and all tensors together may hold at
+    most ``_CONVERSION_FACTOR`` times the file's bytes; the conversion must leave
+    ``limits.min_free_bytes`` free. A failed conversion leaves no file behind."""
+    check_regular(path)
     digest = sha256_file(path)
-    out = _conversion_dir(cache_dir) / f"{digest}.safetensors"
+    folder = _conversion_dir(cache_dir)
+    out = folder / f"{digest}.safetensors"
     if out.is_file():
         return out
+    state = _load_pickle(path)
+    specs = _conversion_specs(path, state)
+    total = sum(info.nbytes for _, info in specs)
+    if total > _CONVERSION_FACTOR * path.stat().st_size + 2**20:
+        raise CorruptCheckpointError(
+            f"{path.name}: its tensors claim {total} bytes but the file holds "
+            f"{path.stat().st_size}: many views of the same storage would be written out in "
+            "full; save each tensor once (model.state_dict())",
+            details={"file": path.name, "bytes": total})
+    if limits.min_free_bytes is not None:
+        ensure_room(folder, total, limits.min_free_bytes, f"converting {path.name}")
+    try:
+        write_safetensors(out, specs, iter(state.items()), {"format": "pt"})
+    except MergeShieldError:
+        raise
+    except (RuntimeError, ValueError, TypeError) as exc:  # a tensor torch cannot write out
+        raise CorruptCheckpointError(
+            f"{path.name}: cannot convert a tensor ({type(exc).__name__}: {str(exc)[:200]})",
+            details={"file": path.name}) from None
+    return out
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
     try:
         try:
             state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
@@ -256,15 +375,46 @@ def _convert_pickle(path: Path, cache_dir: str | Path | None) -> Path:
             raise _unsafe(path, "the pickle holds more than plain tensors (code or objects "
                           "that weights_only loading forbids); save a state_dict as "
                           "safetensors") from None
-        raise CorruptCheckpointError(f"{path.name}: cannot read the PyTorch file: {text[:200]}",
-                                     details={"file": str(path)}) from None
+        why = f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+        raise CorruptCheckpointError(f"{path.name}: cannot read the PyTorch file ({why})",
+                                     details={"file": path.name}) from None
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CorruptCheckpointError(f"{path.name}: not a flat dict of named tensors (save "
-                                     "model.state_dict())", details={"file": str(path)})
-    specs = [(k, TensorInfo.of(v)) for k, v in state.items()]
-    write_safetensors(out, specs, iter(state.items()), {"format": "pt"})
-    return out
+                                     "model.state_dict())", details={"file": path.name})
+    return state
+
+
+def _conversion_specs(path: Path, state: dict[str, torch.Tensor]
+                      ) -> list[tuple[str, TensorInfo]]:
+    """Each tensor's spec, once it is known to be a plain dense CPU tensor whose bytes are
+    really in the file; anything else is refused before a byte is written."""
+    specs = []
+    for name, t in state.items():
+        if not name or not plain_text(name):
+            raise CorruptCheckpointError(
+                f"{path.name}: a tensor name is empty or not valid Unicode (a lone surrogate)",
+                details={"file": path.name, "tensor": ascii(name)[:200]})
+        if t.is_meta:
+            raise CorruptCheckpointError(
+                f"{path.name}: tensor {name!r} is a meta tensor, a shape with no data; save "
+                "the real weights", details={"file": path.name, "tensor": name})
+        if t.layout != torch.strided or t.is_quantized:
+            raise UnsupportedTensorError(
+                f"{path.name}: tensor {name!r} is {'quantized' if t.is_quantized else 'sparse'}"
+                f" ({t.layout}, {t.dtype}); MergeShield reads dense tensors only, save dense "
+                "float weights", details={"file": path.name, "tensor": name})
+        if t.dtype not in DTYPE_NAMES:
+            raise unsupported_dtype(name, t.dtype)
+        info = TensorInfo.of(t)
+        if info.nbytes > t.untyped_storage().nbytes():
+            raise CorruptCheckpointError(
+                f"{path.name}: tensor {name!r} is a view of {info.nbytes} bytes over a storage "
+                f"of {t.untyped_storage().nbytes()} (stride 0 or overlapping strides), which "
+                "would be written out in full; save contiguous tensors",
+                details={"file": path.name, "tensor": name})
+        specs.append((name, info))
+    return specs
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
@@ -298,7 +448,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         header = self._headers[i]
         entry = header.tensors[name]
         if i not in self._handles:
-            self._handles[i] = os.open(header.path, os.O_RDONLY)
+            self._handles[i] = open_regular(header.path)
         fd = self._handles[i]
         offset, size = header.data_start + entry.begin, entry.info.nbytes
         buf = torch.empty(size, dtype=torch.uint8)
@@ -315,8 +465,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
         # safetensors stores little-endian bytes, the byte order of every platform torch targets
         tensor = buf.view(entry.info.dtype).reshape(entry.info.shape)
-        if tensor.is_floating_point():
-            _check_finite(name, tensor)
+        check_finite(name, tensor)
         return tensor
 
     def __iter__(self) -> Iterator[str]:
@@ -340,17 +489,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    t = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor  # fp8: no isfinite
-    # fast path: any NaN/inf makes the (float64) sum non-finite; only then look element-wise
-    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))) \
-            and not bool(torch.isfinite(t).all()):
-        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        raise InvalidWeightsError(
-            f"tensor {name!r} holds {nan} NaN and {inf} infinite values; the checkpoint is "
-            "broken or tampered with", details={"tensor": name, "nan": nan, "inf": inf})
 
 
 def open_checkpoint(resolved: ResolvedSource) -> Checkpoint:

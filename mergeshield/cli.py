@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeshield import __version__
-from mergeshield.errors import MergeShieldError, NothingScannableError
+from mergeshield.errors import MergeShieldError, NothingScannableError, as_mergeshield_error
 from mergeshield.settings import Settings
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NOTHING, EXIT_USAGE = 0, 1, 2, 3, 4
@@ -129,40 +129,46 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every error leaves as ``{"error": {code, message, details}}`` on stderr
+    with exit 2 (3: nothing scannable), never a traceback and never 1, which means findings."""
     args = build_parser().parse_args(argv)
-    settings = Settings()
     try:
-        if args.command == "scan":
-            from mergeshield.cli_commands import run_scan
-
-            return run_scan(args, settings)
-        if args.command == "zoo":
-            from mergeshield.cli_commands import run_zoo
-
-            return run_zoo(args)
-        if args.command == "bv":
-            from mergeshield.cli_commands import run_bv
-
-            return run_bv(args, settings)
-        if args.command == "bench":
-            from mergeshield.cli_commands import run_bench
-
-            return run_bench(args)
-        from mergeshield.cli_commands import run_merge
-
-        return run_merge(args, settings)
+        return _run(args)
     except NothingScannableError as exc:
         _error(exc)
         return EXIT_NOTHING
-    except MergeShieldError as exc:
-        _error(exc)
+    except Exception as exc:  # the one mapping (errors.as_mergeshield_error): a stable code
+        _error(as_mergeshield_error(exc))
         return EXIT_ERROR
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    if args.command == "scan":
+        from mergeshield.cli_commands import run_scan
+
+        return run_scan(args, settings)
+    if args.command == "zoo":
+        from mergeshield.cli_commands import run_zoo
+
+        return run_zoo(args)
+    if args.command == "bv":
+        from mergeshield.cli_commands import run_bv
+
+        return run_bv(args, settings)
+    if args.command == "bench":
+        from mergeshield.cli_commands import run_bench
+
+        return run_bench(args)
+    from mergeshield.cli_commands import run_merge
+
+    return run_merge(args, settings)
 
 
 def _error(exc: MergeShieldError) -> None:
     if sys.stderr.isatty():
         print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
-    else:
+    else:  # ascii: a name with a lone surrogate must not fail the error report itself
         print(json.dumps({"error": exc.to_dict()}, default=str), file=sys.stderr)
 
 

@@ -7,13 +7,16 @@ import json
 import sys
 from typing import Any
 
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from mergeshield import backdoor_vectors, checkpoints
+from mergeshield.errors import ConfigError
 from mergeshield.ibvs import DEFAULT_GRID
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report import exit_code, to_sarif, to_text
+from mergeshield.report.io import strict_json
 from mergeshield.report.schema import Severity
 from mergeshield.settings import Settings
 from mergeshield.task_vectors import TaskVector
@@ -50,8 +53,24 @@ def _hub(settings: Settings) -> dict[str, Any]:
             "cache_dir": settings.cache_dir}
 
 
+def _options_error(exc: ValidationError) -> ConfigError:
+    """A scan option out of its bounds (mergeshield/options.py): which one and why."""
+    problems = [{"option": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
+                for e in exc.errors(include_url=False, include_input=False)]
+    listed = "; ".join(f"{p['option']}: {p['problem']}" for p in problems[:5])
+    return ConfigError(f"invalid scan option(s): {listed}", details=problems)
+
+
 def run_scan(args: argparse.Namespace, settings: Settings) -> int:
-    request = ScanRequest(
+    try:
+        request = _request(args)
+    except ValidationError as exc:
+        raise _options_error(exc) from None
+    return _scan(args, settings, request)
+
+
+def _request(args: argparse.Namespace) -> ScanRequest:
+    return ScanRequest(
         suspect=args.suspect, base=args.base, suspect_revision=args.revision,
         base_revision=args.base_revision, evaluation=args.evaluation,
         evaluation_revision=args.eval_revision, injection_data=args.inject_data,
@@ -60,6 +79,9 @@ def run_scan(args: argparse.Namespace, settings: Settings) -> int:
         user_targets=list(args.target), probes=not args.no_probes,
         inversion=not args.no_inversion, max_eval=args.max_eval,
     )
+
+
+def _scan(args: argparse.Namespace, settings: Settings, request: ScanRequest) -> int:
     progress = _Progress()
     ctx = ScanContext(
         out_dir=args.out, formats=tuple(f.strip() for f in args.report.split(",") if f.strip()),
@@ -73,7 +95,7 @@ def run_scan(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(report.model_dump_json(indent=2))
     elif args.format == "sarif":
-        print(json.dumps(to_sarif(report), indent=2))
+        print(strict_json(to_sarif(report), indent=2))
     else:
         print(to_text(report))
     return exit_code(report, Severity(args.fail_on))

@@ -4,17 +4,25 @@ Every error the library raises on purpose is a ``MergeShieldError`` with a stabl
 the CLI's exit codes, the service's JSON error body and the report's ``incomplete`` reasons) and a
 ``details`` value that says what exactly was wrong. Messages say what to do next.
 
+Anything else that escapes is turned into one of these by :func:`as_mergeshield_error`, the one
+mapping every front end (CLI, worker) uses: no traceback ever reaches a user, and
+``internal_error`` is left for true bugs.
+
     MergeShieldError                       code
     ├── InputError (ValueError)            invalid_input         the caller gave something unusable
     │   ├── SourceNotFoundError            source_not_found      no such path/repo/revision/file
     │   │   │ (also FileNotFoundError)
     │   │   └── NothingScannableError      nothing_scannable     the source holds no model weights
     │   ├── UnsafeFormatError              unsafe_format         would need pickle or remote code
+    │   │   └── UnsafeFileError            unsafe_file           a link out of the folder, a FIFO,
+    │   │                                                        a device or socket as a model file
     │   ├── UnsafeArchiveError             unsafe_archive        zip/tar with escapes, links, bombs
     │   ├── CorruptCheckpointError         corrupt_checkpoint    bad safetensors/index/config
     │   ├── InvalidWeightsError            invalid_weights       NaN or inf in a weight tensor
     │   ├── IncompatibleModelsError        incompatible_models   keys / shapes / dtypes differ
     │   ├── UnsupportedModelError          unsupported_model     no adapter can run this model
+    │   │   ├── UnsupportedTensorError     unsupported_tensor    complex/quantized/uint16/sparse
+    │   │   └── ModelRunError              model_failed          the model crashed in a forward pass
     │   ├── DatasetError                   invalid_dataset       unreadable or unusable dataset
     │   ├── CallbackUrlError               invalid_callback_url  not http(s), or a private address
     │   └── ConfigError                    invalid_config        a bad option or recipe
@@ -24,7 +32,9 @@ the CLI's exit codes, the service's JSON error body and the report's ``incomplet
     ├── LimitError                         limit_exceeded        a scan outgrew a limit set for it
     │   ├── StageTimeLimitError            stage_time_limit      one stage ran past its time limit
     │   │   (also TimeoutError)
-    │   └── GpuMemoryError                 insufficient_gpu_memory  too little free GPU memory
+    │   ├── GpuMemoryError                 insufficient_gpu_memory  too little free GPU memory
+    │   └── ModelTooLargeError             model_too_large       more parameters than max_parameters
+    ├── InternalError                      internal_error        a bug of MergeShield (never input)
     └── ServiceError                                             raised by the service's edges
         ├── AuthenticationError            unauthorized          no or an unknown API key (401)
         │   └── WebhookSecretError         invalid_webhook_secret  X-Webhook-Secret missing/wrong
@@ -82,6 +92,10 @@ class UnsafeArchiveError(InputError):
     code = "unsafe_archive"
 
 
+class UnsafeFileError(UnsafeFormatError):
+    code = "unsafe_file"
+
+
 class CorruptCheckpointError(InputError):
     code = "corrupt_checkpoint"
 
@@ -96,6 +110,14 @@ class IncompatibleModelsError(InputError):
 
 class UnsupportedModelError(InputError):
     code = "unsupported_model"
+
+
+class UnsupportedTensorError(UnsupportedModelError):
+    code = "unsupported_tensor"
+
+
+class ModelRunError(UnsupportedModelError):
+    code = "model_failed"
 
 
 class DatasetError(InputError):
@@ -141,6 +163,14 @@ class StageTimeLimitError(LimitError, TimeoutError):
 
 class GpuMemoryError(LimitError):
     code = "insufficient_gpu_memory"
+
+
+class ModelTooLargeError(LimitError):
+    code = "model_too_large"
+
+
+class InternalError(MergeShieldError):
+    code = "internal_error"
 
 
 class ServiceError(MergeShieldError):
@@ -193,3 +223,22 @@ class ArtifactsExpiredError(ServiceError):
 
 class RequestTimeoutError(ServiceError):
     code = "request_timeout"
+
+
+def as_mergeshield_error(exc: BaseException) -> MergeShieldError:
+    """The stable error for anything that escaped a stage: ours as is; a full disk, memory
+    exhaustion or a CUDA out-of-memory as their own; any other exception is a bug of ours
+    (``internal_error``), named by its type only, so no path or value of the input leaks."""
+    if isinstance(exc, MergeShieldError):
+        return exc
+    if isinstance(exc, OSError) and (full := StorageFullError.of(exc, "the output")):
+        return full
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), no torch here
+        return GpuMemoryError("the GPU ran out of memory; run on the CPU or a larger GPU",
+                              details={"reason": type(exc).__name__})
+    if isinstance(exc, MemoryError):
+        return LimitError("the scan ran out of memory; give it more memory or scan a smaller "
+                          "model", details={"reason": "MemoryError"})
+    return InternalError(f"an internal error occurred ({type(exc).__name__}); this is a bug of "
+                         "MergeShield, please report it with the command you ran",
+                         details={"reason": type(exc).__name__})

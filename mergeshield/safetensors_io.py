@@ -22,11 +22,19 @@ from typing import IO, Any
 
 import torch
 
-from mergeshield.errors import ConfigError, CorruptCheckpointError, StorageFullError
+from mergeshield.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    InvalidWeightsError,
+    StorageFullError,
+    UnsupportedTensorError,
+)
+from mergeshield.file_safety import open_regular, plain_text, read_regular
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 MAX_METADATA_BYTES = 2**20  # provenance strings, not payloads
 MAX_DIMS = 64
+MAX_DIM = 2**62  # a dimension, and the product of the non-zero ones: numel stays an int64
 _CHUNK = 64 * 2**20  # bytes written or hashed per step
 
 DTYPES: dict[str, torch.dtype] = {
@@ -74,7 +82,21 @@ def _corrupt(path: Path, what: str, tensor: str | None = None) -> CorruptCheckpo
     where = f"{path.name}" + (f", tensor {tensor!r}" if tensor is not None else "")
     return CorruptCheckpointError(
         f"{where}: {what}; the file is not a valid safetensors checkpoint, re-export or "
-        "re-download it", details={"file": str(path), "tensor": tensor, "problem": what})
+        "re-download it", details={"file": path.name, "tensor": tensor, "problem": what})
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """InvalidWeightsError when a float tensor holds NaN or infinity."""
+    if not tensor.is_floating_point():
+        return
+    t = tensor.to(torch.float16) if tensor.element_size() == 1 else tensor  # fp8: no isfinite
+    # fast path: any NaN/inf makes the (float64) sum non-finite; only then look element-wise
+    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))) \
+            and not bool(torch.isfinite(t).all()):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise InvalidWeightsError(
+            f"tensor {name!r} holds {nan} NaN and {inf} infinite values; the checkpoint is "
+            "broken or tampered with", details={"tensor": name, "nan": nan, "inf": inf})
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -104,6 +126,9 @@ def parse_header(path: Path, raw: bytes, data_size: int) -> SafetensorsHeader:
         raise _corrupt(path, "__metadata__ must map strings to strings")
     if sum(len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA_BYTES:
         raise _corrupt(path, f"__metadata__ is larger than {MAX_METADATA_BYTES} bytes")
+    if not all(plain_text(k) and plain_text(v) for k, v in metadata.items()):
+        raise _corrupt(path, "__metadata__ holds a string that is not valid Unicode (a lone "
+                             "surrogate)")
     entries: list[tuple[str, TensorEntry]] = []
     for name, spec in obj.items():
         entries.append((name, _entry(path, name, spec, data_size)))
@@ -126,6 +151,9 @@ def parse_header(path: Path, raw: bytes, data_size: int) -> SafetensorsHeader:
 def _entry(path: Path, name: str, spec: Any, data_size: int) -> TensorEntry:
     if not name:
         raise _corrupt(path, "empty tensor name")
+    if not plain_text(name):
+        raise _corrupt(path, "tensor name is not valid Unicode (a lone surrogate)",
+                       name.encode("utf-8", "backslashreplace").decode())
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise _corrupt(path, "entry must have exactly dtype, shape and data_offsets", name)
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
@@ -134,6 +162,9 @@ def _entry(path: Path, name: str, spec: Any, data_size: int) -> TensorEntry:
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(_is_int(d) and d >= 0 for d in shape)):
         raise _corrupt(path, "shape must be a list of at most 64 non-negative integers", name)
+    if math.prod(max(d, 1) for d in shape) > MAX_DIM:
+        raise _corrupt(path, f"shape {str(shape)[:100]} has more than 2**62 elements (even when "
+                             "a dimension is 0, no tensor library can index it)", name)
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets)):
         raise _corrupt(path, "data_offsets must be [begin, end] integers", name)
     begin, end = offsets
@@ -151,7 +182,7 @@ def _entry(path: Path, name: str, spec: Any, data_size: int) -> TensorEntry:
 def read_header(path: Path) -> SafetensorsHeader:
     """Read and validate the header of ``path``; reads at most the header bytes."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise _corrupt(path, f"file is {size} bytes, too short for a header")
@@ -171,7 +202,7 @@ def read_header(path: Path) -> SafetensorsHeader:
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(Path(path)), "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -226,8 +257,10 @@ def header_bytes(specs: Iterable[tuple[str, TensorInfo]], metadata: Mapping[str,
     offset = 0
     for name, info in specs:
         if info.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"tensor {name!r}: dtype {info.dtype} cannot be stored in "
-                              "safetensors", details={"tensor": name, "dtype": str(info.dtype)})
+            raise unsupported_dtype(name, info.dtype)
+        if not plain_text(name):
+            raise CorruptCheckpointError("a tensor name is not valid Unicode (a lone surrogate)",
+                                         details={"tensor": ascii(name)})
         nbytes = math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size()
         header[name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape),
                         "data_offsets": [offset, offset + nbytes]}
@@ -235,6 +268,14 @@ def header_bytes(specs: Iterable[tuple[str, TensorInfo]], metadata: Mapping[str,
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def unsupported_dtype(name: str, dtype: torch.dtype) -> UnsupportedTensorError:
+    kind = str(dtype).removeprefix("torch.")
+    return UnsupportedTensorError(
+        f"tensor {name!r} has dtype {kind}, which MergeShield cannot scan or store as "
+        f"safetensors (supported: {', '.join(sorted(DTYPES))}); convert the checkpoint to "
+        "float32, float16 or bfloat16", details={"tensor": name, "dtype": kind})
 
 
 def write_tensor_bytes(f: IO[bytes], tensor: torch.Tensor) -> None:
@@ -263,6 +304,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, TensorInfo]],
                     f"the next spec {name!r} ({info.dtype}, {info.shape}): produce tensors in "
                     "spec order with the declared dtype and shape",
                     details={"tensor": got_name, "expected": name})
+            check_finite(got_name, tensor)  # never write NaN or infinity into an output
             write_tensor_bytes(f, tensor)
             del tensor, got  # peak memory: one tensor
 
@@ -323,9 +365,14 @@ def save_checkpoint(
     names = (["model.safetensors"] if len(shards) == 1 else
              [SHARD_NAME.format(i=i + 1, n=len(shards)) for i in range(len(shards))])
     written: list[Path] = []
-    for name, shard in zip(names, shards, strict=True):
-        write_safetensors(out / name, shard, items, meta)
-        written.append(out / name)
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            write_safetensors(out / name, shard, items, meta)
+            written.append(out / name)
+    except BaseException:
+        for path in written:  # a refused tensor in a later shard: no half checkpoint stays
+            path.unlink(missing_ok=True)
+        raise
     if next(items, None) is not None:
         raise ConfigError("more tensors were produced than specs list; pass a spec for each")
     if len(shards) > 1:
@@ -336,13 +383,14 @@ def save_checkpoint(
         written.append(out / INDEX_NAME)
     _remove_stale_weights(out, {p.name for p in written})
     if config is not None:
-        atomic_write_text(out / "config.json", json.dumps(dict(config), indent=2) + "\n")
+        text = json.dumps(dict(config), indent=2, allow_nan=False)  # strict JSON, no bare NaN
+        atomic_write_text(out / "config.json", text + "\n")
         written.append(out / "config.json")
     for fname, src in (extra_files or {}).items():
         if Path(fname).name != fname or fname in {"config.json", INDEX_NAME}:
             raise ConfigError(f"extra file name {fname!r} must be a plain file name that does "
                               "not replace the weights or config", details={"file": fname})
-        atomic_write_bytes(out / fname, Path(src).read_bytes())
+        atomic_write_bytes(out / fname, read_regular(Path(src)))  # never a FIFO or device
         written.append(out / fname)
     return written
 

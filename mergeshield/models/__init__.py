@@ -11,18 +11,47 @@ from torch import Tensor
 from mergeshield.errors import IncompatibleModelsError, UnsupportedModelError
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
 from mergeshield.models.clip import CLIPFamily
+from mergeshield.models.config_guard import (
+    MAX_PARAMETERS,
+    check_fields,
+    check_parameters,
+    refuse_remote_code,
+)
 from mergeshield.models.hf_image import HFImageFamily
 
 __all__ = [
     "CLIPFamily",
     "Classifier",
     "HFImageFamily",
+    "MAX_PARAMETERS",
     "ModelFamily",
     "PrefixedWeights",
     "Preprocessing",
     "backbone_keys",
+    "check_config",
     "family_for",
 ]
+
+
+def check_config(
+    config: Mapping[str, Any],
+    *,
+    weight_elements: int | None = None,
+    max_parameters: int = MAX_PARAMETERS,
+) -> None:
+    """Refuse a config.json before any model is built from it: remote code at any depth,
+    wrong-typed or out-of-range fields, more parameters than ``max_parameters``, or (for a
+    family we can build) a backbone larger than the ``weight_elements`` on disk."""
+    refuse_remote_code(config, "config.json")
+    check_fields(config)
+    counts: tuple[int, int] | None = None
+    if CLIPFamily.matches(config):
+        counts = CLIPFamily.parameter_counts(config)
+    elif HFImageFamily.matches(config):
+        counts = HFImageFamily.parameter_counts(config)[:2]
+    if counts is not None:
+        check_parameters(counts[0], backbone=counts[1], weight_elements=weight_elements,
+                         max_parameters=max_parameters)
 
 
 def family_for(
@@ -31,6 +60,7 @@ def family_for(
     *,
     processor: Mapping[str, Any] | None = None,
     tokenizer_root: str | None = None,
+    max_parameters: int = MAX_PARAMETERS,
 ) -> ModelFamily:
     """The adapter that can run ``suspect`` against ``base``; UnsupportedModelError if none can.
 
@@ -43,9 +73,9 @@ def family_for(
             "architecture-agnostic statistics are computed"
         )
     if CLIPFamily.matches(suspect_config) and CLIPFamily.matches(base_config):
-        return CLIPFamily(base_config, processor, tokenizer_root)
+        return CLIPFamily(base_config, processor, tokenizer_root, max_parameters=max_parameters)
     if HFImageFamily.matches(suspect_config):
-        return HFImageFamily(suspect_config, processor)
+        return HFImageFamily(suspect_config, processor, max_parameters=max_parameters)
     raise UnsupportedModelError(
         f"no adapter for model_type {suspect_config.get('model_type')!r} "
         f"(architectures {suspect_config.get('architectures')}); supported: transformers image "

@@ -9,6 +9,7 @@ that task vectors and backdoor vectors cover. Heads are per task and never part 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mergeshield.errors import IncompatibleModelsError
+from mergeshield.errors import CorruptCheckpointError, IncompatibleModelsError, ModelRunError
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,21 @@ class Preprocessing:
 
     @classmethod
     def from_config(
-        cls, processor: Mapping[str, Any] | None, image_size: int, channels: int
+        cls, processor: Mapping[str, Any] | None, image_size: Any, channels: Any
     ) -> Preprocessing:
+        """From the processor config and the model's (untrusted) sizes; bad values refused."""
+        for name, value, hi in (("image_size", image_size, 8192), ("num_channels", channels, 64)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+                raise CorruptCheckpointError(
+                    f"config.json: {name} must be an integer from 1 to {hi}, not "
+                    f"{str(value)[:40]!r}; fix the config", details={"file": "config.json",
+                                                                    "field": name})
         p = dict(processor or {})
-        mean = tuple(float(x) for x in p.get("image_mean", [0.5] * channels))
-        std = tuple(float(x) for x in p.get("image_std", [0.5] * channels))
+        mean = _floats(p.get("image_mean", [0.5] * channels), "image_mean", channels)
+        std = _floats(p.get("image_std", [0.5] * channels), "image_std", channels)
+        if any(s <= 0 for s in std):
+            raise CorruptCheckpointError("preprocessor_config.json: image_std must be positive",
+                                         details={"file": "preprocessor_config.json"})
         return cls(image_size, channels, mean[:channels], std[:channels])
 
     def __call__(self, pixels: Tensor) -> Tensor:
@@ -52,6 +63,19 @@ class Preprocessing:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+def _floats(value: Any, name: str, channels: int) -> tuple[float, ...]:
+    """A per-channel list of finite numbers from the processor config, else refused."""
+    ok = (isinstance(value, list) and len(value) >= channels and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value))
+    if not ok:
+        raise CorruptCheckpointError(
+            f"preprocessor_config.json: {name} must be a list of at least {channels} finite "
+            "numbers; fix the processor config",
+            details={"file": "preprocessor_config.json", "field": name})
+    return tuple(float(v) for v in value)
 
 
 class Classifier(nn.Module, ABC):
@@ -72,7 +96,18 @@ class Classifier(nn.Module, ABC):
         """Backbone tensors under their checkpoint names (views, not copies)."""
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return self.logits(self.preprocessing(pixels))
+        """Logits of pixel-space images; a crash inside the model (an architecture or dtype it
+        cannot run) is a :class:`ModelRunError`, not a traceback. Out of memory stays itself."""
+        try:
+            return self.logits(self.preprocessing(pixels))
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+                NotImplementedError, AssertionError, ZeroDivisionError) as exc:
+            raise ModelRunError(
+                f"{type(self).__name__}: the model failed in its forward pass "
+                f"({type(exc).__name__}: {str(exc)[:200]}); this architecture, dtype or config "
+                "cannot be run by MergeShield", details={"reason": type(exc).__name__}) from exc
 
     def load_backbone(self, weights: Mapping[str, Tensor]) -> None:
         """Copy backbone tensors in place (names as in ``backbone_state``); all must be present."""

@@ -13,10 +13,26 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedModel,
+)
 
-from mergeshield.errors import UnsupportedModelError
+from mergeshield.errors import CorruptCheckpointError, UnsupportedModelError
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
+from mergeshield.models.config_guard import (
+    MAX_PARAMETERS,
+    attention_for,
+    check_fields,
+    check_parameters,
+    count_on_meta,
+    refuse_remote_code,
+    sanitised,
+)
 
 PREFIX = "vision_model."
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,6 +77,8 @@ class CLIPFamily(ModelFamily):
         base_config: Mapping[str, Any],
         processor: Mapping[str, Any] | None,
         tokenizer_root: str | None,
+        *,
+        max_parameters: int = MAX_PARAMETERS,
     ) -> None:
         if base_config.get("model_type") != "clip":
             raise UnsupportedModelError(
@@ -68,13 +86,31 @@ class CLIPFamily(ModelFamily):
                 "tower, to build the zero-shot head); got model_type "
                 f"{base_config.get('model_type')!r}"
             )
-        self.config = CLIPConfig(**{k: v for k, v in base_config.items() if k != "architectures"})
+        count, backbone = self.parameter_counts(base_config)
+        check_parameters(count, backbone=backbone, weight_elements=None,
+                         max_parameters=max_parameters)
+        config = _config(base_config)
+        assert isinstance(config, CLIPConfig)  # model_type "clip", checked above
+        self.config = config
         p = dict(processor or {})
         p.setdefault("image_mean", list(OPENAI_CLIP_MEAN))
         p.setdefault("image_std", list(OPENAI_CLIP_STD))
-        size = int(getattr(self.config.vision_config, "image_size", 224))
+        size = getattr(self.config.vision_config, "image_size", 224)
         self.preprocessing = Preprocessing.from_config(p, size, 3)
         self.tokenizer_root = tokenizer_root
+
+    @classmethod
+    def parameter_counts(cls, config: Mapping[str, Any]) -> tuple[int, int]:
+        """(parameters, vision-tower parameters) of a ``CLIPModel`` or ``CLIPVisionModel``
+        config, counted on the meta device after the config's checks."""
+        refuse_remote_code(config, "config.json")
+        check_fields(config)
+        model_class = CLIPModel if config.get("model_type") == "clip" else CLIPVisionModel
+        count, model = count_on_meta(lambda: _model(model_class, config))
+        if model_class is CLIPVisionModel:  # all of it is the vision tower
+            return count, count
+        vision = sum(p.numel() for p in model.get_submodule("vision_model").parameters())
+        return count, vision
 
     @classmethod
     def matches(cls, config: Mapping[str, Any]) -> bool:
@@ -111,7 +147,7 @@ class CLIPFamily(ModelFamily):
     ) -> Classifier:
         if head_source is None:
             raise UnsupportedModelError("a CLIP head is built from the base model's text tower")
-        model = CLIPModel(self.config)
+        model = CLIPModel._from_config(self.config, attn_implementation=attention_for(CLIPModel))
         own = model.state_dict()
         with torch.no_grad():
             for name, t in own.items():
@@ -140,6 +176,25 @@ class CLIPFamily(ModelFamily):
             rows.append(nn.functional.normalize(emb, dim=-1))
         return torch.stack(rows).clone()  # (K, D)
 
+
+
+def _config(config: Mapping[str, Any]) -> CLIPConfig | CLIPVisionConfig:
+    """The transformers config of a sanitised, checked config.json."""
+    cfg = {k: v for k, v in sanitised(config).items() if k not in ("architectures", "model_type")}
+    try:
+        if config.get("model_type") == "clip":
+            return CLIPConfig(**cfg)
+        return CLIPVisionConfig(**cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CorruptCheckpointError(
+            f"config.json: not a usable CLIP config ({type(exc).__name__}: {str(exc)[:200]})",
+            details={"file": "config.json", "reason": type(exc).__name__}) from None
+
+
+def _model(model_class: type[PreTrainedModel], config: Mapping[str, Any]) -> PreTrainedModel:
+    built: PreTrainedModel = model_class._from_config(
+        _config(config), attn_implementation=attention_for(model_class))
+    return built
 
 
 def char_level_vocab(special_start: int = 512) -> dict[str, int]:

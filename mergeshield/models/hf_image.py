@@ -14,17 +14,34 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-from mergeshield.errors import DatasetError, IncompatibleModelsError, UnsupportedModelError
+from mergeshield.errors import (
+    CorruptCheckpointError,
+    DatasetError,
+    IncompatibleModelsError,
+    UnsupportedModelError,
+)
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
+from mergeshield.models.config_guard import (
+    MAX_PARAMETERS,
+    attention_for,
+    check_fields,
+    check_parameters,
+    count_on_meta,
+    refuse_remote_code,
+    sanitised,
+)
 
 
 def _build(config: Mapping[str, Any], num_labels: int) -> PreTrainedModel:
-    cfg = {k: v for k, v in config.items() if k not in ("architectures", "auto_map")}
+    """The model of a *checked* config (``check_fields``): sanitised, our attention, float32."""
+    cfg = {k: v for k, v in sanitised(config).items() if k != "architectures"}
     cfg["num_labels"] = num_labels
     cfg.pop("id2label", None)
     cfg.pop("label2id", None)
+    hf_config = AutoConfig.for_model(**cfg)
+    model_class = AutoModelForImageClassification._model_mapping[type(hf_config)]
     model: PreTrainedModel = AutoModelForImageClassification.from_config(
-        AutoConfig.for_model(**cfg)
+        hf_config, attn_implementation=attention_for(model_class)
     )
     return model
 
@@ -87,15 +104,28 @@ class HFImageFamily(ModelFamily):
 
     name = "hf-image"
 
-    def __init__(self, config: Mapping[str, Any], processor: Mapping[str, Any] | None) -> None:
+    def __init__(self, config: Mapping[str, Any], processor: Mapping[str, Any] | None, *,
+                 max_parameters: int = MAX_PARAMETERS) -> None:
         self.config = dict(config)
-        probe = _build(self.config, 2)
-        self.prefix = probe.base_model_prefix + "."
+        count, backbone, self.prefix = self.parameter_counts(self.config)
+        check_parameters(count, backbone=backbone, weight_elements=None,
+                         max_parameters=max_parameters)
         self.preprocessing = Preprocessing.from_config(
             processor,
-            int(self.config.get("image_size") or _processor_size(processor)),
-            int(self.config.get("num_channels", 3)),
+            self.config.get("image_size") or _processor_size(processor),
+            self.config.get("num_channels", 3),
         )
+
+    @classmethod
+    def parameter_counts(cls, config: Mapping[str, Any]) -> tuple[int, int, str]:
+        """(parameters, backbone parameters, backbone prefix) of the model ``config`` builds,
+        counted on the meta device after the config's checks; nothing is allocated."""
+        refuse_remote_code(config, "config.json")
+        check_fields(config)
+        count, model = count_on_meta(lambda: _build(config, 2))
+        prefix = str(getattr(model, "base_model_prefix", "")) + "."
+        backbone = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+        return count, backbone, prefix
 
     @classmethod
     def matches(cls, config: Mapping[str, Any]) -> bool:
@@ -173,4 +203,9 @@ def _processor_size(processor: Mapping[str, Any] | None) -> int:
     size = p.get("crop_size") or p.get("size") or 224
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge") or 224
-    return int(size)
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 8192:
+        raise CorruptCheckpointError(
+            "preprocessor_config.json: size/crop_size must be an integer from 1 to 8192 or "
+            f"{{'height': ...}}, not {str(size)[:40]!r}; fix the processor config",
+            details={"file": "preprocessor_config.json", "field": "size"})
+    return size

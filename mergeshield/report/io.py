@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -24,12 +26,29 @@ from mergeshield.report.text import to_text
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None, at any depth: JSON has no NaN,
+    and a bare ``NaN`` makes a report unreadable to strict parsers (jq, browsers, Go, Rust)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always yields strict JSON: non-finite numbers become null."""
+    return json.dumps(finite_or_null(value), allow_nan=False, **kwargs)
+
+
 def _json(report: ScanReport) -> str:
-    return json.dumps(report.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    return strict_json(report.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
 
 
 def _sarif(report: ScanReport) -> str:
-    return json.dumps(to_sarif(report), indent=2, ensure_ascii=False) + "\n"
+    return strict_json(to_sarif(report), indent=2, ensure_ascii=False) + "\n"
 
 
 # format name -> (file name, renderer)
