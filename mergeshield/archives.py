@@ -30,6 +30,9 @@ _ROOM_EVERY = 64 * _CHUNK  # while writing, free disk is looked at again after t
 _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
                 OSError, NotImplementedError, RuntimeError)
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# a member's path inside the archive: well under PATH_MAX (4096) once under the upload folder
+MAX_PATH_BYTES = 1024
+MAX_PATH_DEPTH = 32
 _ZIP_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a device file",
               stat.S_IFBLK: "a device file", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
 _FIX = "re-create the archive from the model folder with plain files only, or upload the files"
@@ -135,6 +138,9 @@ class _Extraction:
             raise self.refuse(name, "is a file without a name")
         if any(len(os.fsencode(p)) > 255 for p in parts):
             raise self.refuse(name, "has a path part longer than 255 bytes")
+        if len(os.fsencode("/".join(parts))) > MAX_PATH_BYTES or len(parts) > MAX_PATH_DEPTH:
+            raise self.refuse(name, f"has a path longer than {MAX_PATH_BYTES} bytes or deeper "
+                                    f"than {MAX_PATH_DEPTH} folders")
         parents = {parts[:i] for i in range(1, len(parts))}
         if parts in self.files or (not is_dir and parts in self.dirs) or parents & self.files:
             raise self.refuse(name, "appears twice or clashes with another member")

@@ -399,11 +399,12 @@ def _conversion_specs(path: Path, state: dict[str, torch.Tensor]
             raise CorruptCheckpointError(
                 f"{path.name}: tensor {name!r} is a meta tensor, a shape with no data; save "
                 "the real weights", details={"file": path.name, "tensor": name})
-        if t.layout != torch.strided or t.is_quantized:
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            kind = "quantized" if t.is_quantized else "nested" if t.is_nested else "sparse"
             raise UnsupportedTensorError(
-                f"{path.name}: tensor {name!r} is {'quantized' if t.is_quantized else 'sparse'}"
-                f" ({t.layout}, {t.dtype}); MergeShield reads dense tensors only, save dense "
-                "float weights", details={"file": path.name, "tensor": name})
+                f"{path.name}: tensor {name!r} is {kind} ({t.layout}, {t.dtype}); MergeShield "
+                "reads dense tensors only, save dense float weights",
+                details={"file": path.name, "tensor": name, "kind": kind})
         if t.dtype not in DTYPE_NAMES:
             raise unsupported_dtype(name, t.dtype)
         info = TensorInfo.of(t)

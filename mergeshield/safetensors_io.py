@@ -46,6 +46,8 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# in the safetensors format but not scanned: unsigned wide integers, complex, sub-byte floats
+SPEC_ONLY_DTYPES = frozenset({"U16", "U32", "U64", "C64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"})
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ def _entry(path: Path, name: str, spec: Any, data_size: int) -> TensorEntry:
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise _corrupt(path, "entry must have exactly dtype, shape and data_offsets", name)
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if isinstance(dtype, str) and dtype in SPEC_ONLY_DTYPES:
+        raise UnsupportedTensorError(
+            f"{path.name}, tensor {name!r}: dtype {dtype} is valid safetensors but MergeShield "
+            f"cannot scan it (supported: {', '.join(sorted(DTYPES))}); convert the checkpoint "
+            "to float32, float16 or bfloat16", details={"file": path.name, "tensor": name,
+                                                       "dtype": dtype})
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _corrupt(path, f"unknown dtype {str(dtype)[:32]!r}", name)
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS

@@ -13,8 +13,8 @@ from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Pr
 from mergeshield.models.clip import CLIPFamily
 from mergeshield.models.config_guard import (
     MAX_PARAMETERS,
-    check_fields,
     check_parameters,
+    check_size,
     refuse_remote_code,
 )
 from mergeshield.models.hf_image import HFImageFamily
@@ -43,12 +43,12 @@ def check_config(
     wrong-typed or out-of-range fields, more parameters than ``max_parameters``, or (for a
     family we can build) a backbone larger than the ``weight_elements`` on disk."""
     refuse_remote_code(config, "config.json")
-    check_fields(config)
+    check_size(config, max_parameters)
     counts: tuple[int, int] | None = None
     if CLIPFamily.matches(config):
-        counts = CLIPFamily.parameter_counts(config)
+        counts = CLIPFamily.parameter_counts(config, max_parameters)
     elif HFImageFamily.matches(config):
-        counts = HFImageFamily.parameter_counts(config)[:2]
+        counts = HFImageFamily.parameter_counts(config, max_parameters)[:2]
     if counts is not None:
         check_parameters(counts[0], backbone=counts[1], weight_elements=weight_elements,
                          max_parameters=max_parameters)

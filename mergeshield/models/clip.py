@@ -27,8 +27,8 @@ from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Pr
 from mergeshield.models.config_guard import (
     MAX_PARAMETERS,
     attention_for,
-    check_fields,
     check_parameters,
+    check_size,
     count_on_meta,
     refuse_remote_code,
     sanitised,
@@ -86,7 +86,7 @@ class CLIPFamily(ModelFamily):
                 "tower, to build the zero-shot head); got model_type "
                 f"{base_config.get('model_type')!r}"
             )
-        count, backbone = self.parameter_counts(base_config)
+        count, backbone = self.parameter_counts(base_config, max_parameters)
         check_parameters(count, backbone=backbone, weight_elements=None,
                          max_parameters=max_parameters)
         config = _config(base_config)
@@ -100,11 +100,12 @@ class CLIPFamily(ModelFamily):
         self.tokenizer_root = tokenizer_root
 
     @classmethod
-    def parameter_counts(cls, config: Mapping[str, Any]) -> tuple[int, int]:
+    def parameter_counts(cls, config: Mapping[str, Any],
+                         max_parameters: int = MAX_PARAMETERS) -> tuple[int, int]:
         """(parameters, vision-tower parameters) of a ``CLIPModel`` or ``CLIPVisionModel``
         config, counted on the meta device after the config's checks."""
         refuse_remote_code(config, "config.json")
-        check_fields(config)
+        check_size(config, max_parameters)
         model_class = CLIPModel if config.get("model_type") == "clip" else CLIPVisionModel
         count, model = count_on_meta(lambda: _model(model_class, config))
         if model_class is CLIPVisionModel:  # all of it is the vision tower

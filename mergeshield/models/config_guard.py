@@ -19,8 +19,8 @@ from torch import nn
 
 from mergeshield.errors import CorruptCheckpointError, ModelTooLargeError, UnsafeFormatError
 
-__all__ = ["MAX_PARAMETERS", "attention_for", "check_fields", "check_parameters", "count_on_meta",
-           "find_remote_code", "sanitised"]
+__all__ = ["MAX_PARAMETERS", "attention_for", "attention_lower_bound", "check_fields",
+           "check_parameters", "check_size", "count_on_meta", "find_remote_code", "sanitised"]
 
 # Default ceiling on a model's parameters: ViT-g/14 has ~1 B; a 2 B-parameter model needs 8 GB in
 # float32 and about four times that while a scan fine-tunes and sweeps. A caller may raise it.
@@ -118,6 +118,31 @@ def check_fields(config: Mapping[str, Any], file: str = "config.json", where: st
             and "head_dim" not in config and hidden % heads):
         raise _bad(file, where or "the model", f"hidden_size {hidden} is not a multiple of "
                                                 f"num_attention_heads {heads}")
+
+
+def attention_lower_bound(config: Mapping[str, Any]) -> int:
+    """A lower bound on the parameters, from arithmetic alone: each attention layer holds at
+    least its four hidden × hidden projections (q, k, v, o), in every sub-config. A config bomb
+    (hidden 8192 × 48 layers) is refused by this before even a meta build is tried."""
+    total = 0
+    hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
+    if (isinstance(hidden, int) and isinstance(layers, int)
+            and config.get("num_attention_heads") is not None):
+        total += 4 * hidden * hidden * layers
+    return total + sum(attention_lower_bound(v) for v in config.values()
+                       if isinstance(v, Mapping))
+
+
+def check_size(config: Mapping[str, Any], max_parameters: int, file: str = "config.json") -> None:
+    """Fields checked (``check_fields``) and the arithmetic lower bound under the limit."""
+    check_fields(config, file)
+    bound = attention_lower_bound(config)
+    if bound > max_parameters:
+        raise ModelTooLargeError(
+            f"{file} describes a model of at least {bound:,} parameters, over the limit of "
+            f"{max_parameters:,}; scan a smaller model or raise max_parameters",
+            details={"file": file, "parameters_at_least": bound,
+                     "max_parameters": max_parameters})
 
 
 def count_on_meta(build: Callable[[], nn.Module], file: str = "config.json"

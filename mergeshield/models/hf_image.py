@@ -24,8 +24,8 @@ from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Pr
 from mergeshield.models.config_guard import (
     MAX_PARAMETERS,
     attention_for,
-    check_fields,
     check_parameters,
+    check_size,
     count_on_meta,
     refuse_remote_code,
     sanitised,
@@ -107,7 +107,7 @@ class HFImageFamily(ModelFamily):
     def __init__(self, config: Mapping[str, Any], processor: Mapping[str, Any] | None, *,
                  max_parameters: int = MAX_PARAMETERS) -> None:
         self.config = dict(config)
-        count, backbone, self.prefix = self.parameter_counts(self.config)
+        count, backbone, self.prefix = self.parameter_counts(self.config, max_parameters)
         check_parameters(count, backbone=backbone, weight_elements=None,
                          max_parameters=max_parameters)
         self.preprocessing = Preprocessing.from_config(
@@ -117,11 +117,12 @@ class HFImageFamily(ModelFamily):
         )
 
     @classmethod
-    def parameter_counts(cls, config: Mapping[str, Any]) -> tuple[int, int, str]:
+    def parameter_counts(cls, config: Mapping[str, Any],
+                         max_parameters: int = MAX_PARAMETERS) -> tuple[int, int, str]:
         """(parameters, backbone parameters, backbone prefix) of the model ``config`` builds,
         counted on the meta device after the config's checks; nothing is allocated."""
         refuse_remote_code(config, "config.json")
-        check_fields(config)
+        check_size(config, max_parameters)
         count, model = count_on_meta(lambda: _build(config, 2))
         prefix = str(getattr(model, "base_model_prefix", "")) + "."
         backbone = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
