@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mergeshield import cancellation
 from mergeshield.data import ImageDataset
 from mergeshield.report.schema import RateModel
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, stamp, triggered_test_set
@@ -66,6 +67,7 @@ def predict(clf: Classifier, images: Tensor, batch_size: int = 512) -> Tensor:
         device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"
     ):
         for chunk in images.split(batch_size):
+            cancellation.check()  # a cancelled scan stops between batches
             out.append(clf(chunk.to(dev)).argmax(-1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 

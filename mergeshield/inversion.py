@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from mergeshield import cancellation
 from mergeshield.triggers import ImageTrigger, from_tensor
 
 if TYPE_CHECKING:  # models imports transformers: only for annotations here
@@ -48,6 +49,7 @@ def invert_triggers(
     hard: Tensor | None = None
     clf.eval()
     for step in range(cfg.steps):
+        cancellation.check()  # a cancelled scan stops between steps
         if step == cfg.steps // 2:  # phase two: freeze the mask to its top-``area`` pixels
             hard = _top_area(torch.sigmoid(mask_logit.detach()), area)
             opt = torch.optim.Adam([pattern_logit], lr=cfg.lr)

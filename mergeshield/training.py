@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from mergeshield import cancellation
 from mergeshield.data import ImageDataset
 
 if TYPE_CHECKING:  # models imports transformers: only for annotations here
@@ -76,6 +77,7 @@ def finetune(
     dev = device_of(clf)
     clf.train()
     for step, idx in enumerate(batches):
+        cancellation.check()  # a cancelled scan stops between steps
         x = data.images[idx].to(dev)  # (B, C, H, W) pixel space
         y = data.labels[idx].to(dev)
         loss = nn.functional.cross_entropy(clf(x), y)

@@ -16,6 +16,7 @@ from datetime import timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
+from mergeshield import cancellation
 from worker.db import BvCacheEntry, Database, now
 
 log = logging.getLogger("mergeshield.worker")
@@ -30,6 +31,7 @@ def db_guard(db: Database, builder: str, scan_id: str, stale_after: float,
     @contextmanager
     def guard(key: str) -> Iterator[None]:
         while not _acquire(db, key, builder, scan_id, stale_after):
+            cancellation.check()  # a scan cancelled while it waits stops waiting
             time.sleep(poll)
         ok, stop = False, threading.Event()
         beat = threading.Thread(target=_beat, args=(db, key, builder, stop, stale_after / 4),

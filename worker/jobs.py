@@ -19,10 +19,16 @@ from typing import Any
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
 from sqlalchemy import or_, select, update
 
-from mergeshield import pipeline
-from mergeshield.errors import MergeShieldError, SourceNotFoundError
+from mergeshield import cancellation, pipeline
+from mergeshield.errors import (
+    ConfigError,
+    InternalError,
+    SourceNotFoundError,
+    as_mergeshield_error,
+)
 from mergeshield.pipeline import ScanContext, ScanRequest, percent
 from mergeshield.report import ScanReport
 from mergeshield.report.io import load_report
@@ -35,8 +41,13 @@ log = logging.getLogger("mergeshield.worker")
 FINISH_PATIENCE = 300.0  # seconds a finished scan waits for the database to record it
 
 
-class ScanCancelled(Exception):
-    """Raised from the progress callback when the scan was cancelled in the database."""
+CANCEL_POLL = 1.0  # seconds between two looks at the scan's state from inside the work
+
+
+class ScanCancelled(Exception):  # noqa: N818 - a signal to stop, not an error of the scan
+    """Raised inside the work when the scan is no longer this worker's to run: cancelled in
+    the database (DELETE), or re-queued to another worker. Deliberately no MergeShieldError,
+    so nothing in the library mistakes it for a scan's failure."""
 
 
 @dataclass
@@ -47,11 +58,14 @@ class Job:
     scan: Scan
     worker: str
     clock: StageClock | None = None  # per-stage time limits, checked at every report
+    stage: str = "queued-for-worker"  # the last stage reported (named by internal errors)
     _checked: float = 0.0
+    _polled: float = 0.0
 
     def progress(self, stage: str, fraction: float) -> None:
         """The library's progress callback: store stage and percent; stop if cancelled or if
         the stage ran past its time limit."""
+        self.stage = stage
         if self.clock is not None:
             self.clock.observe(stage)
         if time.monotonic() - self._checked < 0.5 and fraction not in (0.0, 1.0):
@@ -71,6 +85,28 @@ class Job:
             return
         if done.rowcount == 0:  # type: ignore[attr-defined]
             raise ScanCancelled(self.scan.id)
+        self._polled = self._checked
+
+    def check_cancelled(self) -> None:
+        """The library's cancellation check (``mergeshield.cancellation``), called between
+        two steps of its loops: at most once a ``CANCEL_POLL``, read whether the scan is still
+        this worker's, and stop it with ``ScanCancelled`` if not."""
+        if time.monotonic() - self._polled < CANCEL_POLL:
+            return
+        self._polled = time.monotonic()
+        try:
+            with self.db.session() as s:
+                row = s.execute(select(Scan.state, Scan.worker).where(
+                    Scan.id == self.scan.id)).first()
+        except DB_AWAY:  # the scan goes on; a later look tells
+            return
+        if row is None or tuple(row) != ("running", self.worker):
+            raise ScanCancelled(self.scan.id)
+
+    def cancelled(self) -> bool:
+        """Whether the scan was cancelled (not merely handed to another worker)."""
+        with self.db.session() as s:
+            return s.scalar(select(Scan.state).where(Scan.id == self.scan.id)) == "cancelled"
 
     def succeed(self, report: ScanReport, result_dir: str, cache_key: str | None,
                 cached_from: str | None = None) -> None:
@@ -159,7 +195,8 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
     out = result_dir(settings.scans_dir, scan.id)
     job.clock = StageClock(settings.stage_time_limit, settings.stage_time_limits)
     try:
-        with job.clock:  # disarmed however the scan ends
+        # disarmed however the scan ends; the library's loops look for a cancel between steps
+        with job.clock, cancellation.checked_by(job.check_cancelled):
             request = library_request(job.db, scan, settings.data_dir)
             device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
             ctx = ScanContext(
@@ -188,7 +225,10 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
         job.succeed(report, str(out.relative_to(settings.data_dir)), key)
         log.info("scan succeeded", extra={"verdict": report.verdict.status})
     except ScanCancelled:
-        log.info("scan cancelled while running")
+        if retrying(job.cancelled, seconds=FINISH_PATIENCE):  # not another worker's now
+            shutil.rmtree(out, ignore_errors=True)  # its partial outputs
+        log.info("scan stopped: cancelled, or taken over by another worker",
+                 extra={"stage": job.stage})
     except DB_AWAY:  # not the scan's fault: stop beating, and the reconciler queues it again
         log.exception("database unreachable; the scan will be retried")
         raise
@@ -196,12 +236,16 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
         job.fail("time_limit", f"the scan ran longer than its limit of "
                                f"{settings.scan_soft_time_limit} s and was stopped")
         log.warning("scan exceeded its time limit")
-    except MergeShieldError as exc:
-        job.fail(exc.code, exc.message)
-        log.info("scan failed", extra={"code": exc.code})
-    except Exception as exc:  # a bug, not bad input: keep the worker alive, record what happened
-        log.exception("scan crashed")
-        job.fail("internal_error", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # one mapping to a stable code; the worker stays alive
+        error = as_mergeshield_error(exc)
+        if isinstance(error, InternalError):  # a bug, not bad input: logged with its traceback
+            log.exception("scan crashed", extra={"stage": job.stage})
+            job.fail(error.code, f"an internal error occurred in stage {job.stage!r} of scan "
+                                 f"{scan.id}; it was logged and is a bug of MergeShield, not of "
+                                 "the inputs: report it with the scan id")
+        else:
+            job.fail(error.code, error.message)
+            log.info("scan failed", extra={"code": error.code, "stage": job.stage})
 
 
 def _checkpoint_bytes(inputs: pipeline.Inputs) -> int:
@@ -222,4 +266,9 @@ def library_request(db: Database, scan: Scan, data_dir: Path) -> ScanRequest:
                 raise SourceNotFoundError(f"the {role}'s upload {upload_id} no longer exists; "
                                           "upload it again", details={"upload": upload_id})
             fields[role] = str(data_dir / upload.path)
-    return ScanRequest.model_validate(fields)
+    try:
+        return ScanRequest.model_validate(fields)
+    except ValidationError as exc:  # stored before today's bounds: refused, not a crash
+        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"the scan's options are out of bounds ({bad[:300]}); submit it again "
+                          "with valid options", details={"scan": scan.id}) from None

@@ -146,7 +146,8 @@ def get_scan(scan_id: str, request: Request, response: Response, caller: Caller)
 
 @router.delete("/{scan_id}", response_model=ScanOut)
 def cancel(scan_id: str, request: Request, response: Response, caller: Caller) -> ScanOut:
-    """Cancel a queued or running scan (a running one stops at its next progress step)."""
+    """Cancel a queued or running scan. A running one stops within seconds (its worker looks
+    between two steps of the work), its partial output is removed, and the worker moves on."""
     scan = _owned(request, caller, scan_id)
     db: Database = request.app.state.db
     with db.session() as s:

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import update
 
+from mergeshield import cancellation, pipeline
 from mergeshield.pipeline import percent
+from mergeshield.settings import Settings
 from worker.db import Database, Scan, now
-from worker.jobs import Job, ScanCancelled, claim, earlier_result, heartbeat
+from worker.jobs import (
+    CANCEL_POLL,
+    Job,
+    ScanCancelled,
+    claim,
+    earlier_result,
+    heartbeat,
+    run,
+)
 
 MakeScan = Callable[..., Scan]
 
@@ -160,3 +172,89 @@ def test_earlier_result_is_the_same_owners(db: Database, make_scan: MakeScan) ->
     assert earlier_result(db, make_scan(db, owner="dave"), key) is None
     assert earlier_result(db, alice_again, "other") is None
     assert earlier_result(db, mine, key) is None  # never itself
+
+
+# --- cancellation inside the work, and one mapping of what escapes a scan (issue 13)
+
+
+def test_the_cancel_check_reads_the_database_at_most_once_a_poll(
+        db: Database, make_scan: MakeScan) -> None:
+    job = claim(db, make_scan(db).id, "w", stale_after=60)
+    assert job is not None
+    with cancellation.checked_by(job.check_cancelled):
+        cancellation.check()  # running and ours: goes on
+        set_row(db, job.scan.id, state="cancelled")
+        cancellation.check()  # within the poll interval: no database read, goes on
+        job._polled -= CANCEL_POLL
+        with pytest.raises(ScanCancelled):
+            cancellation.check()
+    cancellation.check()  # outside the scan: nothing installed, nothing raised
+    assert job.cancelled()
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, device="cpu", stage_time_limit=0)
+
+
+def test_a_scan_stored_with_options_out_of_bounds_fails_invalid_config(
+        db: Database, make_scan: MakeScan, tmp_path: Path) -> None:
+    # a row queued before the bounds existed: refused by the worker, nothing computed or written
+    scan = make_scan(db, request={"scan": {"suspect": "zoo/s", "base": "zoo/b",
+                                           "fixed_lambda": 1e6, "recipe": {"epochs": 10**8}}})
+    job = claim(db, scan.id, "w", stale_after=60)
+    assert job is not None
+    run(job, _settings(tmp_path))
+    stored = row(db, scan.id)
+    assert (stored.state, stored.error_code) == ("failed", "invalid_config")
+    assert "fixed_lambda" in (stored.error_message or "")
+    assert not (tmp_path / "scans" / scan.id).exists()
+
+
+@pytest.mark.parametrize(("raised", "code"), [
+    (RuntimeError("boom at /srv/secret/path"), "internal_error"),
+    (OSError(errno.ENOSPC, "No space left on device"), "disk_full"),
+    (MemoryError(), "limit_exceeded"),
+])
+def test_whatever_escapes_a_stage_becomes_a_stable_code_without_a_traceback(
+        db: Database, make_scan: MakeScan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        raised: BaseException, code: str) -> None:
+    def resolve(*_: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(pipeline, "resolve_inputs", resolve)
+    job = claim(db, make_scan(db).id, "w", stale_after=60)
+    assert job is not None
+    run(job, _settings(tmp_path))
+    stored = row(db, job.scan.id)
+    assert (stored.state, stored.error_code) == ("failed", code)
+    message = stored.error_message or ""
+    assert "Traceback" not in message and "/srv/secret" not in message
+    if code == "internal_error":
+        assert job.scan.id in message and "'resolve'" in message
+
+
+def test_a_cancel_inside_the_work_stops_it_and_removes_its_outputs(
+        db: Database, make_scan: MakeScan, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(tmp_path)
+    scan = make_scan(db)
+    steps: list[int] = []
+
+    def resolve(*_: object) -> None:  # a long loop of the library: cancelled at step 3
+        out = settings.scans_dir / scan.id
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"partial")
+        for step in range(1000):
+            if step == 3:
+                set_row(db, scan.id, state="cancelled")
+                job._polled -= CANCEL_POLL
+            cancellation.check()
+            steps.append(step)
+
+    monkeypatch.setattr(pipeline, "resolve_inputs", resolve)
+    job = claim(db, scan.id, "w", stale_after=60)
+    assert job is not None
+    run(job, settings)
+    assert steps == [0, 1, 2]
+    assert row(db, scan.id).state == "cancelled"  # not overwritten by a failure
+    assert not (settings.scans_dir / scan.id).exists()
