@@ -25,7 +25,9 @@ from mergeshield.errors import (
     ConfigError,
     CorruptCheckpointError,
     IncompatibleModelsError,
+    InsufficientStorageError,
     InvalidWeightsError,
+    NothingScannableError,
     UnsafeFormatError,
 )
 from mergeshield.safetensors_io import TensorInfo, read_header
@@ -338,3 +340,60 @@ def test_a_write_past_the_disk_leaves_the_old_file_and_no_temporary(tmp_path: Pa
     assert proc.stdout.split() == ["disk_full", "EFBIG"], proc.stderr[-2000:]
     assert (tmp_path / "model.safetensors").read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+# -- round 2 of hostile inputs (issue 13); the generated corpus is tests/support/hostile2.py ------
+def test_extra_files_never_copy_a_link_that_leads_out(tmp_path: Path) -> None:
+    """Second line of defence behind resolve()'s folder check: even on a ResolvedSource made
+    without it, a link out of the folder, a FIFO and a dangling link are not extra files."""
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "tokenizer_config.json").write_text("{}")
+    (root / "inside.json").symlink_to("tokenizer_config.json")
+    (root / "special_tokens_map.json").symlink_to("/proc/self/environ")
+    (root / "dangling.txt").symlink_to("gone")
+    os.mkfifo(root / "vocab.txt")
+    src = ck.ResolvedSource("m", "directory", None, None, root, (), None)
+    assert sorted(ck.extra_files(src)) == ["inside.json", "tokenizer_config.json"]
+
+
+def test_a_stride_0_bin_is_refused_before_a_byte_is_converted(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(1).expand(50_000_000)}, tmp_path / "w.bin")  # 200 MB as a view
+    cache = tmp_path / "cache"
+    with pytest.raises(CorruptCheckpointError, match="stride 0 or overlapping") as info:
+        ck.resolve(str(tmp_path / "w.bin"), cache_dir=cache)
+    assert info.value.details == {"file": "w.bin", "tensor": "w"}
+    assert not any((cache / "mergeshield-converted").iterdir())
+
+
+def test_a_bin_conversion_is_inside_the_disk_check(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(1000)}, tmp_path / "w.bin")
+    cache = tmp_path / "cache"
+    with pytest.raises(InsufficientStorageError, match="converting w.bin"):
+        ck.resolve(str(tmp_path / "w.bin"), cache_dir=cache, min_free_bytes=2**62)
+    assert not any((cache / "mergeshield-converted").iterdir())
+    ck.resolve(str(tmp_path / "w.bin"), cache_dir=cache, min_free_bytes=0)
+    assert len(list((cache / "mergeshield-converted").iterdir())) == 1
+
+
+def test_nothing_scannable_names_no_local_path(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("x")
+    with pytest.raises(NothingScannableError) as info:
+        ck.resolve(str(tmp_path / "m"))
+    assert str(tmp_path) not in info.value.message + json.dumps(info.value.details)
+    assert info.value.details == {"files": ["notes.txt"]}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_writer_refuses_non_finite_output_and_leaves_no_shard(tmp_path: Path,
+                                                                  bad: float) -> None:
+    """A NaN λ or an overflow must never reach a served checkpoint: the shard that would hold it
+    is refused and the shards written before it are removed."""
+    good = torch.zeros(64, 64)
+    broken = torch.zeros(64, 64)
+    broken[3, 5] = bad
+    with pytest.raises(InvalidWeightsError, match="'b'") as info:
+        ck.save_checkpoint(tmp_path, {"a": good, "b": broken}, max_shard_bytes=64 * 64 * 4)
+    assert info.value.code == "invalid_weights"
+    assert list(tmp_path.iterdir()) == []

@@ -84,3 +84,34 @@ def test_bv_compute_compare_and_merge(zoo: Zoo, tmp_path: Path) -> None:
                  "--out", str(tmp_path / "merged")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, object]]:
+    from mergeshield.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, json.loads(err.strip().splitlines()[-1])["error"]
+
+
+def test_an_unexpected_exception_exits_2_as_internal_error_without_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """Exit 1 means "findings" to a CI gate: a crash must never look like one."""
+    from mergeshield import cli_commands
+
+    def crash(*_args: object) -> int:
+        raise KeyError(str(tmp_path / "server-side-path"))
+
+    monkeypatch.setattr(cli_commands, "run_scan", crash)
+    code, error = _main(["scan", "x", "--base", "y"], capsys)
+    assert (code, error["code"]) == (2, "internal_error")
+    assert str(tmp_path) not in json.dumps(error)
+
+
+def test_an_out_of_bounds_option_exits_2_as_invalid_config(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, error = _main(["scan", "x", "--base", "y", "--lambda", "nan"], capsys)
+    assert (code, error["code"]) == (2, "invalid_config")
+    assert "fixed_lambda" in str(error["message"])

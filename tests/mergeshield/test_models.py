@@ -11,17 +11,27 @@ import transformers
 from torch import Tensor, nn
 
 from mergeshield import checkpoints
-from mergeshield.errors import DatasetError, IncompatibleModelsError, UnsupportedModelError
+from mergeshield.errors import (
+    CorruptCheckpointError,
+    DatasetError,
+    IncompatibleModelsError,
+    ModelRunError,
+    ModelTooLargeError,
+    UnsafeFormatError,
+    UnsupportedModelError,
+)
 from mergeshield.models import (
     CLIPFamily,
     HFImageFamily,
     Preprocessing,
     backbone_keys,
+    check_config,
     family_for,
 )
 from mergeshield.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TEMPLATES
 from tests.support.tiny import (
     IMAGE,
+    TinyNet,
     block_task,
     clip_config,
     load_dir,
@@ -303,3 +313,64 @@ def test_preprocessing_from_config() -> None:
     assert Preprocessing.from_config(imagenet, 224, 1) == Preprocessing(224, 1, (0.485,),
                                                                         (0.229,))
     assert Preprocessing.from_config(imagenet, 224, 3).mean == (0.485, 0.456, 0.406)
+
+
+# -- untrusted configs (models/config_guard.py) ----------------------------------------------------
+def test_a_bf16_convnext_checkpoint_runs_in_float32(convnet_dirs: dict[str, Path]) -> None:
+    """The config's dtype is not ours to take: a bf16 ConvNeXt (weights and config) is built in
+    float32 and runs on float32 pixels instead of crashing in its first convolution."""
+    with load_dir(convnet_dirs["convnext"]) as ck:
+        config = {**ck.config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+        bf16 = {k: ck[k].to(torch.bfloat16) if ck[k].is_floating_point() else ck[k] for k in ck}
+    clf = family_for(config, config).classifier(bf16, bf16, CLASSES3)
+    assert {p.dtype for p in clf.parameters()} == {torch.float32}
+    assert clf(torch.rand(2, 1, IMAGE, IMAGE)).shape == (2, 3)
+
+
+def test_the_attention_implementation_is_ours_whatever_the_config_says(vit_dir: Path) -> None:
+    with load_dir(vit_dir) as ck:
+        config = {**ck.config, "attn_implementation": "kernels-community/flash-attn",
+                  "_attn_implementation": "flash_attention_2"}
+        clf = family_for(config, config).classifier(ck, ck, CLASSES3)
+    assert clf.model.config._attn_implementation == "sdpa"  # type: ignore[union-attr]
+
+
+def test_a_crash_in_the_forward_pass_is_a_stable_error() -> None:
+    class Broken(TinyNet):
+        def logits(self, inputs: Tensor) -> Tensor:
+            raise RuntimeError("Input type (float) and bias type (c10::BFloat16) differ")
+
+    with pytest.raises(ModelRunError, match="forward pass") as info:
+        Broken()(torch.rand(2, 1, IMAGE, IMAGE))
+    assert info.value.code == "model_failed"
+
+
+@pytest.mark.parametrize(("edit", "error", "match"), [
+    ({"auto_map": {"AutoModel": "evil.Model"}}, UnsafeFormatError, "custom Python code"),
+    ({"vision_config": {"auto_map": {"a": "b"}}}, UnsafeFormatError, "vision_config.auto_map"),
+    ({"image_size": [16, 16]}, CorruptCheckpointError, "image_size must be an integer"),
+    ({"num_channels": "1"}, CorruptCheckpointError, "num_channels must be an integer"),
+    ({"num_attention_heads": 3}, CorruptCheckpointError, "not a multiple"),
+    ({"hidden_act": "no-such-activation"}, CorruptCheckpointError, "no model can be built"),
+    ({"hidden_size": 8192, "num_hidden_layers": 48, "num_attention_heads": 64},
+     ModelTooLargeError, "over the limit"),
+])
+def test_a_config_is_checked_before_any_model_is_built(
+        vit_dir: Path, edit: dict[str, Any], error: type[Exception], match: str) -> None:
+    with load_dir(vit_dir) as ck:
+        config = {**ck.config, **edit}
+    with pytest.raises(error, match=match):
+        check_config(config)
+    with pytest.raises(error, match=match):
+        family_for(config, config)
+
+
+def test_a_config_must_agree_with_the_weights_and_the_limit(vit_dir: Path) -> None:
+    with load_dir(vit_dir) as ck:
+        config = ck.config
+        elements = sum(int(torch.tensor(ck.info(k).shape).prod()) for k in ck)
+    check_config(config, weight_elements=elements)
+    with pytest.raises(CorruptCheckpointError, match="does not belong to these weights"):
+        check_config(config, weight_elements=100)
+    with pytest.raises(ModelTooLargeError, match="over the limit of 1,000"):
+        check_config(config, max_parameters=1000)

@@ -115,3 +115,19 @@ def test_load_not_json(tmp_path: Path) -> None:
     path.write_text("<html>", encoding="utf-8")
     with pytest.raises(InputError):
         load_report(path)
+
+
+def _strict(text: str) -> object:
+    def refuse(name: str) -> object:
+        raise ValueError(f"bare {name} in a report")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_written_as_null_never_a_bare_nan(tmp_path: Path) -> None:
+    report = sample_report().model_copy(update={"timings": {"resolve": float("nan"),
+                                                            "sweep": float("inf"), "ok": 1.5}})
+    written = write_report(report, tmp_path, ("json", "sarif"))
+    data = _strict(written["json"].read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    assert data["timings"] == {"resolve": None, "sweep": None, "ok": 1.5}
+    _strict(written["sarif"].read_text(encoding="utf-8"))  # strict JSON as well
