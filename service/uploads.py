@@ -268,13 +268,22 @@ def _unpack(got: Received, dest: Path, limits: archives.ArchiveLimits) -> Path:
 def _check_weights(filename: str, root: Path) -> None:
     """An archive must hold model weights in its model folder (where a scan looks), and every
     safetensors header there must be sound: refused now, not minutes later in a worker."""
+    names = sorted(p.name for p in root.iterdir())
     weights = [p for p in root.iterdir()
                if p.is_file() and not p.is_symlink() and p.name.lower().endswith(WEIGHT_SUFFIXES)]
+    if not weights and any(n.lower().endswith(REFUSED_SUFFIXES) for n in names):
+        raise UnsafeFormatError(f"{filename}: the only weights are raw pickles, which can run "
+                                "code when loaded; export them as safetensors",
+                                details={"filename": filename})
+    if not weights and any(n.endswith(".py") for n in names):
+        raise UnsafeFormatError(f"{filename}: the archive holds Python model code and no "
+                                "weights in safetensors or PyTorch format; MergeShield never "
+                                "runs remote code", details={"filename": filename})
     if not weights:
         raise NothingScannableError(
             f"{filename}: the archive holds no model weights (.safetensors or .bin) in its model "
             "folder; zip the Hugging Face model folder itself",
-            details={"filename": filename, "files": sorted(p.name for p in root.iterdir())[:20]})
+            details={"filename": filename, "files": names[:20]})
     for path in weights:
         if path.name.lower().endswith(".safetensors"):
             try:

@@ -224,7 +224,7 @@ def _pickles() -> Iterator[Case]:
     yield k("folder/pytorch_model.bin", "unsafe_format",
             lambda f, c: _torch_payload(f / "m" / "pytorch_model.bin", c).parent)
     yield k("folder/only-model.pkl", "unsafe_format",
-            lambda f, c: _raw_pickle(f / "m" / "model.pkl", c).parent)
+            lambda f, c: _raw_pickle(f / "m" / "model.pkl", c).parent, "upload")
     yield k("folder/sharded-bin-index", "unsafe_format", _sharded_bin)
     for fmt in ("zip", "tar", "tar.gz"):
         yield k(f"{fmt}/pytorch_model.bin", "unsafe_format",
@@ -232,10 +232,10 @@ def _pickles() -> Iterator[Case]:
                     "m/pytorch_model.bin": _torch_payload(f / "p.bin", c).read_bytes()}))
         yield k(f"{fmt}/model.pkl", "unsafe_format",
                 lambda f, c, fm=fmt: _archive_of(f, fm, {
-                    "m/model.pkl": _raw_pickle(f / "p.pkl", c).read_bytes()}))
+                    "m/model.pkl": _raw_pickle(f / "p.pkl", c).read_bytes()}), "upload")
         yield k(f"{fmt}/pickle-as-model.safetensors", "corrupt_checkpoint",
                 lambda f, c, fm=fmt: _archive_of(f, fm, {
-                    "m/model.safetensors": _raw_pickle(f / "p.pkl", c).read_bytes()}))
+                    "m/model.safetensors": _raw_pickle(f / "p.pkl", c).read_bytes()}), "upload")
 
 
 def _torch_module(path: Path) -> Path:
@@ -434,8 +434,9 @@ def _truncated_tgz(path: Path) -> Path:
 
 
 def _models() -> Iterator[Case]:
-    def k(name: str, code: str, make: Make, gap: str | None = None) -> Case:
-        return Case("model", name, code, make, gap=gap)
+    def k(name: str, code: str, make: Make, gap: str | None = None,
+          at: Literal["upload", "scan"] = "scan") -> Case:  # upload: an archive with no weights
+        return Case("model", name, code, make, at, gap=gap)
 
     def other_arch(state: dict[str, torch.Tensor], _config: dict[str, Any]) -> None:
         wide, _ = vit(0, hidden=24)
@@ -466,10 +467,10 @@ def _models() -> Iterator[Case]:
             _suspect(remote("auto_map", {"AutoModel": "modeling_evil.EvilModel"})))
     yield k("config-trust_remote_code", "unsafe_format", _suspect(remote("trust_remote_code",
                                                                         True)))
-    yield k("code-only-repo", "unsafe_format", lambda f, _c: _code_only(f / "m"))
+    yield k("code-only-repo", "unsafe_format", lambda f, _c: _code_only(f / "m"), at="upload")
     yield k("config-not-json", "corrupt_checkpoint", lambda f, _c: _model(
         f / "m", _state(), None, config__json="{architectures: [Evil"))
-    yield k("no-weights", "nothing_scannable", lambda f, _c: _readme_only(f / "m"))
+    yield k("no-weights", "nothing_scannable", lambda f, _c: _readme_only(f / "m"), at="upload")
 
     def card(f: Path, _c: Path) -> Path:
         state, config = vit(0)
