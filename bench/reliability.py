@@ -8,6 +8,9 @@ Run it from the repository root (it imports ``tests.support``). Sections, in ord
 
 * hostile inputs through the library: every case of ``tests/support/hostile.py`` unpacked if an
   archive, then ``pipeline.scan`` (resolve, validation, conversion, every tensor read);
+* hostile inputs, round 2, through the library and the CLI: every case of
+  ``tests/support/hostile2.py`` (links out, special files, allocation bombs, tensor types,
+  configs, remote code, outputs) under a deadline with a canary token in the environment;
 * hostile inputs through the service: the same cases uploaded to real processes (``serve --auth``
   on SQLite + the filesystem broker) and scanned when accepted, plus the request tricks of
   ``tests/support/hostile_service.py`` (also to API + worker on PostgreSQL + Redis when they are
@@ -41,7 +44,7 @@ from pathlib import Path
 import httpx
 
 from bench import faults
-from tests.support import hostile
+from tests.support import hostile, hostile2
 from tests.support.api_fuzz import KNOWN_5XX, fuzz
 from tests.support.fuzz import PROPERTIES
 from tests.support.hostile_service import (
@@ -116,6 +119,50 @@ def library(ctx: Context) -> str:
         "Wrong outcomes:\n" + ("\n".join(wrong) if wrong else "none."),
         "Known gaps (not counted above; the tests expect them to fail until closed):\n"
         + ("\n".join(gaps) if gaps else "none."),
+    ])
+
+
+def library2(ctx: Context) -> str:
+    fx = hostile2.build_fixtures(ctx.work / "h2-fixtures")
+    rows: dict[str, list[object]] = defaultdict(lambda: [0, 0, 0, Counter()])
+    wrong: list[str] = []
+    bad = Counter[str]()
+    for i, case in enumerate(hostile2.corpus()):
+        runs = [("library", hostile2.run_library)]
+        if case.kind != "archive":  # the CLI takes folders and files; archives are uploads
+            runs.append(("CLI", hostile2.run_cli))
+        for how, run in runs:
+            o = run(case, ctx.work / f"h2-{how}-{i}", fx)
+            exit_ok = o.exit in (None, 2)  # 2 also for an accepted case: no evaluation data
+            ok = (o.code == case.code and exit_ok and not o.ran and not o.stray
+                  and not o.leaked and not o.traceback)
+            bad.update({"ran": o.ran, "stray": bool(o.stray), "leaked": bool(o.leaked),
+                        "traceback": o.traceback})
+            row = rows[f"{case.kind} ({how})"]
+            row[0] += 1  # type: ignore[operator]
+            row[1] += ok  # type: ignore[operator]
+            row[2] += case.code is None  # type: ignore[operator]
+            row[3][str(o.code)] += 1  # type: ignore[index]
+            if not ok:
+                wrong.append(f"- `{case.id}` ({how}): expected `{case.code}`, got `{o.code}` "
+                             f"(exit {o.exit}, ran {o.ran}, stray {o.stray}, leaked {o.leaked})")
+    table = [[k, n, ok, neutral, _codes(c)]  # type: ignore[arg-type]
+             for k, (n, ok, neutral, c) in rows.items()]
+    table.append(["**all**", sum(r[0] for r in rows.values()),  # type: ignore[misc]
+                  sum(r[1] for r in rows.values()), "", ""])  # type: ignore[misc]
+    return "\n\n".join([
+        "## Hostile inputs, round 2, through the library and the CLI",
+        f"{len(hostile2.corpus())} cases of `tests/support/hostile2.py`, each the suspect, the "
+        "base or the given BV of a scan that asks for a cleaned checkpoint (so a followed link "
+        "would land in the output), run by `pipeline.scan` and by `mergeshield.cli.main`, each "
+        f"under a {hostile2.CASE_TIMEOUT_S} s deadline with `HF_TOKEN` set to a canary. "
+        "*neutralised*: cases accepted with their hostile part ignored (an attention "
+        "implementation or dtype named by the config).",
+        _table(["kind", "runs", "as expected", "neutralised", "codes"], table),
+        f"Payloads that ran: **{bad['ran']}**; runs that wrote outside their folders: "
+        f"**{bad['stray']}**; outputs holding a secret or a local path: **{bad['leaked']}**; "
+        f"tracebacks: **{bad['traceback']}**.",
+        "Wrong outcomes:\n" + ("\n".join(wrong) if wrong else "none."),
     ])
 
 
@@ -279,13 +326,15 @@ def soak_run(ctx: Context) -> str:
 # (title for the timings, section, needs the running stack)
 SECTIONS: list[tuple[str, Section, bool]] = [
     ("hostile inputs, library", library, False),
+    ("hostile inputs round 2, library and CLI", library2, False),
     ("hostile inputs, service", service, True),
     ("schemathesis", api_fuzzing, True),
     ("header fuzzing", fuzzing, False),
     ("fault injection", fault_injection, False),
     ("soak", soak_run, False),
 ]
-ORDER = ["hostile inputs, library", "hostile inputs, service", "header fuzzing", "schemathesis",
+ORDER = ["hostile inputs, library", "hostile inputs round 2, library and CLI",
+         "hostile inputs, service", "header fuzzing", "schemathesis",
          "fault injection", "soak"]  # how the page reads
 
 
