@@ -1,4 +1,4 @@
-"""The ``mergeshield`` command line: scan, zoo build, bv, merge, bench paper.
+"""The ``mergeshield`` command line: scan, zoo build, bv, merge, bench paper / efficacy.
 
 Exit codes (conventions.md): 0 no finding at or above ``--fail-on``; 1 findings; 2 error or
 incomplete scan; 3 nothing scannable; 4 usage. Progress goes to stderr on a terminal only.
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeshield import __version__
+from mergeshield.efficacy import command as efficacy_command
 from mergeshield.errors import MergeShieldError, NothingScannableError, as_mergeshield_error
 from mergeshield.settings import Settings
 
@@ -125,6 +126,7 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
                     "parameter ViT zoo trained and evaluated on CUDA (needs a GPU; not --quick)")
     bp.add_argument("--check", action="store_true", help="exit 1 when a claim of claims.md "
                     "fails (the qualitative claims asserted at this scale)")
+    efficacy_command.add_parser(bnsub)
     return p
 
 
@@ -156,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         from mergeshield.cli_commands import run_bv
 
         return run_bv(args, settings)
+    if args.command == "bench" and args.bench_command == "efficacy":
+        return efficacy_command.run(args)
     if args.command == "bench":
         from mergeshield.cli_commands import run_bench
 

@@ -1,0 +1,70 @@
+"""``mergeshield bench efficacy``: its arguments and what it prints.
+
+Only argparse at import: ``cli.py`` builds its parser on every call, the bench's torch-heavy
+modules are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+SIZES = {"dev": (6, 6), "test": (40, 40), "ci": (1, 1)}  # (planted attacks, clean fine-tunes)
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``efficacy`` to the ``bench`` sub-parsers."""
+    be = sub.add_parser("efficacy", help="hold-out efficacy bench (issue 12): drawn attacks vs "
+                        "every defence, written to docs/efficacy/")
+    be.add_argument("--zoo", type=Path, required=True, help="a default-scale zoo "
+                    "(`mergeshield zoo build DIR --families vit`)")
+    be.add_argument("--split", choices=sorted(SIZES), default="dev",
+                    help="dev: design on it; test: disjoint seeds, run only for the final numbers")
+    be.add_argument("--attacks", type=int, help="planted attacks wanted (dev 6, test 40)")
+    be.add_argument("--clean", type=int, help="clean fine-tunes (dev 6, test 40)")
+    be.add_argument("--defences", help="comma-separated subset, e.g. product (default: all)")
+    be.add_argument("--out", type=Path, default=Path("docs/efficacy"))
+    be.add_argument("--work", type=Path, help="suspects and scan outputs (default: "
+                    "<zoo>/../efficacy-work/<split>)")
+    be.add_argument("--cache-dir", type=Path, help="the scans' BV_inj cache (default: "
+                    "<work>/../bv-cache)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mergeshield.efficacy.bench import DEFENCES, BenchConfig
+    from mergeshield.efficacy.runner import run_efficacy
+
+    attacks, clean = SIZES[args.split]
+    work = args.work or args.zoo.resolve().parent / "efficacy-work" / args.split
+    defences = tuple(args.defences.split(",")) if args.defences else DEFENCES
+    unknown = sorted(set(defences) - set(DEFENCES))
+    if unknown:
+        sys.stderr.write(f"unknown defence(s) {unknown}: choose from {', '.join(DEFENCES)}\n")
+        return 4
+    cfg = BenchConfig(zoo=args.zoo, work=work, split=args.split, defences=defences,
+                      attacks=args.attacks or attacks,
+                      clean=clean if args.clean is None else args.clean,
+                      cache_dir=args.cache_dir or work.parent / "bv-cache")
+    verbose = os.environ.get("MERGESHIELD_BENCH_QUIET") is None
+
+    def say(stage: str, fraction: float) -> None:
+        if verbose:
+            sys.stderr.write(f"[{fraction:4.0%}] {stage}\n")
+            sys.stderr.flush()
+
+    done = run_efficacy(cfg, args.out, say)
+    meta = done["meta"]
+    lines = [f"wrote {', '.join(done['files'])} to {args.out}: {meta['planted']} planted of "
+             f"{meta['drawn']} drawn, {meta['clean']} clean, {meta['wall_seconds'] / 60:.1f} min"]
+    for name, groups in done["summary"]["defences"].items():
+        s, d = groups["overall"]["single"], groups["overall"]["detection"]
+        if s is None:
+            continue
+        det = "" if d is None else f", TPR {d['tpr']['rate']:.2f} FPR {d['fpr']['rate']:.2f}"
+        lines.append(f"{name}: ASR {s['asr_before']:.1%} -> {s['asr_after']:.1%} (cut "
+                     f"{s['relative_cut']:.1%}), cost {s['accuracy_cost_points']:+.1f} pts{det}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0

@@ -1,0 +1,51 @@
+"""The efficacy bench end to end at a tiny size on the quick zoo: behaviour, not numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mergeshield.efficacy.baselines import RepairConfig
+from mergeshield.efficacy.bench import DEFENCES, BenchConfig
+from mergeshield.efficacy.runner import run_efficacy
+from mergeshield.efficacy.world import WorldConfig
+from mergeshield.training import FinetuneConfig
+from tests.support.zoo import Zoo
+
+SHORT = FinetuneConfig(epochs=1, lr=1e-3, min_steps=0)
+
+
+def test_the_bench_plants_defends_and_reports(zoo: Zoo, bv_cache_dir: Path,
+                                              tmp_path: Path) -> None:
+    cfg = BenchConfig(
+        zoo=zoo.root, work=tmp_path / "work", split="ci", attacks=1, clean=1, max_draws=1,
+        families=("patch",), defences=tuple(d for d in DEFENCES if d != "ibvs-plain"),
+        min_asr=0.5, merge_methods=("task_arithmetic",), comeback=SHORT,
+        world=WorldConfig(finetune=FinetuneConfig(epochs=2, lr=1e-3, min_steps=100),
+                          defender_images=400, eval_images=300),
+        cache_dir=bv_cache_dir, scan_overrides={"inversion": False, "max_eval": 300},
+        repair=RepairConfig(finetune=SHORT, holdout=100, prune_step=0.25, anp_steps=10))
+    out = run_efficacy(cfg, tmp_path / "docs")
+    files = {p.name for p in (tmp_path / "docs").iterdir()}
+    assert {"ci.md", "cut-vs-cost-ci.png", "results.json"} <= files
+
+    stored = json.loads((tmp_path / "docs" / "results.json").read_text())["ci"]
+    (row,) = stored["cases"]["attacks"]
+    assert row["attack"]["family"] == "patch" and row["planted"]
+    asr = row["own_asr"]
+    assert asr["rate"] >= 0.5 and 0 < asr["total"] <= 300  # target-class images left out
+    # the product's defaults equal the pinned focused IBVS here: one scan serves both names
+    assert stored["cases"]["aliases"]["product"] == stored["cases"]["aliases"]["ibvs-focused"]
+    for name in cfg.defences:
+        res = row["defences"][name]
+        assert 0 <= res["asr"]["rate"] <= 1 and res["asr"]["total"] == asr["total"]
+        assert set(res["comeback_merge_asr"]) == {"task_arithmetic"}
+        merged = row["merge"]["task_arithmetic"]["defences"][name]
+        assert len(merged["accuracy"]) == 3  # every merged task is measured
+    assert row["defences"]["fine-tuning"]["flagged"] is None  # repairs do not detect
+    assert isinstance(row["defences"]["product"]["flagged"], bool)
+
+    summary = out["summary"]["defences"]["product"]["overall"]
+    assert summary["detection"]["tpr"]["total"] == 1 and summary["detection"]["fpr"]["total"] == 1
+    assert summary["single"]["attacks"] == 1
+    assert "Single checkpoint" in (tmp_path / "docs" / "ci.md").read_text()
