@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -22,7 +21,8 @@ from starlette.datastructures import State
 
 from mergeshield.errors import MergeShieldError, WebhooksDisabledError, WebhookSecretError
 from service.auth import Principal
-from service.routes.scans import by_idempotency, queue_scan
+from service.idempotency import body_sha256, by_idempotency
+from service.routes.scans import queue_scan
 from service.schemas import HUB_ID, ModelRef, ScanCreate
 from worker import discussions
 from worker.db import Watch, now
@@ -171,8 +171,7 @@ def _scan_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | Non
 
 def dedup_key(body: ScanCreate) -> str:
     """(repo, commit, configuration) as an idempotency key: one scan per distinct triple."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return "hub:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return "hub:" + body_sha256(body)
 
 
 def take_token(state: State, watch: Watch) -> bool:

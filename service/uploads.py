@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from fastapi import Request
 from python_multipart.exceptions import ParseError
@@ -25,19 +25,17 @@ from mergeshield.disk import ensure_room
 from mergeshield.errors import (
     InputError,
     MergeShieldError,
-    NothingScannableError,
     PayloadTooLargeError,
     RequestTimeoutError,
-    StorageFullError,
-    UnsafeArchiveError,
     UnsafeFormatError,
 )
 from mergeshield.safetensors_io import read_header
 from mergeshield.settings import Settings
+from service import upload_checks
 from service.quotas import StoredBytes
+from service.upload_checks import WEIGHT_SUFFIXES
 from worker.db import Database, Upload
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 CHUNK = 1 << 20
 ROOM_EVERY = 64 * CHUNK  # free disk is looked at again after this many bytes of an upload
@@ -192,7 +190,7 @@ def store(db: Database, settings: Settings, owner: str, got: Received) -> Upload
     try:
         kind, rel = _place(settings, folder, got)
     except MergeShieldError as exc:
-        raise _without_server_paths(exc, settings.uploads_dir / "tmp") from None
+        raise upload_checks.without_server_paths(exc, settings.uploads_dir / "tmp") from None
     finally:
         got.discard()
     row = Upload(owner=owner, filename=got.filename, kind=kind, size=got.size,
@@ -216,10 +214,11 @@ def _place(settings: Settings, folder: Path, got: Received) -> tuple[str, str]:
         if not unpacked.is_dir():  # someone else's upload of the same bytes unpacked it already
             staging = Path(tempfile.mkdtemp(dir=settings.uploads_dir / "tmp"))
             try:
-                root = _unpack(got, staging / "x", archives.ArchiveLimits(
-                    settings.max_unpacked_bytes, settings.max_archive_files,
-                    settings.min_free_bytes))
-                _check_weights(got.filename, root)
+                root = upload_checks.unpack(
+                    got.path, got.filename, staging / "x", archives.ArchiveLimits(
+                        settings.max_unpacked_bytes, settings.max_archive_files,
+                        settings.min_free_bytes))
+                upload_checks.check_weights(got.filename, root)
                 folder.mkdir(parents=True, exist_ok=True)
                 (staging / "x").rename(unpacked)
                 rel_root = root.relative_to(staging / "x")
@@ -246,71 +245,6 @@ def _place(settings: Settings, folder: Path, got: Received) -> tuple[str, str]:
         got.path.rename(target)
     kind = "safetensors" if name.endswith(".safetensors") else "bin"
     return kind, str(target.relative_to(data_dir))
-
-
-def _unpack(got: Received, dest: Path, limits: archives.ArchiveLimits) -> Path:
-    """Unpack the upload; an OS refusal (a member path past PATH_MAX, a name the file system
-    cannot hold) is the archive's fault and is said with the user's file name."""
-    assert got.path is not None
-    try:
-        return archives.unpack(got.path, dest, limits)
-    except MergeShieldError:
-        raise
-    except OSError as exc:
-        if (full := StorageFullError.of(exc, f"{got.filename} unpacked")) is not None:
-            raise full from None
-        raise UnsafeArchiveError(
-            f"{got.filename}: a member cannot be unpacked ({exc.strerror or type(exc).__name__},"
-            " e.g. a path too long for the file system); repack the model folder with short "
-            "relative paths", details={"filename": got.filename}) from None
-
-
-def _check_weights(filename: str, root: Path) -> None:
-    """An archive must hold model weights in its model folder (where a scan looks), and every
-    safetensors header there must be sound: refused now, not minutes later in a worker."""
-    names = sorted(p.name for p in root.iterdir())
-    weights = [p for p in root.iterdir()
-               if p.is_file() and not p.is_symlink() and p.name.lower().endswith(WEIGHT_SUFFIXES)]
-    if not weights and any(n.lower().endswith(REFUSED_SUFFIXES) for n in names):
-        raise UnsafeFormatError(f"{filename}: the only weights are raw pickles, which can run "
-                                "code when loaded; export them as safetensors",
-                                details={"filename": filename})
-    if not weights and any(n.endswith(".py") for n in names):
-        raise UnsafeFormatError(f"{filename}: the archive holds Python model code and no "
-                                "weights in safetensors or PyTorch format; MergeShield never "
-                                "runs remote code", details={"filename": filename})
-    if not weights:
-        raise NothingScannableError(
-            f"{filename}: the archive holds no model weights (.safetensors or .bin) in its model "
-            "folder; zip the Hugging Face model folder itself",
-            details={"filename": filename, "files": names[:20]})
-    for path in weights:
-        if path.name.lower().endswith(".safetensors"):
-            try:
-                read_header(path)
-            except MergeShieldError as exc:  # said of the member, in the user's archive
-                exc.message = f"{filename}: {exc.message}"
-                exc.args = (exc.message,)
-                raise
-
-
-def _without_server_paths(exc: MergeShieldError, tmp_dir: Path) -> MergeShieldError:
-    """The error as the uploader should read it: paths under the upload's private folder
-    (``tmp/<random>/``, ``tmp/<random>/x/`` for an archive's members) cut to what they sent."""
-    private = re.compile(re.escape(str(tmp_dir)) + r"/[^/\s'\"]+/(?:x/)?")
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, str):
-            return private.sub("", value)
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
-    exc.message, exc.details = clean(exc.message), clean(exc.details)
-    exc.args = (exc.message,)
-    return exc
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")

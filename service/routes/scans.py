@@ -5,8 +5,6 @@ Routes are thin: validate, persist, enqueue, answer. No tensor is touched here.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -21,13 +19,13 @@ from starlette.datastructures import State
 from mergeshield.errors import (
     ArtifactsExpiredError,
     ConflictError,
-    IdempotencyKeyReusedError,
     NotFoundError,
 )
 from mergeshield.pipeline import ScanRequest
 from mergeshield.report import LayerStat, ScanReport, load_report
 from service import quotas
 from service.auth import Principal, principal
+from service.idempotency import body_sha256, by_idempotency
 from service.paging import Limit, Offset, page
 from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
 from worker import callbacks
@@ -269,28 +267,6 @@ def _zipped(folder: Path) -> Path:
                     zf.write(path, path.name)
         tmp.replace(target)
     return target
-
-
-def by_idempotency(db: Database, caller: Principal, key: str,
-                   fingerprint: str | None = None) -> Scan | None:
-    """The caller's scan made with ``key``; one made from another body (``fingerprint``: its
-    ``body_sha256``) is refused, as Stripe and the IETF Idempotency-Key draft do."""
-    with db.session() as s:
-        scan = s.scalars(select(Scan).where(Scan.owner == caller.id,
-                                            Scan.idempotency_key == key)).first()
-    stored = scan.request.get("body_sha256") if scan is not None else None
-    if fingerprint is not None and stored is not None and stored != fingerprint:
-        raise IdempotencyKeyReusedError(
-            "this Idempotency-Key was already used with a different request body; use a new "
-            "key for a new scan, or resend the first body unchanged",
-            details={"idempotency_key": key, "scan": scan.id if scan else None})
-    return scan
-
-
-def body_sha256(body: ScanCreate) -> str:
-    """The request body, canonical, hashed: what an Idempotency-Key is bound to."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _upload_size(db: Database, caller: Principal, ref: ModelRef) -> int | None:
