@@ -40,6 +40,7 @@ INT_FIELDS: dict[str, tuple[int, int]] = {
     "projection_dim": (1, 65536), "vocab_size": (1, 2**21), "max_position_embeddings": (1, 2**20),
     "encoder_stride": (1, 8192), "embed_dim": (1, 65536), "window_size": (1, 8192),
 }
+ONLY_INT = frozenset({"hidden_size", "num_hidden_layers", "num_channels", "num_labels"})
 LIST_FIELDS: dict[str, tuple[int, int]] = {  # each element's range; at most 16 elements
     "depths": (0, 256), "hidden_sizes": (1, 65536), "num_heads": (1, 1024),
 }
@@ -100,7 +101,9 @@ def check_fields(config: Mapping[str, Any], file: str = "config.json", where: st
             check_fields(value, file, path)
         elif key in INT_FIELDS and value is not None:
             lo, hi = INT_FIELDS[key]
-            if not _is_int(value) or not lo <= value <= hi:
+            # some architectures take a list (LeViT's heads per stage, a (height, width) size)
+            items = value if isinstance(value, list) and key not in ONLY_INT else [value]
+            if not 0 < len(items) <= 16 or not all(_is_int(v) and lo <= v <= hi for v in items):
                 raise _bad(file, path, f"must be an integer from {lo} to {hi}, not "
                                        f"{str(value)[:40]!r}")
         elif key in LIST_FIELDS and value is not None:

@@ -348,7 +348,7 @@ def test_a_crash_in_the_forward_pass_is_a_stable_error() -> None:
 @pytest.mark.parametrize(("edit", "error", "match"), [
     ({"auto_map": {"AutoModel": "evil.Model"}}, UnsafeFormatError, "custom Python code"),
     ({"vision_config": {"auto_map": {"a": "b"}}}, UnsafeFormatError, "vision_config.auto_map"),
-    ({"image_size": [16, 16]}, CorruptCheckpointError, "image_size must be an integer"),
+    ({"image_size": "16"}, CorruptCheckpointError, "image_size must be an integer"),
     ({"num_channels": "1"}, CorruptCheckpointError, "num_channels must be an integer"),
     ({"num_attention_heads": 3}, CorruptCheckpointError, "not a multiple"),
     ({"hidden_act": "no-such-activation"}, CorruptCheckpointError, "no model can be built"),
@@ -362,6 +362,15 @@ def test_a_config_is_checked_before_any_model_is_built(
     with pytest.raises(error, match=match):
         check_config(config)
     with pytest.raises(error, match=match):
+        family_for(config, config)
+
+
+def test_a_size_our_preprocessing_cannot_use_is_refused_when_the_family_is_made(
+        vit_dir: Path) -> None:
+    with load_dir(vit_dir) as ck:
+        config = {**ck.config, "image_size": [16, 16]}  # ViT takes it; our resize needs a side
+    check_config(config)
+    with pytest.raises(CorruptCheckpointError, match="image_size must be an integer"):
         family_for(config, config)
 
 
