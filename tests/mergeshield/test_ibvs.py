@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -76,11 +78,18 @@ def test_single_mode_pairs_every_trigger_with_every_target() -> None:
 @pytest.mark.parametrize("recipe", [
     InjectionRecipe(mode="single"),  # no trigger
     InjectionRecipe(mode="single", triggers=[PatchTrigger()], targets=[4]),  # not a class
-    InjectionRecipe(mode="single", triggers=[PatchTrigger()], targets=[-1]),
 ])
 def test_single_mode_errors(recipe: InjectionRecipe) -> None:
     with pytest.raises(ConfigError):
         injected_backdoors(recipe, 4, 16)
+
+
+@pytest.mark.parametrize("fields", [
+    {"targets": [-1]}, {"epochs": 10**8}, {"lr": float("nan")}, {"poison_rate": 0},
+    {"seed": 2**32}, {"max_train": 10**12}, {"triggers": [PatchTrigger()] * 33}])
+def test_a_recipe_out_of_bounds_is_refused_when_made(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        InjectionRecipe(mode="single", **fields)
 
 
 # -- poisoning ------------------------------------------------------------------------------------
