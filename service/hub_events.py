@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select, update
 from starlette.datastructures import State
 
@@ -148,9 +149,13 @@ def _scan_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | Non
     """One watch's scan of the commit: (accepted|duplicate|rate_limited|failed, scan, reason).
     A watch that cannot queue (its base upload was deleted, its callback URL is refused) fails
     alone, recorded with the reason, and the Hub still gets a 2xx: retrying would not help."""
-    body = ScanCreate.model_validate({
-        **watch.scan, "suspect": ModelRef(hub=found.repo, revision=found.sha),
-        "callback_url": watch.callback_url})
+    try:
+        body = ScanCreate.model_validate({
+            **watch.scan, "suspect": ModelRef(hub=found.repo, revision=found.sha),
+            "callback_url": watch.callback_url})
+    except ValidationError as exc:  # a watch stored before today's option bounds
+        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return "failed", None, f"invalid_config: the watch's scan options are invalid ({bad[:300]})"
     key = dedup_key(body)
     caller = Principal(watch.owner, admin=False)
     scan = by_idempotency(state.db, caller, key)

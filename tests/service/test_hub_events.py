@@ -6,10 +6,12 @@ import copy
 from typing import Any
 
 import pytest
+from starlette.datastructures import State
 
-from service.hub_events import Commit, commit_of, dedup_key, recorded_headers
+from service.hub_events import Commit, _scan_for, commit_of, dedup_key, recorded_headers
 from service.schemas import ModelRef, ScanCreate, ScanOptions
 from tests.support.hub_payloads import DOCS_PR_OPENED, DOCS_REFS, DOCS_REPO, repo_content
+from worker.db import Watch
 
 SHA = "575db8b7a51b6f85eb06eee540738584589f131c"  # the documented new sha of refs/heads/main
 
@@ -81,3 +83,11 @@ def test_the_secret_is_never_recorded() -> None:
     kept = recorded_headers({"X-Webhook-Secret": "s", "authorization": "Bearer k",
                              "Cookie": "c", "user-agent": "huggingface-hub-webhooks"})
     assert kept == {"user-agent": "huggingface-hub-webhooks"}
+
+
+def test_a_watch_stored_with_options_past_the_bounds_fails_with_a_reason_not_a_500() -> None:
+    watch = Watch(owner="o", repo="a/b", callback_url=None,
+                  scan={"base": {"hub": "a/base"}, "options": {"fixed_lambda": 1e9}})
+    state, scan_id, reason = _scan_for(State(), watch, Commit("a/b", SHA))
+    assert (state, scan_id) == ("failed", None)
+    assert reason is not None and reason.startswith("invalid_config") and "fixed_lambda" in reason
