@@ -195,7 +195,13 @@ def _vet_folder(root: Path, inside: Path) -> None:
                 raise special_file_error(path, mode)
             if entry.name.endswith(".json") and stat.S_ISREG(mode) and entry.name not in (
                     INDEX_NAME, _TORCH_INDEX, "tokenizer.json", "vocab.json"):
-                refuse_remote_code(read_json_file(path), entry.name)
+                try:
+                    value = _parse_json(path)
+                except CorruptCheckpointError:
+                    if entry.name == "config.json":
+                        raise
+                    continue  # not JSON, so no loader takes code from it: copied as it is
+                refuse_remote_code(value, entry.name)
 
 
 def _read_config(root: Path) -> dict[str, Any] | None:
@@ -249,13 +255,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Python's json accepts them
 
 
-def read_json_file(path: Path) -> dict[str, Any] | None:
-    """A strict JSON object file (no NaN), or None when absent; a FIFO, a file over
-    ``MAX_JSON_BYTES`` or anything not a JSON object is refused with a stable code."""
-    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
-        return None
-    fd = open_regular(path)
-    with os.fdopen(fd, "rb") as f:
+def _parse_json(path: Path) -> Any:
+    """A file's strict JSON value (no NaN); a FIFO, a file over ``MAX_JSON_BYTES``, bad JSON
+    or a lone surrogate in a string is a CorruptCheckpointError."""
+    with os.fdopen(open_regular(path), "rb") as f:
         raw = f.read(MAX_JSON_BYTES + 1)
     if len(raw) > MAX_JSON_BYTES:
         raise CorruptCheckpointError(f"{path.name} is larger than {MAX_JSON_BYTES} bytes, too "
@@ -265,12 +268,21 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {str(exc)[:200]}",
                                      details={"file": path.name}) from None
-    if not isinstance(value, dict):
-        raise CorruptCheckpointError(f"{path.name} must hold a JSON object",
-                                     details={"file": path.name})
     if not plain_text(json.dumps(value, ensure_ascii=False)):
         raise CorruptCheckpointError(f"{path.name} holds a string that is not valid Unicode "
                                      "(a lone surrogate)", details={"file": path.name})
+    return value
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    """A strict JSON object file, or None when absent; anything else is refused with a stable
+    code (a FIFO, an oversized or non-JSON file, NaN, a lone surrogate, a non-object)."""
+    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
+        return None
+    value = _parse_json(path)
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{path.name} must hold a JSON object",
+                                     details={"file": path.name})
     return value
 
 

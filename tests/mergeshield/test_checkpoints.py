@@ -397,3 +397,18 @@ def test_the_writer_refuses_non_finite_output_and_leaves_no_shard(tmp_path: Path
         ck.save_checkpoint(tmp_path, {"a": good, "b": broken}, max_shard_bytes=64 * 64 * 4)
     assert info.value.code == "invalid_weights"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_other_json_files_are_searched_for_remote_code_but_need_not_be_configs(
+        tmp_path: Path, vit_dir: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for p in vit_dir.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "modules.json").write_text('[{"path": ""}]')  # sentence-transformers: an array
+    (folder / "notes.json").write_text("not json at all")
+    src = ck.resolve(str(folder))
+    assert {"modules.json", "notes.json"} <= set(ck.extra_files(src))
+    (folder / "modules.json").write_text('[{"auto_map": {"AutoModel": "evil.Model"}}]')
+    with pytest.raises(UnsafeFormatError, match=r"modules.json: refused, \[0\].auto_map"):
+        ck.resolve(str(folder))
