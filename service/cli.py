@@ -127,6 +127,7 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
 def _stop_workers(workers: list[subprocess.Popen[bytes]], patience: float) -> None:
     """SIGTERM each worker (warm shutdown), then SIGKILL its whole group after ``patience``
     seconds: a scan still running is re-queued by the reconciler when the service is back."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
     for proc in workers:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
