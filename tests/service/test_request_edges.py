@@ -76,6 +76,17 @@ def test_options_out_of_bounds_are_422_and_nothing_is_queued(
     assert "Traceback" not in r.text and _scans(stack) == before
 
 
+def test_a_watch_with_a_nan_option_is_422_and_not_stored(client: httpx.Client) -> None:
+    body = {"repo": "org/model", "scan": {"base": {"hub": "org/base"}, "evaluation": "mnist5k",
+                                          "options": {"fixed_lambda": math.nan}}}
+    r = client.post("/v1/watches", content=json.dumps(body),
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert ["body", "scan", "options", "fixed_lambda"] in [
+        d["loc"] for d in r.json()["error"]["details"]]
+    assert client.get("/v1/watches").json() == []
+
+
 def test_bounds_are_in_the_openapi_schema(client: httpx.Client) -> None:
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     options = schemas["ScanOptions"]["properties"]
