@@ -16,7 +16,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from mergeshield.settings import Settings
-from worker.broker import TRANSPORT
+from worker.broker import TRANSPORT, rename_legacy
 
 SCAN_TASK = "mergeshield.scan"
 QUEUES = ("gpu", "cpu")
@@ -27,6 +27,7 @@ def prepare_broker(settings: Settings) -> None:
     if settings.redis_url is None:
         for sub in ("queue", "processed", "control"):
             (settings.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+        rename_legacy(settings.broker_dir / "queue")  # queued before the FIFO names
 
 
 def create_celery(settings: Settings, *, prepare: bool = True) -> Celery:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from kombu.exceptions import ChannelError
@@ -22,11 +24,26 @@ from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
 TRANSPORT = "worker.broker:Transport"  # for Celery's ``broker_transport`` setting
+_OURS = re.compile(r"^\d{20}_")
 
 
 def message_name(queue: str) -> str:
     """``<20-digit ns>_<uuid>.<queue>.msg``: the name order is the submission order."""
     return f"{time.time_ns():020d}_{uuid.uuid4().hex}.{queue}.msg"
+
+
+def rename_legacy(folder: Path) -> int:
+    """Give message files queued under kombu's own names (before this transport) names of
+    ours, by their write time, so they do not wait behind every new one; returns how many."""
+    renamed = 0
+    for path in folder.glob("*.msg"):
+        if _OURS.match(path.name):
+            continue
+        with contextlib.suppress(OSError):  # another process renamed or consumed it first
+            stamp = path.stat().st_mtime_ns
+            path.rename(folder / f"{stamp:020d}_{path.name.partition('_')[2] or path.name}")
+            renamed += 1
+    return renamed
 
 
 class Channel(filesystem.Channel):

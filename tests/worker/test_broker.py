@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,16 @@ def test_the_embedded_broker_is_first_in_first_out(tmp_path: Path) -> None:
                 message.ack()
             simple.close()
     assert got == {q: [s for s in sent if s.endswith(q)] for q in ("cpu", "gpu")}
+
+
+def test_messages_queued_under_kombus_names_keep_their_place(tmp_path: Path) -> None:
+    queue = tmp_path / "broker" / "queue"
+    queue.mkdir(parents=True)
+    old = queue / "9999_0123abcd.cpu.msg"  # kombu's name: sorts after every zero-padded one
+    old.write_text("{}")
+    os.utime(old, ns=(1_000_000_000, 1_000_000_000))  # written long ago
+    app = create_celery(Settings(data_dir=tmp_path))  # prepares the broker folder
+    send_scan(app, "new", "cpu")
+    names = sorted(p.name for p in queue.iterdir())
+    assert len(names) == 2 and names[0] == f"{1_000_000_000:020d}_0123abcd.cpu.msg"
+    assert broker.rename_legacy(queue) == 0  # once only
