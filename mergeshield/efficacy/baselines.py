@@ -11,7 +11,7 @@
   the clean loss low even under an adversarial multiplicative perturbation δ ∈ [−ε, ε], then prune
   by fraction (ANP's second rule): smallest masks first, while held-out accuracy drops ≤
   ``prune_drop``. Neurons here are the MLP hidden units (transformers have no BatchNorm); the
-  perturbation scales the unit's pre-activation by (m + δ). 200 steps, not ANP's 2,000 (2 cores).
+  perturbation scales the unit's pre-activation by (m + δ). 100 steps, not ANP's 2,000 (2 cores).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class RepairConfig:
     prune_step: float = 0.05  # fraction of the layer's neurons pruned per step
     prune_drop: float = 0.02  # accuracy drop that stops fine-pruning
     unlearn_fraction: float = 0.2  # clean rows stamped with the inverted trigger (true labels)
-    anp_steps: int = 200
+    anp_steps: int = 100
     anp_batch: int = 128
     anp_eps: float = 0.4  # ANP's ε
     anp_alpha: float = 0.2  # weight of the unperturbed clean loss

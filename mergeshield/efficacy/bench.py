@@ -10,6 +10,7 @@ score and the accuracy cost. Everything is returned as JSON-ready dicts; ``metri
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,10 @@ class BenchConfig:
     families: tuple[str, ...] = FAMILIES
     defences: tuple[str, ...] = DEFENCES
     min_asr: float = 0.8  # an attack that does not reach this on its own is not defended
-    merge_lambda: float = 0.5  # TA weight of every task vector / TIES scale (as experiment 5)
+    # TA weight of every task vector (experiment 5's); TIES scale: the zoo's three tasks
+    # interfere, and these keep the merges' accuracy highest (TA 0.8: every task ≈ 30 %)
+    merge_lambda: float = 0.5
+    ties_scale: float = 1.0
     merge_methods: tuple[str, ...] = ("task_arithmetic", "ties")
     ties_keep: float = 0.2
     comeback: FinetuneConfig = FinetuneConfig(epochs=1, lr=1e-3)  # the short clean fine-tune
@@ -50,6 +54,7 @@ class BenchConfig:
     # ScanRequest fields set on every scan defence, product included: {} for real numbers; CI
     # uses it to skip inversion (the product's defaults are then no longer measured)
     scan_overrides: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False  # reuse the cases of ``work/cases.jsonl`` (same split and defences)
     repair: baselines.RepairConfig = field(default_factory=baselines.RepairConfig)
 
 
@@ -110,7 +115,8 @@ class Bench:
     def merges(self, attacked: str, backbone: Backbone, others: dict[str, Backbone],
                method: str) -> Backbone:
         order = [backbone] + [others[t] for t in self.world.tasks if t != attacked]
-        return self.world.merge(order, method, self.cfg.merge_lambda, self.cfg.ties_keep)
+        lam = self.cfg.ties_scale if method == "ties" else self.cfg.merge_lambda
+        return self.world.merge(order, method, lam, self.cfg.ties_keep)
 
     def accuracies(self, backbone: Backbone) -> dict[str, Any]:
         return {t: _rate(self.world.accuracy(t, backbone)) for t in self.world.tasks}
@@ -180,21 +186,44 @@ class Bench:
                 "accuracy": _rate(self.world.accuracy(case.task, c.backbone)),
                 "detail": c.detail}
 
+    def _journal(self) -> dict[str, dict[str, Any]]:
+        """Rows of an earlier run of the same split and defences (``resume``), by case key;
+        every case is appended to ``work/cases.jsonl`` as soon as it is done."""
+        path = self.cfg.work / "cases.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.resume or not path.is_file():
+            path.write_text("")
+            return {}
+        names = [d.name for d in self.defences]
+        lines = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
+        return {x["key"]: x["row"] for x in lines if x["defences"] == names}
+
+    def _case(self, done: dict[str, dict[str, Any]], key: str,
+              make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if key in done:
+            return done[key]
+        row = make()
+        entry = {"key": key, "defences": [d.name for d in self.defences], "row": row}
+        with (self.cfg.work / "cases.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return row
+
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         cfg = self.cfg
+        done = self._journal()
         rows: list[dict[str, Any]] = []
         index = 0  # draw until ``attacks`` planted, at most ``max_draws`` attacks in all
         limit = cfg.max_draws or 2 * cfg.attacks
         while sum(r["planted"] for r in rows) < cfg.attacks and index < limit:
             a = draw(cfg.split, index, self.world.tasks, families=cfg.families)
             self.say(f"{cfg.split}: attack {a.id}", len(rows) / limit)
-            rows.append(self.attack_case(a))
+            rows.append(self._case(done, a.id, partial(self.attack_case, a)))
             index += 1
         cleans = []
         for i, seed in enumerate(clean_seeds(cfg.split, cfg.clean)):
             self.say(f"{cfg.split}: clean fine-tune {i}", i / max(1, cfg.clean))
-            cleans.append(self.clean_case(i, seed))
+            cleans.append(self._case(done, f"clean-{seed}", partial(self.clean_case, i, seed)))
         return {"split": cfg.split, "attacks": rows, "clean": cleans,
                 "defences": [d.name for d in self.defences], "aliases": self.alias,
                 "seconds": round(time.perf_counter() - t0, 1)}

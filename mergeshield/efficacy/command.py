@@ -29,6 +29,8 @@ def add_parser(sub: Any) -> None:
     be.add_argument("--out", type=Path, default=Path("docs/efficacy"))
     be.add_argument("--work", type=Path, help="suspects and scan outputs (default: "
                     "<zoo>/../efficacy-work/<split>)")
+    be.add_argument("--resume", action="store_true", help="reuse the cases an interrupted run "
+                    "of the same split and defences journaled in <work>/cases.jsonl")
     be.add_argument("--cache-dir", type=Path, help="the scans' BV_inj cache (default: "
                     "<work>/../bv-cache)")
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(zoo=args.zoo, work=work, split=args.split, defences=defences,
                       attacks=args.attacks or attacks,
                       clean=clean if args.clean is None else args.clean,
-                      cache_dir=args.cache_dir or work.parent / "bv-cache")
+                      cache_dir=args.cache_dir or work.parent / "bv-cache", resume=args.resume)
     verbose = os.environ.get("MERGESHIELD_BENCH_QUIET") is None
 
     def say(stage: str, fraction: float) -> None:

@@ -51,9 +51,9 @@ def single_table(summary: dict[str, Any], group: str = "overall") -> list[str]:
 
 
 def merge_table(summary: dict[str, Any], method: str, group: str = "overall") -> list[str]:
-    lines = [f"| defence ({method}) | ASR before → after | rel. cut | acc. cost mean / worst "
-             "task (pts) | clean merge ASR | cleaned + clean TVs ASR | within 5 pts |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| defence ({method}) | ASR before → after | rel. cut | excess cut | acc. cost "
+             "mean / worst task (pts) | clean merge ASR | cleaned + clean TVs ASR | "
+             "within 5 pts |", "|---|---|---|---|---|---|---|---|"]
     for name, groups in summary["defences"].items():
         g = groups.get(group)
         if not g or not g["merge"]:
@@ -61,7 +61,8 @@ def merge_table(summary: dict[str, Any], method: str, group: str = "overall") ->
         m = g["merge"][method]
         lines.append(
             f"| {name} | {_pct(m['asr_before'])} → {_pct(m['asr_after'])} | "
-            f"{_pct(m['relative_cut'])} | {_pts(m['accuracy_cost_points_mean'])} / "
+            f"{_pct(m['relative_cut'])} | {_pct(m['excess_cut'])} | "
+            f"{_pts(m['accuracy_cost_points_mean'])} / "
             f"{_pts(m['accuracy_cost_points_worst'])} | {_pct(m['clean_merge_asr'])} | "
             f"{_pct(m['comeback_merge_asr'])} | {_rate(m['comeback_within_5_points'])} |")
     return lines
@@ -96,9 +97,12 @@ def markdown(split: str, summary: dict[str, Any], methods: Sequence[str],
            "## Single checkpoint", "", *single_table(summary), "",
            "Per attack family (relative cut / cost in points):", "", *family_table(summary), ""]
     for m in methods:
-        out += [f"## Merge: {m} (λ = {meta['merge_lambda']}) over every task, one attacked", "",
+        lam = meta["ties_scale"] if m == "ties" else meta["merge_lambda"]
+        out += [f"## Merge: {m} (λ = {lam}) over every task, one attacked", "",
                 *merge_table(summary, m), ""]
-    out += ["`cleaned + clean TVs ASR`: the single-setting cleaned checkpoint merged with the "
+    out += ["`excess cut`: of the ASR above the clean merge's ASR of the same trigger (the "
+            "merge alone weakens a backdoor). `cleaned + clean TVs ASR`: the single-setting "
+            "cleaned checkpoint merged with the "
             "zoo's clean task vectors (does the backdoor come back?); `within 5 pts`: of the "
             "clean merge's ASR of the same hidden trigger. `ASR after clean FT`: the cleaned "
             "checkpoint after a short fine-tune on clean data.", ""]
@@ -119,12 +123,13 @@ def plot(summary: dict[str, Any], methods: Sequence[str], path: Path, title: str
                    s=60, label=f"{name}")
         for j, m in enumerate(methods):
             mm = g["merge"][m]
-            ax.scatter(mm["accuracy_cost_points_mean"], 100 * mm["relative_cut"], color=color,
+            ax.scatter(mm["accuracy_cost_points_mean"], 100 * mm["excess_cut"], color=color,
                        marker=markers[j % len(markers)], s=40, alpha=0.7)
     ax.axhline(100 * TARGETS["cut"], color="grey", ls="--", lw=1)
     ax.axvline(TARGETS["cost"], color="grey", ls="--", lw=1)
     ax.set(xlabel="clean-accuracy cost (points; merges: mean over tasks)",
-           ylabel="relative hidden-ASR cut (%)", title=title)
+           ylabel="relative hidden-ASR cut (%; merges: excess over the clean merge)",
+           title=title)
     ax.text(0.01, 0.02, "o single checkpoint, " + ", ".join(
         f"{markers[j % len(markers)]} merge {m}" for j, m in enumerate(methods)),
         transform=ax.transAxes, fontsize=7)

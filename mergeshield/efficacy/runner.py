@@ -33,6 +33,7 @@ def run_efficacy(cfg: BenchConfig, out: Path, progress: Progress | None = None) 
                                                             for r in result["attacks"]),
             "clean": len(result["clean"]), "min_asr": cfg.min_asr,
             "merge_lambda": cfg.merge_lambda, "ties_keep": cfg.ties_keep,
+            "ties_scale": cfg.ties_scale,
             "defender_images": cfg.world.defender_images, "families": list(cfg.families)}
     out.mkdir(parents=True, exist_ok=True)
     page = out / f"{cfg.split}.md"

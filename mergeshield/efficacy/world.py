@@ -39,6 +39,7 @@ class WorldConfig:
     poison_rate: float = 0.1  # ρ, as the zoo's own attacks
     defender_images: int = 2000  # every defence's clean data: the first N training rows
     eval_images: int | None = None  # test images per task for ASR / accuracy; None = all
+    tasks: tuple[str, ...] | None = None  # the zoo tasks used (attacked and merged); None = all
 
 
 class World:
@@ -48,7 +49,8 @@ class World:
         self.zoo, self.cfg = ZooAccess(root), cfg
         models = self.zoo.manifest["models"]
         self.clean_names = {m["task"]: m["name"] for m in models
-                            if m["family"] == cfg.family and m["base"] and not m.get("attack")}
+                            if m["family"] == cfg.family and m["base"] and not m.get("attack")
+                            and (cfg.tasks is None or m["task"] in cfg.tasks)}
         self.tasks = tuple(sorted(self.clean_names))
         self.ref = self.clean_names[self.tasks[0]]
         self.family = self.zoo.family(self.ref)
