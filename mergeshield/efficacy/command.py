@@ -28,11 +28,11 @@ def add_parser(sub: Any) -> None:
     be.add_argument("--defences", help="comma-separated subset, e.g. product (default: all)")
     be.add_argument("--out", type=Path, default=Path("docs/efficacy"))
     be.add_argument("--work", type=Path, help="suspects and scan outputs (default: "
-                    "<zoo>/../efficacy-work/<split>)")
+                    "<zoo>/efficacy-work/<split>)")
     be.add_argument("--resume", action="store_true", help="reuse the cases an interrupted run "
                     "of the same split and defences journaled in <work>/cases.jsonl")
     be.add_argument("--cache-dir", type=Path, help="the scans' BV_inj cache (default: "
-                    "<work>/../bv-cache)")
+                    "<zoo>/efficacy-work/bv-cache)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from mergeshield.efficacy.runner import run_efficacy
 
     attacks, clean = SIZES[args.split]
-    work = args.work or args.zoo.resolve().parent / "efficacy-work" / args.split
+    work = args.work or args.zoo / "efficacy-work" / args.split
     defences = tuple(args.defences.split(",")) if args.defences else DEFENCES
     unknown = sorted(set(defences) - set(DEFENCES))
     if unknown:
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(zoo=args.zoo, work=work, split=args.split, defences=defences,
                       attacks=args.attacks or attacks,
                       clean=clean if args.clean is None else args.clean,
-                      cache_dir=args.cache_dir or work.parent / "bv-cache", resume=args.resume)
+                      cache_dir=args.cache_dir or args.zoo / "efficacy-work" / "bv-cache",
+                      resume=args.resume)
     verbose = os.environ.get("MERGESHIELD_BENCH_QUIET") is None
 
     def say(stage: str, fraction: float) -> None:
