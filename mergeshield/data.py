@@ -159,9 +159,10 @@ def _derive(ds: ImageDataset, mod: str) -> ImageDataset:
     keep: list[int] = []
     for part in mod.removeprefix("classes=").split(","):
         lo, _, hi = part.partition("-")
-        keep += range(int(lo), int(hi or lo) + 1)
-    if not keep or min(keep) < 0 or max(keep) >= len(ds.classes):
-        raise DatasetError(f"{mod!r}: class indices must lie in 0..{len(ds.classes) - 1}")
+        first, last = int(lo), int(hi or lo)
+        if not 0 <= first <= last < len(ds.classes):  # checked before a range is built
+            raise DatasetError(f"{mod!r}: class indices must lie in 0..{len(ds.classes) - 1}")
+        keep += range(first, last + 1)
     remap = torch.full((len(ds.classes),), -1, dtype=torch.int64)
     remap[torch.tensor(keep)] = torch.arange(len(keep))
     rows = remap[ds.labels] >= 0
@@ -170,7 +171,10 @@ def _derive(ds: ImageDataset, mod: str) -> ImageDataset:
 
 
 def _is_modifier(part: str) -> bool:
-    return part in ("inverted", "rot90") or re.fullmatch(r"classes=[\d,-]+", part) is not None
+    return part in ("inverted", "rot90") or _CLASSES.fullmatch(part) is not None
+
+
+_CLASSES = re.compile(r"classes=\d{1,6}(-\d{1,6})?(,\d{1,6}(-\d{1,6})?)*")  # 0-4,7
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

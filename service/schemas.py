@@ -27,7 +27,7 @@ from mergeshield.triggers import Trigger
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$"
 # a bundled dataset (with derived-task modifiers) or a hub dataset id: never a server path
 DATASET = (r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?"
-           r"(:[a-z0-9]+(=[0-9,\-]{1,200})?)*$")
+           r"(:[a-z0-9]+(=[0-9]{1,6}(-[0-9]{1,6})?(,[0-9]{1,6}(-[0-9]{1,6})?){0,63})?)*$")
 
 
 def _known_dataset(name: str | None) -> str | None:

@@ -229,3 +229,21 @@ def test_image_dataset_checks_and_subset() -> None:
         ImageDataset(torch.zeros(4, 2, 2), torch.arange(4), ("a",), "t")
     with pytest.raises(DatasetError):
         ImageDataset(torch.zeros(4, 1, 2, 2), torch.arange(3), ("a",), "t")
+
+
+@pytest.mark.parametrize(("name", "known"), [
+    ("mnist5k", True), ("digits:classes=0-4:rot90", True), ("org/data:inverted", True),
+    ("nosuchdata", False), ("nosuchdata:rot90", False), ("mnist5k:nosuchmod", False),
+    ("digits:classes=,", False), ("digits:classes=0-99999999999", False),
+])
+def test_check_dataset_name_refuses_what_no_loader_could_read(name: str, known: bool) -> None:
+    if known:
+        data.check_dataset_name(name)
+    else:
+        with pytest.raises(SourceNotFoundError, match="no dataset"):
+            data.check_dataset_name(name)
+
+
+def test_a_class_range_past_the_classes_is_refused_before_it_is_built() -> None:
+    with pytest.raises(DatasetError, match=r"0\.\.9"):
+        load_task("digits:classes=0-999999")  # would be a million-entry list, then refused
