@@ -100,7 +100,8 @@ def summarise(result: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
                              if r["attack"]["family"] == f),
                          sum(r["attack"]["family"] == f for r in result["attacks"]))
                 for f in families}
-    out: dict[str, Any] = {"planted": planting, "defences": {}}
+    out: dict[str, Any] = {"planted": planting, "defences": {},
+                           "aliases": dict(result.get("aliases", {}))}
     for name in result["defences"]:
         groups = {"overall": rows, **{f: [r for r in rows if r["attack"]["family"] == f]
                                       for f in families}}

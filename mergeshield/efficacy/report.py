@@ -82,6 +82,42 @@ def family_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fmt(x: float, points: bool) -> str:
+    return f"{x:+.1f}" if points else f"{100 * x:.1f}%"
+
+
+def targets_table(summary: dict[str, Any], methods: Sequence[str],
+                  name: str = "product") -> list[str]:
+    """The issue's targets for ``name``: measured, and by how much a miss misses."""
+    g = summary["defences"].get(name, {}).get("overall")
+    if not g or not g["single"]:
+        return []
+    s, d = g["single"], g["detection"]
+    rows = []
+    if d is not None:
+        rows += [("detection TPR", d["tpr"]["rate"], TARGETS["tpr"], True),
+                 ("detection FPR", d["fpr"]["rate"], TARGETS["fpr"], False)]
+    rows += [("single: mean relative ASR cut", s["relative_cut"], TARGETS["cut"], True),
+             ("single: mean accuracy cost (pts)", s["accuracy_cost_points"], TARGETS["cost"],
+              False)]
+    for m in methods:
+        mm = g["merge"][m]
+        within = mm["comeback_within_5_points"]["rate"]
+        rows += [(f"merge {m}: mean excess ASR cut", mm["excess_cut"], TARGETS["cut"], True),
+                 (f"merge {m}: mean accuracy cost over tasks (pts)",
+                  mm["accuracy_cost_points_mean"], TARGETS["cost"], False),
+                 (f"merge {m}: cleaned + clean TVs within 5 pts of clean merge", within, 1.0,
+                  True)]
+    lines = [f"| target ({name}) | measured | goal | met / gap |", "|---|---|---|---|"]
+    for label, value, goal, higher in rows:
+        pts = label.endswith("(pts)")
+        op = "≥" if higher else "≤"
+        met = value >= goal if higher else value <= goal
+        gap = "met" if met else f"misses by {_fmt(abs(goal - value), pts).lstrip('+')}"
+        lines.append(f"| {label} | {_fmt(value, pts)} | {op} {_fmt(goal, pts)} | {gap} |")
+    return lines
+
+
 def markdown(split: str, summary: dict[str, Any], methods: Sequence[str],
              meta: dict[str, Any]) -> str:
     """The split's results page (tables only; the method is in README.md)."""
@@ -94,6 +130,7 @@ def markdown(split: str, summary: dict[str, Any], methods: Sequence[str],
            f"{meta['clean']} clean fine-tunes). Costs are clean-accuracy points lost "
            "(negative = gained). Rates: hits/total (rate, 95 % Wilson interval).", "",
            f"Planted (own ASR ≥ {meta['min_asr']:.0%}) per family: {planted}.", "",
+           "## The issue's targets", "", *targets_table(summary, methods), "",
            "## Single checkpoint", "", *single_table(summary), "",
            "Per attack family (relative cut / cost in points):", "", *family_table(summary), ""]
     for m in methods:
@@ -119,8 +156,10 @@ def plot(summary: dict[str, Any], methods: Sequence[str], path: Path, title: str
             continue
         color = f"C{i % 10}"
         s = g["single"]
+        shared = summary.get("aliases", {}).get(name, name)
+        label = name if shared == name else f"{name} (= {shared})"
         ax.scatter(s["accuracy_cost_points"], 100 * s["relative_cut"], color=color, marker="o",
-                   s=60, label=f"{name}")
+                   s=60 if shared == name else 140, label=label, zorder=3 if shared == name else 2)
         for j, m in enumerate(methods):
             mm = g["merge"][m]
             ax.scatter(mm["accuracy_cost_points_mean"], 100 * mm["excess_cut"], color=color,
