@@ -213,17 +213,23 @@ class Bench:
         cfg = self.cfg
         done = self._journal()
         rows: list[dict[str, Any]] = []
-        index = 0  # draw until ``attacks`` planted, at most ``max_draws`` attacks in all
-        limit = cfg.max_draws or 2 * cfg.attacks
-        while sum(r["planted"] for r in rows) < cfg.attacks and index < limit:
-            a = draw(cfg.split, index, self.world.tasks, families=cfg.families)
-            self.say(f"{cfg.split}: attack {a.id}", len(rows) / limit)
-            rows.append(self._case(done, a.id, partial(self.attack_case, a)))
-            index += 1
-        cleans = []
-        for i, seed in enumerate(clean_seeds(cfg.split, cfg.clean)):
-            self.say(f"{cfg.split}: clean fine-tune {i}", i / max(1, cfg.clean))
-            cleans.append(self._case(done, f"clean-{seed}", partial(self.clean_case, i, seed)))
+        cleans: list[dict[str, Any]] = []
+        seeds = clean_seeds(cfg.split, cfg.clean)
+        limit = cfg.max_draws or 2 * cfg.attacks  # draws until ``attacks`` planted, at most
+
+        def more_attacks() -> bool:
+            return sum(r["planted"] for r in rows) < cfg.attacks and len(rows) < limit
+
+        # attacks and clean fine-tunes alternate, so an interrupted run has both kinds
+        while more_attacks() or len(cleans) < cfg.clean:
+            if more_attacks():
+                a = draw(cfg.split, len(rows), self.world.tasks, families=cfg.families)
+                self.say(f"{cfg.split}: attack {a.id}", len(rows) / limit)
+                rows.append(self._case(done, a.id, partial(self.attack_case, a)))
+            if len(cleans) < cfg.clean:
+                i, seed = len(cleans), seeds[len(cleans)]
+                self.say(f"{cfg.split}: clean fine-tune {i}", i / max(1, cfg.clean))
+                cleans.append(self._case(done, f"clean-{seed}", partial(self.clean_case, i, seed)))
         return {"split": cfg.split, "attacks": rows, "clean": cleans,
                 "defences": [d.name for d in self.defences], "aliases": self.alias,
                 "seconds": round(time.perf_counter() - t0, 1)}
