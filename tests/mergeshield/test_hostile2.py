@@ -90,9 +90,8 @@ def test_the_corpus_covers_every_class_with_enough_cases() -> None:
             "unsupported_tensor", "model_too_large", "invalid_weights"} <= {c.code for c in CASES}
 
 
-@pytest.mark.parametrize("name", ["special/fifo model.safetensors",
-                                  "link/special_tokens_map.json->/proc/self/environ",
-                                  "alloc/bin stride-0 expand(4e8) (1.6 GB)"])
+@pytest.mark.parametrize("name", ["special/fifo model.safetensors",  # the hang
+                                  "link/special_tokens_map.json->/proc/self/environ"])  # the leak
 def test_a_real_mergeshield_process_exits_2_without_hanging_or_leaking(
         name: str, fx: hostile2.Fixtures, tmp_path: Path) -> None:
     case = next(c for c in CASES if c.id == name)
