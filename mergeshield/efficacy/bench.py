@@ -23,6 +23,7 @@ from mergeshield.efficacy.attacks import FAMILIES, Attack, clean_seeds, draw
 from mergeshield.efficacy.defences import Case, Cleaned, Defence, RepairDefence, scan_defences
 from mergeshield.efficacy.world import Backbone, World, WorldConfig
 from mergeshield.evaluation import Rate
+from mergeshield.experiments.dam import DAMConfig, dam_merge
 from mergeshield.pipeline import ScanRequest
 from mergeshield.training import FinetuneConfig
 
@@ -54,6 +55,7 @@ class BenchConfig:
     # ScanRequest fields set on every scan defence, product included: {} for real numbers; CI
     # uses it to skip inversion (the product's defaults are then no longer measured)
     scan_overrides: dict[str, Any] = field(default_factory=dict)
+    dam: DAMConfig | None = field(default_factory=DAMConfig)  # merge setting, TA only; None: off
     resume: bool = False  # reuse the cases of ``work/cases.jsonl`` (same split and defences)
     repair: baselines.RepairConfig = field(default_factory=baselines.RepairConfig)
 
@@ -160,8 +162,25 @@ class Bench:
                 row["merge"][method]["defences"][name] = {
                     "asr": _rate(hidden(defended)), "accuracy": self.accuracies(defended)}
             row["defences"][name] = res
+        if self.cfg.dam is not None and "task_arithmetic" in self.cfg.merge_methods:
+            t1 = time.perf_counter()
+            merged = self.dam(task, planted)
+            row["merge"]["task_arithmetic"]["defences"]["dam"] = {
+                "asr": _rate(hidden(merged)), "accuracy": self.accuracies(merged),
+                "seconds": round(time.perf_counter() - t1, 1)}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
+
+    def dam(self, attacked: str, backbone: Backbone) -> Backbone:
+        """DAM's masked TA merge (a merge-time defence: no single-checkpoint row) from
+        unlabelled defender images of every task."""
+        assert self.cfg.dam is not None
+        w = self.world
+        tvs = [w.tv(backbone)] + [w.tv(w.clean[t]) for t in w.tasks if t != attacked]
+        images = {t: w.defender(t).images[:self.cfg.dam.images] for t in w.tasks}
+        merged = dam_merge({t: w.classifier(t) for t in w.tasks}, w.base, tvs,
+                           self.cfg.merge_lambda, images, self.cfg.dam)
+        return {k: merged[k] for k in w.keys}
 
     def clean_case(self, index: int, seed: int) -> dict[str, Any]:
         w = self.world
@@ -230,6 +249,9 @@ class Bench:
                 i, seed = len(cleans), seeds[len(cleans)]
                 self.say(f"{cfg.split}: clean fine-tune {i}", i / max(1, cfg.clean))
                 cleans.append(self._case(done, f"clean-{seed}", partial(self.clean_case, i, seed)))
+        merge_only = ["dam"] if cfg.dam is not None and "task_arithmetic" in cfg.merge_methods \
+            else []
         return {"split": cfg.split, "attacks": rows, "clean": cleans,
                 "defences": [d.name for d in self.defences], "aliases": self.alias,
+                "merge_only": merge_only,
                 "seconds": round(time.perf_counter() - t0, 1)}

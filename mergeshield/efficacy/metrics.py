@@ -63,8 +63,9 @@ def merge(rows: list[dict[str, Any]], name: str, method: str) -> dict[str, Any]:
     costs = [[100 * (_r(m["before"]["accuracy"][t]) - _r(acc))
               for t, acc in m["defences"][name]["accuracy"].items()] for m in ms]
     floor = [_r(m["clean_merge_asr"]) for m in ms]
-    back = [_r(r["defences"][name]["comeback_merge_asr"][method]) for r in rows]
-    within = sum(100 * (x - f) <= 5 for x, f in zip(back, floor, strict=True))
+    single_rows = [r["defences"][name] for r in rows if name in r["defences"]]
+    back = [_r(d["comeback_merge_asr"][method]) for d in single_rows]  # none: merge-only
+    within = sum(100 * (x - f) <= 5 for x, f in zip(back, floor, strict=False))
     # the merge alone weakens a backdoor: the cut of the ASR above the clean merge's (its floor)
     excess = [max(0.0, min(1.0, (x - y) / (x - f))) if x > f else 0.0
               for x, y, f in zip(b, a, floor, strict=True)]
@@ -74,7 +75,7 @@ def merge(rows: list[dict[str, Any]], name: str, method: str) -> dict[str, Any]:
             "accuracy_cost_points_mean": _mean(statistics.fmean(c) for c in costs),
             "accuracy_cost_points_worst": max((max(c) for c in costs), default=None),
             "clean_merge_asr": _mean(floor), "comeback_merge_asr": _mean(back),
-            "comeback_within_5_points": _rate(within, len(rows))}
+            "comeback_within_5_points": _rate(within, len(back)) if back else None}
 
 
 def detection(rows: list[dict[str, Any]], cleans: list[dict[str, Any]],
@@ -109,5 +110,13 @@ def summarise(result: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
             g: {"single": single(rs, name) if rs else None,
                 "merge": {m: merge(rs, name, m) for m in methods} if rs else None,
                 "detection": detection(rs, result["clean"], name) if rs else None}
+            for g, rs in groups.items()}
+    for name in result.get("merge_only", []):  # merge-time defences (DAM): TA rows only
+        groups = {"overall": rows, **{f: [r for r in rows if r["attack"]["family"] == f]
+                                      for f in families}}
+        out["defences"][name] = {
+            g: {"single": None, "detection": None,
+                "merge": {m: merge(rs, name, m) for m in methods
+                          if rs and name in rs[0]["merge"][m]["defences"]} or None}
             for g, rs in groups.items()}
     return out

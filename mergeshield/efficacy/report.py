@@ -56,7 +56,7 @@ def merge_table(summary: dict[str, Any], method: str, group: str = "overall") ->
              "within 5 pts |", "|---|---|---|---|---|---|---|---|"]
     for name, groups in summary["defences"].items():
         g = groups.get(group)
-        if not g or not g["merge"]:
+        if not g or not g["merge"] or method not in g["merge"]:
             continue
         m = g["merge"][method]
         lines.append(
@@ -152,18 +152,22 @@ def plot(summary: dict[str, Any], methods: Sequence[str], path: Path, title: str
     markers = ["s", "^", "v", "D"]
     for i, (name, groups) in enumerate(summary["defences"].items()):
         g = groups.get("overall")
-        if not g or not g["single"]:
+        if not g:
             continue
         color = f"C{i % 10}"
+        for j, m in enumerate(methods):
+            mm = (g["merge"] or {}).get(m)
+            if mm:
+                ax.scatter(mm["accuracy_cost_points_mean"], 100 * mm["excess_cut"], color=color,
+                           marker=markers[j % len(markers)], s=40, alpha=0.7,
+                           label=None if g["single"] else f"{name} (merge only)")
         s = g["single"]
+        if not s:
+            continue
         shared = summary.get("aliases", {}).get(name, name)
         label = name if shared == name else f"{name} (= {shared})"
         ax.scatter(s["accuracy_cost_points"], 100 * s["relative_cut"], color=color, marker="o",
                    s=60 if shared == name else 140, label=label, zorder=3 if shared == name else 2)
-        for j, m in enumerate(methods):
-            mm = g["merge"][m]
-            ax.scatter(mm["accuracy_cost_points_mean"], 100 * mm["excess_cut"], color=color,
-                       marker=markers[j % len(markers)], s=40, alpha=0.7)
     ax.axhline(100 * TARGETS["cut"], color="grey", ls="--", lw=1)
     ax.axvline(TARGETS["cost"], color="grey", ls="--", lw=1)
     ax.set(xlabel="clean-accuracy cost (points; merges: mean over tasks)",

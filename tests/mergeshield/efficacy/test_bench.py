@@ -9,6 +9,7 @@ from mergeshield.efficacy.baselines import RepairConfig
 from mergeshield.efficacy.bench import DEFENCES, BenchConfig
 from mergeshield.efficacy.runner import run_efficacy
 from mergeshield.efficacy.world import WorldConfig
+from mergeshield.experiments.dam import DAMConfig
 from mergeshield.training import FinetuneConfig
 from tests.support.zoo import Zoo
 
@@ -24,7 +25,8 @@ def test_the_bench_plants_defends_and_reports(zoo: Zoo, bv_cache_dir: Path,
         world=WorldConfig(finetune=FinetuneConfig(epochs=2, lr=1e-3, min_steps=100),
                           defender_images=400, eval_images=300, tasks=("digits", "mnist")),
         cache_dir=bv_cache_dir, scan_overrides={"inversion": False, "max_eval": 300},
-        repair=RepairConfig(finetune=SHORT, holdout=100, prune_step=0.25, anp_steps=10))
+        repair=RepairConfig(finetune=SHORT, holdout=100, prune_step=0.25, anp_steps=10),
+        dam=DAMConfig(steps=3, images=64))
     out = run_efficacy(cfg, tmp_path / "docs")
     files = {p.name for p in (tmp_path / "docs").iterdir()}
     assert {"ci.md", "cut-vs-cost-ci.png", "results.json"} <= files
@@ -43,9 +45,12 @@ def test_the_bench_plants_defends_and_reports(zoo: Zoo, bv_cache_dir: Path,
         merged = row["merge"]["task_arithmetic"]["defences"][name]
         assert len(merged["accuracy"]) == 2  # every merged task is measured
     assert row["defences"]["fine-tuning"]["flagged"] is None  # repairs do not detect
+    dam = row["merge"]["task_arithmetic"]["defences"]["dam"]  # a merge-time defence only
+    assert dam["asr"]["total"] == asr["total"] and "dam" not in row["defences"]
     assert isinstance(row["defences"]["product"]["flagged"], bool)
 
     summary = out["summary"]["defences"]["product"]["overall"]
     assert summary["detection"]["tpr"]["total"] == 1 and summary["detection"]["fpr"]["total"] == 1
     assert summary["single"]["attacks"] == 1
+    assert out["summary"]["defences"]["dam"]["overall"]["single"] is None
     assert "Single checkpoint" in (tmp_path / "docs" / "ci.md").read_text()
