@@ -153,8 +153,7 @@ def _from_file(source: str, path: Path, cache_dir: str | Path | None,
 def _from_folder(source: str, kind: Literal["hub", "directory"], root: Path,
                  revision: str | None, sha: str | None, cache_dir: str | Path | None,
                  limits: _Limits, remote_names: tuple[str, ...] = ()) -> ResolvedSource:
-    # a hub snapshot's files are links into the repo's blobs/ folder: that is still inside
-    _vet_folder(root, root.resolve().parent.parent if kind == "hub" else root.resolve())
+    _vet_folder(root, _allowed(root))
     config = _read_config(root)
     weights = _weight_files(root, remote_names)
     if weights[0].suffix == ".safetensors":
@@ -305,9 +304,19 @@ def extra_files(src: ResolvedSource) -> dict[str, Path]:
 
 
 def _inside(src: ResolvedSource) -> Path:
-    """The folder no file of ``src`` may lead out of (a hub repo's, for its blobs/)."""
-    root = src.root.resolve()
-    return root.parent.parent if src.kind == "hub" else root
+    """The folder no file of ``src`` may lead out of."""
+    return _allowed(src.root)
+
+
+def _allowed(root: Path) -> Path:
+    """The folder no link of the model folder ``root`` may lead out of: ``root`` itself, or for
+    a snapshot of the Hugging Face cache (``<repo>/snapshots/<sha>``, downloaded by us or named
+    as a local folder) the repo's cache folder, whose ``blobs/`` its files link to."""
+    real = root.resolve()
+    repo = real.parent.parent
+    if real.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return real
 
 
 def _regular_inside(path: Path, inside: Path) -> bool:

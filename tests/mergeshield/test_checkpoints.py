@@ -28,6 +28,7 @@ from mergeshield.errors import (
     InsufficientStorageError,
     InvalidWeightsError,
     NothingScannableError,
+    UnsafeFileError,
     UnsafeFormatError,
 )
 from mergeshield.safetensors_io import TensorInfo, read_header
@@ -412,3 +413,21 @@ def test_other_json_files_are_searched_for_remote_code_but_need_not_be_configs(
     (folder / "modules.json").write_text('[{"auto_map": {"AutoModel": "evil.Model"}}]')
     with pytest.raises(UnsafeFormatError, match=r"modules.json: refused, \[0\].auto_map"):
         ck.resolve(str(folder))
+
+
+def test_a_hub_cache_snapshot_named_as_a_folder_may_link_into_its_blobs(
+        tmp_path: Path, vit_dir: Path) -> None:
+    """huggingface_hub's cache layout: snapshots/<sha>/<file> -> ../../blobs/<hash>."""
+    repo = tmp_path / "models--acme--vit"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    for i, p in enumerate(sorted(vit_dir.iterdir())):
+        (repo / "blobs" / f"blob{i}").write_bytes(p.read_bytes())
+        (snap / p.name).symlink_to(f"../../blobs/blob{i}")
+    src = ck.resolve(str(snap))
+    assert src.config is not None and src.weight_files
+    (snap / "notes.txt").symlink_to(tmp_path / "elsewhere.txt")  # out of the repo: refused
+    (tmp_path / "elsewhere.txt").write_text("x")
+    with pytest.raises(UnsafeFileError, match="notes.txt"):
+        ck.resolve(str(snap))
