@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import BaseModel
+
 from mergeshield.efficacy.world import Backbone, World
 from mergeshield.ibvs import Focus
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
@@ -77,16 +79,43 @@ class ScanDefence:
                        flagged=report.verdict.status == "backdoor_suspected",
                        score=detection_score(report),
                        detail={"verdict": report.verdict.status, "lambda": lam,
+                               "config_hash": report.config_hash,
                                "wrote_checkpoint": report.output is not None})
 
 
+# ScanRequest's fields when the bench was written: a field added since is a new step of the
+# product, switched off for the pinned IBVS baselines (``pinned_off``)
+SESSION_START_FIELDS = frozenset({
+    "suspect", "base", "suspect_revision", "base_revision", "evaluation", "evaluation_revision",
+    "injection_data", "recipe", "focus", "lambdas", "budget_points", "fixed_lambda", "bv",
+    "triggers", "user_targets", "probes", "inversion", "inversion_steps", "max_eval",
+    "min_asr_gap", "seed"})
+
+
+def pinned_off() -> dict[str, Any]:
+    """Overrides that switch off every ScanRequest step added after ``SESSION_START_FIELDS``:
+    a sub-model with an ``enabled`` flag gets ``enabled=False``, a flag that defaults on, False."""
+    out: dict[str, Any] = {}
+    for name, f in ScanRequest.model_fields.items():
+        if name in SESSION_START_FIELDS:
+            continue
+        default = f.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel) and "enabled" in type(default).model_fields:
+            out[name] = default.model_copy(update={"enabled": False})
+        elif default is True:
+            out[name] = False
+    return out
+
+
 def scan_defences(cache_dir: Path | None) -> list[ScanDefence]:
-    """The product (defaults now), the paper's plain IBVS and the pinned focused IBVS."""
+    """The product (defaults now), the paper's plain IBVS and the pinned focused IBVS (both
+    with the steps added to the scan since switched off)."""
     plain = Focus(keep=1.0, agree_with_suspect=False)
     focused = Focus(keep=0.2, agree_with_suspect=True)
+    off = pinned_off()
     return [ScanDefence("product", {}, cache_dir),
-            ScanDefence("ibvs-plain", {"focus": plain}, cache_dir),
-            ScanDefence("ibvs-focused", {"focus": focused}, cache_dir)]
+            ScanDefence("ibvs-plain", {"focus": plain, **off}, cache_dir),
+            ScanDefence("ibvs-focused", {"focus": focused, **off}, cache_dir)]
 
 
 Repair = Callable[[World, str, Backbone, int], tuple[Backbone, dict[str, Any]]]

@@ -18,6 +18,8 @@ import torch
 from mergeshield import __version__
 from mergeshield.efficacy import metrics, report
 from mergeshield.efficacy.bench import Bench, BenchConfig, Progress
+from mergeshield.efficacy.defences import pinned_off
+from mergeshield.pipeline import ScanRequest
 
 
 def run_efficacy(cfg: BenchConfig, out: Path, progress: Progress | None = None) -> dict[str, Any]:
@@ -34,7 +36,11 @@ def run_efficacy(cfg: BenchConfig, out: Path, progress: Progress | None = None) 
             "clean": len(result["clean"]), "min_asr": cfg.min_asr,
             "merge_lambda": cfg.merge_lambda, "ties_keep": cfg.ties_keep,
             "ties_scale": cfg.ties_scale,
-            "defender_images": cfg.world.defender_images, "families": list(cfg.families)}
+            "defender_images": cfg.world.defender_images, "families": list(cfg.families),
+            # what "product" meant for this run: the ScanRequest defaults when it ran
+            "product_request": ScanRequest(suspect="", base="").model_dump(
+                mode="json", exclude={"suspect", "base"}),
+            "pinned_off": {k: str(v) for k, v in pinned_off().items()}}
     out.mkdir(parents=True, exist_ok=True)
     page = out / f"{cfg.split}.md"
     page.write_text(report.markdown(cfg.split, summary, cfg.merge_methods, meta))

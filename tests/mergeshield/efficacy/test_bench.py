@@ -36,8 +36,9 @@ def test_the_bench_plants_defends_and_reports(zoo: Zoo, bv_cache_dir: Path,
     assert row["attack"]["family"] == "patch" and row["planted"]
     asr = row["own_asr"]
     assert asr["rate"] >= 0.5 and 0 < asr["total"] <= 300  # target-class images left out
-    # the product's defaults equal the pinned focused IBVS here: one scan serves both names
-    assert stored["cases"]["aliases"]["product"] == stored["cases"]["aliases"]["ibvs-focused"]
+    # identical scan requests run once: every scan defence names the one whose result it shares
+    aliases = stored["cases"]["aliases"]
+    assert set(aliases) == {"product", "ibvs-focused"} and aliases["product"] == "product"
     for name in cfg.defences:
         res = row["defences"][name]
         assert 0 <= res["asr"]["rate"] <= 1 and res["asr"]["total"] == asr["total"]
