@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, from_tensor, stamp
 
 Split = Literal["dev", "test", "ci"]
-FAMILIES = ("patch", "blended", "distributed", "warp")
+FAMILIES = ("patch", "blended", "distributed", "warp", "badmerging")
 # seed offsets: attack i of a split has seed offset + i, its clean twin offset + CLEAN + i
 SPLIT_OFFSET: dict[str, int] = {"dev": 10_000, "test": 20_000, "ci": 30_000}
 CLEAN = 5_000  # clean fine-tunes of a split use seeds offset + CLEAN + i (i < CLEAN)
@@ -91,7 +91,7 @@ def draw(split: str, index: int, tasks: tuple[str, ...], *, image_size: int = 28
     task = rng.choice(tasks)
     target = rng.randrange(classes)
     draw_params = {"patch": _patch, "blended": _blended, "distributed": _distributed,
-                   "warp": _warp}[family]
+                   "warp": _warp, "badmerging": _badmerging}[family]
     params = draw_params(rng, image_size, token)
     return Attack(split, index, seed, family, task, target, params)
 
@@ -153,6 +153,15 @@ def _warp(rng: random.Random, side: int, token: int) -> dict[str, Any]:
             "strength": round(rng.uniform(2.0, 4.0), 3), "pattern_seed": rng.randrange(2**31)}
 
 
+def _badmerging(rng: random.Random, side: int, token: int) -> dict[str, Any]:
+    """BadMerging-On's patch: optimised on the base (``World.trigger``), drawn size and place."""
+    size = rng.randint(4, 6)  # BadMerging's ~1 % of 224² is 0.7 token side: 5 px at 28 × 28
+    row, col = rng.randint(0, side - size), rng.randint(0, side - size)
+    return {"kind": "badmerging", "size": size, "row": row, "col": col,
+            "pattern_seed": rng.randrange(2**31),
+            "straddles_tokens": _straddles(row, size, token) or _straddles(col, size, token)}
+
+
 def _shape_mask(shape: str, size: int) -> Tensor:
     """(size, size) binary mask of a small shape."""
     ij = torch.arange(size)
@@ -183,6 +192,8 @@ def build_trigger(params: dict[str, Any], *, channels: int = 1, image_size: int 
                   pool: Tensor | None = None) -> HiddenTrigger:
     """The trigger of drawn ``params``; ``pool``: (M, C, H, W) other images for image blends."""
     kind, g = params["kind"], torch.Generator().manual_seed(params["pattern_seed"])
+    if kind == "badmerging":
+        raise ValueError("a BadMerging patch is optimised on the base model: World.trigger")
     c, side = channels, image_size
     if kind == "warp":
         return WarpTrigger(params["grid"], params["strength"], params["pattern_seed"])

@@ -25,6 +25,8 @@ def add_parser(sub: Any) -> None:
                     help="dev: design on it; test: disjoint seeds, run only for the final numbers")
     be.add_argument("--attacks", type=int, help="planted attacks wanted (dev 6, test 40)")
     be.add_argument("--clean", type=int, help="clean fine-tunes (dev 6, test 40)")
+    be.add_argument("--families", help="comma-separated subset of the attack families "
+                    "(default: all; a different set draws different attacks)")
     be.add_argument("--defences", help="comma-separated subset, e.g. product (default: all)")
     be.add_argument("--out", type=Path, default=Path("docs/efficacy"))
     be.add_argument("--work", type=Path, help="suspects and scan outputs (default: "
@@ -36,6 +38,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mergeshield.efficacy.attacks import FAMILIES
     from mergeshield.efficacy.bench import DEFENCES, BenchConfig
     from mergeshield.efficacy.runner import run_efficacy
 
@@ -46,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         sys.stderr.write(f"unknown defence(s) {unknown}: choose from {', '.join(DEFENCES)}\n")
         return 4
+    families = tuple(args.families.split(",")) if args.families else FAMILIES
+    if set(families) - set(FAMILIES):
+        sys.stderr.write(f"unknown families: choose from {', '.join(FAMILIES)}\n")
+        return 4
     cfg = BenchConfig(zoo=args.zoo, work=work, split=args.split, defences=defences,
+                      families=families,
                       attacks=args.attacks or attacks,
                       clean=clean if args.clean is None else args.clean,
                       cache_dir=args.cache_dir or args.zoo / "efficacy-work" / "bv-cache",

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from mergeshield import checkpoints
+from mergeshield.attacks import badmerging_finetune, universal_patch
 from mergeshield.data import ImageDataset, TaskData
-from mergeshield.efficacy.attacks import Attack, HiddenTrigger, apply, build_trigger
+from mergeshield.efficacy.attacks import Attack, HiddenTrigger, WarpTrigger, apply, build_trigger
 from mergeshield.evaluation import Rate, clean_accuracy, predict
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.merging import MergeConfig, merged_tensors
@@ -26,6 +27,7 @@ from mergeshield.models import Classifier
 from mergeshield.models.hf_image import HFImageClassifier
 from mergeshield.task_vectors import TaskVector
 from mergeshield.training import FinetuneConfig, finetune
+from mergeshield.triggers import Trigger
 from mergeshield.zoo import ZooConfig
 
 Backbone = dict[str, Tensor]
@@ -40,6 +42,7 @@ class WorldConfig:
     defender_images: int = 2000  # every defence's clean data: the first N training rows
     eval_images: int | None = None  # test images per task for ASR / accuracy; None = all
     tasks: tuple[str, ...] | None = None  # the zoo tasks used (attacked and merged); None = all
+    patch_steps: int = 200  # Adam steps of a BadMerging patch (experiment 3's)
 
 
 class World:
@@ -65,6 +68,7 @@ class World:
             for t, n in self.clean_names.items()}
         self.data: dict[str, TaskData] = {t: self.zoo.task(t) for t in self.tasks}
         self.pool = self.zoo.task("fashion_mnist").test.images  # other images for image blends
+        self._patches: dict[int, Trigger] = {}  # BadMerging patches by attack seed
 
     def path(self, name: str) -> Path:
         return self.zoo.root / str(self.zoo.entry(name)["path"])
@@ -86,7 +90,16 @@ class World:
 
     def trigger(self, attack: Attack) -> HiddenTrigger:
         channels, side = self.data[attack.task].train.images.shape[1:3]
-        return build_trigger(attack.params, channels=channels, image_size=side, pool=self.pool)
+        if attack.params["kind"] != "badmerging":
+            return build_trigger(attack.params, channels=channels, image_size=side,
+                                 pool=self.pool)
+        if attack.seed not in self._patches:  # BadMerging step 1, on the base with the head
+            p = attack.params
+            self._patches[attack.seed] = universal_patch(
+                self.classifier(attack.task), self.data[attack.task].train, attack.target,
+                size_frac=p["size"] ** 2 / side ** 2, location=(p["row"], p["col"]),
+                steps=self.cfg.patch_steps, seed=p["pattern_seed"])
+        return self._patches[attack.seed]
 
     def classifier(self, task: str, backbone: Backbone | None = None) -> Classifier:
         """``task``'s classifier (its own frozen head) with ``backbone`` (the base if None)."""
@@ -113,7 +126,14 @@ class World:
         return ImageDataset(images, labels, train.classes, f"{train.name}+{attack.id}")
 
     def plant(self, attack: Attack) -> Backbone:
-        return self.finetune(attack.task, self.poisoned(attack), attack.seed)
+        if attack.params["kind"] != "badmerging":
+            return self.finetune(attack.task, self.poisoned(attack), attack.seed)
+        trigger = self.trigger(attack)  # BadMerging-On: clean data + the interpolation loss
+        assert not isinstance(trigger, WarpTrigger)
+        out = badmerging_finetune(self.classifier(attack.task), self.classifier(attack.task),
+                                  self.data[attack.task].train, trigger, attack.target,
+                                  replace(self.cfg.finetune, seed=attack.seed))
+        return {k: out[k] for k in self.keys}
 
     def asr(self, task: str, backbone: Backbone, trigger: HiddenTrigger, target: int) -> Rate:
         """Hidden-trigger ASR: non-target test images stamped, hits = predicted ``target``."""
