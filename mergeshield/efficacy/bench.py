@@ -56,7 +56,8 @@ class BenchConfig:
     # uses it to skip inversion (the product's defaults are then no longer measured)
     scan_overrides: dict[str, Any] = field(default_factory=dict)
     dam: DAMConfig | None = field(default_factory=DAMConfig)  # merge setting, TA only; None: off
-    resume: bool = False  # reuse the cases of ``work/cases.jsonl`` (same split and defences)
+    resume: bool = False  # reuse the cases of ``work/cases*.jsonl`` (same split and defences)
+    shard: tuple[int, int] | None = None  # (i, n): run shard i of n (``Bench.run_shard``)
     repair: baselines.RepairConfig = field(default_factory=baselines.RepairConfig)
 
 
@@ -206,16 +207,25 @@ class Bench:
                 "detail": c.detail}
 
     def _journal(self) -> dict[str, dict[str, Any]]:
-        """Rows of an earlier run of the same split and defences (``resume``), by case key;
-        every case is appended to ``work/cases.jsonl`` as soon as it is done."""
-        path = self.cfg.work / "cases.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.cfg.resume or not path.is_file():
-            path.write_text("")
+        """Rows of earlier runs of the same split and defences (``resume``: every
+        ``work/cases*.jsonl``, shards' included), by case key; each case is appended to this
+        run's journal as soon as it is done."""
+        self.cfg.work.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.resume:
+            self._path.write_text("")
             return {}
         names = [d.name for d in self.defences]
-        lines = (json.loads(x) for x in path.read_text().splitlines() if x.strip())
-        return {x["key"]: x["row"] for x in lines if x["defences"] == names}
+        out: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.cfg.work.glob("cases*.jsonl")):
+            for x in (json.loads(t) for t in path.read_text().splitlines() if t.strip()):
+                if x["defences"] == names:
+                    out[x["key"]] = x["row"]
+        return out
+
+    @property
+    def _path(self) -> Path:
+        shard = self.cfg.shard
+        return self.cfg.work / ("cases.jsonl" if shard is None else f"cases-{shard[0]}.jsonl")
 
     def _case(self, done: dict[str, dict[str, Any]], key: str,
               make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -223,9 +233,27 @@ class Bench:
             return done[key]
         row = make()
         entry = {"key": key, "defences": [d.name for d in self.defences], "row": row}
-        with (self.cfg.work / "cases.jsonl").open("a") as f:
+        with self._path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
         return row
+
+    def run_shard(self, shard: int, shards: int) -> None:
+        """Shard ``shard`` of ``shards`` processes: every shards-th attack draw (until its share
+        of planted attacks) and clean fine-tune, journaled only; a later run with ``resume``
+        and no shard collects them (and computes whatever is missing)."""
+        cfg, done = self.cfg, self._journal()
+        limit = cfg.max_draws or 2 * cfg.attacks
+        share, planted = -(-cfg.attacks // shards), 0
+        for index in range(shard, limit, shards):
+            if planted >= share:
+                break
+            a = draw(cfg.split, index, self.world.tasks, families=cfg.families)
+            self.say(f"{cfg.split} shard {shard}: attack {a.id}", index / limit)
+            planted += bool(self._case(done, a.id, partial(self.attack_case, a))["planted"])
+        seeds = clean_seeds(cfg.split, cfg.clean)
+        for i in range(shard, cfg.clean, shards):
+            self.say(f"{cfg.split} shard {shard}: clean fine-tune {i}", i / max(1, cfg.clean))
+            self._case(done, f"clean-{seeds[i]}", partial(self.clean_case, i, seeds[i]))
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

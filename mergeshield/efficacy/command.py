@@ -31,10 +31,21 @@ def add_parser(sub: Any) -> None:
     be.add_argument("--out", type=Path, default=Path("docs/efficacy"))
     be.add_argument("--work", type=Path, help="suspects and scan outputs (default: "
                     "<zoo>/efficacy-work/<split>)")
-    be.add_argument("--resume", action="store_true", help="reuse the cases an interrupted run "
-                    "of the same split and defences journaled in <work>/cases.jsonl")
+    be.add_argument("--resume", action="store_true", help="reuse the cases earlier runs "
+                    "(or shards) of the same split and defences journaled in <work>/cases*.jsonl")
+    be.add_argument("--shard", help="I/N: run shard I of N in this process (start N at once, "
+                    "then one run with --resume writes the results)")
     be.add_argument("--cache-dir", type=Path, help="the scans' BV_inj cache (default: "
                     "<zoo>/efficacy-work/bv-cache)")
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise SystemExit(f"--shard wants I/N with 0 <= I < N, got {text!r}")
+    return int(i), int(n)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                       attacks=args.attacks or attacks,
                       clean=clean if args.clean is None else args.clean,
                       cache_dir=args.cache_dir or args.zoo / "efficacy-work" / "bv-cache",
-                      resume=args.resume)
+                      resume=args.resume, shard=_shard(args.shard))
     verbose = os.environ.get("MERGESHIELD_BENCH_QUIET") is None
 
     def say(stage: str, fraction: float) -> None:
@@ -66,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
             sys.stderr.write(f"[{fraction:4.0%}] {stage}\n")
             sys.stderr.flush()
 
+    if cfg.shard is not None:
+        from mergeshield.efficacy.bench import Bench
+
+        Bench(cfg, say).run_shard(*cfg.shard)
+        sys.stdout.write(f"shard {args.shard} journaled in {work}; when every shard is done: "
+                         "the same command without --shard, with --resume\n")
+        return 0
     done = run_efficacy(cfg, args.out, say)
     meta = done["meta"]
     lines = [f"wrote {', '.join(done['files'])} to {args.out}: {meta['planted']} planted of "
