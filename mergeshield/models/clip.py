@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from mergeshield.errors import CorruptCheckpointError, UnsupportedModelError
+from mergeshield.errors import CorruptCheckpointError, ModelRunError, UnsupportedModelError
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
 from mergeshield.models.config_guard import (
     MAX_PARAMETERS,
@@ -164,14 +164,25 @@ class CLIPFamily(ModelFamily):
     def _text_features(self, model: CLIPModel, classes: tuple[str, ...]) -> Tensor:
         if self.tokenizer_root is None:
             raise UnsupportedModelError("the CLIP base has no tokenizer files to build its head")
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_root, trust_remote_code=False)
+        try:  # untrusted files: a failure to load or to encode is the base's, not ours
+            tok = AutoTokenizer.from_pretrained(self.tokenizer_root, trust_remote_code=False)
+            batches = [tok([t.format(name) for t in TEMPLATES], padding=True, return_tensors="pt")
+                       for name in classes]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+            raise CorruptCheckpointError(
+                f"the CLIP base's tokenizer files cannot be loaded or used ({type(exc).__name__}:"
+                f" {str(exc)[:200]}); give a base with the tokenizer it was trained with",
+                details={"reason": type(exc).__name__}) from None
         rows = []
-        for name in classes:
-            prompts = [t.format(name) for t in TEMPLATES]
-            batch = tok(prompts, padding=True, return_tensors="pt")
-            out = model.get_text_features(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            )
+        for batch in batches:
+            try:
+                out = model.get_text_features(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                )
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # e.g. ids >= vocab
+                raise ModelRunError(
+                    f"the CLIP text tower failed on the class prompts ({type(exc).__name__}: "
+                    f"{str(exc)[:200]})", details={"reason": type(exc).__name__}) from exc
             emb = out if isinstance(out, Tensor) else out.pooler_output  # (T, D)
             emb = nn.functional.normalize(emb, dim=-1).mean(0)
             rows.append(nn.functional.normalize(emb, dim=-1))

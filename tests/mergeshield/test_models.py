@@ -383,3 +383,21 @@ def test_a_config_must_agree_with_the_weights_and_the_limit(vit_dir: Path) -> No
         check_config(config, weight_elements=100)
     with pytest.raises(ModelTooLargeError, match="over the limit of 1,000"):
         check_config(config, max_parameters=1000)
+
+
+@pytest.mark.parametrize("files", [
+    {"tokenizer_config.json": '{"tokenizer_class": "NoSuchTokenizerFast"}'},
+    {"vocab.json": "not json", "tokenizer.json": "not json"},
+])
+def test_broken_clip_tokenizer_files_are_a_stable_error(
+        clip_dirs: dict[str, Path], tmp_path: Path, files: dict[str, str]) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    for p in clip_dirs["base"].iterdir():
+        (base / p.name).write_bytes(p.read_bytes())
+    for name, text in files.items():
+        (base / name).write_text(text)
+    with load_dir(base) as ck:
+        family = family_for(ck.config, ck.config, tokenizer_root=str(base))
+        with pytest.raises(CorruptCheckpointError, match="tokenizer files cannot be loaded or"):
+            family.classifier(ck, ck, CLASSES3)
