@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mergeshield.errors import CorruptCheckpointError, IncompatibleModelsError, ModelRunError
+from mergeshield.models.config_guard import MAX_IMAGE_SIDE
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Preprocessing:
         cls, processor: Mapping[str, Any] | None, image_size: Any, channels: Any
     ) -> Preprocessing:
         """From the processor config and the model's (untrusted) sizes; bad values refused."""
-        for name, value, hi in (("image_size", image_size, 8192), ("num_channels", channels, 64)):
+        for name, value, hi in (("image_size", image_size, MAX_IMAGE_SIDE),
+                                ("num_channels", channels, 64)):
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
                 raise CorruptCheckpointError(
                     f"config.json: {name} must be an integer from 1 to {hi}, not "

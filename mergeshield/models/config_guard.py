@@ -32,9 +32,13 @@ DROPPED = frozenset({*REMOTE_KEYS, "attn_implementation", "_attn_implementation"
                      "_attn_implementation_internal", "_attn_implementation_autoset",
                      "experts_implementation", "dtype", "torch_dtype", "quantization_config",
                      "use_kernels", "kernel_config", "_name_or_path"})
+# an input side: every image is resized to it, so it sets the memory of each forward pass
+# (EVA-02 and BEiT classify at 448-560 px)
+MAX_IMAGE_SIDE = 2048
+MAX_TOKENS = 16384  # (image_size / patch_size)²: attention memory grows with its square
 # (lowest, highest) of the integer fields the families read, wherever they appear
 INT_FIELDS: dict[str, tuple[int, int]] = {
-    "image_size": (1, 8192), "patch_size": (1, 8192), "num_channels": (1, 64),
+    "image_size": (1, MAX_IMAGE_SIDE), "patch_size": (1, MAX_IMAGE_SIDE), "num_channels": (1, 64),
     "hidden_size": (1, 65536), "num_hidden_layers": (0, 256), "num_attention_heads": (1, 1024),
     "intermediate_size": (1, 262144), "num_labels": (1, 100_000), "embedding_size": (1, 65536),
     "projection_dim": (1, 65536), "vocab_size": (1, 2**21), "max_position_embeddings": (1, 2**20),
@@ -116,6 +120,11 @@ def check_fields(config: Mapping[str, Any], file: str = "config.json", where: st
         depth = max(depth, sum(config["depths"]))
     if depth > MAX_DEPTH:
         raise _bad(file, where or "the model", f"has {depth} layers, more than {MAX_DEPTH}")
+    side, patch = config.get("image_size"), config.get("patch_size")
+    if isinstance(side, int) and isinstance(patch, int) and (side // patch) ** 2 > MAX_TOKENS:
+        raise _bad(file, where or "the model", f"image_size {side} / patch_size {patch} makes "
+                                                f"{(side // patch) ** 2} tokens per image, more "
+                                                f"than {MAX_TOKENS}")
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if (isinstance(hidden, int) and isinstance(heads, int) and heads > 0
             and "head_dim" not in config and hidden % heads):

@@ -22,6 +22,7 @@ from mergeshield.errors import (
 )
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
 from mergeshield.models.config_guard import (
+    MAX_IMAGE_SIDE,
     MAX_PARAMETERS,
     attention_for,
     check_parameters,
@@ -204,9 +205,10 @@ def _processor_size(processor: Mapping[str, Any] | None) -> int:
     size = p.get("crop_size") or p.get("size") or 224
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge") or 224
-    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 8192:
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IMAGE_SIDE:
         raise CorruptCheckpointError(
-            "preprocessor_config.json: size/crop_size must be an integer from 1 to 8192 or "
+            f"preprocessor_config.json: size/crop_size must be an integer from 1 to "
+            f"{MAX_IMAGE_SIDE} or "
             f"{{'height': ...}}, not {str(size)[:40]!r}; fix the processor config",
             details={"file": "preprocessor_config.json", "field": "size"})
     return size

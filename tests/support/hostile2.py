@@ -369,6 +369,8 @@ def _configs() -> Iterator[Case]:
     yield cfg("num_channels a string", num_channels="1")
     yield cfg("patch_size a float", patch_size=4.0)
     yield cfg("num_labels 0", num_labels=0)
+    yield cfg("image_size 10**5 (a 40 GB input)", image_size=10**5)
+    yield cfg("image_size 2048 / patch 2 (a million tokens)", image_size=2048, patch_size=2)
     yield cfg("heads do not divide hidden", num_attention_heads=3)
     yield cfg("hidden_size true", hidden_size=True)
     yield cfg("unknown hidden_act", hidden_act="evil_act")
