@@ -70,6 +70,35 @@ def invert_triggers(
     return [from_tensor(pattern[t], hard[t, 0].cpu()) for t in range(k)]
 
 
+def invert_blend(
+    clf: Classifier, images: Tensor, labels: Tensor, target: int, cfg: InversionConfig,
+    alpha: float = 0.2,
+) -> ImageTrigger:
+    """A full-image pattern that, blended in at ``alpha`` (x' = (1 − α)·x + α·p), sends the
+    non-target ``images`` to ``target``: the blended-injection (Chen et al., 2017) counterpart of
+    the patch search, for backdoors a small patch does not reach (blends, warps, spread patches).
+
+    Used to unlearn a target the scan already suspects, never to decide one: at α = 0.2 such a
+    pattern flips many clean models too."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    dev = next(clf.parameters()).device
+    c, h, w = images.shape[1:]
+    logit = (torch.rand((c, h, w), generator=gen) * 2 - 1).to(dev).requires_grad_(True)
+    pool = torch.nonzero(labels != target).flatten()
+    opt = torch.optim.Adam([logit], lr=cfg.lr)
+    y = torch.full((cfg.batch * 2,), target, device=dev)
+    clf.eval()
+    for _ in range(cfg.steps):
+        cancellation.check()
+        x = images[pool[torch.randint(len(pool), (cfg.batch * 2,), generator=gen)]].to(dev)
+        stamped = (1 - alpha) * x + alpha * torch.sigmoid(logit)  # (2B, C, H, W)
+        loss = nn.functional.cross_entropy(clf(stamped), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return from_tensor(torch.sigmoid(logit.detach()).cpu(), torch.full((h, w), alpha))
+
+
 def _top_area(mask: Tensor, area: int) -> Tensor:
     """Binary masks (K, 1, H, W) keeping the ``area`` largest entries of each soft mask."""
     flat = mask.flatten(1)

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +49,13 @@ from mergeshield.report.schema import (
     TaskVectorSummary,
     TensorStat,
     TriggerMeasurement,
+    UnlearningRound,
 )
+from mergeshield.report.verdict import finding_gap, still_responds
 from mergeshield.task_vectors import TaskVector, cosine
 from mergeshield.training import Progress
 from mergeshield.triggers import Trigger, preview_png, trigger_id
+from mergeshield.unlearning import Found, RoundReport, repair
 
 if TYPE_CHECKING:
     from mergeshield.pipeline import ScanRequest
@@ -65,8 +69,10 @@ class Measurement:
     metrics: Metrics
     injection: InjectionSummary
     sweep: SweepSummary
-    bv: TaskVector  # BV_inj over the backbone
+    bv: TaskVector  # BV_inj over the backbone (as subtracted: focused)
     chosen_lambda: float
+    correction: TaskVector  # θ_cleaned − θ_suspect: −λ·BV_inj, plus the unlearning vector U
+    unlearning: list[UnlearningRound]  # empty: nothing found, or unlearning turned off
 
 
 @dataclass
@@ -171,9 +177,20 @@ def measure_and_sanitise(
         points = sweep(evaluate, request.lambdas)
         lam = (request.fixed_lambda if request.fixed_lambda is not None
                else choose_lambda(points, request.budget_points))
+    sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
+    rounds: list[RoundReport] = []
+    found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in probes
+             if _is_finding(p, request.min_asr_gap)]
+    if found and request.unlearning.enabled:
+        with stage("unlearn"):  # sus holds θ − λ·BV_inj; repaired in place
+            rounds = repair(
+                sus, _sample(inj_task.train, request.unlearning.max_train, request.seed), test,
+                _sample(task.train, 512, request.seed), found, request.unlearning,
+                still_responds=partial(still_responds, min_asr_gap=request.min_asr_gap),
+                inversion=InversionConfig(steps=request.inversion_steps, seed=request.seed),
+                accuracy_floor=ca_before.rate - request.budget_points / 100, progress=progress)
     with stage("measure_cleaned"):  # what the sweep already measured at λ is not redone
-        done = next((pt for pt in points if pt.lam == lam), None)
-        sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
+        done = None if rounds else next((pt for pt in points if pt.lam == lam), None)
         ca_after = done.clean_accuracy if done else clean_accuracy(sus, test)
         for p in probes:
             p.after = (done.asr[p.id] if done and p.id in done.asr
@@ -185,6 +202,7 @@ def measure_and_sanitise(
         clean_accuracy_after=ca_after.to_model(),
         triggers=[_measurement(p, classes, sample) for p in probes],
     )
+    cleaned = {k: v.detach().float().cpu().clone() for k, v in sus.backbone_state().items()}
     return Measurement(
         dataset=DatasetInput(source=task.source, name=task.name, classes=list(classes),
                              split="test", size=len(test), sha256=test.sha256()),
@@ -203,6 +221,10 @@ def measure_and_sanitise(
         ),
         bv=bv,
         chosen_lambda=lam,
+        correction=TaskVector.between(theta, cleaned, list(bv)).materialize(),
+        unlearning=[UnlearningRound(unlearned=list(r.unlearned),
+                                    residual_asr={k: v.to_model() for k, v in r.residual.items()})
+                    for r in rounds],
     )
 
 
@@ -253,6 +275,21 @@ def _inverted(request: ScanRequest, task: TaskData, ref: Classifier, sus: Classi
             best = _Probe(f"inverted:target-{t}", "inverted", mine[t], t, spec, baseline, on_sus[t])
     assert best is not None
     return best
+
+
+def _is_finding(p: _Probe, gap: float) -> bool:
+    """The verdict's own rule: this trigger is a finding (so the cleaning unlearns it)."""
+    assert p.before is not None
+    return finding_gap(p.source, p.before.rate, p.before.ci95[0], p.ref.rate if p.ref else 0.0,
+                       gap) is not None
+
+
+def _sample(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:
+    """At most ``n`` rows of ``data``, a seeded draw (all of it when ``n`` is None)."""
+    if n is None or len(data) <= n:
+        return data
+    gen = torch.Generator().manual_seed(seed)
+    return data.subset(torch.randperm(len(data), generator=gen)[:n])
 
 
 def _model_name(source: str) -> str:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mergeshield import __version__, checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
-from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe, sanitise
+from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
 from mergeshield.model_card import check_card_base
 from mergeshield.models import ModelFamily, backbone_keys, family_for
@@ -41,7 +41,10 @@ from mergeshield.options import (
 )
 from mergeshield.report import ScanReport, decide, write_report
 from mergeshield.report.schema import (
+    CleaningStatus,
+    CleaningSummary,
     FileDigest,
+    Finding,
     IncompleteReason,
     Metrics,
     ModelInput,
@@ -50,6 +53,7 @@ from mergeshield.report.schema import (
 from mergeshield.task_vectors import TaskVector
 from mergeshield.training import Progress
 from mergeshield.triggers import Trigger
+from mergeshield.unlearning import UnlearnConfig
 
 
 class ScanRequest(BaseModel):
@@ -66,6 +70,8 @@ class ScanRequest(BaseModel):
     injection_data: str | None = None  # the defender's data for BV_inj; default: ``evaluation``
     recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
     focus: Focus = Field(default_factory=Focus)  # which part of BV_inj is subtracted
+    # after IBVS, a found backdoor is unlearned (mergeshield/unlearning.py)
+    unlearning: UnlearnConfig = Field(default_factory=UnlearnConfig)
     # bounds (finite, generous ceilings): mergeshield.options
     lambdas: list[Lambda] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1,
                                   max_length=MAX_LIST)
@@ -191,24 +197,26 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
                 device=device, stage=timer.stage, hub=hub, given_bv=given, progress=ctx.progress,
                 cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None, bv_guard=ctx.bv_guard,
             )
-        # what gets subtracted: the measured choice, or a given BV at a given λ (unmeasured)
+        # what gets added: the measured cleaning, or a given BV at a given λ (unmeasured)
         step: tuple[TaskVector, float, str] | None = None
         if m is not None:
-            step = (m.bv, m.chosen_lambda, m.injection.recipe_hash)
+            step = (m.correction, m.chosen_lambda, m.injection.recipe_hash)
         elif given is not None and request.fixed_lambda is not None:
-            step = (given[0], request.fixed_lambda, given[1])
+            step = (given[0] * -request.fixed_lambda, request.fixed_lambda, given[1])
         elif given is not None:
             incomplete.append(IncompleteReason(
                 code="no_lambda", message="a BV was given but nothing was measured to choose λ "
                                           "with: pass --lambda to subtract it anyway"))
         with timer.stage("summary"):
-            tv_summary = summarise(tau, base_w, skipped, step[0] if step else None)
+            tv_summary = summarise(tau, base_w, skipped,
+                                   m.bv if m else given[0] if given else None)
+        findings, verdict = decide(m.metrics.triggers if m else [], incomplete=incomplete,
+                                   min_asr_gap=request.min_asr_gap)
+        cleaning = describe_cleaning(m, findings, step[1] if step else None)
         output = None
         if ctx.out_dir is not None and step is not None:
             with timer.stage("write_checkpoint"):
-                output = _write_cleaned(ctx, suspect_src, base_src, suspect_w, *step)
-    findings, verdict = decide(m.metrics.triggers if m else [], incomplete=incomplete,
-                               min_asr_gap=request.min_asr_gap)
+                output = _write_cleaned(ctx, suspect_src, base_src, suspect_w, *step, cleaning)
     report = ScanReport(
         scanner_version=__version__, scan_id=ctx.scan_id,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -218,7 +226,8 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
         device=str(device), timings=timer.timings, task_vector=tv_summary,
         injection=m.injection if m else None, metrics=m.metrics if m else Metrics(),
         sweep=m.sweep if m else None,
-        findings=findings, verdict=verdict, incomplete=incomplete, output=output,
+        findings=findings, verdict=verdict, incomplete=incomplete, cleaning=cleaning,
+        output=output,
     )
     if ctx.out_dir is not None:
         write_report(report, ctx.out_dir, ctx.formats)
@@ -290,10 +299,43 @@ def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any], offlin
     return bv.restrict(tau), "given:" + _revision_of(src)
 
 
+def describe_cleaning(m: Measurement | None, findings: list[Finding], lam: float | None
+                      ) -> CleaningSummary | None:
+    """The cleaning's status in words, from the verdict's findings (MS003: a found trigger still
+    responds on the cleaned model)."""
+    if m is None or lam is None:
+        return None
+    steps = [f"IBVS λ={lam:g}"] + ([f"found-trigger unlearning, {len(m.unlearning)} round(s)"]
+                                   if m.unlearning else [])
+    before, after = m.metrics.clean_accuracy_before, m.metrics.clean_accuracy_after
+    cost = round((before.rate - after.rate) * 100, 2) if before and after else None
+    priced = f" (clean accuracy {-cost:+.1f} points)" if cost is not None else ""
+    left = sorted({f.trigger_id or "" for f in findings if f.id == "MS003"})
+    status: CleaningStatus
+    if left:
+        status, msg = "not_removed", (
+            f"backdoor not removed: {', '.join(left)} still responds on the cleaned checkpoint; "
+            "do not use it")
+    elif findings:
+        status, msg = "removed", ("backdoor removed: no found trigger responds on the cleaned "
+                                  f"checkpoint after {' + '.join(steps)}{priced}")
+    elif lam > 0:
+        status, msg = "precautionary", (f"nothing found; IBVS subtracted as a precaution at "
+                                        f"λ={lam:g}{priced}")
+    else:
+        status, msg = "not_cleaned", ("nothing found and nothing subtracted (λ=0): the output "
+                                      "equals the suspect")
+    return CleaningSummary(status=status, message=msg, steps=steps, ibvs_lambda=lam,
+                           unlearning=m.unlearning, clean_accuracy_cost_points=cost)
+
+
 def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
                    base_src: checkpoints.ResolvedSource, suspect_w: Mapping[str, Tensor],
-                   bv: TaskVector, lam: float, recipe_hash: str) -> OutputSummary:
-    """θ' = θ_suspect − λ·BV_inj, streamed to ``ctx.out_dir`` with provenance in __metadata__."""
+                   correction: TaskVector, lam: float, recipe_hash: str,
+                   cleaning: CleaningSummary | None) -> OutputSummary:
+    """θ' = θ_suspect + correction (−λ·BV_inj, plus the unlearning vector when a backdoor was
+    found), streamed to ``ctx.out_dir`` with provenance and the cleaning's status in
+    __metadata__, so the file itself says whether the backdoor was removed."""
     assert ctx.out_dir is not None
     metadata = {
         "format": "pt",
@@ -305,10 +347,13 @@ def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
         "mergeshield.base_revision": base_src.revision or "",
         "mergeshield.ibvs_lambda": repr(lam),
         "mergeshield.recipe_hash": recipe_hash,
+        "mergeshield.cleaning": cleaning.status if cleaning else "unmeasured",
+        "mergeshield.cleaning_message": (cleaning.message if cleaning else
+                                         "a given BV subtracted at a given λ; nothing measured"),
     }
     info = suspect_w.info  # type: ignore[attr-defined]
     files = checkpoints.save_checkpoint(
-        ctx.out_dir, sanitise(suspect_w, bv, lam),
+        ctx.out_dir, correction.apply_lazily(suspect_w, 1.0),
         specs={k: info(k) for k in suspect_w}, config=suspect_src.config,
         extra_files=checkpoints.extra_files(suspect_src), metadata=metadata,
     )

@@ -23,6 +23,7 @@ from mergeshield.options import (
 )
 from mergeshield.report import RateModel
 from mergeshield.triggers import Trigger
+from mergeshield.unlearning import UnlearnConfig
 
 HUB_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$"
 # a bundled dataset (with derived-task modifiers) or a hub dataset id: never a server path
@@ -73,6 +74,7 @@ class ScanOptions(_Body):
 
     recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
     focus: Focus = Field(default_factory=Focus)
+    unlearning: UnlearnConfig = Field(default_factory=UnlearnConfig)  # after IBVS, on a finding
     lambdas: list[Lambda] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1,
                                   max_length=MAX_LIST)
     budget_points: Points = 2.0

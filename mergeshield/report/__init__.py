@@ -5,6 +5,7 @@ from mergeshield.report.io import export_schema, load_report, write_report
 from mergeshield.report.sarif import to_sarif
 from mergeshield.report.schema import (
     SCHEMA_VERSION,
+    CleaningSummary,
     DatasetInput,
     FileDigest,
     Finding,
@@ -23,6 +24,7 @@ from mergeshield.report.schema import (
     TaskVectorSummary,
     TensorStat,
     TriggerMeasurement,
+    UnlearningRound,
     Verdict,
     json_schema,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "MIN_ASR_GAP",
     "RULES",
     "SCHEMA_VERSION",
+    "CleaningSummary",
     "DatasetInput",
     "FileDigest",
     "Finding",
@@ -51,6 +54,7 @@ __all__ = [
     "TaskVectorSummary",
     "TensorStat",
     "TriggerMeasurement",
+    "UnlearningRound",
     "Verdict",
     "decide",
     "exit_code",

@@ -276,11 +276,25 @@ def _incomplete(report: ScanReport) -> str:
     )
 
 
+def _cleaning(report: ScanReport) -> str:
+    """The cleaned checkpoint's status, the sentence shown next to its download."""
+    c = report.cleaning
+    if c is None:
+        return ""
+    role = ' role="alert"' if c.status == "not_removed" else ""
+    return (f'<section aria-labelledby="cleaning-h" class="cleaning cleaning-{_e(c.status)}">'
+            f'<h2 id="cleaning-h">Cleaned checkpoint</h2>'
+            f'<p{role}><strong>'
+            f'{_e(c.status.replace("_", " "))}</strong>: {_e(c.message)}</p>'
+            f'<p class="muted">Applied: {_e(" → ".join(c.steps))}</p></section>')
+
+
 def sections(report: ScanReport) -> dict[str, str]:
     """The report's sections as escaped HTML fragments, in reading order (verdict first); the
     dashboard places them in its own page, ``to_html`` in a standalone one."""
     return {
         "verdict": _verdict(report),
+        "cleaning": _cleaning(report),
         "triggers": _triggers(report),
         "sweep": _sweep(report.sweep) if report.sweep else "",
         "layers": _layers(report),

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: "cleaning" (what was removed, and whether it worked)
 
 
 class _Model(BaseModel):
@@ -164,6 +164,28 @@ class OutputSummary(_Model):
     metadata: dict[str, str]  # what was written to the safetensors __metadata__
 
 
+class UnlearningRound(_Model):
+    unlearned: list[str]  # ids of the triggers stamped (true labels kept) in this round
+    residual_asr: dict[str, RateModel]  # after the round: found triggers + a fresh patch search
+
+
+CleaningStatus = Literal["removed", "not_removed", "precautionary", "not_cleaned"]
+
+
+class CleaningSummary(_Model):
+    """What the cleaned checkpoint is, in one status the user sees next to the download:
+    ``removed`` (every found trigger below the residual rule), ``not_removed`` (one still
+    responds: do not use it), ``precautionary`` (nothing found; IBVS subtracted anyway, at the
+    stated cost) or ``not_cleaned`` (nothing found and nothing subtracted)."""
+
+    status: CleaningStatus
+    message: str  # one sentence for people
+    steps: list[str]  # what was applied, in order, e.g. ["IBVS λ=2", "unlearning, 2 rounds"]
+    ibvs_lambda: float
+    unlearning: list[UnlearningRound] = Field(default_factory=list)
+    clean_accuracy_cost_points: float | None = None  # before − after, in points (negative: gain)
+
+
 class ScanReport(_Model):
     schema_version: str = SCHEMA_VERSION
     scanner_version: str
@@ -183,6 +205,7 @@ class ScanReport(_Model):
     findings: list[Finding] = Field(default_factory=list)
     verdict: Verdict
     incomplete: list[IncompleteReason] = Field(default_factory=list)
+    cleaning: CleaningSummary | None = None
     output: OutputSummary | None = None
 
 

@@ -56,6 +56,9 @@ def to_text(report: ScanReport) -> str:
     if report.incomplete:
         lines += ["", "Incomplete:"]
         lines += [f"  - {r.code}: {r.message}" for r in report.incomplete]
+    if report.cleaning:
+        c = report.cleaning
+        lines += ["", f"Cleaned checkpoint: {c.status.replace('_', ' ').upper()} — {c.message}"]
     if report.output:
         lines += ["", f"Output: {report.output.directory}"]
     return "\n".join(_safe(line) for line in lines) + "\n"
