@@ -31,9 +31,14 @@ STATUS: list[tuple[type[errors.MergeShieldError], int]] = [
     (errors.RequestTimeoutError, 408),
     (errors.ConfigError, 422),
     (errors.InputError, 400),
+    (errors.ServiceError, 400),  # a service refusal no class above names: the request's fault
     (errors.HubError, 502),
-    (errors.StorageFullError, 507),
-    (errors.MergeShieldError, 500),
+    (errors.StorageFullError, 507),  # insufficient_storage (under min_free_bytes) included
+    (errors.ModelTooLargeError, 413),  # the model is over this server's parameter limit
+    (errors.StageTimeLimitError, 504),  # the work ran past its time limit here
+    (errors.LimitError, 503),  # too little (GPU) memory on this server for the request now
+    (errors.InternalError, 500),  # a bug of ours, the only deliberate 500
+    (errors.MergeShieldError, 500),  # a class added to the tree without a status: a test fails
 ]
 
 # headers that go with a status: how to authenticate, when to try again, that the body was cut
