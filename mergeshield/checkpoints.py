@@ -2,8 +2,8 @@
 
 Hub repos are fetched by :mod:`mergeshield.hub`. Weights are read only from validated
 safetensors; a PyTorch ``.bin`` is loaded with ``torch.load(weights_only=True)`` and converted
-once. Anything that would need ``pickle.load`` or remote code is refused with
-:class:`UnsafeFormatError` before a byte of it is interpreted.
+once (:mod:`mergeshield.torch_bin`). Anything that would need ``pickle.load`` or remote code is
+refused with :class:`UnsafeFormatError` before a byte of it is interpreted.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +21,20 @@ from typing import Any, Literal
 
 import torch
 
-from mergeshield.disk import ensure_room
+from mergeshield import torch_bin
 from mergeshield.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
-    MergeShieldError,
     NothingScannableError,
     SourceNotFoundError,
     UnsafeFileError,
     UnsafeFormatError,
-    UnsupportedTensorError,
 )
 from mergeshield.file_safety import check_regular, open_regular, plain_text, special_file_error
 from mergeshield.hub import HUB_PATTERNS, download_repo
 from mergeshield.models import MAX_PARAMETERS, check_config
 from mergeshield.models.config_guard import refuse_remote_code
 from mergeshield.safetensors_io import (
-    DTYPE_NAMES,
     INDEX_NAME,
     SafetensorsHeader,
     TensorInfo,
@@ -47,8 +43,6 @@ from mergeshield.safetensors_io import (
     read_header,
     save_checkpoint,
     sha256_file,
-    unsupported_dtype,
-    write_safetensors,
 )
 
 __all__ = [
@@ -61,9 +55,6 @@ REFUSED_SUFFIXES = (".pkl", ".pickle", ".joblib", ".dill")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TORCH_INDEX = "pytorch_model.bin.index.json"
 MAX_JSON_BYTES = 64 * 2**20  # a config or tokenizer JSON file; tokenizer.json files reach ~30 MB
-# a converted .bin may hold at most this many times its file's bytes: tied weights (two names,
-# one storage) are written twice; a thousand views of one storage are not
-_CONVERSION_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -139,7 +130,7 @@ def _from_file(source: str, path: Path, cache_dir: str | Path | None,
         read_header(path)
         tensor_files: tuple[Path, ...] = (path,)
     elif suffix in PICKLE_SUFFIXES:
-        tensor_files = (_convert_pickle(path, cache_dir, limits),)
+        tensor_files = (torch_bin.convert(path, cache_dir, limits.min_free_bytes),)
     elif suffix in REFUSED_SUFFIXES:
         raise _unsafe(path, "a raw pickle can run arbitrary code when loaded; export the weights "
                             "as safetensors")
@@ -162,7 +153,8 @@ def _from_folder(source: str, kind: Literal["hub", "directory"], root: Path,
     else:
         if config is not None:  # a config bomb is refused before any conversion
             check_config(config, max_parameters=limits.max_parameters)
-        tensor_files = tuple(_convert_pickle(p, cache_dir, limits) for p in weights)
+        tensor_files = tuple(torch_bin.convert(p, cache_dir, limits.min_free_bytes)
+                             for p in weights)
         headers = [read_header(p) for p in tensor_files]
     if config is not None:
         elements = sum(math.prod(e.info.shape) for h in headers for e in h.tensors.values())
@@ -331,112 +323,6 @@ def _regular_inside(path: Path, inside: Path) -> bool:
 
 def _unsafe(path: Path, why: str) -> UnsafeFormatError:
     return UnsafeFormatError(f"{path.name}: refused, {why}", details={"file": path.name})
-
-
-def _conversion_dir(cache_dir: str | Path | None) -> Path:
-    """Where converted ``.bin`` files live: the cache, else a private per-user temp folder."""
-    if cache_dir:
-        folder = Path(cache_dir) / "mergeshield-converted"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-    folder = Path(tempfile.gettempdir()) / f"mergeshield-converted-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.lstat()
-    if folder.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        folder = Path(tempfile.mkdtemp(prefix="mergeshield-converted-"))  # someone else's: avoid
-    return folder
-
-
-def _convert_pickle(path: Path, cache_dir: str | Path | None, limits: _Limits) -> Path:
-    """torch.load(weights_only=True) a flat state dict and write it once as safetensors.
-
-    What is written is bounded by what the file holds: a view larger than its storage (a
-    stride-0 ``expand``, overlapping strides) is refused, and all tensors together may hold at
-    most ``_CONVERSION_FACTOR`` times the file's bytes; the conversion must leave
-    ``limits.min_free_bytes`` free. A failed conversion leaves no file behind."""
-    check_regular(path)
-    digest = sha256_file(path)
-    folder = _conversion_dir(cache_dir)
-    out = folder / f"{digest}.safetensors"
-    if out.is_file():
-        return out
-    state = _load_pickle(path)
-    specs = _conversion_specs(path, state)
-    total = sum(info.nbytes for _, info in specs)
-    if total > _CONVERSION_FACTOR * path.stat().st_size + 2**20:
-        raise CorruptCheckpointError(
-            f"{path.name}: its tensors claim {total} bytes but the file holds "
-            f"{path.stat().st_size}: many views of the same storage would be written out in "
-            "full; save each tensor once (model.state_dict())",
-            details={"file": path.name, "bytes": total})
-    if limits.min_free_bytes is not None:
-        ensure_room(folder, total, limits.min_free_bytes, f"converting {path.name}")
-    try:
-        write_safetensors(out, specs, iter(state.items()), {"format": "pt"})
-    except MergeShieldError:
-        raise
-    except (RuntimeError, ValueError, TypeError) as exc:  # a tensor torch cannot write out
-        raise CorruptCheckpointError(
-            f"{path.name}: cannot convert a tensor ({type(exc).__name__}: {str(exc)[:200]})",
-            details={"file": path.name}) from None
-    return out
-
-
-def _load_pickle(path: Path) -> dict[str, Any]:
-    try:
-        try:
-            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, weights_only=True, map_location="cpu")  # legacy format
-    except Exception as exc:  # every failure is a refusal or corruption
-        text = str(exc)
-        if "weights_only" in text or "Unpickl" in type(exc).__name__:
-            raise _unsafe(path, "the pickle holds more than plain tensors (code or objects "
-                          "that weights_only loading forbids); save a state_dict as "
-                          "safetensors") from None
-        why = f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
-        raise CorruptCheckpointError(f"{path.name}: cannot read the PyTorch file ({why})",
-                                     details={"file": path.name}) from None
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CorruptCheckpointError(f"{path.name}: not a flat dict of named tensors (save "
-                                     "model.state_dict())", details={"file": path.name})
-    return state
-
-
-def _conversion_specs(path: Path, state: dict[str, torch.Tensor]
-                      ) -> list[tuple[str, TensorInfo]]:
-    """Each tensor's spec, once it is known to be a plain dense CPU tensor whose bytes are
-    really in the file; anything else is refused before a byte is written."""
-    specs = []
-    for name, t in state.items():
-        if not name or not plain_text(name):
-            raise CorruptCheckpointError(
-                f"{path.name}: a tensor name is empty or not valid Unicode (a lone surrogate)",
-                details={"file": path.name, "tensor": ascii(name)[:200]})
-        if t.is_meta:
-            raise CorruptCheckpointError(
-                f"{path.name}: tensor {name!r} is a meta tensor, a shape with no data; save "
-                "the real weights", details={"file": path.name, "tensor": name})
-        if t.layout != torch.strided or t.is_quantized or t.is_nested:
-            kind = "quantized" if t.is_quantized else "nested" if t.is_nested else "sparse"
-            raise UnsupportedTensorError(
-                f"{path.name}: tensor {name!r} is {kind} ({t.layout}, {t.dtype}); MergeShield "
-                "reads dense tensors only, save dense float weights",
-                details={"file": path.name, "tensor": name, "kind": kind})
-        if t.dtype not in DTYPE_NAMES:
-            raise unsupported_dtype(name, t.dtype)
-        info = TensorInfo.of(t)
-        if info.nbytes > t.untyped_storage().nbytes():
-            raise CorruptCheckpointError(
-                f"{path.name}: tensor {name!r} is a view of {info.nbytes} bytes over a storage "
-                f"of {t.untyped_storage().nbytes()} (stride 0 or overlapping strides), which "
-                "would be written out in full; save contiguous tensors",
-                details={"file": path.name, "tensor": name})
-        specs.append((name, info))
-    return specs
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
