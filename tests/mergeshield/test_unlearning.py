@@ -58,8 +58,9 @@ def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> 
     trigger, target = parse_trigger(m["attack"]["trigger"]), m["attack"]["target"]
     before = attack_success_rate(clf, task.test, trigger, target).rate
     ca = clean_accuracy(clf, task.test).rate
-    train = task.train.subset(slice(0, 1000))
-    rounds = repair(clf, train, task.test, task.train.subset(slice(1000, 1256)),
+    rows = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(0))
+    train = task.train.subset(rows[:1000])  # a random draw: the rows are stored by class
+    rounds = repair(clf, train, task.test, task.train.subset(rows[1000:1256]),
                     [Found("probe:planted", trigger, target, 0.05)],
                     UnlearnConfig(rounds=3), still_responds=partial(still_responds),
                     inversion=InversionConfig(steps=20), accuracy_floor=ca - 0.05)
