@@ -171,7 +171,7 @@ def plot(summary: dict[str, Any], methods: Sequence[str], path: Path, title: str
     ax.axhline(100 * TARGETS["cut"], color="grey", ls="--", lw=1)
     ax.axvline(TARGETS["cost"], color="grey", ls="--", lw=1)
     ax.set(xlabel="clean-accuracy cost (points; merges: mean over tasks)",
-           ylabel="relative hidden-ASR cut (%; merges: excess over the clean merge)",
+           ylabel="hidden-ASR cut (%; merges: excess)",
            title=title)
     ax.text(0.01, 0.02, "o single checkpoint, " + ", ".join(
         f"{markers[j % len(markers)]} merge {m}" for j, m in enumerate(methods)),
