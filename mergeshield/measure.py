@@ -102,6 +102,7 @@ def measure_and_sanitise(
     given_bv: tuple[TaskVector, str] | None = None,
     progress: Progress | None = None,
     bv_guard: Callable[[str], AbstractContextManager[None]] | None = None,
+    base_label: str | None = None,  # how the BV cache names the base (ScanContext.labels)
 ) -> Measurement:
     assert request.evaluation is not None
     with stage("load_data"):
@@ -151,7 +152,7 @@ def measure_and_sanitise(
                     bv_cache.store(cache_dir, key, loaded,
                                    request.recipe.model_dump(mode="json"))
                     bv_cache.describe(
-                        cache_dir, key, base=_model_name(request.base),
+                        cache_dir, key, base=base_label or _model_name(request.base),
                         base_revision=base_revision, data=inj_task.name,
                         data_sha256=inj_task.train.sha256(), own_asr=own,
                         measured_on=f"the injected model on {task.name} test, {len(test)} images")

@@ -117,6 +117,10 @@ class ScanContext:
     # held while BV_inj for a key is built, so two workers never build one key twice;
     # None = a file lock in the cache folder (enough for processes sharing one disk)
     bv_guard: Callable[[str], AbstractContextManager[None]] | None = None
+    # how reports, __metadata__ and the BV cache name "suspect", "base" and the "output" folder;
+    # default: the source as given (the BV cache: a local path by its last part). A service
+    # names an upload by its file name, id and sha256, never by where it keeps the file.
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 # Where each stage sits on the 0–100 progress scale (its share of a typical CPU scan's time).
@@ -196,6 +200,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
                 request, family, base_w, suspect_w, tau, _revision_of(base_src),
                 device=device, stage=timer.stage, hub=hub, given_bv=given, progress=ctx.progress,
                 cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None, bv_guard=ctx.bv_guard,
+                base_label=ctx.labels.get("base"),
             )
         # what gets added: the measured cleaning, or a given BV at a given λ (unmeasured)
         step: tuple[TaskVector, float, str] | None = None
@@ -220,9 +225,12 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
     report = ScanReport(
         scanner_version=__version__, scan_id=ctx.scan_id,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        suspect=_model_input(suspect_src, family), base=_model_input(base_src, family),
+        suspect=_model_input(suspect_src, family, ctx.labels.get("suspect")),
+        base=_model_input(base_src, family, ctx.labels.get("base")),
         evaluation=m.dataset if m else None,
-        config=request.model_dump(mode="json"), config_hash=request.config_hash(),
+        config=request.model_dump(mode="json") | {  # the request as labelled, not server paths
+            role: ctx.labels[role] for role in ("suspect", "base") if role in ctx.labels},
+        config_hash=request.config_hash(),
         device=str(device), timings=timer.timings, task_vector=tv_summary,
         injection=m.injection if m else None, metrics=m.metrics if m else Metrics(),
         sweep=m.sweep if m else None,
@@ -278,10 +286,11 @@ def _revision_of(src: checkpoints.ResolvedSource) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _model_input(src: checkpoints.ResolvedSource, family: ModelFamily | None) -> ModelInput:
+def _model_input(src: checkpoints.ResolvedSource, family: ModelFamily | None,
+                 label: str | None = None) -> ModelInput:
     archs = (src.config or {}).get("architectures") or [None]
     return ModelInput(
-        source=src.source, kind=src.kind, revision_requested=src.revision_requested,
+        source=label or src.source, kind=src.kind, revision_requested=src.revision_requested,
         revision=src.revision, family=family.name if family else None, architecture=archs[0],
         files=[FileDigest(path=p, size=s, sha256=h) for p, s, h in src.files_digest()],
     )
@@ -341,9 +350,9 @@ def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
         "format": "pt",
         "mergeshield.scan_id": ctx.scan_id,
         "mergeshield.scanner_version": __version__,
-        "mergeshield.suspect": suspect_src.source,
+        "mergeshield.suspect": ctx.labels.get("suspect", suspect_src.source),
         "mergeshield.suspect_revision": suspect_src.revision or "",
-        "mergeshield.base": base_src.source,
+        "mergeshield.base": ctx.labels.get("base", base_src.source),
         "mergeshield.base_revision": base_src.revision or "",
         "mergeshield.ibvs_lambda": repr(lam),
         "mergeshield.recipe_hash": recipe_hash,
@@ -358,7 +367,7 @@ def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
         extra_files=checkpoints.extra_files(suspect_src), metadata=metadata,
     )
     return OutputSummary(
-        directory=str(ctx.out_dir),
+        directory=ctx.labels.get("output", str(ctx.out_dir)),
         files=[FileDigest(path=p.name, size=p.stat().st_size, sha256=checkpoints.sha256_file(p))
                for p in files],
         metadata=metadata,

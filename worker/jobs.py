@@ -197,13 +197,14 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
     try:
         # disarmed however the scan ends; the library's loops look for a cancel between steps
         with job.clock, cancellation.checked_by(job.check_cancelled):
-            request = library_request(job.db, scan, settings.data_dir)
+            request, labels = library_request(job.db, scan, settings.data_dir)
             device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
             ctx = ScanContext(
                 out_dir=out, formats=("json", "sarif", "html"), token=settings.token(),
                 endpoint=settings.hf_endpoint, cache_dir=settings.cache_dir, device=device,
                 scan_id=scan.id, progress=job.progress, allowed_roots=(settings.uploads_dir,),
-                bv_guard=bv_guard, min_free_bytes=settings.min_free_bytes)
+                bv_guard=bv_guard, min_free_bytes=settings.min_free_bytes,
+                labels={**labels, "output": f"scan {scan.id}"})  # never a server path
             job.progress("resolve", 0.0)
             inputs = pipeline.resolve_inputs(request, ctx)  # hashed once: key and report
             key = pipeline.cache_key(request, inputs)
@@ -253,9 +254,12 @@ def _checkpoint_bytes(inputs: pipeline.Inputs) -> int:
     return sum(path.stat().st_size for src in inputs for path in src.tensor_files)
 
 
-def library_request(db: Database, scan: Scan, data_dir: Path) -> ScanRequest:
-    """The stored request as the library's ``ScanRequest``, uploads replaced by their paths."""
+def library_request(db: Database, scan: Scan, data_dir: Path
+                    ) -> tuple[ScanRequest, dict[str, str]]:
+    """The stored request as the library's ``ScanRequest``, uploads replaced by their paths,
+    and how the scan's outputs name those uploads (``ScanContext.labels``), not by the paths."""
     fields = dict(scan.request["scan"])
+    labels: dict[str, str] = {}
     with db.session() as s:
         for role in ("suspect", "base"):
             upload_id = scan.request.get(f"{role}_upload")
@@ -266,9 +270,15 @@ def library_request(db: Database, scan: Scan, data_dir: Path) -> ScanRequest:
                 raise SourceNotFoundError(f"the {role}'s upload {upload_id} no longer exists; "
                                           "upload it again", details={"upload": upload_id})
             fields[role] = str(data_dir / upload.path)
+            labels[role] = upload_label(upload)
     try:
-        return ScanRequest.model_validate(fields)
+        return ScanRequest.model_validate(fields), labels
     except ValidationError as exc:  # stored before today's bounds: refused, not a crash
         bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"the scan's options are out of bounds ({bad[:300]}); submit it again "
                           "with valid options", details={"scan": scan.id}) from None
+
+
+def upload_label(upload: Upload) -> str:
+    """An upload as reports, ``__metadata__`` and the BV cache name it: file name, id, sha256."""
+    return f"upload:{upload.filename} ({upload.id}, sha256 {upload.sha256})"

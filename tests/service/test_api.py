@@ -8,6 +8,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,43 @@ def test_report_formats(finished: dict[str, Any], user: httpx.Client) -> None:
     assert sarif.json()["version"] == "2.1.0"
     html = user.get(f"/v1/scans/{finished['id']}/report", headers={"Accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html") and "<html" in html.text
+
+
+def test_provenance_names_uploads_never_server_paths(
+        stack: Stack, finished: dict[str, Any], user: httpx.Client, admin: httpx.Client,
+        uploads: dict[str, str], zoo: Zoo) -> None:
+    """Issue 13: the report, the checkpoint's __metadata__, the dashboard's scan page and the
+    BV-cache page name an upload by its file name, id and sha256, not where the server keeps it."""
+    sid = finished["id"]
+    label = {}
+    for role, name in (("suspect", SUSPECT), ("base", zoo.model(SUSPECT)["base"])):
+        up = user.get(f"/v1/uploads/{uploads[name]}").json()
+        assert up["filename"] == f"{name}.zip"
+        label[role] = f"upload:{up['filename']} ({up['id']}, sha256 {up['sha256']})"
+    report_text = user.get(f"/v1/scans/{sid}/report").text
+    report = json.loads(report_text)
+    assert report["suspect"]["source"] == label["suspect"]
+    assert report["base"]["source"] == label["base"]
+    assert report["output"]["directory"] == f"scan {sid}"
+    weights = user.get(f"/v1/scans/{sid}/checkpoint", params={"layout": "file"}).content
+    header = json.loads(weights[8:8 + int.from_bytes(weights[:8], "little")])["__metadata__"]
+    assert header == report["output"]["metadata"]
+    assert (header["mergeshield.suspect"], header["mergeshield.base"]) == (
+        label["suspect"], label["base"])
+    page = user.get(f"/ui/scans/{sid}").text
+    assert escape(label["suspect"]) in page and escape(label["base"]) in page
+    cache_page = admin.get("/ui/bv-cache").text
+    if not report["injection"]["cached"]:  # built by this scan: named by the base's upload
+        built = {e["key"]: e for e in admin.get("/v1/bv-cache").json()}
+        assert built[report["injection"]["recipe_hash"]]["base"] == label["base"]
+        assert escape(label["base"]) in cache_page
+    texts = {"report": report_text, "metadata": json.dumps(header), "scan page": page,
+             "bv-cache page": cache_page,
+             "sarif": user.get(f"/v1/scans/{sid}/report", params={"format": "sarif"}).text,
+             "html": user.get(f"/v1/scans/{sid}/report", headers={"Accept": "text/html"}).text}
+    for what, text in texts.items():
+        for server in (str(stack.root), str(stack.root.resolve()), "unpacked", "uploads/"):
+            assert server not in text, (what, server)
 
 
 def test_same_scan_again_is_served_from_the_cache_unless_forced(
