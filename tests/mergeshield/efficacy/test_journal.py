@@ -18,13 +18,13 @@ def _bench(cfg: BenchConfig, calls: list[str]) -> Bench:
     bench.cfg, bench.say, bench.defences, bench.alias = cfg, lambda _s, _f: None, [], {}
     bench.world = SimpleNamespace(tasks=("digits", "mnist"))  # type: ignore[assignment]
 
-    def attack_case(a: Attack) -> dict[str, Any]:
-        calls.append(a.id)
-        return {"planted": a.index != 1, "attack": a.to_json()}
+    def attack_case(attack: Attack) -> dict[str, Any]:
+        calls.append(attack.id)
+        return {"planted": attack.index != 1, "attack": attack.to_json()}
 
-    def clean_case(i: int, seed: int) -> dict[str, Any]:
-        calls.append(f"clean-{i}")
-        return {"index": i, "seed": seed}
+    def clean_case(index: int, seed: int) -> dict[str, Any]:
+        calls.append(f"clean-{index}")
+        return {"index": index, "seed": seed}
 
     bench.attack_case = attack_case  # type: ignore[method-assign]
     bench.clean_case = clean_case  # type: ignore[method-assign]
