@@ -29,7 +29,7 @@ from mergeshield.training import FinetuneConfig
 
 Progress = Callable[[str, float], None]
 DEFENCES = ("product", "ibvs-plain", "ibvs-focused", "fine-tuning", "fine-pruning",
-            "nc-unlearning", "anp")
+            "nc-unlearning", "anp", "dam")  # dam: merge setting only
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class Bench:
                 row["merge"][method]["defences"][name] = {
                     "asr": _rate(hidden(defended)), "accuracy": self.accuracies(defended)}
             row["defences"][name] = res
-        if self.cfg.dam is not None and "task_arithmetic" in self.cfg.merge_methods:
+        if self._dam():
             t1 = time.perf_counter()
             merged = self.dam(task, planted)
             row["merge"]["task_arithmetic"]["defences"]["dam"] = {
@@ -171,6 +171,11 @@ class Bench:
                 "seconds": round(time.perf_counter() - t1, 1)}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
+
+    def _dam(self) -> bool:
+        cfg = self.cfg
+        return cfg.dam is not None and "dam" in cfg.defences and "task_arithmetic" in \
+            cfg.merge_methods
 
     def dam(self, attacked: str, backbone: Backbone) -> Backbone:
         """DAM's masked TA merge (a merge-time defence: no single-checkpoint row) from
@@ -277,8 +282,7 @@ class Bench:
                 i, seed = len(cleans), seeds[len(cleans)]
                 self.say(f"{cfg.split}: clean fine-tune {i}", i / max(1, cfg.clean))
                 cleans.append(self._case(done, f"clean-{seed}", partial(self.clean_case, i, seed)))
-        merge_only = ["dam"] if cfg.dam is not None and "task_arithmetic" in cfg.merge_methods \
-            else []
+        merge_only = ["dam"] if self._dam() else []
         return {"split": cfg.split, "attacks": rows, "clean": cleans,
                 "defences": [d.name for d in self.defences], "aliases": self.alias,
                 "merge_only": merge_only,
