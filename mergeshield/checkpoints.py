@@ -1,6 +1,7 @@
 """Every file access of MergeShield: resolve a source, read it lazily, write checkpoints.
 
-Hub repos are fetched by :mod:`mergeshield.hub`. Weights are read only from validated
+Hub repos are fetched by :mod:`mergeshield.hub`; a model folder is vetted and its weight files
+found by :mod:`mergeshield.model_folder`. Weights are read only from validated
 safetensors; a PyTorch ``.bin`` is loaded with ``torch.load(weights_only=True)`` and converted
 once (:mod:`mergeshield.torch_bin`). Anything that would need ``pickle.load`` or remote code is
 refused with :class:`UnsafeFormatError` before a byte of it is interpreted.
@@ -8,11 +9,9 @@ refused with :class:`UnsafeFormatError` before a byte of it is interpreted.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +20,15 @@ from typing import Any, Literal
 
 import torch
 
-from mergeshield import torch_bin
+from mergeshield import model_folder, torch_bin
 from mergeshield.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
-    NothingScannableError,
     SourceNotFoundError,
-    UnsafeFileError,
-    UnsafeFormatError,
 )
-from mergeshield.file_safety import check_regular, open_regular, plain_text, special_file_error
+from mergeshield.file_safety import check_regular, open_regular
 from mergeshield.hub import HUB_PATTERNS, download_repo
 from mergeshield.models import MAX_PARAMETERS, check_config
-from mergeshield.models.config_guard import refuse_remote_code
 from mergeshield.safetensors_io import (
     INDEX_NAME,
     SafetensorsHeader,
@@ -51,10 +46,7 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-REFUSED_SUFFIXES = (".pkl", ".pickle", ".joblib", ".dill")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TORCH_INDEX = "pytorch_model.bin.index.json"
-MAX_JSON_BYTES = 64 * 2**20  # a config or tokenizer JSON file; tokenizer.json files reach ~30 MB
 
 
 @dataclass(frozen=True)
@@ -131,9 +123,9 @@ def _from_file(source: str, path: Path, cache_dir: str | Path | None,
         tensor_files: tuple[Path, ...] = (path,)
     elif suffix in PICKLE_SUFFIXES:
         tensor_files = (torch_bin.convert(path, cache_dir, limits.min_free_bytes),)
-    elif suffix in REFUSED_SUFFIXES:
-        raise _unsafe(path, "a raw pickle can run arbitrary code when loaded; export the weights "
-                            "as safetensors")
+    elif suffix in model_folder.REFUSED_SUFFIXES:
+        raise model_folder.unsafe(path, "a raw pickle can run arbitrary code when loaded; "
+                                        "export the weights as safetensors")
     else:
         raise CorruptCheckpointError(
             f"{path.name}: not a checkpoint file (expected .safetensors, .bin, .pt or .pth)",
@@ -144,9 +136,9 @@ def _from_file(source: str, path: Path, cache_dir: str | Path | None,
 def _from_folder(source: str, kind: Literal["hub", "directory"], root: Path,
                  revision: str | None, sha: str | None, cache_dir: str | Path | None,
                  limits: _Limits, remote_names: tuple[str, ...] = ()) -> ResolvedSource:
-    _vet_folder(root, _allowed(root))
+    model_folder.vet(root)
     config = _read_config(root)
-    weights = _weight_files(root, remote_names)
+    weights = model_folder.weight_files(root, remote_names)
     if weights[0].suffix == ".safetensors":
         headers = [read_header(p) for p in weights]
         tensor_files = weights
@@ -162,167 +154,31 @@ def _from_folder(source: str, kind: Literal["hub", "directory"], root: Path,
     return ResolvedSource(source, kind, revision, sha, root, weights, config, tensor_files)
 
 
-def _vet_folder(root: Path, inside: Path) -> None:
-    """Refuse a model folder holding a link that leads out of ``inside`` (a clone of a hostile
-    repo keeps ``special_tokens_map.json -> /proc/self/environ``) or a FIFO, device or socket
-    (a FIFO named ``model.safetensors`` blocks ``open()`` forever), before any file is read;
-    and any JSON file of the folder that asks for remote code (``auto_map`` in a processor or
-    tokenizer config)."""
-    with os.scandir(root) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            path = Path(entry.path)
-            if entry.is_symlink():
-                try:
-                    target = path.resolve()
-                except RuntimeError:  # a link loop
-                    target = Path("/")
-                if not target.is_relative_to(inside):
-                    raise UnsafeFileError(
-                        f"{entry.name}: refused, a symbolic link that leads out of the model "
-                        "folder; MergeShield reads, hashes and copies only files inside it. "
-                        "Replace the link with the file", details={"file": entry.name})
-            mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise special_file_error(path, mode)
-            if entry.name.endswith(".json") and stat.S_ISREG(mode) and entry.name not in (
-                    INDEX_NAME, _TORCH_INDEX, "tokenizer.json", "vocab.json"):
-                try:
-                    value = _parse_json(path)
-                except CorruptCheckpointError:
-                    if entry.name == "config.json":
-                        raise
-                    continue  # not JSON, so no loader takes code from it: copied as it is
-                refuse_remote_code(value, entry.name)
-
-
 def _read_config(root: Path) -> dict[str, Any] | None:
-    return read_json_file(root / "config.json")  # remote code: refused by _vet_folder
-
-
-def _weight_files(root: Path, remote_names: tuple[str, ...]) -> tuple[Path, ...]:
-    for index_name in (INDEX_NAME, _TORCH_INDEX):
-        if (root / index_name).is_file():
-            return _index_files(root, index_name)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (root / name).is_file():
-            return (root / name,)
-    found = sorted(root.glob("*.safetensors"))
-    if len(found) == 1:
-        return (found[0],)
-    names = {p.name for p in root.iterdir()} | set(remote_names)
-    if any(n.lower().endswith(REFUSED_SUFFIXES) for n in names):
-        raise _unsafe(root, "the only weights are raw pickles (.pkl/.pickle), which can run "
-                            "code when loaded; export them as safetensors")
-    if any(n.endswith(".py") for n in names):
-        raise _unsafe(root, "the repository holds only Python model code and no weights in "
-                            "safetensors or PyTorch format; MergeShield never runs remote code")
-    raise NothingScannableError(
-        "the model folder holds no model.safetensors, sharded safetensors index or "
-        "pytorch_model.bin; upload or point to the folder with the weights",
-        details={"files": sorted(names)[:20]})
-
-
-def _index_files(root: Path, index_name: str) -> tuple[Path, ...]:
-    index = read_json_file(root / index_name) or {}
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CorruptCheckpointError(f"{index_name}: no weight_map object",
-                                     details={"file": index_name})
-    files: list[Path] = []
-    for tensor, fname in weight_map.items():
-        plain = (isinstance(fname, str) and fname not in {"", ".", ".."}
-                 and "/" not in fname and "\\" not in fname and not os.path.isabs(fname))
-        if not plain or not (root / fname).is_file():
-            raise CorruptCheckpointError(
-                f"{index_name}: tensor {tensor!r} points to {str(fname)[:100]!r}, which is not a "
-                "file name inside the checkpoint folder",
-                details={"file": index_name, "tensor": tensor, "target": str(fname)[:100]})
-        if root / fname not in files:
-            files.append(root / fname)
-    return tuple(files)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Python's json accepts them
-
-
-def _parse_json(path: Path) -> Any:
-    """A file's strict JSON value (no NaN); a FIFO, a file over ``MAX_JSON_BYTES``, bad JSON
-    or a lone surrogate in a string is a CorruptCheckpointError."""
-    with os.fdopen(open_regular(path), "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise CorruptCheckpointError(f"{path.name} is larger than {MAX_JSON_BYTES} bytes, too "
-                                     "large for a config", details={"file": path.name})
-    try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{path.name} is not valid JSON: {str(exc)[:200]}",
-                                     details={"file": path.name}) from None
-    if not plain_text(json.dumps(value, ensure_ascii=False)):
-        raise CorruptCheckpointError(f"{path.name} holds a string that is not valid Unicode "
-                                     "(a lone surrogate)", details={"file": path.name})
-    return value
-
-
-def read_json_file(path: Path) -> dict[str, Any] | None:
-    """A strict JSON object file, or None when absent; anything else is refused with a stable
-    code (a FIFO, an oversized or non-JSON file, NaN, a lone surrogate, a non-object)."""
-    if not os.path.lexists(path) or (path.is_symlink() and not path.exists()):
-        return None
-    value = _parse_json(path)
-    if not isinstance(value, dict):
-        raise CorruptCheckpointError(f"{path.name} must hold a JSON object",
-                                     details={"file": path.name})
-    return value
+    return model_folder.read_json_file(root / "config.json")  # remote code: refused by vet
 
 
 def read_json(src: ResolvedSource, name: str) -> dict[str, Any] | None:
     """A JSON file (e.g. preprocessor_config.json) beside the weights, or None."""
     if Path(name).name != name or src.kind == "file":
         return None
-    return read_json_file(src.root / name)
+    return model_folder.read_json_file(src.root / name)
 
 
 def extra_files(src: ResolvedSource) -> dict[str, Path]:
     """Processor and tokenizer files to copy next to a rewritten checkpoint."""
     if src.kind == "file":
         return {}
-    skip = {"config.json", INDEX_NAME, _TORCH_INDEX}
+    skip = {"config.json", INDEX_NAME, model_folder.TORCH_INDEX}
     inside = _inside(src)
     return {p.name: p for p in sorted(src.root.iterdir())
             if p.suffix in {".json", ".txt", ".model"} and p.name not in skip
-            and _regular_inside(p, inside)}
+            and model_folder.regular_inside(p, inside)}
 
 
 def _inside(src: ResolvedSource) -> Path:
     """The folder no file of ``src`` may lead out of."""
-    return _allowed(src.root)
-
-
-def _allowed(root: Path) -> Path:
-    """The folder no link of the model folder ``root`` may lead out of: ``root`` itself, or for
-    a snapshot of the Hugging Face cache (``<repo>/snapshots/<sha>``, downloaded by us or named
-    as a local folder) the repo's cache folder, whose ``blobs/`` its files link to."""
-    real = root.resolve()
-    repo = real.parent.parent
-    if real.parent.name == "snapshots" and (repo / "blobs").is_dir():
-        return repo
-    return real
-
-
-def _regular_inside(path: Path, inside: Path) -> bool:
-    """Whether ``path`` is a regular file, through links that stay inside ``inside`` only."""
-    try:
-        if path.is_symlink() and not path.resolve(strict=True).is_relative_to(inside):
-            return False
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, RuntimeError):  # dangling link, link loop
-        return False
-
-
-def _unsafe(path: Path, why: str) -> UnsafeFormatError:
-    return UnsafeFormatError(f"{path.name}: refused, {why}", details={"file": path.name})
+    return model_folder.allowed_root(src.root)
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):

@@ -2,7 +2,7 @@
 
 A FIFO named ``model.safetensors`` blocks ``open()`` forever, a device never ends, a socket
 cannot be read: each is refused with :class:`UnsafeFileError` before it is opened. Symbolic
-links are judged where the model folder is known (``checkpoints.py``).
+links are judged where the model folder is known (``model_folder.py``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from mergeshield import archives
-from mergeshield.checkpoints import REFUSED_SUFFIXES
 from mergeshield.errors import (
     MergeShieldError,
     NothingScannableError,
@@ -16,6 +15,7 @@ from mergeshield.errors import (
     UnsafeArchiveError,
     UnsafeFormatError,
 )
+from mergeshield.model_folder import REFUSED_SUFFIXES
 from mergeshield.safetensors_io import read_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -20,7 +20,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from mergeshield import archives
-from mergeshield.checkpoints import REFUSED_SUFFIXES
 from mergeshield.disk import ensure_room
 from mergeshield.errors import (
     InputError,
@@ -29,6 +28,7 @@ from mergeshield.errors import (
     RequestTimeoutError,
     UnsafeFormatError,
 )
+from mergeshield.model_folder import REFUSED_SUFFIXES
 from mergeshield.safetensors_io import read_header
 from mergeshield.settings import Settings
 from service import upload_checks

@@ -10,7 +10,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from mergeshield import checkpoints
+from mergeshield import checkpoints, model_folder
 from mergeshield.errors import (
     CorruptCheckpointError,
     DatasetError,
@@ -49,7 +49,7 @@ def with_arch(config: transformers.PretrainedConfig, arch: str) -> dict[str, Any
 
 
 def vit_config_dict(folder: Path) -> dict[str, Any]:
-    config = checkpoints.read_json_file(folder / "config.json")
+    config = model_folder.read_json_file(folder / "config.json")
     assert config is not None
     return config
 
