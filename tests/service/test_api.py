@@ -162,6 +162,10 @@ def test_hub_ids_through_the_loopback_hub(stack: Stack, user: httpx.Client, zoo:
     report = user.get(f"/v1/scans/{done['id']}/report").json()
     assert report["suspect"]["revision_requested"] == "main"
     assert len(report["suspect"]["revision"]) == 40  # resolved to the commit sha
+    # a hub source is named by its id beside that sha: report, __metadata__
+    meta = report["output"]["metadata"]
+    assert report["suspect"]["source"] == meta["mergeshield.suspect"] == f"zoo/{CLEAN}"
+    assert meta["mergeshield.suspect_revision"] == report["suspect"]["revision"]
 
 
 def test_private_repo_opens_with_the_token_which_is_never_written(
