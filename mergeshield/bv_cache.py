@@ -77,6 +77,18 @@ def describe(cache_dir: str | Path | None, key: str, **info: Any) -> None:
     checkpoints.atomic_write_text(folder / "entry.json", json.dumps(record, indent=2))
 
 
+def own_asr(cache_dir: str | Path | None, key: str) -> dict[str, RateModel]:
+    """The own ASR ``describe`` recorded for ``key``'s entry ({} when none was recorded)."""
+    if cache_dir is None:
+        return {}
+    path = entry_dir(cache_dir, key) / "entry.json"
+    try:
+        recorded = json.loads(path.read_text()).get("own_asr") or {}
+        return {k: RateModel.model_validate(v) for k, v in recorded.items()}
+    except (OSError, ValueError, AttributeError):  # absent, or written by another version
+        return {}
+
+
 def entries(cache_dir: str | Path) -> list[CacheEntry]:
     """Every complete entry in the cache, newest first (half-written ones are not listed)."""
     root = Path(cache_dir) / "bv"

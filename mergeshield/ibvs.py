@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
-from mergeshield.evaluation import Rate
+from mergeshield.evaluation import Rate, attack_success_rate
 from mergeshield.options import (
     MAX_TRIGGERS,
     BatchSize,
@@ -34,7 +34,7 @@ from mergeshield.options import (
     TrainImages,
 )
 from mergeshield.task_vectors import TaskVector, top_k
-from mergeshield.training import FinetuneConfig, Progress, paired_finetune
+from mergeshield.training import FinetuneConfig, Progress, batch_order, finetune
 from mergeshield.triggers import PatchTrigger, Trigger, stamp
 
 if TYPE_CHECKING:  # models imports transformers: only for annotations here
@@ -56,9 +56,16 @@ class InjectionRecipe(BaseModel):
     triggers: tuple[Trigger, ...] = Field(default=(), max_length=MAX_TRIGGERS)
     targets: tuple[ClassIndex, ...] = Field(default=(0,), max_length=MAX_TRIGGERS)
     patch_fraction: Share = 1 / 9  # patch side / image side for per_class triggers
-    poison_rate: Share = 0.3  # ρ over the whole set, split evenly between the injected triggers
-    epochs: Epochs = 4  # paired fine-tune length
+    # ρ over the whole set, split evenly between the injected triggers, and the fine-tune's lr.
+    # At these values 8 of 10 per-class injections do not take (own ASR 1–27%, reported as
+    # ``took: false``); ρ=0.6, lr 2e-3 and 3 rounds take all ten ≥ 90%, but that BV_inj is so
+    # much larger that λ_d=1 over-subtracts in merges (docs/decisions.md, "Injections that
+    # take"): the stronger recipe waits for a λ policy of its own.
+    poison_rate: Share = 0.3
+    epochs: Epochs = 4  # paired fine-tune length of one round
     lr: LearningRate = 1e-3
+    min_own_asr: Share = 0.9  # own ASR every injected backdoor should reach ("took")
+    max_rounds: int = Field(default=1, ge=1, le=20)  # rounds of ``epochs`` to try to reach it
     batch_size: BatchSize = 64
     max_train: TrainImages | None = 2000  # images of the defender's data used for the injection
     seed: Seed = 0
@@ -130,26 +137,42 @@ def build_injection_bv(
     data: ImageDataset,
     recipe: InjectionRecipe,
     *,
+    held_out: ImageDataset | None = None,
     progress: Progress | None = None,
     inspect: Callable[[Classifier], None] | None = None,
 ) -> TaskVector:
     """BV_inj = θ_inj_bd − θ_inj_clean from paired fine-tunes of the base (head frozen).
 
-    ``inspect`` is handed the backdoored model θ_inj_bd (with its head) before it is dropped,
-    e.g. to measure whether the injection took."""
+    Trained in rounds of ``recipe.epochs`` (both models on the same batch order each round)
+    until every injected backdoor's own ASR on ``held_out`` (default: ``data``) reaches
+    ``recipe.min_own_asr``, or ``recipe.max_rounds``: a BV of injections that did not take
+    removes little. ``inspect`` is handed the backdoored model θ_inj_bd (with its head) at the
+    end, e.g. to record its own ASR."""
     if recipe.max_train is not None and len(data) > recipe.max_train:
         gen = torch.Generator().manual_seed(recipe.seed)
         data = data.subset(torch.randperm(len(data), generator=gen)[: recipe.max_train])
     image_size = int(data.images.shape[-1])
     backdoors = injected_backdoors(recipe, len(data.classes), image_size)
     poisoned = poison_many(data, backdoors, recipe.poison_rate, recipe.seed)
-    clean, bd = paired_finetune(make_classifier, data, poisoned, recipe.finetune_config(),
-                                progress=progress)
+    check = held_out if held_out is not None else data
+    clean_clf, bd_clf = make_classifier(), make_classifier()
+    for r in range(recipe.max_rounds):
+        cfg = replace(recipe.finetune_config(), seed=recipe.seed + r)
+        order = batch_order(len(data), cfg)  # the pair shares each round's batch order
+        finetune(clean_clf, data, cfg, order=order, progress=progress, stage="inject-clean")
+        finetune(bd_clf, poisoned, cfg, order=order, progress=progress, stage="inject-bd")
+        if min(own_asr(bd_clf, check, backdoors)) >= recipe.min_own_asr:
+            break
     if inspect is not None:
-        injected = make_classifier()
-        injected.load_backbone(bd)
-        inspect(injected)
-    return TaskVector.between(clean, bd).materialize()
+        inspect(bd_clf)
+    return TaskVector.between(clean_clf.backbone_state(), bd_clf.backbone_state()).materialize()
+
+
+def own_asr(model: Classifier, data: ImageDataset, backdoors: Sequence[tuple[Trigger, int]]
+            ) -> list[float]:
+    """Each injected backdoor's ASR on ``model``: did the injection take?"""
+    return [attack_success_rate(model, data, trigger, target).rate
+            for trigger, target in backdoors]
 
 
 class Focus(BaseModel):

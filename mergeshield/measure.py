@@ -148,14 +148,18 @@ def measure_and_sanitise(
                 if loaded is None:
                     make = family.task_classifier(base, inj_task.train, device=device)
                     loaded = build_injection_bv(make, inj_task.train, request.recipe,
-                                                progress=progress, inspect=own_asr)
-                    bv_cache.store(cache_dir, key, loaded,
-                                   request.recipe.model_dump(mode="json"))
+                                                held_out=test, progress=progress,
+                                                inspect=own_asr)
+                    # cached whether or not every injection took: the report and the cache
+                    # page show ``took`` and each own ASR
+                    bv_cache.store(cache_dir, key, loaded, request.recipe.model_dump(mode="json"))
                     bv_cache.describe(
                         cache_dir, key, base=base_label or _model_name(request.base),
                         base_revision=base_revision, data=inj_task.name,
                         data_sha256=inj_task.train.sha256(), own_asr=own,
                         measured_on=f"the injected model on {task.name} test, {len(test)} images")
+        if cached:
+            own = bv_cache.own_asr(cache_dir, key)
         bv = loaded
         bv = focus(bv, tau, request.focus)
     for trig, target in injected:
@@ -211,6 +215,9 @@ def measure_and_sanitise(
         injection=InjectionSummary(recipe=({"given_bv": request.bv} if given_bv else
                                            request.recipe.model_dump(mode="json")),
                                    recipe_hash=key, cached=cached, bv_norm=bv.norm(),
+                                   own_asr=own,
+                                   took=(_took(own, request.recipe.min_own_asr) if own and not
+                                         given_bv else None),
                                    cosine_with_task_vector=cosine(bv, tau)),
         sweep=SweepSummary(
             policy=(f"fixed λ={lam}" if request.fixed_lambda is not None else
@@ -283,6 +290,12 @@ def _is_finding(p: _Probe, gap: float) -> bool:
     assert p.before is not None
     return finding_gap(p.source, p.before.rate, p.before.ci95[0], p.ref.rate if p.ref else 0.0,
                        gap) is not None
+
+
+def _took(own: Mapping[str, Any], floor: float) -> bool:
+    """Every injected backdoor reached ``floor`` own ASR (``own``: id → rate model or dict)."""
+    rates = [r["rate"] if isinstance(r, dict) else r.rate for r in own.values()]
+    return bool(rates) and min(rates) >= floor
 
 
 def _sample(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:

@@ -32,6 +32,9 @@ class Claim:
     threshold: float
     above: bool  # holds when measured ≥ threshold (else ≤)
     scales: tuple[str, ...] = ("quick", "default")  # runs it is asserted on (--quick or not)
+    # False: measured and reported, never a reason for --check to fail, because the same seed
+    # gave opposite results on two CPUs of one kind (a claim that flips is no claim: style.md 17)
+    stable: bool = True
 
     def holds(self, value: float) -> bool:
         return value >= self.threshold if self.above else value <= self.threshold
@@ -47,7 +50,8 @@ class Verdict:
         c = self.claim
         return {"id": c.id, "experiment": c.experiment, "paper": c.paper, "expect": c.expect,
                 "agrees_with_paper": c.agrees_with_paper, "threshold": c.threshold,
-                "direction": ">=" if c.above else "<=", "measured": self.value, "held": self.held}
+                "direction": ">=" if c.above else "<=", "measured": self.value, "held": self.held,
+                "stable": c.stable}
 
 
 # -- measurements over each experiment's JSON -------------------------------------------------
@@ -178,8 +182,9 @@ CLAIMS: tuple[Claim, ...] = (
           "BadNets under TA: ASR after IBVS (λ_d=1) ≤ 0.5 × undefended", True,
           _ibvs_removal("badnets"), 0.5, False),
     Claim("ibvs-blended", "ibvs", "IBVS removes a merged backdoor",
-          "Blended under TA: ASR after IBVS (λ_d=1) ≤ 0.5 × undefended", True,
-          _ibvs_removal("blended"), 0.5, False, ("quick",)),
+          "Blended under TA: ASR after IBVS (λ_d=1) ≤ 0.5 × undefended; UNSTABLE, reported only: "
+          "the same seed measured 0.094 on one CPU and 0.821 on another (issue 12)", True,
+          _ibvs_removal("blended"), 0.5, False, ("quick",), stable=False),
     Claim("blended-resists-ibvs", "ibvs", "IBVS removes a merged backdoor",
           "Blended under TA: ASR after IBVS (λ_d=1) ≥ 0.7 × undefended: NOT reproduced at "
           "default scale (the merged Blended backdoor is weak, ~13%, and IBVS barely moves it)",
@@ -227,7 +232,8 @@ def check(experiments: Results, scale: str = "quick") -> list[Verdict]:
 def markdown(verdicts: list[Verdict], header: str) -> str:
     rows = [f"| {v.claim.id} | {v.claim.paper} | {v.claim.expect} | "
             f"{'—' if v.value is None else f'{v.value:.3f}'} | "
-            f"{'not run' if v.held is None else 'holds' if v.held else '**FAILS**'} | "
+            f"{'not run' if v.held is None else 'holds' if v.held else '**FAILS**'}"
+            f"{'' if v.claim.stable else ' (unstable: not asserted)'} | "
             f"{'yes' if v.claim.agrees_with_paper else '**no**'} |" for v in verdicts]
     return "\n".join([
         "# Claims checked by `bench paper --check`", "", header, "",

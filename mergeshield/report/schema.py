@@ -104,6 +104,9 @@ class InjectionSummary(_Model):
     cached: bool  # True when BV_inj came from the cache instead of being trained now
     bv_norm: float
     cosine_with_task_vector: float  # cos(BV_inj, suspect task vector), global
+    # θ_inj_bd's ASR per injected "trigger->target" (when built, or as the cache recorded it)
+    own_asr: dict[str, RateModel] = Field(default_factory=dict)
+    took: bool | None = None  # every injection reached the recipe's min_own_asr (None: unknown)
 
 
 class TriggerMeasurement(_Model):
