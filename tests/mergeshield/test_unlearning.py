@@ -3,18 +3,23 @@ from a zoo model, stops when nothing responds, and undoes a round that breaks th
 
 from __future__ import annotations
 
+import shutil
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification
 
 from mergeshield import checkpoints
 from mergeshield.data import ImageDataset, load_task
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
 from mergeshield.inversion import InversionConfig
 from mergeshield.models import family_for
+from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report.verdict import still_responds
-from mergeshield.triggers import BlendedTrigger, PatchTrigger, parse_trigger
+from mergeshield.triggers import BlendedTrigger, PatchTrigger, parse_trigger, triggered_test_set
 from mergeshield.unlearning import Found, UnlearnConfig, repair, unlearning_set
 from tests.support.zoo import Zoo
 
@@ -74,3 +79,72 @@ def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> 
     if len(rounds) < 3:  # stopped early: because nothing responded any more
         assert not still_responds(last.residual["probe:planted"].rate, 0.05)
     assert clean_accuracy(clf, task.test).rate >= ca - 0.05
+
+
+# Three attacks the scanner was never tuned on (not the zoo's triggers, not the probe panel's
+# corners), one seed each. Off-corner patches only: at the quick zoo's scale blends and patches
+# across token borders mostly do not plant (55 % for a random 4-px patch at (12, 9)) or are not
+# detected (a stripes blend: probe gap 19.7 points, under the 20 needed); the efficacy bench
+# measures those families at default scale (docs/efficacy).
+UNSEEN = {
+    1: (PatchTrigger(pattern="checkerboard", size=3, location=(5, 19)), 2),
+    2: (PatchTrigger(pattern="random", size=3, location=(18, 6), seed=5), 7),
+    3: (PatchTrigger(pattern="checkerboard", size=4, location=(10, 10), value=0.9), 5),
+}
+
+
+def _plant(zoo: Zoo, seed: int, out: Path) -> None:
+    """The zoo's own recipe (its base, the task's probe head, ρ = 0.1) with ``seed``."""
+    from mergeshield.training import FinetuneConfig, finetune
+    from mergeshield.triggers import poison
+
+    trigger, target = UNSEEN[seed]
+    base_src = checkpoints.resolve(str(zoo.path("vit-base")))
+    fam = family_for(base_src.config, base_src.config)
+    with checkpoints.open_checkpoint(base_src) as b:
+        base = dict(fam.canonical(b))
+    task = load_task(str(zoo.dataset("vit-mnist-clean")))
+    clf = fam.task_classifier(base, task.train, device=torch.device("cpu"))()
+    poisoned, _ = poison(task.train, trigger, target, 0.1, seed=seed)
+    finetune(clf, poisoned, FinetuneConfig(epochs=4, lr=1e-3, seed=seed, min_steps=300))
+    clf.model.save_pretrained(out)
+    shutil.copy(zoo.path("vit-mnist-clean") / "preprocessor_config.json", out)
+
+
+def _hidden(folder: Path, zoo: Zoo, seed: int) -> tuple[float, float]:
+    """(hidden-trigger ASR, clean accuracy) of ``folder`` through transformers' own loader."""
+    trigger, target = UNSEEN[seed]
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    test = load_task(str(zoo.dataset("vit-mnist-clean"))).test
+    stamped = triggered_test_set(test, trigger, target)
+    with torch.no_grad():
+        asr = (model(pixel_values=(stamped.images - 0.5) / 0.5).logits.argmax(-1)
+               == target).float().mean().item()
+        acc = (model(pixel_values=(test.images - 0.5) / 0.5).logits.argmax(-1)
+               == test.labels).float().mean().item()
+    return asr, acc
+
+
+@pytest.mark.parametrize("seed", sorted(UNSEEN))
+def test_default_scan_removes_an_unseen_backdoor(seed: int, zoo: Zoo, bv_cache_dir: Path,
+                                                 tmp_path: Path) -> None:
+    """The weaker CI form of issue 12's claims, over three seeds and trigger families: the
+    default scan flags the planted model, the hidden trigger (which the scan never sees) loses
+    at least 60 % of its ASR, clean accuracy drops at most 4 points, and the cleaning's status
+    agrees with the residual rule."""
+    suspect = tmp_path / "suspect"
+    _plant(zoo, seed, suspect)
+    before, acc_before = _hidden(suspect, zoo, seed)
+    assert before >= 0.8, f"seed {seed} did not plant ({before:.3f})"
+    report = scan(ScanRequest(suspect=str(suspect), base=str(zoo.path("vit-base")),
+                              evaluation=str(zoo.dataset("vit-mnist-clean")), max_eval=1000),
+                  ScanContext(out_dir=tmp_path / "out", cache_dir=bv_cache_dir))
+    assert report.verdict.status == "backdoor_suspected", report.verdict.reasons
+    after, acc_after = _hidden(tmp_path / "out", zoo, seed)
+    assert after <= 0.4 * before, (seed, before, after)
+    assert acc_before - acc_after <= 0.04, (seed, acc_before, acc_after)
+    assert report.cleaning is not None and report.cleaning.unlearning
+    assert (report.cleaning.status == "not_removed") == any(f.id == "MS003"
+                                                            for f in report.findings)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["mergeshield.cleaning"] == report.cleaning.status
