@@ -118,6 +118,8 @@ class Stack:
             proc.wait()
 
     def close(self) -> None:
+        if "serve" in self.procs:  # its workers run in sessions of their own: serve stops them
+            self.kill("serve", signal.SIGTERM)  # (SIGTERM, then SIGKILL after its stop timeout)
         for name in list(self.procs):  # no warm shutdown: it would wait for a running scan
             self.kill(name, signal.SIGKILL)
         if self.dbname is not None:
