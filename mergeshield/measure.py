@@ -44,6 +44,7 @@ from mergeshield.report.schema import (
     InjectionSummary,
     LambdaPoint,
     Metrics,
+    RateModel,
     SkippedTensor,
     SweepSummary,
     TaskVectorSummary,
@@ -127,11 +128,11 @@ def measure_and_sanitise(
             probes.append(_inverted(request, task, ref, sus))
 
     injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
-    own: dict[str, Any] = {}  # the injected model's own ASR, when BV_inj is built now
+    own: dict[str, RateModel] = {}  # the injected model's own ASR (built now, or as cached)
 
     def own_asr(model: Classifier) -> None:  # θ_inj_bd: did the injection take?
         own.update({f"{trigger_id(t)}->{tgt}": attack_success_rate(model, test, t, tgt)
-                    .to_model().model_dump() for t, tgt in injected})
+                    .to_model() for t, tgt in injected})
 
     with stage("injection_bv"):
         loaded: TaskVector | None
@@ -156,7 +157,8 @@ def measure_and_sanitise(
                     bv_cache.describe(
                         cache_dir, key, base=base_label or _model_name(request.base),
                         base_revision=base_revision, data=inj_task.name,
-                        data_sha256=inj_task.train.sha256(), own_asr=own,
+                        data_sha256=inj_task.train.sha256(),
+                        own_asr={k: v.model_dump() for k, v in own.items()},
                         measured_on=f"the injected model on {task.name} test, {len(test)} images")
         if cached:
             own = bv_cache.own_asr(cache_dir, key)
@@ -292,10 +294,9 @@ def _is_finding(p: _Probe, gap: float) -> bool:
                        gap) is not None
 
 
-def _took(own: Mapping[str, Any], floor: float) -> bool:
-    """Every injected backdoor reached ``floor`` own ASR (``own``: id → rate model or dict)."""
-    rates = [r["rate"] if isinstance(r, dict) else r.rate for r in own.values()]
-    return bool(rates) and min(rates) >= floor
+def _took(own: Mapping[str, RateModel], floor: float) -> bool:
+    """Every injected backdoor reached ``floor`` own ASR."""
+    return bool(own) and min(r.rate for r in own.values()) >= floor
 
 
 def _sample(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:

@@ -131,9 +131,10 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
         for t, trig in fresh.items():  # the patch the last check still found
             unlearn_set.append((trig, t))
             ids.append(f"round{r}:patch->{t}")
-        before = {k: v.detach().clone() for k, v in clf.backbone_state().items()}
+        # only a round after the first may be undone: keep its starting point
+        before = {k: v.detach().clone() for k, v in clf.backbone_state().items()} if r else None
         unlearn_round(clf, data, unlearn_set, cfg, r, seed=inversion.seed, progress=progress)
-        if r > 0 and clean_accuracy(clf, test).rate < accuracy_floor:
+        if before is not None and clean_accuracy(clf, test).rate < accuracy_floor:
             clf.load_backbone(before)
             break
         residual = {f.id: attack_success_rate(clf, test, f.trigger, f.target) for f in found}
