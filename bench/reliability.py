@@ -2,7 +2,7 @@
 ``docs/reliability.md``.
 
     python -m bench.reliability [--fuzz-examples 2000] [--api-examples 100] [--soak 500]
-                                [--zoo PATH] [--out PATH]
+                                [--zoo PATH] [--out PATH] [--only TITLE ...]
 
 Run it from the repository root (it imports ``tests.support``). Sections, in order:
 
@@ -11,10 +11,12 @@ Run it from the repository root (it imports ``tests.support``). Sections, in ord
 * hostile inputs, round 2, through the library and the CLI: every case of
   ``tests/support/hostile2.py`` (links out, special files, allocation bombs, tensor types,
   configs, remote code, outputs) under a deadline with a canary token in the environment;
-* hostile inputs through the service: the same cases uploaded to real processes (``serve --auth``
-  on SQLite + the filesystem broker) and scanned when accepted, plus the request tricks of
-  ``tests/support/hostile_service.py`` (also to API + worker on PostgreSQL + Redis when they are
-  running); then whether the API and the worker are alive and a clean scan still succeeds;
+* hostile inputs through the service: both corpora's cases uploaded to real processes
+  (``serve --auth`` on SQLite + the filesystem broker; API + worker on PostgreSQL + Redis when
+  they are running) and scanned when accepted, with a canary token in their environment
+  (``tests/support/hostile_service.py``); then leaks, tracebacks, stray files, and whether the
+  API and the worker are alive and a clean scan still succeeds;
+* request tricks (``tests/support/hostile_requests.py``) sent as they are to both APIs;
 * property-based fuzzing of the safetensors header validation (``tests/support/fuzz.py``);
 * schemathesis against the same running APIs (``tests/support/api_fuzz.py``);
 * fault injection: ``tests/service/test_faults.py`` run by pytest, outcomes from its junit XML;
@@ -23,6 +25,7 @@ Run it from the repository root (it imports ``tests.support``). Sections, in ord
   (default ``$MERGESHIELD_TEST_ZOO``), or build one.
 
 A section is a function ``(Context) -> str`` in ``SECTIONS``; add one to add a section.
+``--only`` runs some sections and keeps the others' text from the page, and the page says so.
 """
 
 from __future__ import annotations
@@ -47,16 +50,23 @@ from bench import faults
 from tests.support import hostile, hostile2
 from tests.support.api_fuzz import KNOWN_5XX, fuzz
 from tests.support.fuzz import PROPERTIES
+from tests.support.hostile_requests import error_code, request_cases, send
 from tests.support.hostile_service import (
-    STACK_ENV,
+    CANARY_ENV,
+    NOT_SENT,
     alive,
-    error_code,
-    request_cases,
+    hostile_stack,
+    leaks,
+    round1,
+    round2,
     run_cases,
-    send,
+    strays,
+    tracebacks,
 )
 from tests.support.hub import LoopbackHub
 from tests.support.stack import ADMIN_KEY, Stack, ensure_services
+
+REDIS_DB = 8  # apart from the tests' (9-15) and bench/api.py's 14: it may run beside them
 
 
 @dataclass
@@ -70,6 +80,7 @@ class Context:
     stack: Stack | None = None
     client: httpx.Client | None = None
     pg: Stack | None = None  # API + worker on PostgreSQL + Redis, when they are running
+    hub: LoopbackHub | None = None  # the stacks' (empty) hub
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -169,25 +180,21 @@ def library2(ctx: Context) -> str:
 @contextmanager
 def _stack(ctx: Context) -> Iterator[None]:
     hub = LoopbackHub().start()
-    stack = Stack(ctx.work / "stack", "sqlite-filesystem",
-                  env={**STACK_ENV, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token})
-    (ctx.work / "stack").mkdir()
+    stack = hostile_stack(ctx.work / "stack", "sqlite-filesystem", hub.url)
     pg: Stack | None = None
     try:
         stack.serve()
         try:
             ensure_services()
-            (ctx.work / "pg").mkdir()
-            pg = Stack(ctx.work / "pg", "postgres-redis",
-                       env={**STACK_ENV, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token})
-            pg.start_api().start_worker().wait_ready()
+            pg = hostile_stack(ctx.work / "pg", "postgres-redis", hub.url, REDIS_DB)
+            pg.start_api().wait_up().start_worker().wait_ready()  # the worker after migrations
         except RuntimeError as exc:
             print(f"PostgreSQL/Redis not running, SQLite only: {exc}")
         with stack.client() as client:
-            ctx.stack, ctx.client, ctx.pg = stack, client, pg
+            ctx.stack, ctx.client, ctx.pg, ctx.hub = stack, client, pg, hub
             yield
     finally:
-        ctx.stack = ctx.client = ctx.pg = None
+        ctx.stack = ctx.client = ctx.pg = ctx.hub = None
         stack.close()
         if pg is not None:
             pg.close()
@@ -199,26 +206,95 @@ def _backends(ctx: Context) -> list[tuple[str, Stack]]:
     return [("SQLite", ctx.stack)] + ([("PostgreSQL", ctx.pg)] if ctx.pg is not None else [])
 
 
+@dataclass
+class _Tally:
+    """One corpus kind through the service: how many, as expected on each backend, where."""
+
+    tried: int = 0
+    ok: Counter[str] = field(default_factory=Counter)  # backend -> as expected
+    at_upload: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # "stage: code", first backend
+
+
 def service(ctx: Context) -> str:
-    assert ctx.client is not None and ctx.stack is not None
-    cases = [c for c in hostile.corpus() if not c.gap]
-    outcomes = run_cases(ctx.client, cases, ctx.work / "svc")
-    rows: list[list[object]] = []
+    """Both corpora's file cases through every backend, judged as the service tests judge."""
+    assert ctx.hub is not None
+    first = [round1(c) for c in hostile.corpus() if not c.gap]
+    second = [c for c in map(round2, hostile2.corpus()) if c is not None]
+    rounds = ["1"] * len(first) + ["2"] * len(second)
+    tally: dict[tuple[str, str], _Tally] = defaultdict(_Tally)
+    checks: list[list[object]] = []
     wrong: list[str] = []
-    by_kind: dict[str, list[object]] = defaultdict(lambda: [0, 0, 0, Counter()])
-    for o in outcomes:
-        row = by_kind[o.case.kind]
-        row[0] += 1  # type: ignore[operator]
-        ok = (o.stage, o.code) == (o.case.refused_at, o.case.code) and not o.ran
-        row[1] += ok  # type: ignore[operator]
-        row[2] += o.stage == "upload"  # type: ignore[operator]
-        row[3][f"{o.stage}: {o.code}"] += 1  # type: ignore[index]
-        if not ok:
-            wrong.append(f"- `{o.case.id}`: expected {o.case.refused_at} `{o.case.code}`, got "
-                         f"{o.stage} `{o.code}`{' and the payload ran' if o.ran else ''}")
-    for kind, (n, ok, at_upload, codes) in by_kind.items():
-        rows.append([kind, n, ok, at_upload, n - at_upload, _codes(codes)])  # type: ignore[arg-type]
+    backends = [name for name, _ in _backends(ctx)]
+    for name, stack in _backends(ctx):
+        work = ctx.work / f"svc-{name}"
+        t0 = time.perf_counter()
+        with stack.client() as client:
+            outcomes = run_cases(client, first + second, work)
+            problems = list(alive(client, work))
+        seconds = time.perf_counter() - t0
+        for rnd, o in zip(rounds, outcomes, strict=True):
+            t = tally[(rnd, o.case.kind)]
+            ok = ((o.stage, o.code) == (o.case.refused_at, o.case.code) and not o.ran
+                  and o.seconds < hostile2.CASE_TIMEOUT_S)
+            t.ok[name] += ok
+            if name == backends[0]:
+                t.tried += 1
+                t.at_upload += o.stage == "upload"
+                t.outcomes[f"{o.stage}: {o.code}"] += 1
+            if not ok:
+                wrong.append(f"- `{o.case.id}` ({name}): expected {o.case.refused_at} "
+                             f"`{o.case.code}`, got {o.stage} `{o.code}` in {o.seconds:.0f} s"
+                             f"{' and the payload ran' if o.ran else ''}")
+        bad = {"leaks": list(leaks(stack, outcomes)),
+               "tracebacks": list(tracebacks(stack, outcomes)),
+               "strays": list(strays(stack, work, len(outcomes)))}
+        wrong += [f"- {name}, {what}: {p}" for what, ps in bad.items() for p in ps]
+        wrong += [f"- {name}: {p}" for p in problems]
+        procs = all(p.poll() is None for p in stack.procs.values())
+        checks.append([name, sum(o.ran for o in outcomes), len(bad["leaks"]),
+                       len(bad["tracebacks"]), len(bad["strays"]),
+                       f"{max(o.seconds for o in outcomes):.1f}", f"{seconds:.0f}",
+                       "yes" if procs and not problems else "no"])
+    rows = [[rnd, kind, t.tried, *(t.ok[b] for b in backends), t.at_upload,
+             t.tried - t.at_upload, _codes(t.outcomes)] for (rnd, kind), t in tally.items()]
+    unsent = [c for c in hostile2.corpus() if round2(c) is None]
+    return "\n\n".join([
+        "## Hostile inputs through the service",
+        "Both corpora's file cases (round 1: `tests/support/hostile.py`, round 2: "
+        "`tests/support/hostile2.py`) sent to real processes: `mergeshield serve --auth` (API + "
+        "one worker, SQLite + the filesystem broker) and API + a worker process on PostgreSQL + "
+        f"Redis; upload limit {hostile.MAX_UPLOAD_BYTES // 2**20} MiB, unpacked limit "
+        f"{hostile.LIMITS.max_bytes // 2**20} MiB, {hostile.LIMITS.max_files} archive members; "
+        f"a canary token in the processes' environment (`{', '.join(CANARY_ENV)}`), their "
+        "temporary files in their own folder, an empty loopback hub. Each case is uploaded as a "
+        "user sends it (a folder as a zip; a link, FIFO or socket as an archive member of that "
+        "type, as tar and `zip -y` keep them) and, when the upload is accepted, scanned by the "
+        "worker against the clean base (a base case: against the clean suspect), all scans "
+        "queued at once. Headers and archives are judged in the API process, anything that "
+        "needs a tensor, a pickle or a config only by the worker (where each round-2 case ends "
+        "is said in `tests/support/hostile_service.py`). *as expected*: the stage and stable "
+        f"code expected, no payload run, the scan under {hostile2.CASE_TIMEOUT_S} s.",
+        _table(["round", "kind", "tried", *(f"as expected ({b})" for b in backends),
+                "at upload", "at scan", "outcomes"], rows),
+        f"Not sent: {len(unsent)} round-2 cases that play the given BV ({NOT_SENT['bv']}).",
+        "Then, per backend: payloads that ran; secrets (the canary, the machine's "
+        "`/etc/passwd`, a secret beside the inputs) or server paths in any API answer, report, "
+        "database row, stored file or log; tracebacks (answers, logs) and `internal_error`; "
+        "files written outside the stack's folders or beside the inputs; the longest scan; the "
+        "whole run; API and worker alive, `/readyz` and a clean scan afterwards.",
+        _table(["backend", "ran", "leaks", "tracebacks", "stray files", "longest scan (s)",
+                "wall (s)", "alive"], checks),
+        f"Requests that reached the hub: **{len(ctx.hub.requests)}**.",
+        "Wrong outcomes:\n" + ("\n".join(wrong) if wrong else "none."),
+    ])
+
+
+def service_requests(ctx: Context) -> str:
+    """The request tricks, sent as they are to every backend's API."""
+    assert ctx.client is not None and ctx.stack is not None
     requests: dict[tuple[str, str], list[object]] = defaultdict(lambda: [0, 0, Counter()])
+    wrong: list[str] = []
     for (backend, stack), rc in ((b, rc) for b in _backends(ctx) for rc in request_cases()):
         with stack.client() as client:
             r = send(client, rc)
@@ -230,26 +306,19 @@ def service(ctx: Context) -> str:
         if got != (rc.status, rc.code):
             wrong.append(f"- `{rc.id}` ({backend}): expected {rc.status} `{rc.code}`, got "
                          f"{got[0]} `{got[1]}`")
-    problems = list(alive(ctx.client, ctx.work / "svc"))
+    problems = list(alive(ctx.client, ctx.work / "svc-requests"))
     procs = all(p.poll() is None for p in ctx.stack.procs.values())
     return "\n\n".join([
-        "## Hostile inputs through the service",
-        "Real processes: `mergeshield serve --auth` (API + one worker, SQLite + the filesystem "
-        f"broker), upload limit {hostile.MAX_UPLOAD_BYTES // 2**20} MiB, unpacked limit "
-        f"{hostile.LIMITS.max_bytes // 2**20} MiB, {hostile.LIMITS.max_files} archive members. "
-        "Each file case is uploaded (a folder as a zip); when the upload is accepted it is "
-        "scanned against a clean base by the worker. Headers and archives are judged in the API "
-        "process; anything that needs a tensor or a pickle, only by the worker.",
-        _table(["kind", "tried", "refused as expected", "at upload", "at scan", "outcomes"],
-               rows),
-        "The request tricks go to that API and to one on PostgreSQL + Redis (which, unlike "
-        "SQLite, refuses a NUL in text).",
+        "## Request tricks through the service",
+        "Path and unicode tricks in ids, bad model references, wrong content types, odd upload "
+        "names and sizes (`tests/support/hostile_requests.py`), sent as they are to both APIs "
+        "(PostgreSQL, unlike SQLite, refuses a NUL in text).",
         _table(["request tricks", "database", "tried", "refused as expected", "answers"],
                [[g, b, n, ok, _codes(c)]  # type: ignore[arg-type]
                 for (g, b), (n, ok, c) in sorted(requests.items())]),
-        f"Pickle payloads that ran: **{sum(o.ran for o in outcomes)}**. API and worker processes "
-        f"alive afterwards: **{'yes' if procs else 'no'}**; `/readyz` and a clean scan "
-        f"afterwards: **{'ok' if not problems else '; '.join(problems)}**.",
+        f"SQLite API and worker processes alive afterwards: **{'yes' if procs else 'no'}**; "
+        f"`/readyz` and a clean scan afterwards: "
+        f"**{'ok' if not problems else '; '.join(problems)}**.",
         "Wrong outcomes:\n" + ("\n".join(wrong) if wrong else "none."),
     ])
 
@@ -323,19 +392,28 @@ def soak_run(ctx: Context) -> str:
     return faults.soak_section(ctx.work / "soak", zoo, ctx.soak, ctx.fault_every)
 
 
-# (title for the timings, section, needs the running stack)
-SECTIONS: list[tuple[str, Section, bool]] = [
-    ("hostile inputs, library", library, False),
-    ("hostile inputs round 2, library and CLI", library2, False),
-    ("hostile inputs, service", service, True),
-    ("schemathesis", api_fuzzing, True),
-    ("header fuzzing", fuzzing, False),
-    ("fault injection", fault_injection, False),
-    ("soak", soak_run, False),
+# (title for the timings and --only, the page's heading, section, needs the running stack)
+SECTIONS: list[tuple[str, str, Section, bool]] = [
+    ("hostile inputs, library", "Hostile inputs through the library", library, False),
+    ("hostile inputs round 2, library and CLI",
+     "Hostile inputs, round 2, through the library and the CLI", library2, False),
+    ("hostile inputs, service", "Hostile inputs through the service", service, True),
+    ("request tricks, service", "Request tricks through the service", service_requests, True),
+    ("schemathesis", "schemathesis against the OpenAPI", api_fuzzing, True),
+    ("header fuzzing", "Fuzzing the safetensors header validation", fuzzing, False),
+    ("fault injection", "Fault injection", fault_injection, False),
+    ("soak", "Soak run", soak_run, False),
 ]
 ORDER = ["hostile inputs, library", "hostile inputs round 2, library and CLI",
-         "hostile inputs, service", "header fuzzing", "schemathesis",
+         "hostile inputs, service", "request tricks, service", "header fuzzing", "schemathesis",
          "fault injection", "soak"]  # how the page reads
+
+
+def _previous(page: Path) -> tuple[str, dict[str, str]]:
+    """The page as it is: its "Written by" sentence and its sections by heading."""
+    chunks = (page.read_text() if page.is_file() else "").split("\n## ")
+    written = next((p for p in chunks[0].split("\n\n") if p.startswith("Written by")), "")
+    return written, {c.split("\n", 1)[0]: "## " + c.strip() for c in chunks[1:]}
 
 
 def _commit() -> str:
@@ -356,11 +434,18 @@ def main() -> None:
                     help="mean seconds between the soak's faults")
     ap.add_argument("--zoo", type=Path, default=os.environ.get("MERGESHIELD_TEST_ZOO"),
                     help="a quick zoo (default $MERGESHIELD_TEST_ZOO; built when absent)")
+    ap.add_argument("--only", nargs="+", choices=[s[0] for s in SECTIONS], metavar="TITLE",
+                    help="run only these sections (titles as in SECTIONS); the others keep "
+                         "their text from the page at --out, which says so")
     ap.add_argument("--out", type=Path, default=Path("docs/reliability.md"))
     args = ap.parse_args()
     ctx = Context(Path(tempfile.mkdtemp(prefix="msrel-")), args.fuzz_examples, args.api_examples,
                   args.soak, args.fault_every, args.zoo)
-    parts: dict[str, str] = {}
+    chosen = [s for s in SECTIONS if args.only is None or s[0] in args.only]
+    written, before = _previous(args.out)
+    parts = {title: before[heading] for title, heading, _, _ in SECTIONS
+             if args.only is not None and title not in args.only}
+    t_all = time.perf_counter()
 
     def run(title: str, section: Section) -> None:
         t0 = time.perf_counter()
@@ -368,24 +453,34 @@ def main() -> None:
         ctx.timings[title] = time.perf_counter() - t0
         print(f"{title}: {ctx.timings[title]:.0f} s", flush=True)
 
-    for title, section, _ in (s for s in SECTIONS if not s[2]):
+    for title, _, section, _ in (s for s in chosen if not s[3]):
         run(title, section)
-    with _stack(ctx):
-        for title, section, _ in (s for s in SECTIONS if s[2]):
-            run(title, section)
+    if any(s[3] for s in chosen):
+        with _stack(ctx):
+            for title, _, section, _ in (s for s in chosen if s[3]):
+                run(title, section)
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    head = "\n\n".join([
+    only = f" --only {' '.join(repr(t) for t in args.only)}" if args.only else ""
+    kept = [t for t in ORDER if t not in ctx.timings]
+    head = [
         "# Reliability",
-        f"Written by `python -m bench.reliability --fuzz-examples {args.fuzz_examples} "
+        f"Written by `python -m bench.reliability{only} --fuzz-examples {args.fuzz_examples} "
         f"--api-examples {args.api_examples} --soak {args.soak} --fault-every "
         f"{args.fault_every:g}` at commit `{_commit()}` on {started}, "
-        f"{platform.machine()} Linux, Python {platform.python_version()}. Hostile inputs are "
-        "generated by `tests/support/hostile.py` (never committed as files); every one must be "
-        "refused with the stable error code it carries (`mergeshield/errors.py`).",
+        f"{platform.machine()} Linux, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, in {time.perf_counter() - t_all:.0f} s. Hostile inputs are "
+        "generated by `tests/support/hostile.py` and `tests/support/hostile2.py` (never "
+        "committed as files); every one must be refused with the stable error code it carries "
+        "(`mergeshield/errors.py`), or be accepted with its hostile part neutralised where the "
+        "corpus says so.",
         "Time per section: " + ", ".join(f"{t} {s:.0f} s" for t, s in ctx.timings.items()) + ".",
-    ])
+    ]
+    if kept:
+        head.append(f"Not rerun by this command, kept as the previous page had them: "
+                    f"{', '.join(kept)}. Their settings and figures are those of the run the "
+                    f"previous page named: \"{written}\"")
     known = "\n".join(f"- `{k}`: {v}" for k, v in KNOWN_5XX.items()) or "none"
-    text = "\n\n".join([head, *(parts[t] for t in ORDER),
+    text = "\n\n".join([*head, *(parts[t] for t in ORDER),
                         "## Known failures, not ours to fix here\n\n" + known]) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
