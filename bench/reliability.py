@@ -241,14 +241,14 @@ def service(ctx: Context) -> str:
             if name == backends[0]:
                 t.tried += 1
                 t.at_upload += o.stage == "upload"
-                t.outcomes[f"{o.stage}: {o.code}"] += 1
+                t.outcomes[f"{o.stage}: {o.code or 'succeeded'}"] += 1
             if not ok:
                 wrong.append(f"- `{o.case.id}` ({name}): expected {o.case.refused_at} "
                              f"`{o.case.code}`, got {o.stage} `{o.code}` in {o.seconds:.0f} s"
                              f"{' and the payload ran' if o.ran else ''}")
         bad = {"leaks": list(leaks(stack, outcomes)),
                "tracebacks": list(tracebacks(stack, outcomes)),
-               "strays": list(strays(stack, work, len(outcomes)))}
+               "strays": list(strays(stack, work))}
         wrong += [f"- {name}, {what}: {p}" for what, ps in bad.items() for p in ps]
         wrong += [f"- {name}: {p}" for p in problems]
         procs = all(p.poll() is None for p in stack.procs.values())
@@ -277,7 +277,7 @@ def service(ctx: Context) -> str:
         f"code expected, no payload run, the scan under {hostile2.CASE_TIMEOUT_S} s.",
         _table(["round", "kind", "tried", *(f"as expected ({b})" for b in backends),
                 "at upload", "at scan", "outcomes"], rows),
-        f"Not sent: {len(unsent)} round-2 cases that play the given BV ({NOT_SENT['bv']}).",
+        f"Not sent: the {len(unsent)} round-2 cases that play the given BV: {NOT_SENT['bv']}.",
         "Then, per backend: payloads that ran; secrets (the canary, the machine's "
         "`/etc/passwd`, a secret beside the inputs) or server paths in any API answer, report, "
         "database row, stored file or log; tracebacks (answers, logs) and `internal_error`; "

@@ -250,16 +250,16 @@ def tracebacks(stack: Stack, outcomes: Sequence[Outcome]) -> Iterator[str]:
             yield path.name
 
 
-def strays(stack: Stack, work: Path, cases: int) -> Iterator[str]:
+def strays(stack: Stack, work: Path) -> Iterator[str]:
     """Files written where nothing may be: in the stack's root outside its folders (and logs),
     in the client's case folders besides the inputs they built."""
     for path in stack.root.iterdir():
         if path.name not in STACK_FOLDERS and path.suffix != ".log":
             yield f"stack/{path.name}"
-    for i in range(cases):
-        for path in (work / f"case{i}").iterdir():
+    for folder in work.glob("case*"):  # (a case may build its input elsewhere: no folder)
+        for path in folder.iterdir():
             if path.name != "in":
-                yield f"case{i}/{path.name}"
+                yield f"{folder.name}/{path.name}"
 
 
 def alive(client: httpx.Client, work: Path, timeout: float = 120) -> Iterator[str]:
