@@ -128,10 +128,11 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
     fresh: dict[int, Trigger] = {}
     for r in range(cfg.rounds):
         cfg_r = replace(inversion, seed=inversion.seed + r) if inversion else None
-        for t in targets if cfg_r else ():  # a blend reaches what a patch does not (blends,
-            unlearn_set.append((invert_blend(clf, search.images, search.labels, t, cfg_r,
-                                             alpha=cfg.blend_alpha), t))  # warps, spread patches)
-            ids.append(f"round{r}:blend->{t}")
+        # a blend reaches what a patch does not (blends, warps, spread patches)
+        blends = {t: invert_blend(clf, search.images, search.labels, t, cfg_r,
+                                  alpha=cfg.blend_alpha) for t in targets} if cfg_r else {}
+        unlearn_set += [(b, t) for t, b in blends.items()]
+        ids += [f"round{r}:blend->{t}" for t in blends]
         for t, trig in fresh.items():  # the patch the last check still found
             unlearn_set.append((trig, t))
             ids.append(f"round{r}:patch->{t}")
