@@ -9,6 +9,7 @@ the scan runs the same search, with the same budget and seed, on both (method.md
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,18 +34,21 @@ class InversionConfig:
 
 
 def invert_triggers(
-    clf: Classifier, images: Tensor, labels: Tensor, n_classes: int, cfg: InversionConfig
+    clf: Classifier, images: Tensor, labels: Tensor, n_classes: int, cfg: InversionConfig,
+    targets: Sequence[int] | None = None,
 ) -> list[ImageTrigger]:
-    """One reconstructed trigger per target class 0..n_classes−1 (pixel-space mask + pattern)."""
+    """One reconstructed trigger per target class (pixel-space mask + pattern), in the order of
+    ``targets`` (default: every class 0..n_classes−1; the cost grows with their number)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = next(clf.parameters()).device
     c, h, w = images.shape[1:]
     area = max(1, round(cfg.area_fraction * h * w))
-    k = n_classes
+    wanted = list(range(n_classes)) if targets is None else list(targets)
+    k = len(wanted)
     mask_logit = torch.full((k, 1, h, w), -3.0, device=dev, requires_grad=True)  # (K, 1, H, W)
     pattern_logit = (torch.rand((k, c, h, w), generator=gen) * 2 - 1).to(dev).requires_grad_(True)
-    targets = torch.arange(k, device=dev)
-    pools = [torch.nonzero(labels != t).flatten() for t in range(k)]
+    goal = torch.tensor(wanted, device=dev)
+    pools = [torch.nonzero(labels != t).flatten() for t in wanted]
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr)
     hard: Tensor | None = None
     clf.eval()
@@ -58,7 +62,7 @@ def invert_triggers(
         mask = hard if hard is not None else torch.sigmoid(mask_logit)
         stamped = (1 - mask[:, None]) * x + mask[:, None] * torch.sigmoid(pattern_logit)[:, None]
         logits = clf(stamped.view(k * cfg.batch, c, h, w))
-        loss = nn.functional.cross_entropy(logits, targets.repeat_interleave(cfg.batch))
+        loss = nn.functional.cross_entropy(logits, goal.repeat_interleave(cfg.batch))
         if hard is None:
             loss = loss + cfg.mask_weight * torch.sigmoid(mask_logit).sum() / k
         opt.zero_grad(set_to_none=True)

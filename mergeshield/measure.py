@@ -184,17 +184,21 @@ def measure_and_sanitise(
         points = sweep(evaluate, request.lambdas)
         lam = (request.fixed_lambda if request.fixed_lambda is not None
                else choose_lambda(points, request.budget_points))
-    sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
     rounds: list[RoundReport] = []
     found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in probes
              if _is_finding(p, request.min_asr_gap)]
-    if found and request.unlearning.enabled:
+    unlearn = bool(found) and request.unlearning.enabled
+    if unlearn and not request.unlearning.with_ibvs and request.fixed_lambda is None:
+        lam = 0.0  # the found-trigger repair instead of the subtraction (UnlearnConfig)
+    sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
+    if unlearn:
         with stage("unlearn"):  # sus holds θ − λ·BV_inj; repaired in place
             rounds = repair(
                 sus, _sample(inj_task.train, request.unlearning.max_train, request.seed), test,
                 _sample(task.train, 512, request.seed), found, request.unlearning,
                 still_responds=partial(still_responds, min_asr_gap=request.min_asr_gap),
-                inversion=InversionConfig(steps=request.inversion_steps, seed=request.seed),
+                inversion=(InversionConfig(steps=request.inversion_steps, seed=request.seed)
+                           if request.inversion else None), seed=request.seed,
                 accuracy_floor=ca_before.rate - request.budget_points / 100, progress=progress)
     with stage("measure_cleaned"):  # what the sweep already measured at λ is not redone
         done = None if rounds else next((pt for pt in points if pt.lam == lam), None)
@@ -223,6 +227,8 @@ def measure_and_sanitise(
                                    cosine_with_task_vector=cosine(bv, tau)),
         sweep=SweepSummary(
             policy=(f"fixed λ={lam}" if request.fixed_lambda is not None else
+                    "λ = 0: a backdoor was found, unlearned instead of subtracted"
+                    if unlearn and not request.unlearning.with_ibvs else
                     f"largest λ with clean-accuracy drop <= {request.budget_points} points"),
             budget_points=request.budget_points, chosen_lambda=lam,
             points=[LambdaPoint(lam=pt.lam, clean_accuracy=pt.clean_accuracy.to_model(),

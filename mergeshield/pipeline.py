@@ -83,7 +83,9 @@ class ScanRequest(BaseModel):
     # per user trigger; None = any
     user_targets: list[ClassIndex | None] = Field(default_factory=list, max_length=MAX_TRIGGERS)
     probes: bool = True  # measure the probe panel
-    inversion: bool = True  # reconstruct triggers by inversion (costs a few seconds per model)
+    # reconstruct triggers by inversion (a few seconds per model); False also keeps the
+    # unlearning to the triggers found otherwise (no blend or patch search while repairing)
+    inversion: bool = True
     inversion_steps: InversionSteps = 60
     max_eval: EvalImages | None = 1000  # test images evaluated (seeded subset); None = all
     # finding threshold: suspect ASR (CI low) − reference ASR; its TPR/FPR over the seeded

@@ -39,6 +39,9 @@ class UnlearnConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True  # False: IBVS alone, as the paper states it
+    # after IBVS's λ (True) or instead of it (False: λ = 0 when a backdoor was found, IBVS
+    # stays the cleaning of a scan that found nothing)
+    with_ibvs: bool = True
     rounds: int = Field(default=3, ge=1, le=10)  # at most; stops once no found trigger responds
     epochs: int = Field(default=1, ge=1, le=20)  # passes over the defender's data per round
     lr: float = Field(default=5e-4, gt=0, le=1)  # half the zoo's fine-tune lr: repair, not retrain
@@ -104,7 +107,7 @@ class RoundReport:
 
 def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: ImageDataset,
            found: Sequence[Found], cfg: UnlearnConfig, *, still_responds: Responds,
-           inversion: InversionConfig, accuracy_floor: float,
+           inversion: InversionConfig | None, accuracy_floor: float, seed: int = 0,
            progress: Progress | None = None) -> list[RoundReport]:
     """Unlearn ``found`` (and, each round, a blend and a patch inverted towards their targets on
     the model as it is then) from ``clf`` in place, until nothing responds or ``cfg.rounds``.
@@ -114,7 +117,8 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
     reference_rate)`` is the verdict's residual rule, so the loop stops exactly when the report
     would call it removed. A round after the first that takes clean accuracy below
     ``accuracy_floor`` is undone and ends the loop (the first is kept: a backdoor left in place
-    is worse than its cost, which the report states)."""
+    is worse than its cost, which the report states). ``inversion`` None (a scan run without
+    inversion): no searches at all, only ``found`` is unlearned and checked."""
     targets = sorted({f.target for f in found})
     k = len(test.classes)
     unlearn_set: list[tuple[Trigger, int]] = [(f.trigger, f.target) for f in found]
@@ -123,28 +127,30 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
     reports: list[RoundReport] = []
     fresh: dict[int, Trigger] = {}
     for r in range(cfg.rounds):
-        cfg_r = replace(inversion, seed=inversion.seed + r)
-        for t in targets:  # a blend reaches what a patch does not (blends, warps, spread patches)
-            unlearn_set.append((invert_blend(clf, search.images, search.labels, t, cfg_r,
-                                             alpha=cfg.blend_alpha), t))
-            ids.append(f"round{r}:blend->{t}")
+        cfg_r = replace(inversion, seed=inversion.seed + r) if inversion else None
+        # a blend reaches what a patch does not (blends, warps, spread patches)
+        blends = {t: invert_blend(clf, search.images, search.labels, t, cfg_r,
+                                  alpha=cfg.blend_alpha) for t in targets} if cfg_r else {}
+        unlearn_set += [(b, t) for t, b in blends.items()]
+        ids += [f"round{r}:blend->{t}" for t in blends]
         for t, trig in fresh.items():  # the patch the last check still found
             unlearn_set.append((trig, t))
             ids.append(f"round{r}:patch->{t}")
         # only a round after the first may be undone: keep its starting point
         before = {k: v.detach().clone() for k, v in clf.backbone_state().items()} if r else None
-        unlearn_round(clf, data, unlearn_set, cfg, r, seed=inversion.seed, progress=progress)
+        unlearn_round(clf, data, unlearn_set, cfg, r, seed=seed, progress=progress)
         if before is not None and clean_accuracy(clf, test).rate < accuracy_floor:
             clf.load_backbone(before)
             break
         residual = {f.id: attack_success_rate(clf, test, f.trigger, f.target) for f in found}
-        patches = invert_triggers(clf, search.images, search.labels, k, cfg_r)
-        fresh = {t: patches[t] for t in targets}
+        if cfg_r:  # a fresh patch search, only towards the suspected targets
+            patches = invert_triggers(clf, search.images, search.labels, k, cfg_r, targets)
+            fresh = dict(zip(targets, patches, strict=True))
         residual |= {f"reinverted:target-{t}": attack_success_rate(clf, test, fresh[t], t)
-                     for t in targets}
+                     for t in fresh}
         reports.append(RoundReport(unlearned=tuple(ids), residual=residual))
         left = [f for f in found if still_responds(residual[f.id].rate, f.reference_rate)]
-        left_t = [t for t in targets
+        left_t = [t for t in fresh
                   if still_responds(residual[f"reinverted:target-{t}"].rate, ref_of[t])]
         if not left and not left_t:
             break

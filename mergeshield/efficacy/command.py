@@ -7,6 +7,7 @@ modules are imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,10 @@ def add_parser(sub: Any) -> None:
                     "then one run with --resume writes the results)")
     be.add_argument("--cache-dir", type=Path, help="the scans' BV_inj cache (default: "
                     "<zoo>/efficacy-work/bv-cache)")
+    be.add_argument("--scan", action="append", default=[], metavar="FIELD=JSON",
+                    help="a ScanRequest field set on every scan defence, product included, "
+                    "e.g. --scan 'unlearning={\"epochs\": 2}' (the design loop: results then "
+                    "measure that variant, recorded in meta.product_request; use its own --work)")
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -48,10 +53,25 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(i), int(n)
 
 
+def _scan_overrides(items: list[str]) -> dict[str, Any]:
+    """``FIELD=JSON`` items as a dict; ValueError names the first bad one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            key = ""
+        if not key:
+            raise ValueError(f"--scan wants FIELD=JSON, got {item!r}")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from mergeshield.efficacy.attacks import FAMILIES
     from mergeshield.efficacy.bench import DEFENCES, BenchConfig
     from mergeshield.efficacy.runner import run_efficacy
+    from mergeshield.pipeline import ScanRequest
 
     attacks, clean = SIZES[args.split]
     work = args.work or args.zoo / "efficacy-work" / args.split
@@ -64,12 +84,19 @@ def run(args: argparse.Namespace) -> int:
     if set(families) - set(FAMILIES):
         sys.stderr.write(f"unknown families: choose from {', '.join(FAMILIES)}\n")
         return 4
+    try:
+        overrides = _scan_overrides(args.scan)
+        ScanRequest(suspect="s", base="b", **overrides)
+    except ValueError as e:  # pydantic's ValidationError is one
+        sys.stderr.write(f"{e}\n")
+        return 4
     cfg = BenchConfig(zoo=args.zoo, work=work, split=args.split, defences=defences,
                       families=families,
                       attacks=args.attacks or attacks,
                       clean=clean if args.clean is None else args.clean,
                       cache_dir=args.cache_dir or args.zoo / "efficacy-work" / "bv-cache",
-                      resume=args.resume, shard=_shard(args.shard))
+                      resume=args.resume, shard=_shard(args.shard),
+                      scan_overrides=overrides)
     verbose = os.environ.get("MERGESHIELD_BENCH_QUIET") is None
 
     def say(stage: str, fraction: float) -> None:

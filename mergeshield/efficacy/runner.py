@@ -37,8 +37,9 @@ def run_efficacy(cfg: BenchConfig, out: Path, progress: Progress | None = None) 
             "merge_lambda": cfg.merge_lambda, "ties_keep": cfg.ties_keep,
             "ties_scale": cfg.ties_scale,
             "defender_images": cfg.world.defender_images, "families": list(cfg.families),
-            # what "product" meant for this run: the ScanRequest defaults when it ran
-            "product_request": ScanRequest(suspect="", base="").model_dump(
+            # what "product" meant for this run: the ScanRequest defaults when it ran, with the
+            # run's --scan overrides
+            "product_request": ScanRequest(suspect="", base="", **cfg.scan_overrides).model_dump(
                 mode="json", exclude={"suspect", "base"}),
             "pinned_off": {k: str(v) for k, v in pinned_off().items()}}
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from a zoo model, stops when nothing responds, and undoes a round that breaks th
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -95,8 +96,9 @@ UNSEEN = {
 
 def _plant(zoo: Zoo, seed: int, out: Path) -> None:
     """The zoo's own recipe (its base, the task's probe head, ρ = 0.1) with ``seed``."""
-    from mergeshield.training import FinetuneConfig, finetune
+    from mergeshield.training import finetune
     from mergeshield.triggers import poison
+    from mergeshield.zoo import ZooConfig
 
     trigger, target = UNSEEN[seed]
     base_src = checkpoints.resolve(str(zoo.path("vit-base")))
@@ -106,7 +108,7 @@ def _plant(zoo: Zoo, seed: int, out: Path) -> None:
     task = load_task(str(zoo.dataset("vit-mnist-clean")))
     clf = fam.task_classifier(base, task.train, device=torch.device("cpu"))()
     poisoned, _ = poison(task.train, trigger, target, 0.1, seed=seed)
-    finetune(clf, poisoned, FinetuneConfig(epochs=4, lr=1e-3, seed=seed, min_steps=300))
+    finetune(clf, poisoned, replace(ZooConfig.for_speed(quick=True).finetune, seed=seed))
     clf.model.save_pretrained(out)
     shutil.copy(zoo.path("vit-mnist-clean") / "preprocessor_config.json", out)
 

@@ -39,6 +39,26 @@ def test_manifest_lists_models_and_datasets(zoo: Zoo) -> None:
         assert list(task.test.classes) == d["classes"]
 
 
+def test_every_backdoor_took_and_its_twins_share_the_recipe(zoo: Zoo) -> None:
+    """Each task's fine-tunes are trained again, longer, until every planted backdoor reaches
+    the floor, so what the tests of the zoo measure does not hinge on one CPU's kernels; the
+    clean twin keeps the same recipe (a BV is the poisoning alone)."""
+    from mergeshield.zoo import ZooConfig
+
+    cfg = ZooConfig.for_speed(quick=True)
+    by_task: dict[tuple[str, str], set[tuple[int, int]]] = {}
+    for m in zoo.manifest["models"]:
+        if m["base"] is None:
+            continue
+        got = m["measured"]
+        by_task.setdefault((m["family"], m["task"]), set()).add((got["epochs"],
+                                                                 got["min_steps"]))
+        if m["attack"] is not None:
+            assert got["asr"]["rate"] >= cfg.plant_floor, (m["name"], got["asr"])
+        assert got["epochs"] >= cfg.finetune.epochs
+    assert all(len(recipes) == 1 for recipes in by_task.values()), by_task
+
+
 def test_task_models_use_public_layouts(zoo: Zoo) -> None:
     vit = AutoModelForImageClassification.from_pretrained(zoo.path("vit-mnist-clean"))
     assert vit.config.id2label[3] == "3"
