@@ -179,8 +179,10 @@ CLAIMS: tuple[Claim, ...] = (
           "inherent trigger", "ASR gap universal − random patch on the base ≥ 0.05", True,
           _inherent_gap, 0.05, True),
     Claim("ibvs-badnets", "ibvs", "IBVS removes a merged backdoor",
-          "BadNets under TA: ASR after IBVS (λ_d=1) ≤ 0.5 × undefended", True,
-          _ibvs_removal("badnets"), 0.5, False),
+          "BadNets under TA: ASR after IBVS (λ_d=1) ≤ 0.5 × undefended; UNSTABLE, reported only: "
+          "0.000 on the 4-epoch quick zoo of one CPU, 0.677 on the 8-epoch zoo (backdoors that "
+          "took) of another (issue 12)", True,
+          _ibvs_removal("badnets"), 0.5, False, stable=False),
     Claim("ibvs-blended", "ibvs", "IBVS removes a merged backdoor",
           "Blended under TA: ASR after IBVS (λ_d=1) ≤ 0.5 × undefended; UNSTABLE, reported only: "
           "the same seed measured 0.094 on one CPU and 0.821 on another (issue 12)", True,

@@ -95,10 +95,11 @@ UNSEEN = {
 
 
 def _plant(zoo: Zoo, seed: int, out: Path) -> None:
-    """The zoo's own recipe (its base, the task's probe head, ρ = 0.1) with ``seed``."""
+    """The zoo's own recipe (its base, the task's probe head, ρ = 0.1) with ``seed``, trained
+    again longer while the backdoor has not taken, as the zoo does (``zoo.plant_schedule``)."""
     from mergeshield.training import finetune
     from mergeshield.triggers import poison
-    from mergeshield.zoo import ZooConfig
+    from mergeshield.zoo import ZooConfig, plant_schedule
 
     trigger, target = UNSEEN[seed]
     base_src = checkpoints.resolve(str(zoo.path("vit-base")))
@@ -106,9 +107,14 @@ def _plant(zoo: Zoo, seed: int, out: Path) -> None:
     with checkpoints.open_checkpoint(base_src) as b:
         base = dict(fam.canonical(b))
     task = load_task(str(zoo.dataset("vit-mnist-clean")))
-    clf = fam.task_classifier(base, task.train, device=torch.device("cpu"))()
+    make = fam.task_classifier(base, task.train, device=torch.device("cpu"))
     poisoned, _ = poison(task.train, trigger, target, 0.1, seed=seed)
-    finetune(clf, poisoned, replace(ZooConfig.for_speed(quick=True).finetune, seed=seed))
+    cfg = ZooConfig.for_speed(quick=True)
+    for ft in plant_schedule(cfg):
+        clf = make()
+        finetune(clf, poisoned, replace(ft, seed=seed))
+        if attack_success_rate(clf, task.test, trigger, target).rate >= cfg.plant_floor:
+            break
     clf.model.save_pretrained(out)
     shutil.copy(zoo.path("vit-mnist-clean") / "preprocessor_config.json", out)
 
