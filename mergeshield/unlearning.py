@@ -44,7 +44,7 @@ class UnlearnConfig(BaseModel):
     with_ibvs: bool = True
     rounds: int = Field(default=3, ge=1, le=10)  # at most; stops once no found trigger responds
     epochs: int = Field(default=1, ge=1, le=20)  # passes over the defender's data per round
-    lr: float = Field(default=5e-4, gt=0, le=1)  # half the zoo's fine-tune lr: repair, not retrain
+    lr: float = Field(default=3e-4, gt=0, le=1)  # the dev split's cut/cost trade-off (decisions)
     stamp_fraction: float = Field(default=0.2, gt=0, lt=1)  # rows stamped, split between triggers
     blend_alpha: float = Field(default=0.2, gt=0, le=0.5)  # the inverted blend's weight
     max_train: int | None = Field(default=2000, ge=100, le=1_000_000)  # defender images used

@@ -65,8 +65,9 @@ def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> 
     before = attack_success_rate(clf, task.test, trigger, target).rate
     ca = clean_accuracy(clf, task.test).rate
     rows = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(0))
-    train = task.train.subset(rows[:1000])  # a random draw: the rows are stored by class
-    rounds = repair(clf, train, task.test, task.train.subset(rows[1000:1256]),
+    # the defender's rows as a scan draws them (at most max_train; the rows are stored by class)
+    train = task.train.subset(rows[:UnlearnConfig().max_train])
+    rounds = repair(clf, train, task.test, task.train.subset(rows[:512]),
                     [Found("probe:planted", trigger, target, 0.05)],
                     UnlearnConfig(rounds=3), still_responds=partial(still_responds),
                     inversion=InversionConfig(steps=20), accuracy_floor=ca - 0.05)
@@ -94,7 +95,7 @@ UNSEEN = {
 }
 
 
-def _plant(zoo: Zoo, seed: int, out: Path) -> None:
+def _plant(zoo: Zoo, seed: int, out: Path) -> float:
     """The zoo's own recipe (its base, the task's probe head, ρ = 0.1) with ``seed``, trained
     again longer while the backdoor has not taken, as the zoo does (``zoo.plant_schedule``)."""
     from mergeshield.training import finetune
@@ -109,14 +110,18 @@ def _plant(zoo: Zoo, seed: int, out: Path) -> None:
     task = load_task(str(zoo.dataset("vit-mnist-clean")))
     make = fam.task_classifier(base, task.train, device=torch.device("cpu"))
     poisoned, _ = poison(task.train, trigger, target, 0.1, seed=seed)
-    cfg = ZooConfig.for_speed(quick=True)
+    # one retry more than the zoo's: seed 2's random patch took 0.48, 0.72 and 0.80 here after
+    # 8, 10 and 18 epochs (an attacker trains until the backdoor takes)
+    cfg = replace(ZooConfig.for_speed(quick=True), plant_retries=3)
     for ft in plant_schedule(cfg):
         clf = make()
         finetune(clf, poisoned, replace(ft, seed=seed))
-        if attack_success_rate(clf, task.test, trigger, target).rate >= cfg.plant_floor:
+        own = attack_success_rate(clf, task.test, trigger, target).rate
+        if own >= cfg.plant_floor:
             break
     clf.model.save_pretrained(out)
     shutil.copy(zoo.path("vit-mnist-clean") / "preprocessor_config.json", out)
+    return own
 
 
 def _hidden(folder: Path, zoo: Zoo, seed: int) -> tuple[float, float]:
@@ -141,9 +146,9 @@ def test_default_scan_removes_an_unseen_backdoor(seed: int, zoo: Zoo, bv_cache_d
     at least 60 % of its ASR, clean accuracy drops at most 4 points, and the cleaning's status
     agrees with the residual rule."""
     suspect = tmp_path / "suspect"
-    _plant(zoo, seed, suspect)
-    before, acc_before = _hidden(suspect, zoo, seed)
-    assert before >= 0.8, f"seed {seed} did not plant ({before:.3f})"
+    own = _plant(zoo, seed, suspect)
+    assert own >= 0.8, f"seed {seed} did not plant ({own:.3f})"
+    before, acc_before = _hidden(suspect, zoo, seed)  # the same, through transformers' loader
     report = scan(ScanRequest(suspect=str(suspect), base=str(zoo.path("vit-base")),
                               evaluation=str(zoo.dataset("vit-mnist-clean")), max_eval=1000),
                   ScanContext(out_dir=tmp_path / "out", cache_dir=bv_cache_dir))
