@@ -188,7 +188,8 @@ def measure_and_sanitise(
     found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in probes
              if _is_finding(p, request.min_asr_gap)]
     unlearn = bool(found) and request.unlearning.enabled
-    if unlearn and not request.unlearning.with_ibvs and request.fixed_lambda is None:
+    instead = unlearn and not request.unlearning.with_ibvs and request.fixed_lambda is None
+    if instead:
         lam = 0.0  # the found-trigger repair instead of the subtraction (UnlearnConfig)
     sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
     if unlearn:
@@ -227,8 +228,7 @@ def measure_and_sanitise(
                                    cosine_with_task_vector=cosine(bv, tau)),
         sweep=SweepSummary(
             policy=(f"fixed λ={lam}" if request.fixed_lambda is not None else
-                    "λ = 0: a backdoor was found, unlearned instead of subtracted"
-                    if unlearn and not request.unlearning.with_ibvs else
+                    "λ = 0: a backdoor was found, unlearned instead of subtracted" if instead else
                     f"largest λ with clean-accuracy drop <= {request.budget_points} points"),
             budget_points=request.budget_points, chosen_lambda=lam,
             points=[LambdaPoint(lam=pt.lam, clean_accuracy=pt.clean_accuracy.to_model(),

@@ -153,23 +153,29 @@ def build_zoo(
     return manifest
 
 
-Variant = tuple[str, "dict[str, Any] | None", ImageDataset]  # (kind, attack, training rows)
+Variant = tuple[str, dict[str, Any] | None, ImageDataset]  # (kind, attack, training rows)
 
 
 def _plant(builder: _VitBuilder | _ClipBuilder, cfg: ZooConfig, name: str, task: TaskData,
            variants: list[Variant], say: Progress) -> list[dict[str, Any]]:
     """The task's clean and backdoored fine-tunes, all with one recipe (so each BV is the pure
-    difference of the poisoning), trained again longer while a backdoor has not taken."""
-    for attempt, ft in enumerate(plant_schedule(cfg)):
-        entries = []
-        for kind, attack, train in variants:
+    difference of the poisoning), trained again longer while a backdoor has not taken. The
+    backdoored ones go first, so an attempt stops at the first that did not take."""
+    order = sorted(range(len(variants)), key=lambda i: variants[i][1] is None)
+    schedule = list(plant_schedule(cfg))
+    for attempt, ft in enumerate(schedule):
+        entries: dict[int, dict[str, Any]] = {}
+        for i in order:
+            kind, attack, train = variants[i]
             say(f"{builder.name}: {name}-{kind}" + (f" (again, {ft.epochs} epochs)"
                                                      if attempt else ""), 0.0)
-            entries.append(builder.finetune(name, kind, task, train, attack, ft))
-        own = [e["measured"]["asr"]["rate"] for e in entries if "asr" in e["measured"]]
-        if min(own, default=1.0) >= cfg.plant_floor:
+            entries[i] = builder.finetune(name, kind, task, train, attack, ft)
+            took = attack is None or entries[i]["measured"]["asr"]["rate"] >= cfg.plant_floor
+            if not took and attempt < len(schedule) - 1:  # the last recipe is kept as measured
+                break
+        if len(entries) == len(variants):
             break
-    return entries
+    return [entries[i] for i in range(len(variants))]
 
 
 def plant_schedule(cfg: ZooConfig) -> Iterator[FinetuneConfig]:
