@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from mergeshield import cancellation
 from mergeshield.disk import ensure_room
 from mergeshield.errors import HubError, MergeShieldError, SourceNotFoundError, StorageFullError
 from mergeshield.safetensors_io import atomic_write_text
@@ -109,9 +110,11 @@ def download_repo(repo_id: str, *, repo_type: Literal["model", "dataset"] = "mod
             ensure_room(Path(cache_dir or constants.HF_HUB_CACHE), need, min_free_bytes,
                         f"downloading {repo_id!r}")
         for name in (s.rfilename for s in wanted):
+            cancellation.check()
             hf_hub_download(repo_id, name, repo_type=repo_type, revision=sha, token=token,
                             endpoint=endpoint, cache_dir=cache_dir,
-                            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
+                            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+                            tqdm_class=_cancellable_bar())
         folder = (Path(cache_dir or constants.HF_HUB_CACHE)
                   / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots" / sha)
         folder.mkdir(parents=True, exist_ok=True)  # a repo with no matching file: empty
@@ -120,6 +123,20 @@ def download_repo(repo_id: str, *, repo_type: Literal["model", "dataset"] = "mod
 
     noun = "hub repo" if repo_type == "model" else "hub dataset"
     return call_hub(fetch, repo_id, revision, noun=noun, offline=offline)
+
+
+def _cancellable_bar() -> type[Any]:
+    """A progress bar class for ``hf_hub_download`` whose every update is a cancellation point:
+    a cancelled scan stops a download between two chunks (the partial file stays in the hub
+    cache's ``.incomplete``, resumed by the next download of it)."""
+    from tqdm.auto import tqdm
+
+    class CancellableBar(tqdm):  # type: ignore[misc]
+        def update(self, n: float | None = 1) -> bool | None:
+            cancellation.check()
+            return super().update(n)  # type: ignore[no-any-return]
+
+    return CancellableBar
 
 
 def hub_failure(exc: Exception, repo_id: str, revision: str | None, *, noun: str = "hub repo",

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import torch
 
+from mergeshield import cancellation
 from mergeshield.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -208,11 +209,12 @@ def read_header(path: Path) -> SafetensorsHeader:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks (a cancelled scan stops between two)."""
     digest = hashlib.sha256()
     with os.fdopen(open_regular(Path(path)), "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
+            cancellation.check()
     return digest.hexdigest()
 
 

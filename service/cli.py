@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mergeshield import cli as library_cli
@@ -99,10 +99,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update={"auth_disabled": True})
     migrate.upgrade(Database(settings.database()))  # before the workers look at the tables
     # each worker in a session of its own: a terminal's Ctrl-C reaches serve alone, which stops
-    # the workers itself, and a worker's pool processes can be stopped with it as one group
+    # the workers itself, and a worker's pool processes can be stopped with it as one group;
+    # a serve killed outright (SIGKILL, OOM) takes its workers with it (``_die_with``)
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--queues",
                                  "gpu,cpu", "--hostname", f"embedded{i}@%h"], env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with(os.getpid()))
                for i in range(args.workers)]
     url = f"http://{args.host}:{args.port}"
     print(f"MergeShield {'(no auth, local use) ' if not args.auth else ''}on {url}  "
@@ -118,6 +119,24 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         _stop_workers(workers, settings.worker_stop_timeout)
     return 0
+
+
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """Run in a worker before it starts (Linux): when ``parent`` dies by any means, the kernel
+    sends the worker SIGQUIT, Celery's cold shutdown, which stops its pool too; a scan it was
+    running is re-queued by the reconciler when the service is back. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGQUIT)
+        if os.getppid() != parent:  # it died before the line above could arm the signal
+            os._exit(1)
+
+    return arm
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:

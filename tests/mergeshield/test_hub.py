@@ -152,3 +152,33 @@ def test_dataset_repos_are_served(hub: LoopbackHub, tmp_path: Path) -> None:
                           endpoint=hub.url, cache_dir=tmp_path / "c2")
     assert Path(one).read_text() == '{"splits": ["train"]}'
     shutil.rmtree(tmp_path / "c2")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_cancelled_scan_stops_a_download_between_two_chunks(hub: LoopbackHub,
+                                                              tmp_path: Path) -> None:
+    """The download is a cancellation point: the check raises at the first chunk of the weights,
+    so neither the weights nor the snapshot are there, and the next download (no check) works."""
+    from mergeshield import cancellation
+
+    folder = _model(tmp_path / "m", 1.0)
+    save_file({"encoder.weight": torch.zeros(2**20, 4)}, folder / "model.safetensors")  # 16 MB
+    hub.add_repo("acme/big", folder)
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 2:  # after the file loop's check and the first chunk
+            raise _Stop
+
+    cache = tmp_path / "cache"
+    with cancellation.checked_by(check), pytest.raises(_Stop):
+        hub_module.download_repo("acme/big", revision=None, token=None, endpoint=hub.url,
+                                 cache_dir=cache, patterns=["*.safetensors"])
+    assert not list(cache.rglob("snapshots/*/model.safetensors"))
+    src = ck.resolve("acme/big", endpoint=hub.url, cache_dir=cache)
+    with ck.open_checkpoint(src) as weights:
+        assert weights["encoder.weight"].shape == (2**20, 4)

@@ -1,4 +1,5 @@
-"""``mergeshield serve`` stops as a whole: SIGTERM or SIGINT leaves no worker behind."""
+"""``mergeshield serve`` stops as a whole: SIGTERM or SIGINT leaves no worker behind, and
+neither does a serve killed outright (SIGKILL)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support.stack import free_port
 
@@ -40,9 +42,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_sigterm_to_serve_stops_its_api_and_workers(tmp_path: Path) -> None:
-    # (SIGINT takes the same path: uvicorn raises it again as KeyboardInterrupt)
-    sig = signal.SIGTERM
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_serve_leaves_no_worker(sig: signal.Signals, tmp_path: Path) -> None:
+    # (SIGINT takes SIGTERM's path: uvicorn raises it again as KeyboardInterrupt); SIGKILL
+    # cannot be caught: the workers learn of it from the kernel (PR_SET_PDEATHSIG)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env |= {"MERGESHIELD_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1",
@@ -51,6 +54,7 @@ def test_sigterm_to_serve_stops_its_api_and_workers(tmp_path: Path) -> None:
     serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                              env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True, cwd=tmp_path)
+    children: set[int] = set()
     try:
         deadline = time.monotonic() + 240
         while True:  # the API answers and its worker has announced itself
@@ -65,14 +69,14 @@ def test_sigterm_to_serve_stops_its_api_and_workers(tmp_path: Path) -> None:
         children = descendants(serve.pid)
         assert children, "serve started no worker"
         serve.send_signal(sig)
-        assert serve.wait(timeout=60) == 0
-        deadline = time.monotonic() + 10
+        assert serve.wait(timeout=60) == (0 if sig == signal.SIGTERM else -sig)
+        deadline = time.monotonic() + 20
         while (left := {p for p in children if alive(p)}) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not left, f"left running after {sig!r}: {left}\n" + \
             (tmp_path / "serve.log").read_text()[-3000:]
     finally:
-        for pid in [serve.pid, *descendants(serve.pid)]:
+        for pid in [serve.pid, *descendants(serve.pid), *children]:  # none left by a failure
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
