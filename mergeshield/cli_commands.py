@@ -181,4 +181,6 @@ def run_bench(args: argparse.Namespace) -> int:
         if c["held"] is not None:
             print(f"claim {c['id']}: {'holds' if c['held'] else 'FAILS'} ({c['expect']}; "
                   f"measured {c['measured']:.3f})")
+        elif c.get("reason"):
+            print(f"claim {c['id']}: not measurable ({c['reason']})")
     return 1 if args.check and failed else 0

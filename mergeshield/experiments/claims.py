@@ -40,18 +40,30 @@ class Claim:
         return value >= self.threshold if self.above else value <= self.threshold
 
 
+class NotMeasurable(Exception):  # noqa: N818 - an outcome of a measurement, not a failure
+    """The claim's precondition failed in this run (e.g. no merged backdoor to remove), so the
+    run is no evidence either way; the message says why."""
+
+
+# A removal is measured as a fraction of the undefended merged ASR: under this, the merged
+# backdoor did not survive the merge, and the fraction is one of two numbers near chance (a quick
+# CI run measured 0.036 / 0.059 = 0.615 for a random direction; issue 12)
+MIN_MERGED_ASR = 0.5
+
+
 @dataclass(frozen=True)
 class Verdict:
     claim: Claim
     value: float | None  # None: the experiment, or the rows the claim reads, did not run
     held: bool | None
+    reason: str | None = None  # why a claim that ran was not measurable (held is None)
 
     def to_json(self) -> dict[str, Any]:
         c = self.claim
         return {"id": c.id, "experiment": c.experiment, "paper": c.paper, "expect": c.expect,
                 "agrees_with_paper": c.agrees_with_paper, "threshold": c.threshold,
                 "direction": ">=" if c.above else "<=", "measured": self.value, "held": self.held,
-                "stable": c.stable}
+                "stable": c.stable, "reason": self.reason}
 
 
 # -- measurements over each experiment's JSON -------------------------------------------------
@@ -115,21 +127,30 @@ def _ibvs_points(exp: dict[str, Any], attacker: str, method: str, defence: str,
             and p["lambda_d"] == lam]
 
 
+def _undefended(exp: dict[str, Any], attacker: str) -> float:
+    """The merged (TA) backdoor's ASR before any defence; NotMeasurable under MIN_MERGED_ASR."""
+    none = float(_ibvs_points(exp, attacker, "task_arithmetic", "none", 0.0)[0]["asr"]["rate"])
+    if none < MIN_MERGED_ASR:
+        raise NotMeasurable(f"the merged {attacker} backdoor did not survive the merge (ASR "
+                            f"{none:.3f} < {MIN_MERGED_ASR}): nothing to remove")
+    return none
+
+
 def _ibvs_removal(attacker: str) -> Callable[[dict[str, Any]], float]:
     """ASR after IBVS (default recipe, λ_d = 1, TA) as a fraction of the undefended ASR."""
     def measure(exp: dict[str, Any]) -> float:
-        none = _ibvs_points(exp, attacker, "task_arithmetic", "none", 0.0)[0]["asr"]["rate"]
+        none = _undefended(exp, attacker)
         after = _ibvs_points(exp, attacker, "task_arithmetic", "ibvs:per_class", 1.0)
-        return float(after[0]["asr"]["rate"] / max(none, 1e-9))
+        return float(after[0]["asr"]["rate"] / none)
     return measure
 
 
 def _random_removal(exp: dict[str, Any]) -> float:
     """Smallest ASR after a same-norm random direction (λ_d = 1, TA, BadNets), as a fraction of
     the undefended ASR."""
-    none = _ibvs_points(exp, "badnets", "task_arithmetic", "none", 0.0)[0]["asr"]["rate"]
+    none = _undefended(exp, "badnets")
     rand = _ibvs_points(exp, "badnets", "task_arithmetic", "random", 1.0)
-    return float(min(p["asr"]["rate"] for p in rand) / max(none, 1e-9))
+    return float(min(p["asr"]["rate"] for p in rand) / none)
 
 
 def _ibvs_accuracy_cost(exp: dict[str, Any]) -> float:
@@ -227,14 +248,21 @@ def check(experiments: Results, scale: str = "quick") -> list[Verdict]:
         except (LookupError, StopIteration, ValueError):  # the run lacks this claim's rows
             out.append(Verdict(c, None, None))  # (e.g. fewer attackers or λ than the default)
             continue
+        except NotMeasurable as why:
+            out.append(Verdict(c, None, None, str(why)))
+            continue
         out.append(Verdict(c, value, c.holds(value)))
     return out
 
 
 def markdown(verdicts: list[Verdict], header: str) -> str:
+    def result(v: Verdict) -> str:
+        if v.held is None:
+            return f"not measurable: {v.reason}" if v.reason else "not run"
+        return "holds" if v.held else "**FAILS**"
+
     rows = [f"| {v.claim.id} | {v.claim.paper} | {v.claim.expect} | "
-            f"{'—' if v.value is None else f'{v.value:.3f}'} | "
-            f"{'not run' if v.held is None else 'holds' if v.held else '**FAILS**'}"
+            f"{'—' if v.value is None else f'{v.value:.3f}'} | {result(v)}"
             f"{'' if v.claim.stable else ' (unstable: not asserted)'} | "
             f"{'yes' if v.claim.agrees_with_paper else '**no**'} |" for v in verdicts]
     return "\n".join([

@@ -4,6 +4,7 @@ from a zoo model, stops when nothing responds, and undoes a round that breaks th
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -140,7 +141,9 @@ def _hidden(folder: Path, zoo: Zoo, seed: int) -> tuple[float, float]:
 
 @pytest.mark.parametrize("seed", sorted(UNSEEN))
 def test_default_scan_removes_an_unseen_backdoor(seed: int, zoo: Zoo, bv_cache_dir: Path,
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path,
+                                                 record_property: Callable[[str, object], None],
+                                                 ) -> None:
     """The weaker CI form of issue 12's claims, over three seeds and trigger families: the
     default scan flags the planted model, the hidden trigger (which the scan never sees) loses
     at least 60 % of its ASR, clean accuracy drops at most 4 points, and the cleaning's status
@@ -154,6 +157,10 @@ def test_default_scan_removes_an_unseen_backdoor(seed: int, zoo: Zoo, bv_cache_d
                   ScanContext(out_dir=tmp_path / "out", cache_dir=bv_cache_dir))
     assert report.verdict.status == "backdoor_suspected", report.verdict.reasons
     after, acc_after = _hidden(tmp_path / "out", zoo, seed)
+    # the measured margins, in the junit XML (`pytest --junitxml`), for the spread over seeds
+    for name, value in (("own_asr", own), ("asr_before", before), ("asr_after", after),
+                        ("accuracy_before", acc_before), ("accuracy_after", acc_after)):
+        record_property(name, round(value, 4))
     assert after <= 0.4 * before, (seed, before, after)
     assert acc_before - acc_after <= 0.04, (seed, acc_before, acc_after)
     assert report.cleaning is not None and report.cleaning.unlearning

@@ -33,6 +33,28 @@ def _by_id(verdicts: list[claims.Verdict]) -> dict[str, claims.Verdict]:
     return {v.claim.id: v for v in verdicts}
 
 
+def _merged_asr(results: dict[str, Any], attacker: str) -> float:
+    return float(next(p for p in results["experiments"]["ibvs"]["points"]
+                      if p["attacker"] == attacker and p["method"] == "task_arithmetic"
+                      and p["defence"] == "none")["asr"]["rate"])
+
+
+def test_a_removal_over_a_merge_the_backdoor_did_not_survive_is_not_measurable() -> None:
+    def point(defence: str, lam: float, asr: float) -> dict[str, Any]:
+        return {"attacker": "badnets", "method": "task_arithmetic", "defence": defence,
+                "lambda_d": lam, "asr": _rate(asr), "mean_accuracy": 0.6}
+
+    weak = {"points": [point("none", 0.0, 0.059), point("random:s0", 1.0, 0.036),
+                       point("ibvs:per_class", 1.0, 0.009)]}
+    got = _by_id(claims.check({"ibvs": weak}))
+    for cid in ("random-does-not", "ibvs-badnets"):
+        assert got[cid].held is None and got[cid].value is None
+        assert "did not survive the merge (ASR 0.059" in (got[cid].reason or "")
+    assert "not measurable: the merged badnets" in claims.markdown(list(got.values()), "h")
+    strong = {"points": [point("none", 0.0, 0.8), point("random:s0", 1.0, 0.36)]}
+    assert _by_id(claims.check({"ibvs": strong}))["random-does-not"].held is False  # 0.45
+
+
 def test_measured_claims_hold_or_fail_and_missing_ones_are_not_run() -> None:
     strong = {"curves": [_curve("badnets", 0.02, 0.95, 0.9), _curve("blended", 0.05, 0.8, 0.4)]}
     weak = {"curves": [_curve("badnets", 0.02, 0.1, 0.1)]}
@@ -58,9 +80,12 @@ def test_claims_markdown_lists_every_claim() -> None:
 
 def test_quick_ibvs_claims_hold_on_the_test_zoo(zoo: Zoo, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Experiment 5 at quick size (BadNets and Blended only, to keep CI short): same-norm
-    random directions do not remove the merged backdoor and IBVS keeps clean accuracy; whether
-    IBVS removes it is measured but not asserted (it flipped between CPUs and zoo recipes)."""
+    """Experiment 5 at quick size (BadNets and Blended only, to keep CI short): IBVS keeps clean
+    accuracy, and same-norm random directions do not remove the merged backdoor where one
+    survived the merge; whether IBVS removes it is measured but not asserted (it flipped between
+    CPUs and zoo recipes). A removal claim over a merge the backdoor did not survive is reported
+    as not measurable, never as held or failed: two builds of this zoo on one Xeon measured a
+    merged BadNets ASR of 0.059, where a random direction's 0.036 read as a 38 % cut."""
     from mergeshield.experiments import runner
 
     def small(_: MergeAttackConfig, quick: bool) -> IBVSConfig:
@@ -75,10 +100,17 @@ def test_quick_ibvs_claims_hold_on_the_test_zoo(zoo: Zoo, tmp_path: Path,
                  "--only", "5", "--check"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     got = {c["id"]: c for c in results["claims"]}
-    for cid in ("random-does-not", "ibvs-accuracy"):
-        assert got[cid]["held"] is True, got[cid]
-    for cid in ("ibvs-badnets", "ibvs-blended"):  # measured and reported, not asserted (issue 12)
-        assert got[cid]["measured"] is not None and got[cid]["stable"] is False
+    assert got["ibvs-accuracy"]["held"] is True, got["ibvs-accuracy"]
+    survived = {a: _merged_asr(results, a) >= claims.MIN_MERGED_ASR for a in ("badnets",
+                                                                             "blended")}
+    for cid, attacker in (("random-does-not", "badnets"), ("ibvs-badnets", "badnets"),
+                          ("ibvs-blended", "blended")):
+        if survived[attacker]:  # measured: held for the stable claim, reported for the others
+            assert got[cid]["measured"] is not None, got[cid]
+            assert got[cid]["held"] is True or not got[cid]["stable"], got[cid]
+        else:
+            assert got[cid]["held"] is None and "did not survive" in got[cid]["reason"]
+    assert got["ibvs-badnets"]["stable"] is False and got["ibvs-blended"]["stable"] is False
     assert got["badmerging-resists-ibvs"]["held"] is None  # BadMerging was not in this run
     assert "| ibvs-badnets |" in (tmp_path / "claims.md").read_text()
     defences = {p["defence"] for p in results["experiments"]["ibvs"]["points"]}
