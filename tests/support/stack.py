@@ -33,6 +33,16 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 BACKENDS = ("sqlite-filesystem", "postgres-redis")
 
 
+def worker_redis_db(n: int) -> int:
+    """Redis database ``n`` (9–15: each test module that flushes one has its own) for this test
+    process: pytest-xdist's second worker uses 1–7 instead, so two workers never flush each other's
+    queues (Redis has 16 databases: two workers at most, as ``scripts/test`` runs them)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    if worker > 1 or not 9 <= n <= 15:
+        raise RuntimeError(f"no Redis database {n} for xdist worker gw{worker}")
+    return n - 8 * worker
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +77,7 @@ class Stack:
             self.dbname = f"ms_{uuid.uuid4().hex[:12]}"
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.dbname}"')
-            self.redis_url = redis_url or f"redis://127.0.0.1:6379/{redis_db}"
+            self.redis_url = redis_url or f"redis://127.0.0.1:6379/{worker_redis_db(redis_db)}"
             redis.Redis.from_url(self.redis_url).flushdb()
             self.env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{pg_port}/{self.dbname}"
             self.env["REDIS_URL"] = self.redis_url

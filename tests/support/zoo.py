@@ -1,4 +1,7 @@
-"""The quick zoo, built once per test session (about a minute on 2 cores).
+"""The quick zoo, built once per test run (about two minutes on 2 cores), and one BV_inj cache.
+
+Under pytest-xdist the workers share both: the first to need the zoo builds it under a file lock in
+the run's common temporary folder, the others wait for it and read it.
 
 Set ``MERGESHIELD_TEST_ZOO=/path`` to reuse a zoo built earlier with ``mergeshield zoo build
 /path --quick`` (handy while developing; CI builds it fresh).
@@ -14,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock
 from transformers import AutoModelForImageClassification
 
 from mergeshield.data import load_task
@@ -42,14 +46,26 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     if given and (Path(given) / "manifest.json").is_file():
         root = Path(given)
         return Zoo(root, json.loads((root / "manifest.json").read_text()))
-    root = tmp_path_factory.mktemp("zoo")
-    return Zoo(root, build_zoo(root, ZooConfig.for_speed(quick=True)))
+    root = shared_tmp(tmp_path_factory) / "zoo"
+    with FileLock(f"{root}.lock"):  # a build that died half-way wrote no manifest: built again
+        if (root / "manifest.json").is_file():
+            return Zoo(root, json.loads((root / "manifest.json").read_text()))
+        return Zoo(root, build_zoo(root, ZooConfig.for_speed(quick=True)))
 
 
 @pytest.fixture(scope="session")
 def bv_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One injection-BV cache for the session: BV_inj is built once per (base, recipe, data)."""
-    return tmp_path_factory.mktemp("cache")
+    """One injection-BV cache for the run: BV_inj is built once per (base, recipe, data) (the
+    cache locks each key, so xdist workers share it safely)."""
+    root = shared_tmp(tmp_path_factory) / "cache"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This run's temporary folder, the one every xdist worker's own folder is in."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
 
 
 def independent_asr(folder: Path, zoo: Zoo, name: str) -> tuple[float, float]:

@@ -11,12 +11,12 @@ import psycopg
 import pytest
 import redis
 
-from tests.support.stack import PG_ADMIN, ensure_services
+from tests.support.stack import PG_ADMIN, ensure_services, worker_redis_db
 from worker.db import Database, Scan
 from worker.migrate import upgrade
 
 # ours alone: the service stacks use Redis dbs 9 (default), 10 (faults) and 14 (webhooks)
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = f"redis://127.0.0.1:6379/{worker_redis_db(11)}"
 
 
 @pytest.fixture
