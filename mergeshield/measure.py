@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mergeshield import bv_cache
-from mergeshield.data import ImageDataset, TaskData, load_task
+from mergeshield.data import ImageDataset, load_task
 from mergeshield.evaluation import (
     Rate,
     attack_success_rate,
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from mergeshield.pipeline import ScanRequest
 
 MAX_TRACKED = 6  # triggers followed across the λ sweep (each costs one pass per λ)
+SEARCH_ROWS = 512  # training rows a trigger search (inversion, the repair's re-search) optimises on
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def measure_and_sanitise(
             request.injection_data, seed=request.seed, **hub)
         test = task.test
         classes = test.classes
+        search = _sample(task.train, SEARCH_ROWS, request.seed)  # trigger searches optimise on it
     head = family.head_from(base, suspect)
     ref = family.classifier(base, head, classes).to(device)
     sus = family.classifier(suspect, head, classes).to(device)
@@ -125,7 +127,7 @@ def measure_and_sanitise(
             p.before = p.before or attack_success_rate(sus, test, p.trigger, p.target)
     if request.inversion:
         with stage("invert_triggers"):
-            probes.append(_inverted(request, task, ref, sus))
+            probes.append(_inverted(request, search, test, ref, sus))
 
     injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
     own: dict[str, RateModel] = {}  # the injected model's own ASR (built now, or as cached)
@@ -196,7 +198,7 @@ def measure_and_sanitise(
         with stage("unlearn"):  # sus holds θ − λ·BV_inj; repaired in place
             rounds = repair(
                 sus, _sample(inj_task.train, request.unlearning.max_train, request.seed), test,
-                _sample(task.train, 512, request.seed), found, request.unlearning,
+                search, found, request.unlearning,
                 still_responds=partial(still_responds, min_asr_gap=request.min_asr_gap),
                 inversion=(InversionConfig(steps=request.inversion_steps, seed=request.seed)
                            if request.inversion else None), seed=request.seed,
@@ -261,20 +263,19 @@ def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -
     return out
 
 
-def _inverted(request: ScanRequest, task: TaskData, ref: Classifier, sus: Classifier) -> _Probe:
+def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: Classifier,
+              sus: Classifier) -> _Probe:
     """Invert one trigger per target on the suspect and on the reference; keep the target whose
     trigger stands out most. Its baseline (``ref``) is what such a search reaches *without* a
     backdoor: the larger of the same search on the reference model (same budget and seed) and the
     median over the suspect's other targets (Neural Cleanse's outlier view, which still holds when
     the reference is near chance, as a tiny CLIP's zero-shot head is)."""
     cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed)
-    gen = torch.Generator().manual_seed(request.seed)
-    opt = task.train.subset(torch.randperm(len(task.train), generator=gen)[:512])
-    k = len(task.test.classes)
+    k = len(test.classes)
     mine = invert_triggers(sus, opt.images, opt.labels, k, cfg)
     theirs = invert_triggers(ref, opt.images, opt.labels, k, cfg)
-    on_sus = [attack_success_rate(sus, task.test, mine[t], t) for t in range(k)]
-    on_ref = [attack_success_rate(ref, task.test, theirs[t], t) for t in range(k)]
+    on_sus = [attack_success_rate(sus, test, mine[t], t) for t in range(k)]
+    on_ref = [attack_success_rate(ref, test, theirs[t], t) for t in range(k)]
     best: _Probe | None = None
     for t in range(k):
         others = sorted(r.rate for i, r in enumerate(on_sus) if i != t)
