@@ -124,7 +124,9 @@ def markdown(split: str, summary: dict[str, Any], methods: Sequence[str],
     planted = ", ".join(f"{f} {_rate(r)}" for f, r in summary["planted"].items())
     out = [f"# Efficacy bench: {split} split", "",
            f"Written by `mergeshield bench efficacy --split {split}` "
-           f"({meta['wall_seconds'] / 60:.1f} min wall on {meta['machine']}, "
+           f"({meta.get('case_seconds', meta['wall_seconds']) / 60:.1f} min of computing over "
+           f"its cases, summed over the processes that ran them (this one: "
+           f"{meta['wall_seconds'] / 60:.1f} min wall), on {meta['machine']}, "
            f"{meta['torch_threads']} torch thread(s), zoo `{meta['zoo']}`, "
            f"{meta['planted']} planted attacks of {meta['drawn']} drawn, "
            f"{meta['clean']} clean fine-tunes). Costs are clean-accuracy points lost "

@@ -27,7 +27,11 @@ def run_efficacy(cfg: BenchConfig, out: Path, progress: Progress | None = None) 
     result = Bench(cfg, progress).run()
     wall = time.perf_counter() - t0
     summary = metrics.summarise(result, cfg.merge_methods)
-    meta = {"wall_seconds": round(wall, 1), "machine": f"{platform.machine()} "
+    # a resumed run collects cases other processes (shards) computed: their own seconds add up
+    case_seconds = sum(r.get("seconds", r.get("plant_seconds", 0.0))
+                       for r in result["attacks"] + result["clean"])
+    meta = {"wall_seconds": round(wall, 1), "case_seconds": round(case_seconds, 1),
+            "machine": f"{platform.machine()} "
             f"{platform.processor() or platform.system()}", "torch_threads":
             torch.get_num_threads(), "zoo": str(cfg.zoo), "scanner_version": __version__,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
