@@ -194,7 +194,10 @@ def test_the_injection_bv_is_described_in_the_cache(backdoored: tuple[ScanReport
     entry = next(e for e in bv_cache.entries(bv_cache_dir)
                  if e.key == report.injection.recipe_hash)
     assert entry.recipe == report.injection.recipe
-    assert entry.base == "vit-base"  # the folder's name, never the server's path
+    # the base's folder name, never a path (the entry is shared: a service test may have built it
+    # first from an upload of the same folder, named `upload:vit-base (<id>, sha256 …)`)
+    assert entry.base == "vit-base" or entry.base.startswith("upload:vit-base ("), entry.base
+    assert "/" not in entry.base
     assert entry.base_revision and entry.base_revision.startswith("sha256:")
     assert len(entry.own_asr) == len(report.evaluation.classes)  # one trigger per class
     assert all(r.total > 0 and 0 <= r.rate <= 1 for r in entry.own_asr.values())

@@ -50,7 +50,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     with FileLock(f"{root}.lock"):  # a build that died half-way wrote no manifest: built again
         if (root / "manifest.json").is_file():
             return Zoo(root, json.loads((root / "manifest.json").read_text()))
-        return Zoo(root, build_zoo(root, ZooConfig.for_speed(quick=True)))
+        threads = torch.get_num_threads()  # one under xdist: the build may use every core
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            return Zoo(root, build_zoo(root, ZooConfig.for_speed(quick=True)))
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
