@@ -195,8 +195,8 @@ def test_the_injection_bv_is_described_in_the_cache(backdoored: tuple[ScanReport
                  if e.key == report.injection.recipe_hash)
     assert entry.recipe == report.injection.recipe
     # the base's folder name, never a path (the entry is shared: a service test may have built it
-    # first from an upload of the same folder, named `upload:vit-base (<id>, sha256 …)`)
-    assert entry.base == "vit-base" or entry.base.startswith("upload:vit-base ("), entry.base
+    # first from an upload of the same folder, named `upload:vit-base.zip (<id>, sha256 …)`)
+    assert entry.base == "vit-base" or entry.base.startswith("upload:vit-base"), entry.base
     assert "/" not in entry.base
     assert entry.base_revision and entry.base_revision.startswith("sha256:")
     assert len(entry.own_asr) == len(report.evaluation.classes)  # one trigger per class
