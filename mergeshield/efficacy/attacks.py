@@ -21,10 +21,12 @@ from torch.nn import functional as F
 
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, from_tensor, stamp
 
-Split = Literal["dev", "test", "ci"]
+Split = Literal["dev", "test", "ci", "test2"]
 FAMILIES = ("patch", "blended", "distributed", "warp", "badmerging")
 # seed offsets: attack i of a split has seed offset + i, its clean twin offset + CLEAN + i
-SPLIT_OFFSET: dict[str, int] = {"dev": 10_000, "test": 20_000, "ci": 30_000}
+# test2: the next hold-out. "test" was run once (2026-12-05, docs/efficacy/test.md) and is spent:
+# a design changed after reading it is scored on test2, once, the same way
+SPLIT_OFFSET: dict[str, int] = {"dev": 10_000, "test": 20_000, "ci": 30_000, "test2": 40_000}
 CLEAN = 5_000  # clean fine-tunes of a split use seeds offset + CLEAN + i (i < CLEAN)
 SHAPES = ("cross", "ring", "ell", "diagonal")
 

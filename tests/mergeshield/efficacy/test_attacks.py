@@ -6,6 +6,7 @@ import torch
 
 from mergeshield.efficacy.attacks import (
     FAMILIES,
+    SPLIT_OFFSET,
     WarpTrigger,
     apply,
     build_trigger,
@@ -24,6 +25,9 @@ def test_draws_are_deterministic_and_splits_disjoint() -> None:
     assert not seeds[0] & seeds[1] and not cleans[0] & cleans[1]
     assert not (seeds[0] | seeds[1]) & (cleans[0] | cleans[1])
     assert [a.params for a in dev] != [a.params for a in test]
+    every = {s: {a.seed for a in draw_split(s, 40, TASKS)} | set(clean_seeds(s, 40))
+             for s in SPLIT_OFFSET}  # the next hold-out (test2) and ci too
+    assert sum(map(len, every.values())) == len(set().union(*every.values()))
 
 
 def test_the_space_covers_families_tasks_targets_and_token_borders() -> None:
