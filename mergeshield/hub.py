@@ -11,6 +11,7 @@ scan with ``hub_unavailable`` in bounded time instead of hanging it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -125,10 +126,11 @@ def download_repo(repo_id: str, *, repo_type: Literal["model", "dataset"] = "mod
     return call_hub(fetch, repo_id, revision, noun=noun, offline=offline)
 
 
+@functools.cache
 def _cancellable_bar() -> type[Any]:
-    """A progress bar class for ``hf_hub_download`` whose every update is a cancellation point:
-    a cancelled scan stops a download between two chunks (the partial file stays in the hub
-    cache's ``.incomplete``, resumed by the next download of it)."""
+    """A progress bar class for ``hf_hub_download`` (built once, at the first download) whose
+    every update is a cancellation point: a cancelled scan stops a download between two chunks
+    (the partial file stays in the hub cache's ``.incomplete``, resumed by the next download)."""
     from tqdm.auto import tqdm
 
     class CancellableBar(tqdm):  # type: ignore[misc]

@@ -18,6 +18,7 @@ from mergeshield import checkpoints
 from mergeshield.data import ImageDataset, load_task
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
 from mergeshield.inversion import InversionConfig
+from mergeshield.measure import SEARCH_ROWS
 from mergeshield.models import family_for
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report.verdict import still_responds
@@ -68,7 +69,7 @@ def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> 
     rows = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(0))
     # the defender's rows as a scan draws them (at most max_train; the rows are stored by class)
     train = task.train.subset(rows[:UnlearnConfig().max_train])
-    rounds = repair(clf, train, task.test, task.train.subset(rows[:512]),
+    rounds = repair(clf, train, task.test, task.train.subset(rows[:SEARCH_ROWS]),
                     [Found("probe:planted", trigger, target, 0.05)],
                     UnlearnConfig(rounds=3), still_responds=partial(still_responds),
                     inversion=InversionConfig(steps=20), accuracy_floor=ca - 0.05)

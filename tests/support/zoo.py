@@ -30,6 +30,11 @@ class Zoo:
     root: Path
     manifest: dict[str, Any]
 
+    @classmethod
+    def read(cls, root: Path) -> Zoo:
+        """The zoo built in ``root`` (its manifest)."""
+        return cls(root, json.loads((root / "manifest.json").read_text()))
+
     def model(self, name: str) -> dict[str, Any]:
         return next(m for m in self.manifest["models"] if m["name"] == name)
 
@@ -44,12 +49,11 @@ class Zoo:
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     given = os.environ.get("MERGESHIELD_TEST_ZOO")
     if given and (Path(given) / "manifest.json").is_file():
-        root = Path(given)
-        return Zoo(root, json.loads((root / "manifest.json").read_text()))
+        return Zoo.read(Path(given))
     root = shared_tmp(tmp_path_factory) / "zoo"
     with FileLock(f"{root}.lock"):  # a build that died half-way wrote no manifest: built again
         if (root / "manifest.json").is_file():
-            return Zoo(root, json.loads((root / "manifest.json").read_text()))
+            return Zoo.read(root)
         threads = torch.get_num_threads()  # one under xdist: the build may use every core
         torch.set_num_threads(os.cpu_count() or 1)
         try:
