@@ -189,8 +189,12 @@ def measure_and_sanitise(
     rounds: list[RoundReport] = []
     found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in probes
              if _is_finding(p, request.min_asr_gap)]
+    instead = (bool(found) and request.unlearning.enabled and not request.unlearning.with_ibvs
+               and request.fixed_lambda is None)
+    if not found and request.unlearning.precautionary:  # the suspicion short of a finding
+        found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in probes
+                 if p.source == "inverted"]
     unlearn = bool(found) and request.unlearning.enabled
-    instead = unlearn and not request.unlearning.with_ibvs and request.fixed_lambda is None
     if instead:
         lam = 0.0  # the found-trigger repair instead of the subtraction (UnlearnConfig)
     sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})

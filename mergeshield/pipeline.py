@@ -316,7 +316,8 @@ def describe_cleaning(m: Measurement | None, findings: list[Finding], lam: float
     responds on the cleaned model)."""
     if m is None or lam is None:
         return None
-    steps = [f"IBVS λ={lam:g}"] + ([f"found-trigger unlearning, {len(m.unlearning)} round(s)"]
+    what = "found-trigger" if findings else "precautionary"
+    steps = [f"IBVS λ={lam:g}"] + ([f"{what} unlearning, {len(m.unlearning)} round(s)"]
                                    if m.unlearning else [])
     before, after = m.metrics.clean_accuracy_before, m.metrics.clean_accuracy_after
     cost = round((before.rate - after.rate) * 100, 2) if before and after else None
@@ -330,9 +331,9 @@ def describe_cleaning(m: Measurement | None, findings: list[Finding], lam: float
     elif findings:
         status, msg = "removed", ("backdoor removed: no found trigger responds on the cleaned "
                                   f"checkpoint after {' + '.join(steps)}{priced}")
-    elif lam > 0:
-        status, msg = "precautionary", (f"nothing found; IBVS subtracted as a precaution at "
-                                        f"λ={lam:g}{priced}")
+    elif lam > 0 or m.unlearning:
+        status, msg = "precautionary", (f"nothing found; {' + '.join(steps)} applied as a "
+                                        f"precaution{priced}")
     else:
         status, msg = "not_cleaned", ("nothing found and nothing subtracted (λ=0): the output "
                                       "equals the suspect")

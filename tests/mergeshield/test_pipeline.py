@@ -96,10 +96,18 @@ def test_a_same_norm_random_direction_does_not_clean(zoo: Zoo, tmp_path: Path,
 
 
 def test_clean_fine_tune_passes(zoo: Zoo, bv_cache_dir: Path) -> None:
+    """Nothing found, so nothing is claimed removed; the precautionary repair (IBVS and the
+    most suspicious inverted patch unlearned) is said, with its cost."""
     report = scan(_request(zoo, "vit-mnist-clean"), ScanContext(cache_dir=bv_cache_dir))
     assert report.verdict.status == "no_backdoor_found", report.verdict.reasons
     assert exit_code(report, Severity.MEDIUM) == 0
     assert report.injection is not None and report.injection.cached  # built by the first scan
+    cleaning = report.cleaning
+    assert cleaning is not None and cleaning.status == "precautionary", cleaning
+    assert cleaning.unlearning and any(u.startswith("inverted:")
+                                       for u in cleaning.unlearning[0].unlearned)
+    assert "precaution" in cleaning.message and "clean accuracy" in cleaning.message
+    assert cleaning.clean_accuracy_cost_points is not None
 
 
 def test_clip_vision_checkpoint_is_scanned_against_full_clip_base(zoo: Zoo,
