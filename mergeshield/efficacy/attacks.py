@@ -24,9 +24,10 @@ from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, from_ten
 Split = Literal["dev", "test", "ci", "test2"]
 FAMILIES = ("patch", "blended", "distributed", "warp", "badmerging")
 # seed offsets: attack i of a split has seed offset + i, its clean twin offset + CLEAN + i
-# test2: the next hold-out. "test" was run once (2026-12-05, docs/efficacy/test.md) and is spent:
-# a design changed after reading it is scored on test2, once, the same way
-SPLIT_OFFSET: dict[str, int] = {"dev": 10_000, "test": 20_000, "ci": 30_000, "test2": 40_000}
+# hold-outs are run once each and then spent: "test" (2026-12-05, docs/efficacy/test.md) and
+# "test2" (2026-12-06, test2.md); a design changed after reading them is scored on test3
+SPLIT_OFFSET: dict[str, int] = {"dev": 10_000, "test": 20_000, "ci": 30_000, "test2": 40_000,
+                                "test3": 50_000}
 CLEAN = 5_000  # clean fine-tunes of a split use seeds offset + CLEAN + i (i < CLEAN)
 SHAPES = ("cross", "ring", "ell", "diagonal")
 

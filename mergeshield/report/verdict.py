@@ -100,12 +100,13 @@ RULES: dict[str, Rule] = {
         name="SanitisingIncomplete",
         title="Sanitising left the backdoor active",
         description=(
-            f"After Injection Backdoor Vector Subtraction the trigger's attack success rate is "
+            f"After sanitising (IBVS and trigger unlearning) the trigger's attack success rate is "
             f"still at or above {RESIDUAL_ASR:.0%}: the cleaned checkpoint is not safe either."
         ),
         help=(
-            "Do not use the cleaned checkpoint. Rescan with a larger lambda range, an injection "
-            "recipe closer to the attack (trigger type, size, position), or discard the model."
+            "Do not use the cleaned checkpoint. Rescan with more unlearning rounds "
+            "(unlearning.rounds), an injection recipe closer to the attack (trigger type, size, "
+            "position), or discard the model."
         ),
         default_severity=Severity.HIGH,
     ),

@@ -148,8 +148,9 @@ def test_default_scan_cleans_the_unseen_backdoors_it_finds(zoo: Zoo, bv_cache_di
     """The weaker CI form of issue 12's claims, over three seeds and triggers: every planted
     model the default scan flags loses at least 60 % of its hidden-trigger ASR (the scan never
     sees that trigger) at most 4 points of clean accuracy, with a cleaning status that agrees with
-    the residual rule; one it does not flag is reported `precautionary`, never `removed`; and at
-    least one of the three is flagged, so a scan that stops finding anything fails CI.
+    the residual rule; one it does not flag is reported `precautionary` (never `removed`), with
+    the precautionary repair applied and the hidden ASR lower than before; and at least one of the
+    three is flagged, so a scan that stops finding anything fails CI.
 
     Not "all three flagged": the efficacy bench's hold-out flagged 19 of 40 drawn attacks (5 of 9
     patches), and seed 1 here went unflagged on a 1-thread build of the quick zoo (inverted-trigger
@@ -174,8 +175,10 @@ def test_default_scan_cleans_the_unseen_backdoors_it_finds(zoo: Zoo, bv_cache_di
         assert report.cleaning is not None
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             assert f.metadata()["mergeshield.cleaning"] == report.cleaning.status
-        if not found:  # the precautionary IBVS alone: said so, nothing claimed removed
-            assert report.cleaning.status in ("precautionary", "not_cleaned"), report.cleaning
+        if not found:  # the precautionary repair: said so, nothing claimed removed
+            assert report.cleaning.status == "precautionary", report.cleaning
+            assert report.cleaning.unlearning  # the most suspicious inverted patch, unlearned
+            assert after < before, (seed, before, after)
             continue
         assert after <= 0.4 * before, (seed, before, after)
         assert acc_before - acc_after <= 0.04, (seed, acc_before, acc_after)
