@@ -179,7 +179,8 @@ class CleaningSummary(_Model):
     """What the cleaned checkpoint is, in one status the user sees next to the download:
     ``removed`` (every found trigger below the residual rule), ``not_removed`` (one still
     responds: do not use it), ``precautionary`` (nothing found; IBVS and the
-    precautionary unlearning applied anyway, at the stated cost) or ``not_cleaned`` (nothing found and nothing subtracted)."""
+    precautionary unlearning applied anyway, at the stated cost) or ``not_cleaned`` (nothing
+    found and nothing subtracted)."""
 
     status: CleaningStatus
     message: str  # one sentence for people
