@@ -187,13 +187,12 @@ def measure_and_sanitise(
         lam = (request.fixed_lambda if request.fixed_lambda is not None
                else choose_lambda(points, request.budget_points))
     rounds: list[RoundReport] = []
-    found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in probes
-             if _is_finding(p, request.min_asr_gap)]
-    instead = (bool(found) and request.unlearning.enabled and not request.unlearning.with_ibvs
+    chosen = [p for p in probes if _is_finding(p, request.min_asr_gap)]
+    instead = (bool(chosen) and request.unlearning.enabled and not request.unlearning.with_ibvs
                and request.fixed_lambda is None)
-    if not found and request.unlearning.precautionary:  # the suspicion short of a finding
-        found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in probes
-                 if p.source == "inverted"]
+    if not chosen and request.unlearning.precautionary:  # the suspicion short of a finding
+        chosen = [p for p in probes if p.source == "inverted"]
+    found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in chosen]
     unlearn = bool(found) and request.unlearning.enabled
     if instead:
         lam = 0.0  # the found-trigger repair instead of the subtraction (UnlearnConfig)
