@@ -75,6 +75,8 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
                    help="target class of the matching --trigger (default: its best class)")
     s.add_argument("--no-probes", action="store_true", help="skip the probe panel")
     s.add_argument("--no-inversion", action="store_true", help="skip trigger inversion")
+    s.add_argument("--no-unlearning", action="store_true",
+                   help="IBVS alone, as the paper states it: no trigger unlearning after it")
     s.add_argument("--lambdas", type=_floats, help="λ grid, e.g. 0,0.5,1,2")
     s.add_argument("--lambda", dest="fixed_lambda", type=float, help="use this λ, no choice")
     s.add_argument("--bv", help="subtract this BV (from `bv compute`) instead of building BV_inj")

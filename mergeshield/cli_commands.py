@@ -21,6 +21,7 @@ from mergeshield.report.schema import Severity
 from mergeshield.settings import Settings
 from mergeshield.task_vectors import TaskVector
 from mergeshield.triggers import parse_trigger
+from mergeshield.unlearning import UnlearnConfig
 
 
 class _Progress:
@@ -78,6 +79,7 @@ def _request(args: argparse.Namespace) -> ScanRequest:
         budget_points=args.budget, triggers=[parse_trigger(t) for t in args.trigger],
         user_targets=list(args.target), probes=not args.no_probes,
         inversion=not args.no_inversion, max_eval=args.max_eval,
+        unlearning=UnlearnConfig(enabled=not args.no_unlearning),
     )
 
 

@@ -20,8 +20,9 @@ def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _scan(zoo: Zoo, name: str, *extra: str) -> list[str]:
+    """Exit codes and formats: the paper's IBVS alone (the repair is tests/.../test_unlearning)."""
     return ["scan", str(zoo.path(name)), "--base", str(zoo.path(zoo.model(name)["base"])),
-            "--eval", str(zoo.dataset(name)), "--no-inversion", *extra]
+            "--eval", str(zoo.dataset(name)), "--no-inversion", "--no-unlearning", *extra]
 
 
 def test_backdoored_exits_1_with_json_on_stdout(zoo: Zoo, bv_cache_dir: Path,
@@ -32,6 +33,7 @@ def test_backdoored_exits_1_with_json_on_stdout(zoo: Zoo, bv_cache_dir: Path,
     assert proc.returncode == 1, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["verdict"]["status"] == "backdoor_suspected"
+    assert report["cleaning"]["unlearning"] == []  # --no-unlearning: IBVS alone
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "report.json",
                                               "report.sarif", "report.html", "report.txt"}
 

@@ -14,10 +14,12 @@ from mergeshield.errors import IncompatibleModelsError
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report import exit_code
 from mergeshield.report.schema import ScanReport, Severity
+from mergeshield.unlearning import UnlearnConfig
 from tests.support.zoo import Zoo
 from tests.support.zoo import independent_asr as _independent_asr
 
 FAST = {"inversion_steps": 30, "max_eval": 1000}
+NO_REPAIR = UnlearnConfig(enabled=False)  # IBVS alone: tests not about the repair
 
 
 def _request(zoo: Zoo, name: str, **kw: object) -> ScanRequest:
@@ -112,7 +114,7 @@ def test_clean_fine_tune_passes(zoo: Zoo, bv_cache_dir: Path) -> None:
 
 def test_clip_vision_checkpoint_is_scanned_against_full_clip_base(zoo: Zoo,
                                                                   bv_cache_dir: Path) -> None:
-    report = scan(_request(zoo, "clip-mnist-rot90-badnets", inversion=False),
+    report = scan(_request(zoo, "clip-mnist-rot90-badnets", inversion=False, unlearning=NO_REPAIR),
                   ScanContext(cache_dir=bv_cache_dir))
     assert report.suspect.family == "clip"
     assert report.suspect.architecture == "CLIPVisionModel"

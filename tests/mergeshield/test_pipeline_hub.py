@@ -8,6 +8,7 @@ import pytest
 
 from mergeshield.errors import SourceNotFoundError
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
+from mergeshield.unlearning import UnlearnConfig
 from tests.support.hub import LoopbackHub
 from tests.support.zoo import Zoo
 
@@ -19,7 +20,7 @@ def test_scan_by_repo_id_records_resolved_revisions_and_works_offline(
     sus_sha = hub.add_repo("acme/vit-mnist", zoo.path("vit-mnist-badnets"), private=True)
     data_sha = hub.add_repo("zoo/mnist", zoo.dataset("vit-mnist-badnets"), repo_type="dataset")
     request = ScanRequest(suspect="acme/vit-mnist", base="zoo/vit-base", evaluation="zoo/mnist",
-                          inversion=False)
+                          inversion=False, unlearning=UnlearnConfig(enabled=False))
     cache = tmp_path / "hub-cache"
     report = scan(request, ScanContext(endpoint=hub.url, token=hub.token, cache_dir=cache))
     assert report.suspect.kind == "hub" and report.suspect.revision == sus_sha

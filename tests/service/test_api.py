@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.conftest import CLEAN, FAST, SUSPECT, Published, zipped
+from tests.service.conftest import CLEAN, CLEANING, FAST, SUSPECT, Published, zipped
 from tests.support.stack import BACKENDS, Stack
 from tests.support.zoo import Zoo, independent_asr
 
@@ -65,7 +65,7 @@ def finished(stack: Stack, user: httpx.Client, uploads: dict[str, str], zoo: Zoo
     r = user.post("/v1/scans", json={
         "suspect": {"upload": uploads[SUSPECT]},
         "base": {"upload": uploads[zoo.model(SUSPECT)["base"]]},
-        "evaluation": published.dataset, "options": FAST})
+        "evaluation": published.dataset, "options": CLEANING})
     assert r.status_code == 202, r.text
     assert r.headers["location"] == f"/v1/scans/{r.json()['id']}"
     assert r.headers["retry-after"]
@@ -140,7 +140,7 @@ def test_same_scan_again_is_served_from_the_cache_unless_forced(
         zoo: Zoo, published: Published) -> None:
     body = {"suspect": {"upload": uploads[SUSPECT]},
             "base": {"upload": uploads[zoo.model(SUSPECT)["base"]]},
-            "evaluation": published.dataset, "options": FAST}
+            "evaluation": published.dataset, "options": CLEANING}
     again = stack.wait_for(user, user.post("/v1/scans", json=body).json()["id"])
     assert again["state"] == "succeeded" and again["cached_from"] == finished["id"]
     assert user.get(f"/v1/scans/{again['id']}/report").json()["scan_id"] == finished["id"]
