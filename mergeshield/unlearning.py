@@ -53,9 +53,6 @@ class UnlearnConfig(BaseModel):
     stamp_fraction: float = Field(default=0.2, gt=0, lt=1)  # rows stamped, split between triggers
     blend_alpha: float = Field(default=0.2, gt=0, le=0.5)  # the inverted blend's weight
     max_train: int | None = Field(default=2000, ge=100, le=1_000_000)  # defender images used
-    # rows (beyond the stamped ones) given a random square of noise or one colour, anywhere, under
-    # their true label: patch invariance for what the inverted triggers do not match; 0 = off
-    occlusion: float = Field(default=0.0, ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ class Round:
 
 
 def unlearning_set(data: ImageDataset, triggers: Sequence[tuple[Trigger, int]], fraction: float,
-                   seed: int, occlusion: float = 0.0) -> ImageDataset:
+                   seed: int) -> ImageDataset:
     """``data`` with ``fraction`` of its rows stamped, split evenly between ``triggers``; every
     label is kept, so the model learns that the trigger means nothing."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,24 +74,8 @@ def unlearning_set(data: ImageDataset, triggers: Sequence[tuple[Trigger, int]], 
     for i, (trigger, _target) in enumerate(triggers):
         rows = perm[i * share:(i + 1) * share]
         images[rows] = stamp(images[rows], trigger)
-    start = share * len(triggers)
-    for row in perm[start:start + round(occlusion * len(data))].tolist():
-        occlude(images[row], gen)
     return ImageDataset(images=images, labels=data.labels, classes=data.classes,
                         name=f"{data.name}+unlearn")
-
-
-def occlude(image: Tensor, gen: torch.Generator) -> None:
-    """Paint, in place, a square of side 7–25 % of the image's at a random place on ``image``
-    (C, H, W): uniform noise or one random colour, in equal shares."""
-    c, h, w = image.shape
-    lo = max(2, round(0.07 * h))
-    side = int(torch.randint(lo, max(lo, round(0.25 * h)) + 1, (1,), generator=gen))
-    r = int(torch.randint(h - side + 1, (1,), generator=gen))
-    col = int(torch.randint(w - side + 1, (1,), generator=gen))
-    noise = bool(torch.rand(1, generator=gen) < 0.5)
-    fill = torch.rand((c, side, side) if noise else (c, 1, 1), generator=gen)
-    image[:, r:r + side, col:col + side] = fill.to(image.dtype)
 
 
 def unlearn_round(clf: Classifier, data: ImageDataset, triggers: Sequence[tuple[Trigger, int]],
@@ -103,7 +84,7 @@ def unlearn_round(clf: Classifier, data: ImageDataset, triggers: Sequence[tuple[
     """Fine-tune ``clf``'s backbone in place (head frozen) on ``data`` with ``triggers`` stamped
     under true labels; the round's seed draws both the stamped rows and the batch order."""
     round_seed = seed * 1000 + round_index
-    unlearn_data = unlearning_set(data, triggers, cfg.stamp_fraction, round_seed, cfg.occlusion)
+    unlearn_data = unlearning_set(data, triggers, cfg.stamp_fraction, round_seed)
     backbone = finetune(clf, unlearn_data,
                         FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, seed=round_seed),
                         progress=progress, stage="unlearn")
