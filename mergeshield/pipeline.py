@@ -329,8 +329,11 @@ def describe_cleaning(m: Measurement | None, findings: list[Finding], lam: float
             f"backdoor not removed: {', '.join(left)} still responds on the cleaned checkpoint; "
             "do not use it")
     elif findings:
-        status, msg = "removed", ("backdoor removed: no found trigger responds on the cleaned "
-                                  f"checkpoint after {' + '.join(steps)}{priced}")
+        # says what was measured: the found triggers, not a trigger the scan never saw (on the
+        # efficacy bench a few "removed" checkpoints still obey their hidden trigger: docs/efficacy)
+        status, msg = "removed", ("found backdoor removed: no trigger the scan found responds on "
+                                  f"the cleaned checkpoint after {' + '.join(steps)}{priced}; "
+                                  "one it did not find may still work")
     elif lam > 0 or m.unlearning:
         status, msg = "precautionary", (f"nothing found; {' + '.join(steps)} applied as a "
                                         f"precaution{priced}")

@@ -79,6 +79,7 @@ class ScanDefence:
                        flagged=report.verdict.status == "backdoor_suspected",
                        score=detection_score(report),
                        detail={"verdict": report.verdict.status, "lambda": lam,
+                               "cleaning": report.cleaning.status if report.cleaning else None,
                                "config_hash": report.config_hash,
                                "wrote_checkpoint": report.output is not None})
 

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from mergeshield.efficacy.metrics import STILL_WORKS  # noqa: E402
+
 # the issue's targets (test split): TPR ≥ 0.95 at FPR ≤ 0.05, cut ≥ 90 % at ≤ 2 points, comeback
 # within 5 points of the clean merge's ASR
 TARGETS = {"tpr": 0.95, "fpr": 0.05, "cut": 0.90, "cost": 2.0, "comeback": 5.0}
@@ -66,6 +68,19 @@ def merge_table(summary: dict[str, Any], method: str, group: str = "overall") ->
             f"{_pts(m['accuracy_cost_points_worst'])} | {_pct(m['clean_merge_asr'])} | "
             f"{_pct(m['comeback_merge_asr'])} | {_rate(m['comeback_within_5_points'])} |")
     return lines
+
+
+def assurance_lines(summary: dict[str, Any]) -> list[str]:
+    """Per detecting defence, how often its ``removed`` was wrong about the hidden trigger."""
+    out = []
+    for name, groups in summary["defences"].items():
+        d = (groups.get("overall") or {}).get("detection") or {}
+        r = d.get("removed_yet_working")
+        if r:
+            out.append(f"`{name}` said `removed` on {r['total']} cleaned checkpoints; the hidden "
+                       f"trigger (which the scan never saw) still reached ≥ {STILL_WORKS:.0%} ASR "
+                       f"on {r['hits']} of them: {_rate(r)} false assurance.")
+    return out + [""] if out else []
 
 
 def family_table(summary: dict[str, Any]) -> list[str]:
@@ -133,7 +148,7 @@ def markdown(split: str, summary: dict[str, Any], methods: Sequence[str],
            "(negative = gained). Rates: hits/total (rate, 95 % Wilson interval).", "",
            f"Planted (own ASR ≥ {meta['min_asr']:.0%}) per family: {planted}.", "",
            "## The issue's targets", "", *targets_table(summary, methods), "",
-           "## Single checkpoint", "", *single_table(summary), "",
+           "## Single checkpoint", "", *single_table(summary), "", *assurance_lines(summary),
            "Per attack family (relative cut / cost in points):", "", *family_table(summary), ""]
     for m in methods:
         lam = meta["ties_scale"] if m == "ties" else meta["merge_lambda"]

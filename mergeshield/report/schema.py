@@ -177,7 +177,8 @@ CleaningStatus = Literal["removed", "not_removed", "precautionary", "not_cleaned
 
 class CleaningSummary(_Model):
     """What the cleaned checkpoint is, in one status the user sees next to the download:
-    ``removed`` (every found trigger below the residual rule), ``not_removed`` (one still
+    ``removed`` (every found trigger below the residual rule; says nothing of a trigger the scan
+    did not find), ``not_removed`` (one still
     responds: do not use it), ``precautionary`` (nothing found; IBVS and the
     precautionary unlearning applied anyway, at the stated cost) or ``not_cleaned`` (nothing
     found and nothing subtracted)."""

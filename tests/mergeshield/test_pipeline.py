@@ -64,6 +64,13 @@ def test_cleaned_checkpoint_lowers_the_planted_backdoor(zoo: Zoo,
     assert before_asr > 0.8
     assert after_asr < before_asr - 0.2, (before_asr, after_asr)
     assert before_acc - after_acc <= 0.02 + 0.005  # the budget, measured on the same images
+    cleaning = report.cleaning
+    assert cleaning is not None and cleaning.status in ("removed", "not_removed"), cleaning
+    if cleaning.status == "removed":  # it says what it measured: the triggers it found
+        assert cleaning.message.startswith("found backdoor removed: no trigger the scan found")
+        assert cleaning.message.endswith("one it did not find may still work")
+    else:
+        assert cleaning.message.startswith("backdoor not removed")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["mergeshield.scan_id"] == report.scan_id

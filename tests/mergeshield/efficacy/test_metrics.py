@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergeshield.efficacy.metrics import auc, summarise
+from mergeshield.efficacy.report import assurance_lines
 
 
 def _r(hits: int, total: int) -> dict[str, Any]:
@@ -44,3 +45,22 @@ def test_summary_of_one_attack_one_clean_and_a_merge_only_defence() -> None:
     assert x["detection"]["tpr"]["hits"] == 1 and x["detection"]["fpr"]["hits"] == 0
     dam = s["defences"]["dam"]["overall"]
     assert dam["single"] is None and dam["merge"]["task_arithmetic"]["excess_cut"] == 1.0
+
+
+def test_a_removed_verdict_the_hidden_trigger_contradicts_is_counted_and_written() -> None:
+    def attack(asr: int, cleaning: str) -> dict[str, Any]:
+        return {"attack": {"family": "patch"}, "planted": True, "own_asr": _r(90, 100),
+                "clean_accuracy": _r(80, 100),
+                "defences": {"x": {"asr": _r(asr, 100), "accuracy": _r(80, 100),
+                                   "flagged": cleaning == "removed", "score": 0.5,
+                                   "seconds": 1.0, "comeback_finetune_asr": _r(0, 100),
+                                   "comeback_merge_asr": {}, "detail": {"cleaning": cleaning}}}}
+    rows = [attack(30, "removed"), attack(9, "removed"), attack(60, "precautionary")]
+    s = summarise({"attacks": rows, "clean": [], "defences": ["x"]}, [])
+    said = s["defences"]["x"]["overall"]["detection"]["removed_yet_working"]
+    assert (said["hits"], said["total"]) == (1, 2)  # 30 % ≥ 20 %; the precautionary one not said
+    (line,) = [x for x in assurance_lines(s) if x]
+    assert "`x` said `removed` on 2 cleaned checkpoints" in line and "on 1 of them" in line
+    old = summarise({"attacks": [attack(30, "removed")], "clean": [], "defences": ["x"]}, [])
+    old["defences"]["x"]["overall"]["detection"]["removed_yet_working"] = None  # older runs
+    assert assurance_lines(old) == []
