@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from mergeshield.efficacy.metrics import STILL_WORKS  # noqa: E402
+from mergeshield.report.verdict import RESIDUAL_ASR  # noqa: E402
 
 # the targets (test split): TPR ≥ 0.95 at FPR ≤ 0.05, cut ≥ 90 % at ≤ 2 points, comeback
 # within 5 points of the clean merge's ASR
@@ -78,7 +78,7 @@ def assurance_lines(summary: dict[str, Any]) -> list[str]:
         r = d.get("removed_yet_working")
         if r:
             out.append(f"`{name}` said `removed` on {r['total']} cleaned checkpoints; the hidden "
-                       f"trigger (which the scan never saw) still reached ≥ {STILL_WORKS:.0%} ASR "
+                       f"trigger (which the scan never saw) still reached ≥ {RESIDUAL_ASR:.0%} ASR "
                        f"on {r['hits']} of them: {_rate(r)} false assurance.")
     return out + [""] if out else []
 

@@ -24,9 +24,8 @@ from tests.support.zoo import Zoo
 
 Property = Callable[[str, object], None]  # pytest's record_property: junit XML for the bench
 
-# long enough to kill; the repair is not what these tests are about (FAST: IBVS alone)
-SLOW = {"inversion": True, "inversion_steps": 120, "max_eval": 1000,
-        "unlearning": {"enabled": False}}
+# FAST's scan (IBVS alone) with a long inversion: long enough to kill
+SLOW = {**FAST, "inversion": True, "inversion_steps": 120, "max_eval": 1000}
 
 
 @pytest.fixture(params=BACKENDS)
