@@ -10,7 +10,7 @@ the scan runs the same search, with the same budget and seed, on both (method.md
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,25 +82,41 @@ def invert_blend(
     non-target ``images`` to ``target``: the blended-injection (Chen et al., 2017) counterpart of
     the patch search, for backdoors a small patch does not reach (blends, warps, spread patches).
 
-    Used to unlearn a target the scan already suspects, never to decide one: at α = 0.2 such a
-    pattern flips many clean models too."""
+    At α = 0.2 such a pattern flips many clean models too: the repair unlearns it towards a
+    target the scan already suspects. Detection searches at a fainter α (``invert_blends``).
+    Twice the patch search's batch: the one pattern has the step's images to itself."""
+    return invert_blends(clf, images, labels, [target], replace(cfg, batch=cfg.batch * 2),
+                         alpha)[0]
+
+
+def invert_blends(
+    clf: Classifier, images: Tensor, labels: Tensor, targets: Sequence[int], cfg: InversionConfig,
+    alpha: float,
+) -> list[ImageTrigger]:
+    """``invert_blend`` towards each of ``targets`` at once (one batch, like the patch search),
+    in their order. The scan's blend search runs it on the suspect and on the reference at a
+    faint α, where clean fine-tunes barely answer and blended or warping backdoors do
+    (docs/decisions.md, "Detection")."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     dev = next(clf.parameters()).device
     c, h, w = images.shape[1:]
-    logit = (torch.rand((c, h, w), generator=gen) * 2 - 1).to(dev).requires_grad_(True)
-    pool = torch.nonzero(labels != target).flatten()
+    k, n = len(targets), cfg.batch  # images per target per step, as the patch search
+    logit = (torch.rand((k, c, h, w), generator=gen) * 2 - 1).to(dev).requires_grad_(True)
+    pools = [torch.nonzero(labels != t).flatten() for t in targets]
     opt = torch.optim.Adam([logit], lr=cfg.lr)
-    y = torch.full((cfg.batch * 2,), target, device=dev)
+    y = torch.tensor(list(targets), device=dev).repeat_interleave(n)
     clf.eval()
     for _ in range(cfg.steps):
         cancellation.check()
-        x = images[pool[torch.randint(len(pool), (cfg.batch * 2,), generator=gen)]].to(dev)
-        stamped = (1 - alpha) * x + alpha * torch.sigmoid(logit)  # (2B, C, H, W)
-        loss = nn.functional.cross_entropy(clf(stamped), y)
+        rows = torch.stack([p[torch.randint(len(p), (n,), generator=gen)] for p in pools])
+        x = images[rows.flatten()].to(dev).view(k, n, c, h, w)  # (K, B, C, H, W)
+        stamped = (1 - alpha) * x + alpha * torch.sigmoid(logit)[:, None]
+        loss = nn.functional.cross_entropy(clf(stamped.view(k * n, c, h, w)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return from_tensor(torch.sigmoid(logit.detach()).cpu(), torch.full((h, w), alpha))
+    pattern = torch.sigmoid(logit.detach()).cpu()
+    return [from_tensor(pattern[i], torch.full((h, w), alpha)) for i in range(k)]
 
 
 def _top_area(mask: Tensor, area: int) -> Tensor:

@@ -36,7 +36,7 @@ from mergeshield.ibvs import (
     injected_backdoors,
     sweep,
 )
-from mergeshield.inversion import InversionConfig, invert_triggers
+from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers
 from mergeshield.layers import per_layer
 from mergeshield.models import Classifier, ModelFamily
 from mergeshield.report.schema import (
@@ -55,7 +55,7 @@ from mergeshield.report.schema import (
 from mergeshield.report.verdict import finding_gap, still_responds
 from mergeshield.task_vectors import TaskVector, cosine
 from mergeshield.training import Progress
-from mergeshield.triggers import Trigger, preview_png, trigger_id
+from mergeshield.triggers import ImageTrigger, Trigger, preview_png, trigger_id
 from mergeshield.unlearning import Found, RoundReport, repair
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def measure_and_sanitise(
             request.injection_data, seed=request.seed, **hub)
         test = task.test
         classes = test.classes
-        search = _sample(task.train, SEARCH_ROWS, request.seed)  # trigger searches optimise on it
+        search = sample_rows(task.train, SEARCH_ROWS, request.seed)  # what trigger searches use
     head = family.head_from(base, suspect)
     ref = family.classifier(base, head, classes).to(device)
     sus = family.classifier(suspect, head, classes).to(device)
@@ -128,6 +128,9 @@ def measure_and_sanitise(
     if request.inversion:
         with stage("invert_triggers"):
             probes.append(_inverted(request, search, test, ref, sus))
+            if request.inversion_blend_alpha is not None:  # what a small patch does not reach
+                probes.append(_inverted(request, search, test, ref, sus,
+                                        request.inversion_blend_alpha))
 
     injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
     own: dict[str, RateModel] = {}  # the injected model's own ASR (built now, or as cached)
@@ -200,8 +203,8 @@ def measure_and_sanitise(
     if unlearn:
         with stage("unlearn"):  # sus holds θ − λ·BV_inj; repaired in place
             rounds = repair(
-                sus, _sample(inj_task.train, request.unlearning.max_train, request.seed), test,
-                search, found, request.unlearning,
+                sus, sample_rows(inj_task.train, request.unlearning.max_train, request.seed),
+                test, search, found, request.unlearning,
                 still_responds=partial(still_responds, min_asr_gap=request.min_asr_gap),
                 inversion=(InversionConfig(steps=request.inversion_steps, seed=request.seed)
                            if request.inversion else None), seed=request.seed,
@@ -267,18 +270,26 @@ def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -
 
 
 def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: Classifier,
-              sus: Classifier) -> _Probe:
+              sus: Classifier, blend_alpha: float | None = None) -> _Probe:
     """Invert one trigger per target on the suspect and on the reference; keep the target whose
-    trigger stands out most. Its baseline (``ref``) is what such a search reaches *without* a
-    backdoor: the larger of the same search on the reference model (same budget and seed) and the
-    median over the suspect's other targets (Neural Cleanse's outlier view, which still holds when
-    the reference is near chance, as a tiny CLIP's zero-shot head is)."""
+    trigger stands out most. ``blend_alpha`` None: a small patch (``invert_triggers``); else a
+    full-image pattern blended in at that α (``invert_blends``: what blends and warps answer).
+    Its baseline (``ref``) is what such a search reaches *without* a backdoor: the larger of the
+    same search on the reference model (same budget and seed) and the median over the suspect's
+    other targets (Neural Cleanse's outlier view, which still holds when the reference is near
+    chance, as a tiny CLIP's zero-shot head is)."""
     cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed)
     k = len(test.classes)
-    mine = invert_triggers(sus, opt.images, opt.labels, k, cfg)
-    theirs = invert_triggers(ref, opt.images, opt.labels, k, cfg)
+
+    def search(clf: Classifier) -> list[ImageTrigger]:
+        if blend_alpha is None:
+            return invert_triggers(clf, opt.images, opt.labels, k, cfg)
+        return invert_blends(clf, opt.images, opt.labels, range(k), cfg, blend_alpha)
+
+    mine, theirs = search(sus), search(ref)
     on_sus = [attack_success_rate(sus, test, mine[t], t) for t in range(k)]
     on_ref = [attack_success_rate(ref, test, theirs[t], t) for t in range(k)]
+    name = "inverted" if blend_alpha is None else "inverted-blend"
     best: _Probe | None = None
     for t in range(k):
         others = sorted(r.rate for i, r in enumerate(on_sus) if i != t)
@@ -286,13 +297,14 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
         baseline = on_ref[t] if on_ref[t].rate >= median else _rate_near(median, on_sus[t].total)
         if best is None or on_sus[t].rate - baseline.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
             digest = hashlib.sha256(mine[t].model_dump_json().encode()).hexdigest()[:8]
-            spec = {"kind": "inverted", "target": t, "steps": cfg.steps, "sha256": digest,
-                    "area_pixels": round(float(torch.tensor(mine[t].mask).sum())),
+            shape = ({"area_pixels": round(float(torch.tensor(mine[t].mask).sum()))}
+                     if blend_alpha is None else {"alpha": blend_alpha})
+            spec = {"kind": name, "target": t, "steps": cfg.steps, "sha256": digest, **shape,
                     "suspect_asr_by_target": [round(r.rate, 4) for r in on_sus],
                     "reference_asr_by_target": [round(r.rate, 4) for r in on_ref],
                     "baseline": "max(same search on the reference model, median over the "
                                 "suspect's other targets)"}
-            best = _Probe(f"inverted:target-{t}", "inverted", mine[t], t, spec, baseline, on_sus[t])
+            best = _Probe(f"{name}:target-{t}", "inverted", mine[t], t, spec, baseline, on_sus[t])
     assert best is not None
     return best
 
@@ -309,7 +321,7 @@ def _took(own: Mapping[str, RateModel], floor: float) -> bool:
     return bool(own) and min(r.rate for r in own.values()) >= floor
 
 
-def _sample(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:
+def sample_rows(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:
     """At most ``n`` rows of ``data``, a seeded draw (all of it when ``n`` is None)."""
     if n is None or len(data) <= n:
         return data

@@ -38,6 +38,7 @@ from mergeshield.options import (
     Lambda,
     Points,
     Seed,
+    Share,
 )
 from mergeshield.report import ScanReport, decide, write_report
 from mergeshield.report.schema import (
@@ -87,6 +88,9 @@ class ScanRequest(BaseModel):
     # unlearning to the triggers found otherwise (no blend or patch search while repairing)
     inversion: bool = True
     inversion_steps: InversionSteps = 60
+    # the inversion also searches a full-image pattern blended in at this α (blends and warps,
+    # which no small patch reaches); None: the patch search alone (docs/decisions.md, "Detection")
+    inversion_blend_alpha: Share | None = 0.1
     max_eval: EvalImages | None = 1000  # test images evaluated (seeded subset); None = all
     # finding threshold: suspect ASR (CI low) − reference ASR; its TPR/FPR over the seeded
     # population of experiment 6 is the "Scan verdict" line of docs/results/detection.md

@@ -3,14 +3,14 @@
 IBVS (``ibvs.py``) subtracts the defender's own injected backdoor vector; it needs no trigger, but
 on one checkpoint (a backdoor at full strength, not scaled down by a merge) it removes little
 (docs/efficacy). So the suspect is also fine-tuned on the defender's clean data with the triggers
-the scan found (a probe, a user trigger or an inverted patch) and a blended pattern inverted
-towards the same target, stamped on a share of the rows under their *true* labels (the unlearning
-of Neural Cleanse, Wang et al., S&P 2019), in rounds that search the repaired model again. When
-nothing was found, the scan's most suspicious inverted patch is unlearned the same way, as a
-precaution: on the efficacy bench most backdoors the verdict missed were still reachable that way
-(docs/decisions.md, "Cleaning"). The change is one more task-vector step, the unlearning vector
-U = θ_repaired − θ_start, so a cleaned checkpoint reads θ' = θ_suspect − λ·BV_inj + U, with
-λ = 0 when a backdoor was found (``with_ibvs``)."""
+the scan found (a probe, a user trigger, an inverted patch or blend) and a blended pattern
+inverted towards the same target, stamped on a share of the rows under their *true* labels (the
+unlearning of Neural Cleanse, Wang et al., S&P 2019), in rounds that search the repaired model
+again. When nothing was found, the scan's inverted triggers (its most suspicious patch and blend)
+are unlearned the same way, as a precaution: on the efficacy bench most backdoors the verdict
+missed were still reachable that way (docs/decisions.md, "Cleaning"). The change is one more
+task-vector step, the unlearning vector U = θ_repaired − θ_start, so a cleaned checkpoint reads
+θ' = θ_suspect − λ·BV_inj + U, with λ = 0 when a backdoor was found (``with_ibvs``)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ class UnlearnConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True  # False: IBVS alone, as the paper states it
-    # nothing found: still unlearn the scan's most suspicious inverted trigger (and a blend
-    # towards its target), as Neural Cleanse repairs whatever its search finds (docs/decisions.md)
+    # nothing found: still unlearn the scan's most suspicious inverted triggers (and a blend
+    # towards their targets), as Neural Cleanse repairs whatever its search finds (decisions.md)
     precautionary: bool = True
     # after IBVS's λ (True) or instead of it (False: λ = 0 when a backdoor was found, IBVS
     # stays the cleaning of a scan that found nothing); a 5-epoch repair recovers what λ costs

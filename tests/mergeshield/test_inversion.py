@@ -7,9 +7,9 @@ import torch
 
 from mergeshield.data import ImageDataset
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
-from mergeshield.inversion import InversionConfig, invert_triggers
+from mergeshield.inversion import InversionConfig, invert_blend, invert_blends, invert_triggers
 from mergeshield.training import FinetuneConfig, finetune
-from mergeshield.triggers import ImageTrigger, PatchTrigger, poison
+from mergeshield.triggers import BlendedTrigger, ImageTrigger, PatchTrigger, poison
 from tests.support.tiny import IMAGE, TinyNet, block_task
 
 PLANTED = PatchTrigger(pattern="solid", size=2, location="bottom_right")  # rows/cols 13–14
@@ -74,3 +74,40 @@ def test_area_budget_is_at_least_one_pixel(backdoored: tuple[TinyNet, ImageDatas
     tiny = InversionConfig(area_fraction=1e-6, steps=2, batch=4, seed=0)
     out = invert_triggers(clf, test.images[:20], test.labels[:20], 4, tiny)
     assert all(int(torch.tensor(t.mask).sum()) == 1 for t in out)
+
+
+BLENDED = BlendedTrigger(pattern="noise", alpha=0.2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def blend_backdoored() -> tuple[TinyNet, ImageDataset]:
+    """The same 4-class task with 20% of its data blended with BLENDED → class 2."""
+    train, test = block_task(512, seed=0), block_task(200, seed=1)
+    poisoned, _ = poison(train, BLENDED, target=2, rate=0.2, seed=0)
+    clf = TinyNet(4)
+    finetune(clf, poisoned, FinetuneConfig(epochs=20, batch_size=64, lr=1e-2), train_head=True)
+    assert attack_success_rate(clf, test, BLENDED, 2).rate > 0.9
+    return clf, test
+
+
+def test_the_faint_blend_search_finds_the_blended_target(
+    blend_backdoored: tuple[TinyNet, ImageDataset],
+) -> None:
+    """What the scan's blend search measures: one full-image pattern per target at a faint α; the
+    planted target answers it far more than the others."""
+    clf, test = blend_backdoored
+    blends = invert_blends(clf, test.images, test.labels, range(4), CFG, alpha=0.1)
+    assert all(torch.tensor(b.mask).unique().tolist() == [pytest.approx(0.1)] for b in blends)
+    asr = [attack_success_rate(clf, test, b, t).rate for t, b in enumerate(blends)]
+    assert asr[2] > 0.8 and asr[2] - max(asr[:2] + asr[3:]) > 0.3, asr
+
+
+def test_the_repairs_blend_reaches_its_target(
+    blend_backdoored: tuple[TinyNet, ImageDataset],
+) -> None:
+    """``invert_blend`` (what the repair unlearns, at α = 0.2) towards one suspected target."""
+    clf, test = blend_backdoored
+    one = invert_blend(clf, test.images, test.labels, 2, InversionConfig(steps=30, seed=4),
+                       alpha=0.2)
+    assert torch.tensor(one.mask).unique().tolist() == [pytest.approx(0.2)]
+    assert attack_success_rate(clf, test, one, 2).rate > 0.9

@@ -108,7 +108,17 @@ def test_inverted_trigger_is_ms002() -> None:
         incomplete=[],
     )
     assert [f.id for f in findings] == ["MS002"]
-    assert findings[0].message.startswith("inverted trigger inverted:c0 (a small optimised patch)")
+    assert findings[0].message.startswith("inverted trigger inverted:c0 (a small patch, optimised)")
+
+
+def test_inverted_blend_is_ms002_and_says_so() -> None:
+    findings, _ = decide(
+        [trigger(rate(0.7, lo=0.67), rate(0.08, lo=0.06), source="inverted",
+                 tid="inverted-blend:target-3")],
+        incomplete=[],
+    )
+    assert [f.id for f in findings] == ["MS002"]
+    assert "(a faint full-image blend, optimised)" in findings[0].message
 
 
 def test_sanitising_that_leaves_asr_at_20_percent_is_ms003_high() -> None:

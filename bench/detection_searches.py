@@ -1,0 +1,163 @@
+"""Which trigger search tells a backdoored fine-tune from a clean one? (issue 12, detection)
+
+    python bench/detection_searches.py --zoo /work/zoo-default --split dev --attacks 24 \
+        --clean 12 --shard 0/2 &      # and --shard 1/2 beside it: 25 min on 2 cores
+    python bench/detection_searches.py --split dev --render    # the page from both shards
+
+Plants the efficacy bench's attacks of a split (``mergeshield.efficacy``: the same draws, seeds and
+planting) and clean fine-tunes with the split's clean seeds, then runs each search the scan could
+use on the suspect and on the reference (the base backbone with the task's head): the free-mask
+patch search at 1, 2 and 4 × the scan's area budget (image/81 pixels) and the full-image blend
+search at α = 0.1 (one target at a time). Each cell is the scan's score for that search, the best
+target's suspect ASR minus its baseline (the larger of the reference's ASR and the median over the
+suspect's other targets), with that target's ASR and whether it is the attack's target (*).
+Raw per-target ASRs go to ``<out>/detection-searches-<split>-<shard>.json``, the page to
+``<out>/detection-searches-<split>.md``.
+Run it on the dev split only: the test splits are scored once, by ``mergeshield bench efficacy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeshield.efficacy.attacks import clean_seeds, draw_split
+from mergeshield.efficacy.world import Backbone, World
+from mergeshield.evaluation import attack_success_rate
+from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers
+from mergeshield.measure import SEARCH_ROWS, sample_rows
+
+AREAS = (1, 2, 4)  # × the scan's budget, image/81 pixels
+BLEND_ALPHA = 0.1
+EVAL = 1000  # test images, as a default scan
+SCAN = ("patch-1x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
+
+
+def searches(w: World, task: str, backbone: Backbone) -> dict[str, list[float]]:
+    """ASR per target of each search on the suspect (``:sus``) and the reference (``:ref``)."""
+    data = w.data[task]
+    test, opt = data.test.subset(slice(0, EVAL)), sample_rows(data.train, SEARCH_ROWS, 0)
+    k = len(test.classes)
+    out: dict[str, list[float]] = {}
+    for name, clf in (("sus", w.classifier(task, backbone)), ("ref", w.classifier(task))):
+        for a in AREAS:
+            cfg = InversionConfig(area_fraction=a / 81, seed=0)
+            found = invert_triggers(clf, opt.images, opt.labels, k, cfg)
+            out[f"patch-{a}x:{name}"] = [attack_success_rate(clf, test, found[t], t).rate
+                                         for t in range(k)]
+        blends = [invert_blends(clf, opt.images, opt.labels, [t], InversionConfig(),
+                                BLEND_ALPHA)[0] for t in range(k)]  # one target at a time
+        out[f"blend-{BLEND_ALPHA}:{name}"] = [attack_success_rate(clf, test, blends[t], t).rate
+                                              for t in range(k)]
+    return out
+
+
+def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, int], out: Path
+        ) -> None:
+    torch.set_num_threads(1)
+    w = World(zoo)
+    i_shard, n_shards = shard
+    rows: list[dict[str, object]] = []
+    path = out / f"detection-searches-{split}-{i_shard}.json"
+    for i, a in enumerate(draw_split(split, n_attacks, w.tasks)):
+        if i % n_shards != i_shard:
+            continue
+        t0 = time.perf_counter()
+        planted = w.plant(a)
+        own = w.asr(a.task, planted, w.trigger(a), a.target).rate
+        row: dict[str, object] = {"id": a.id, "family": a.family, "task": a.task,
+                                  "target": a.target, "own_asr": own, "params": a.params}
+        if own >= 0.8:  # the efficacy bench's planting floor
+            row["asr"] = searches(w, a.task, planted)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        path.write_text(json.dumps(rows))
+        print(a.id, f"own ASR {own:.2f}", f"{row['seconds']} s", flush=True)
+    for j, seed in enumerate(clean_seeds(split, n_clean)):
+        if j % n_shards != i_shard:
+            continue
+        task, t0 = w.tasks[j % len(w.tasks)], time.perf_counter()
+        backbone = w.finetune(task, w.data[task].train, seed)
+        rows.append({"id": f"{split}-clean-{j:03d}", "family": "clean", "task": task,
+                     "target": None, "asr": searches(w, task, backbone),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        path.write_text(json.dumps(rows))
+        print(rows[-1]["id"], f"{rows[-1]['seconds']} s", flush=True)
+
+
+def score(sus: list[float], ref: list[float]) -> tuple[float, int, float]:
+    """(suspect ASR − baseline, target, suspect ASR) at the target that stands out most."""
+    best = (-2.0, -1, 0.0)
+    for t, rate in enumerate(sus):
+        others = sorted(r for i, r in enumerate(sus) if i != t)
+        gap = rate - max(ref[t], others[len(others) // 2])
+        if gap > best[0]:
+            best = (gap, t, rate)
+    return best
+
+
+def render(split: str, out: Path, page: Path) -> None:
+    rows = [r for f in sorted(out.glob(f"detection-searches-{split}-*.json"))
+            for r in json.loads(f.read_text()) if "asr" in r]
+    rows.sort(key=lambda r: (r["family"] == "clean", r["family"], r["id"]))
+    names = sorted({k.split(":")[0] for r in rows for k in r["asr"]})
+    lines = [f"# Trigger searches on the `{split}` split: which one separates backdoors from clean "
+             "fine-tunes", "",
+             f"Written by `python bench/detection_searches.py --split {split} --render` from "
+             f"{len(rows)} models (planted attacks with own ASR ≥ 80 %, and clean fine-tunes). "
+             "A cell: the scan's score for that search (best target's suspect ASR − baseline) / "
+             "that target's suspect ASR, `*` when it is the attack's target. The scan flags an "
+             "inverted trigger at a score ≥ 0.3 (on the interval's lower end) with ASR ≥ 0.5.", "",
+             "| model | target | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = []
+        for n in names:
+            gap, t, rate = score(r["asr"][f"{n}:sus"], r["asr"][f"{n}:ref"])
+            cells.append(f"{gap:.2f} / {rate:.2f}{' *' if t == r['target'] else ''}")
+        lines.append(f"| {r['id']} | {r['target'] if r['target'] is not None else '–'} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Highest score on a clean fine-tune, and attacks at ≥ 0.3 at their own target:",
+              "", "| search | clean max | attacks ≥ 0.3 at the target |", "|---|---|---|"]
+    attacks = [r for r in rows if r["family"] != "clean"]
+
+    def flags(r: dict[str, Any], n: str) -> bool:
+        s = score(r["asr"][f"{n}:sus"], r["asr"][f"{n}:ref"])
+        return s[0] >= 0.3 and s[1] == r["target"]
+
+    for n in names:
+        clean = max(score(r["asr"][f"{n}:sus"], r["asr"][f"{n}:ref"])[0]
+                    for r in rows if r["family"] == "clean")
+        hit = sum(1 for r in attacks if flags(r, n))
+        lines.append(f"| {n} | {clean:.2f} | {hit}/{len(attacks)} |")
+    both = [n for n in SCAN if n in names]
+    if len(both) == 2:  # the scan's searches together (a finding in either)
+        hit = sum(1 for r in attacks if any(flags(r, n) for n in both))
+        lines.append(f"| {' or '.join(both)} (the scan) | – | {hit}/{len(attacks)} |")
+    page.write_text("\n".join(lines) + "\n")
+    print(page.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", type=Path, default=Path("zoo"))
+    ap.add_argument("--split", default="dev")
+    ap.add_argument("--attacks", type=int, default=24)
+    ap.add_argument("--clean", type=int, default=12)
+    ap.add_argument("--shard", default="0/1")
+    ap.add_argument("--out", type=Path, default=Path("docs/efficacy"))
+    ap.add_argument("--render", action="store_true", help="only write the page from the shards")
+    args = ap.parse_args()
+    if not args.render:
+        i, n = (int(x) for x in args.shard.split("/"))
+        run(args.zoo, args.split, args.attacks, args.clean, (i, n), args.out)
+    render(args.split, args.out, args.out / f"detection-searches-{args.split}.md")
+
+
+if __name__ == "__main__":
+    main()
