@@ -9,20 +9,27 @@ from mergeshield.data import ImageDataset
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
 from mergeshield.inversion import InversionConfig, invert_blend, invert_blends, invert_triggers
 from mergeshield.training import FinetuneConfig, finetune
-from mergeshield.triggers import BlendedTrigger, ImageTrigger, PatchTrigger, poison
+from mergeshield.triggers import BlendedTrigger, ImageTrigger, PatchTrigger, Trigger, poison
 from tests.support.tiny import IMAGE, TinyNet, block_task
 
 PLANTED = PatchTrigger(pattern="solid", size=2, location="bottom_right")  # rows/cols 13–14
 CFG = InversionConfig(area_fraction=4 / (IMAGE * IMAGE), steps=100, batch=24, seed=0)
 
 
-@pytest.fixture(scope="module")
-def backdoored() -> tuple[TinyNet, ImageDataset]:
-    """A 4-class classifier trained with 20% of its data stamped with PLANTED → class 0."""
+def planted(trigger: Trigger, target: int) -> tuple[TinyNet, ImageDataset]:
+    """A 4-class classifier trained with 20% of its data stamped with ``trigger`` → ``target``;
+    its held-out test set."""
     train, test = block_task(512, seed=0), block_task(200, seed=1)
-    poisoned, _ = poison(train, PLANTED, target=0, rate=0.2, seed=0)
+    poisoned, _ = poison(train, trigger, target=target, rate=0.2, seed=0)
     clf = TinyNet(4)
     finetune(clf, poisoned, FinetuneConfig(epochs=20, batch_size=64, lr=1e-2), train_head=True)
+    return clf, test
+
+
+@pytest.fixture(scope="module")
+def backdoored() -> tuple[TinyNet, ImageDataset]:
+    """PLANTED → class 0."""
+    clf, test = planted(PLANTED, 0)
     assert clean_accuracy(clf, test).rate > 0.95
     assert attack_success_rate(clf, test, PLANTED, 0).rate > 0.95
     return clf, test
@@ -81,11 +88,8 @@ BLENDED = BlendedTrigger(pattern="noise", alpha=0.2, seed=3)
 
 @pytest.fixture(scope="module")
 def blend_backdoored() -> tuple[TinyNet, ImageDataset]:
-    """The same 4-class task with 20% of its data blended with BLENDED → class 2."""
-    train, test = block_task(512, seed=0), block_task(200, seed=1)
-    poisoned, _ = poison(train, BLENDED, target=2, rate=0.2, seed=0)
-    clf = TinyNet(4)
-    finetune(clf, poisoned, FinetuneConfig(epochs=20, batch_size=64, lr=1e-2), train_head=True)
+    """BLENDED → class 2."""
+    clf, test = planted(BLENDED, 2)
     assert attack_success_rate(clf, test, BLENDED, 2).rate > 0.9
     return clf, test
 
