@@ -8,9 +8,10 @@ Plants the efficacy bench's attacks of a split (``mergeshield.efficacy``: the sa
 planting) and clean fine-tunes with the split's clean seeds, then runs each search the scan could
 use on the suspect and on the reference (the base backbone with the task's head): the free-mask
 patch search at 1, 2 and 4 × the scan's area budget (image/81 pixels) and the full-image blend
-search at α = 0.1 (one target at a time). Each cell is the scan's score for that search, the best
-target's suspect ASR minus its baseline (the larger of the reference's ASR and the median over the
-suspect's other targets), with that target's ASR and whether it is the attack's target (*).
+search at α = 0.1 (one target at a time, 48 images per step). Each cell is the scan's score for
+that search, the best target's suspect ASR minus its baseline (the larger of the reference's ASR
+and the median over the suspect's other targets), with that target's ASR and whether it is the
+attack's target (*).
 Raw per-target ASRs go to ``<out>/detection-searches-<split>-<shard>.json``, the page to
 ``<out>/detection-searches-<split>.md``.
 Run it on the dev split only: the test splits are scored once, by ``mergeshield bench efficacy``.
@@ -34,6 +35,9 @@ from mergeshield.measure import SEARCH_ROWS, sample_rows
 
 AREAS = (1, 2, 4)  # × the scan's budget, image/81 pixels
 BLEND_ALPHA = 0.1
+# 48 images per step, as the committed dev page was measured; the scan's batched search uses 24
+# per target (the paired dev runs compared the two: docs/decisions.md, "Detection")
+BLEND_SEARCH = InversionConfig(batch=48)
 EVAL = 1000  # test images, as a default scan
 SCAN = ("patch-1x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
 
@@ -50,7 +54,7 @@ def searches(w: World, task: str, backbone: Backbone) -> dict[str, list[float]]:
             found = invert_triggers(clf, opt.images, opt.labels, k, cfg)
             out[f"patch-{a}x:{name}"] = [attack_success_rate(clf, test, found[t], t).rate
                                          for t in range(k)]
-        blends = [invert_blends(clf, opt.images, opt.labels, [t], InversionConfig(),
+        blends = [invert_blends(clf, opt.images, opt.labels, [t], BLEND_SEARCH,
                                 BLEND_ALPHA)[0] for t in range(k)]  # one target at a time
         out[f"blend-{BLEND_ALPHA}:{name}"] = [attack_success_rate(clf, test, blends[t], t).rate
                                               for t in range(k)]
