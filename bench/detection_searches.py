@@ -31,7 +31,7 @@ from mergeshield.efficacy.attacks import clean_seeds, draw_split
 from mergeshield.efficacy.world import Backbone, World
 from mergeshield.evaluation import attack_success_rate
 from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers
-from mergeshield.measure import SEARCH_ROWS, sample_rows
+from mergeshield.measure import SEARCH_ROWS, others_median, sample_rows
 
 AREAS = (1, 2, 4)  # × the scan's budget, image/81 pixels
 BLEND_ALPHA = 0.1
@@ -98,8 +98,7 @@ def score(sus: list[float], ref: list[float]) -> tuple[float, int, float]:
     """(suspect ASR − baseline, target, suspect ASR) at the target that stands out most."""
     best = (-2.0, -1, 0.0)
     for t, rate in enumerate(sus):
-        others = sorted(r for i, r in enumerate(sus) if i != t)
-        gap = rate - max(ref[t], others[len(others) // 2])
+        gap = rate - max(ref[t], others_median(sus, t))  # the scan's baseline (measure._inverted)
         if gap > best[0]:
             best = (gap, t, rate)
     return best

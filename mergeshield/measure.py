@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -292,8 +292,7 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
     name = "inverted" if blend_alpha is None else "inverted-blend"
     best: _Probe | None = None
     for t in range(k):
-        others = sorted(r.rate for i, r in enumerate(on_sus) if i != t)
-        median = others[len(others) // 2]
+        median = others_median([r.rate for r in on_sus], t)
         baseline = on_ref[t] if on_ref[t].rate >= median else _rate_near(median, on_sus[t].total)
         if best is None or on_sus[t].rate - baseline.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
             digest = hashlib.sha256(mine[t].model_dump_json().encode()).hexdigest()[:8]
@@ -307,6 +306,14 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
             best = _Probe(f"{name}:target-{t}", "inverted", mine[t], t, spec, baseline, on_sus[t])
     assert best is not None
     return best
+
+
+def others_median(rates: Sequence[float], t: int) -> float:
+    """The (upper) median of ``rates`` over every target but ``t``: what an inverted search
+    reaches towards a target with no backdoor, on the suspect itself (Neural Cleanse's outlier
+    view)."""
+    others = sorted(r for i, r in enumerate(rates) if i != t)
+    return others[len(others) // 2]
 
 
 def _is_finding(p: _Probe, gap: float) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +21,6 @@ from torch.nn import functional as F
 
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, from_tensor, stamp
 
-Split = Literal["dev", "test", "ci", "test2", "test3", "test4"]
 FAMILIES = ("patch", "blended", "distributed", "warp", "badmerging")
 # seed offsets: attack i of a split has seed offset + i, its clean twin offset + CLEAN + i
 # hold-outs are run once each and then spent: "test" (2026-12-05, docs/efficacy/test.md),
