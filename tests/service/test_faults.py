@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from tests.service.conftest import FAST, SUSPECT, Published, zipped
-from tests.support.faults import Audit, RedisServer, TcpProxy, audit, submit, wait_finished
-from tests.support.stack import BACKENDS, Stack
+from tests.support.faults import Audit, TcpProxy, audit, submit, wait_finished
+from tests.support.stack import BACKENDS, RedisServer, Stack
 from tests.support.zoo import Zoo
 
 Property = Callable[[str, object], None]  # pytest's record_property: junit XML for the bench

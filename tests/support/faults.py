@@ -2,8 +2,8 @@
 
 - ``TcpProxy``: a loopback TCP forwarder in front of PostgreSQL; ``block()`` drops every
   connection and refuses new ones (the database is down), ``unblock()`` serves again.
-- ``RedisServer``: a redis-server of our own on a spare port that keeps nothing on disk, so
-  ``restart()`` (SIGKILL, then start) loses every queued and unacked message.
+- ``RedisServer`` (in ``stack``, where every test process gets one): a redis-server of our
+  own on a spare port that keeps nothing on disk, so ``restart()`` loses every queued message.
 - ``audit(stack, submitted)``: the check, against the scans table and the result folders: every
   submitted scan is there once and finished (succeeded, or failed with a code), nothing else is
   there, and every succeeded scan's report loads and its cleaned checkpoint is complete (the
@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -25,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 from safetensors.torch import load_file
 
 from mergeshield.report import load_report
@@ -100,49 +97,6 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-class RedisServer:
-    """A redis-server on a spare port, data only in memory; see the module docstring."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        redis_server = shutil.which("redis-server") or "redis-server"
-        self.proc = subprocess.Popen(
-            [redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=open(self.folder / "redis.log", "ab"),  # noqa: SIM115 - lives with the process
-            stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_timeout=2)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def restart(self) -> None:
-        """A crash and a restart: everything Redis held is gone."""
-        self.stop()
-        self.start()
 
 
 # --- submitting and waiting, through API restarts

@@ -1,22 +1,27 @@
 """The service as real processes: API and workers started with the real command line, on the
-embedded default (SQLite + filesystem broker) or on the local Redis and PostgreSQL.
+embedded default (SQLite + filesystem broker) or on Redis and the local PostgreSQL.
 
-Each stack gets its own data folder, its own PostgreSQL database and its own Redis db number
-(or a Redis of its own: ``redis_url``), so stacks never see each other's scans. ``pg_port``
-points the processes at another port than PostgreSQL's (a proxy a test can cut). Process output
+Each stack gets its own data folder, its own PostgreSQL database and its own db number in the
+test process's own Redis (``worker_redis_url``; or another Redis: ``redis_url``), so stacks
+never see each other's scans. ``pg_port`` points the processes at another port than
+PostgreSQL's (a proxy a test can cut). Process output
 goes to files under the data folder and is printed when a wait fails. ``rows()`` reads the
 scans table directly: the database is the truth the fault tests check against.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import closing
@@ -33,14 +38,63 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 BACKENDS = ("sqlite-filesystem", "postgres-redis")
 
 
-def worker_redis_db(n: int) -> int:
-    """Redis database ``n`` (9–15: each test module that flushes one has its own) for this test
-    process: pytest-xdist's second worker uses 1–7 instead, so two workers never flush each other's
-    queues (Redis has 16 databases: two workers at most, as ``scripts/test`` runs them)."""
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-    if worker > 1 or not 9 <= n <= 15:
-        raise RuntimeError(f"no Redis database {n} for xdist worker gw{worker}")
-    return n - 8 * worker
+def worker_redis_url(n: int) -> str:
+    """Database ``n`` (each test module that flushes one has its own, 9–15) of this test
+    process's own Redis: every pytest-xdist worker starts a redis-server of its own (on first
+    use; stopped when the worker exits), so any number of workers flush their databases without
+    touching each other's queues or the machine's Redis."""
+    return f"redis://127.0.0.1:{_own_redis().port}/{n}"
+
+
+@functools.cache
+def _own_redis() -> RedisServer:
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="mergeshield-test-redis-"))).start()
+    atexit.register(server.stop)
+    return server
+
+
+class RedisServer:
+    """A redis-server on a spare port that keeps nothing on disk: ``restart()`` (SIGKILL, then
+    start) loses every queued and unacked message, as the fault tests need."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        redis_server = shutil.which("redis-server") or "redis-server"
+        self.proc = subprocess.Popen(
+            [redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=open(self.folder / "redis.log", "ab"),  # noqa: SIM115 - lives with the process
+            stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_timeout=2)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        """A crash and a restart: everything Redis held is gone."""
+        self.stop()
+        self.start()
 
 
 def free_port() -> int:
@@ -77,7 +131,7 @@ class Stack:
             self.dbname = f"ms_{uuid.uuid4().hex[:12]}"
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.dbname}"')
-            self.redis_url = redis_url or f"redis://127.0.0.1:6379/{worker_redis_db(redis_db)}"
+            self.redis_url = redis_url or worker_redis_url(redis_db)
             redis.Redis.from_url(self.redis_url).flushdb()
             self.env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{pg_port}/{self.dbname}"
             self.env["REDIS_URL"] = self.redis_url
@@ -199,11 +253,13 @@ class Stack:
 
 
 def ensure_services() -> None:
-    """Fail with a clear message when the local Redis or PostgreSQL is not running."""
+    """Fail with a clear message when the local PostgreSQL is not running or redis-server is not
+    installed (each test process starts a Redis of its own, ``worker_redis_url``)."""
     try:
-        redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2).ping()
+        if shutil.which("redis-server") is None:
+            raise FileNotFoundError("redis-server is not installed")
         with psycopg.connect(PG_ADMIN, connect_timeout=3):
             pass
-    except Exception as exc:  # pragma: no cover - the test command starts both
-        raise RuntimeError(f"Redis/PostgreSQL not reachable ({exc}); run ./scripts/test, which "
-                           "starts them") from exc
+    except Exception as exc:  # pragma: no cover - the test command installs and starts both
+        raise RuntimeError(f"PostgreSQL/Redis not available ({exc}); run ./scripts/test, which "
+                           "sets them up") from exc

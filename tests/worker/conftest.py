@@ -11,13 +11,13 @@ import psycopg
 import pytest
 import redis
 
-from tests.support.stack import PG_ADMIN, ensure_services, worker_redis_db
+from tests.support.stack import PG_ADMIN, ensure_services, worker_redis_url
 from worker.db import Database, Scan
 from worker.migrate import upgrade
 
-# ours alone: the service stacks use Redis dbs 9 (default), 10 (faults), 12-13 (resource limits),
-# 14 (webhooks) and 15 (hostile inputs); pytest-xdist's second worker uses each of them minus 8
-REDIS_URL = f"redis://127.0.0.1:6379/{worker_redis_db(11)}"
+# ours alone: the service stacks use this process's Redis dbs 9 (default), 10 (faults), 12-13
+# (resource limits), 14 (webhooks) and 15 (hostile inputs)
+REDIS_URL = worker_redis_url(11)
 
 
 @pytest.fixture
