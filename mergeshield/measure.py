@@ -11,7 +11,7 @@ import base64
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mergeshield import bv_cache
+from mergeshield import bv_cache, reference_cache
 from mergeshield.data import ImageDataset, load_task
 from mergeshield.evaluation import (
     Rate,
@@ -126,11 +126,14 @@ def measure_and_sanitise(
             p.ref = attack_success_rate(ref, test, p.trigger, p.target)
             p.before = p.before or attack_success_rate(sus, test, p.trigger, p.target)
     if request.inversion:
-        with stage("invert_triggers"):
-            probes.append(_inverted(request, search, test, ref, sus))
+        with stage("invert_triggers"):  # the reference's side searched once per reference
+            reference = reference_cache.identity(ref, base_revision, classes, search.sha256(),
+                                                 test.sha256())
+            on_reference = partial(reference_cache.rates, cache_dir, reference)
+            probes.append(_inverted(request, search, test, ref, sus, None, on_reference))
             if request.inversion_blend_alpha is not None:  # what a small patch does not reach
                 probes.append(_inverted(request, search, test, ref, sus,
-                                        request.inversion_blend_alpha))
+                                        request.inversion_blend_alpha, on_reference))
 
     injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
     own: dict[str, RateModel] = {}  # the injected model's own ASR (built now, or as cached)
@@ -270,14 +273,17 @@ def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -
 
 
 def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: Classifier,
-              sus: Classifier, blend_alpha: float | None = None) -> _Probe:
+              sus: Classifier, blend_alpha: float | None = None,
+              on_reference: Callable[[dict[str, Any], Callable[[], list[Rate]]], list[Rate]]
+              = lambda _search, compute: compute()) -> _Probe:
     """Invert one trigger per target on the suspect and on the reference; keep the target whose
     trigger stands out most. ``blend_alpha`` None: a small patch (``invert_triggers``); else a
     full-image pattern blended in at that α (``invert_blends``: what blends and warps answer).
     Its baseline (``ref``) is what such a search reaches *without* a backdoor: the larger of the
     same search on the reference model (same budget and seed) and the median over the suspect's
     other targets (Neural Cleanse's outlier view, which still holds when the reference is near
-    chance, as a tiny CLIP's zero-shot head is)."""
+    chance, as a tiny CLIP's zero-shot head is). ``on_reference(search, compute)`` gives the
+    reference's side (``reference_cache.rates``: searched once per reference and search)."""
     cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed)
     k = len(test.classes)
 
@@ -286,10 +292,15 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
             return invert_triggers(clf, opt.images, opt.labels, k, cfg)
         return invert_blends(clf, opt.images, opt.labels, range(k), cfg, blend_alpha)
 
-    mine, theirs = search(sus), search(ref)
-    on_sus = [attack_success_rate(sus, test, mine[t], t) for t in range(k)]
-    on_ref = [attack_success_rate(ref, test, theirs[t], t) for t in range(k)]
+    def reference_rates() -> list[Rate]:
+        theirs = search(ref)
+        return [attack_success_rate(ref, test, theirs[t], t) for t in range(k)]
+
     name = "inverted" if blend_alpha is None else "inverted-blend"
+    mine = search(sus)
+    on_sus = [attack_success_rate(sus, test, mine[t], t) for t in range(k)]
+    on_ref = on_reference({"kind": name, "config": asdict(cfg), "alpha": blend_alpha},
+                          reference_rates)
     best: _Probe | None = None
     for t in range(k):
         median = others_median([r.rate for r in on_sus], t)
