@@ -39,21 +39,24 @@ BLEND_ALPHA = 0.1
 # per target (the paired dev runs compared the two: docs/decisions.md, "Detection")
 BLEND_SEARCH = InversionConfig(batch=48)
 EVAL = 1000  # test images, as a default scan
-SCAN = ("patch-1x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
+SCAN = ("patch-1x", "patch-0.5x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
 
 
-def searches(w: World, task: str, backbone: Backbone) -> dict[str, list[float]]:
+def searches(w: World, task: str, backbone: Backbone, areas: tuple[float, ...] = AREAS,
+             blend: bool = True) -> dict[str, list[float]]:
     """ASR per target of each search on the suspect (``:sus``) and the reference (``:ref``)."""
     data = w.data[task]
     test, opt = data.test.subset(slice(0, EVAL)), sample_rows(data.train, SEARCH_ROWS, 0)
     k = len(test.classes)
     out: dict[str, list[float]] = {}
     for name, clf in (("sus", w.classifier(task, backbone)), ("ref", w.classifier(task))):
-        for a in AREAS:
+        for a in areas:
             cfg = InversionConfig(area_fraction=a / 81, seed=0)
             found = invert_triggers(clf, opt.images, opt.labels, k, cfg)
-            out[f"patch-{a}x:{name}"] = [attack_success_rate(clf, test, found[t], t).rate
-                                         for t in range(k)]
+            out[f"patch-{a:g}x:{name}"] = [attack_success_rate(clf, test, found[t], t).rate
+                                           for t in range(k)]
+        if not blend:
+            continue
         blends = [invert_blends(clf, opt.images, opt.labels, [t], BLEND_SEARCH,
                                 BLEND_ALPHA)[0] for t in range(k)]  # one target at a time
         out[f"blend-{BLEND_ALPHA}:{name}"] = [attack_success_rate(clf, test, blends[t], t).rate
@@ -61,13 +64,13 @@ def searches(w: World, task: str, backbone: Backbone) -> dict[str, list[float]]:
     return out
 
 
-def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, int], out: Path
-        ) -> None:
+def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, int], out: Path,
+        areas: tuple[float, ...] = AREAS, blend: bool = True, tag: str = "") -> None:
     torch.set_num_threads(1)
     w = World(zoo)
     i_shard, n_shards = shard
     rows: list[dict[str, object]] = []
-    path = out / f"detection-searches-{split}-{i_shard}.json"
+    path = out / f"detection-searches-{split}-{tag}{i_shard}.json"
     for i, a in enumerate(draw_split(split, n_attacks, w.tasks)):
         if i % n_shards != i_shard:
             continue
@@ -77,7 +80,7 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
         row: dict[str, object] = {"id": a.id, "family": a.family, "task": a.task,
                                   "target": a.target, "own_asr": own, "params": a.params}
         if own >= 0.8:  # the efficacy bench's planting floor
-            row["asr"] = searches(w, a.task, planted)
+            row["asr"] = searches(w, a.task, planted, areas, blend)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         path.write_text(json.dumps(rows))
@@ -88,7 +91,7 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
         task, t0 = w.tasks[j % len(w.tasks)], time.perf_counter()
         backbone = w.finetune(task, w.data[task].train, seed)
         rows.append({"id": f"{split}-clean-{j:03d}", "family": "clean", "task": task,
-                     "target": None, "asr": searches(w, task, backbone),
+                     "target": None, "asr": searches(w, task, backbone, areas, blend),
                      "seconds": round(time.perf_counter() - t0, 1)})
         path.write_text(json.dumps(rows))
         print(rows[-1]["id"], f"{rows[-1]['seconds']} s", flush=True)
@@ -105,8 +108,14 @@ def score(sus: list[float], ref: list[float]) -> tuple[float, int, float]:
 
 
 def render(split: str, out: Path, page: Path) -> None:
-    rows = [r for f in sorted(out.glob(f"detection-searches-{split}-*.json"))
-            for r in json.loads(f.read_text()) if "asr" in r]
+    by_id: dict[str, dict[str, Any]] = {}  # one row per model, its searches from every file
+    for f in sorted(out.glob(f"detection-searches-{split}-*.json")):
+        for r in json.loads(f.read_text()):
+            if "asr" in r:
+                by_id.setdefault(r["id"], {**r, "asr": {}})["asr"].update(r["asr"])
+    rows = [r for r in by_id.values()
+            if all(f"{n}:sus" in r["asr"] for n in {k.split(":")[0] for q in by_id.values()
+                                                     for k in q["asr"]})]
     rows.sort(key=lambda r: (r["family"] == "clean", r["family"], r["id"]))
     names = sorted({k.split(":")[0] for r in rows for k in r["asr"]})
     lines = [f"# Trigger searches on the `{split}` split: which one separates backdoors from clean "
@@ -138,10 +147,10 @@ def render(split: str, out: Path, page: Path) -> None:
                     for r in rows if r["family"] == "clean")
         hit = sum(1 for r in attacks if flags(r, n))
         lines.append(f"| {n} | {clean:.2f} | {hit}/{len(attacks)} |")
-    both = [n for n in SCAN if n in names]
-    if len(both) == 2:  # the scan's searches together (a finding in either)
-        hit = sum(1 for r in attacks if any(flags(r, n) for n in both))
-        lines.append(f"| {' or '.join(both)} (the scan) | – | {hit}/{len(attacks)} |")
+    ran = [n for n in SCAN if n in names]
+    if len(ran) == len(SCAN):  # the scan's searches together (a finding in any)
+        hit = sum(1 for r in attacks if any(flags(r, n) for n in ran))
+        lines.append(f"| {' or '.join(ran)} (the scan) | – | {hit}/{len(attacks)} |")
     page.write_text("\n".join(lines) + "\n")
     print(page.read_text())
 
@@ -154,11 +163,17 @@ def main() -> None:
     ap.add_argument("--clean", type=int, default=12)
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--out", type=Path, default=Path("docs/efficacy"))
+    ap.add_argument("--areas", default=",".join(map(str, AREAS)),
+                    help="patch searches' area budgets, × image/81 pixels")
+    ap.add_argument("--no-blend", action="store_true", help="skip the blend search")
+    ap.add_argument("--tag", default="", help="written to detection-searches-<split>-<tag><i>.json"
+                    " (the page merges every file's searches by model)")
     ap.add_argument("--render", action="store_true", help="only write the page from the shards")
     args = ap.parse_args()
     if not args.render:
         i, n = (int(x) for x in args.shard.split("/"))
-        run(args.zoo, args.split, args.attacks, args.clean, (i, n), args.out)
+        run(args.zoo, args.split, args.attacks, args.clean, (i, n), args.out,
+            tuple(float(a) for a in args.areas.split(",")), not args.no_blend, args.tag)
     render(args.split, args.out, args.out / f"detection-searches-{args.split}.md")
 
 

@@ -11,7 +11,7 @@ import base64
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,6 +131,9 @@ def measure_and_sanitise(
                                                  test.sha256())
             on_reference = partial(reference_cache.rates, cache_dir, reference)
             probes.append(_inverted(request, search, test, ref, sus, None, on_reference))
+            if request.inversion_small_patch is not None:  # quiet on clean fine-tunes
+                probes.append(_inverted(request, search, test, ref, sus, None, on_reference,
+                                        area_scale=request.inversion_small_patch))
             if request.inversion_blend_alpha is not None:  # what a small patch does not reach
                 probes.append(_inverted(request, search, test, ref, sus,
                                         request.inversion_blend_alpha, on_reference))
@@ -275,9 +278,10 @@ def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -
 def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: Classifier,
               sus: Classifier, blend_alpha: float | None = None,
               on_reference: Callable[[dict[str, Any], Callable[[], list[Rate]]], list[Rate]]
-              = lambda _search, compute: compute()) -> _Probe:
+              = lambda _search, compute: compute(), *, area_scale: float = 1.0) -> _Probe:
     """Invert one trigger per target on the suspect and on the reference; keep the target whose
-    trigger stands out most. ``blend_alpha`` None: a small patch (``invert_triggers``); else a
+    trigger stands out most. ``blend_alpha`` None: a small patch (``invert_triggers``, of
+    ``area_scale`` × the default area; below 1 its id is ``inverted-small``); else a
     full-image pattern blended in at that α (``invert_blends``: what blends and warps answer).
     Its baseline (``ref``) is what such a search reaches *without* a backdoor: the larger of the
     same search on the reference model (same budget and seed) and the median over the suspect's
@@ -285,6 +289,7 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
     chance, as a tiny CLIP's zero-shot head is). ``on_reference(search, compute)`` gives the
     reference's side (``reference_cache.rates``: searched once per reference and search)."""
     cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed)
+    cfg = replace(cfg, area_fraction=cfg.area_fraction * area_scale)
     k = len(test.classes)
 
     def search(clf: Classifier) -> list[ImageTrigger]:
@@ -296,7 +301,8 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
         theirs = search(ref)
         return [attack_success_rate(ref, test, theirs[t], t) for t in range(k)]
 
-    name = "inverted" if blend_alpha is None else "inverted-blend"
+    name = ("inverted-blend" if blend_alpha is not None else
+            "inverted" if area_scale == 1.0 else "inverted-small")
     mine = search(sus)
     on_sus = [attack_success_rate(sus, test, mine[t], t) for t in range(k)]
     on_ref = on_reference({"kind": name, "config": asdict(cfg), "alpha": blend_alpha},

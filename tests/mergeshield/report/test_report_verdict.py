@@ -111,14 +111,15 @@ def test_inverted_trigger_is_ms002() -> None:
     assert findings[0].message.startswith("inverted trigger inverted:c0 (a small patch, optimised)")
 
 
-def test_inverted_blend_is_ms002_and_says_so() -> None:
+@pytest.mark.parametrize(("tid", "shape"), [("inverted-blend:target-3", "a faint full-image blend"),
+                                             ("inverted-small:target-3", "a very small patch")])
+def test_each_inverted_search_is_ms002_and_says_its_shape(tid: str, shape: str) -> None:
     findings, _ = decide(
-        [trigger(rate(0.7, lo=0.67), rate(0.08, lo=0.06), source="inverted",
-                 tid="inverted-blend:target-3")],
+        [trigger(rate(0.7, lo=0.67), rate(0.08, lo=0.06), source="inverted", tid=tid)],
         incomplete=[],
     )
     assert [f.id for f in findings] == ["MS002"]
-    assert "(a faint full-image blend, optimised)" in findings[0].message
+    assert f"({shape}, optimised)" in findings[0].message
 
 
 def test_sanitising_that_leaves_asr_at_20_percent_is_ms003_high() -> None:
