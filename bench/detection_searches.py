@@ -3,15 +3,19 @@
     python bench/detection_searches.py --zoo /work/zoo-default --split dev --attacks 24 \
         --clean 12 --shard 0/2 &      # and --shard 1/2 beside it: 25 min on 2 cores
     python bench/detection_searches.py --split dev --render    # the page from both shards
+    # more searches on the same plantings, merged into the page by model (how the half-area
+    # patch was measured, 12 min on 2 cores):
+    python bench/detection_searches.py --zoo /work/zoo-default --split dev --areas 0.25,0.5 \
+        --no-blend --tag small- --shard 0/2 &      # and 1/2
 
 Plants the efficacy bench's attacks of a split (``mergeshield.efficacy``: the same draws, seeds and
 planting) and clean fine-tunes with the split's clean seeds, then runs each search the scan could
 use on the suspect and on the reference (the base backbone with the task's head): the free-mask
-patch search at 1, 2 and 4 × the scan's area budget (image/81 pixels) and the full-image blend
-search at α = 0.1 (one target at a time, 48 images per step). Each cell is the scan's score for
-that search, the best target's suspect ASR minus its baseline (the larger of the reference's ASR
-and the median over the suspect's other targets), with that target's ASR and whether it is the
-attack's target (*).
+patch search at 1, 2 and 4 × the scan's area budget (image/81 pixels; ``--areas``) and the
+full-image blend search at α = 0.1 (one target at a time, 48 images per step). Each cell is the
+scan's score for that search, the best target's suspect ASR minus its baseline (the larger of the
+reference's ASR and the median over the suspect's other targets), with that target's ASR and
+whether it is the attack's target (*).
 Raw per-target ASRs go to ``<out>/detection-searches-<split>-<shard>.json``, the page to
 ``<out>/detection-searches-<split>.md``.
 Run it on the dev split only: the test splits are scored once, by ``mergeshield bench efficacy``.
