@@ -43,7 +43,7 @@ BLEND_ALPHA = 0.1
 # per target (the paired dev runs compared the two: docs/decisions.md, "Detection")
 BLEND_SEARCH = InversionConfig(batch=48)
 EVAL = 1000  # test images, as a default scan
-SCAN = ("patch-1x", "patch-0.5x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
+SCAN = ("patch-1x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
 
 
 def searches(w: World, task: str, backbone: Backbone, areas: tuple[float, ...] = AREAS,

@@ -91,11 +91,10 @@ class ScanRequest(BaseModel):
     # the inversion also searches a full-image pattern blended in at this α (blends and warps,
     # which no small patch reaches); None: the patch search alone (docs/decisions.md, "Detection")
     inversion_blend_alpha: Share | None = 0.1
-    # and a patch with this share of the first one's area (image/162 pixels at 0.5): on clean
-    # fine-tunes so small a patch reaches almost nothing, so a target it reaches stands out (one
-    # part of a distributed trigger does); None: not searched (docs/decisions.md, "Detection: a
-    # half-area patch search")
-    inversion_small_patch: Share | None = 0.5
+    # also a patch with this share of the first one's area (0.5: image/162 pixels), quiet on
+    # clean fine-tunes; None (the default): not searched. It found one more attack on the dev
+    # split and none on the test4 hold-out (docs/decisions.md, "Detection: a half-area patch")
+    inversion_small_patch: Share | None = None
     max_eval: EvalImages | None = 1000  # test images evaluated (seeded subset); None = all
     # finding threshold: suspect ASR (CI low) − reference ASR; its TPR/FPR over the seeded
     # population of experiment 6 is the "Scan verdict" line of docs/results/detection.md

@@ -6,8 +6,8 @@ on one checkpoint (a backdoor at full strength, not scaled down by a merge) it r
 the scan found (a probe, a user trigger, an inverted patch or blend) and a blended pattern
 inverted towards the same target, stamped on a share of the rows under their *true* labels (the
 unlearning of Neural Cleanse, Wang et al., S&P 2019), in rounds that search the repaired model
-again. When nothing was found, the scan's inverted triggers (its most suspicious patches and
-blend) are unlearned the same way, as a precaution: on the efficacy bench most backdoors the verdict
+again. When nothing was found, the scan's inverted triggers (its most suspicious patch and blend)
+are unlearned the same way, as a precaution: on the efficacy bench most backdoors the verdict
 missed were still reachable that way (docs/decisions.md, "Cleaning"). The change is one more
 task-vector step, the unlearning vector U = θ_repaired − θ_start, so a cleaned checkpoint reads
 θ' = θ_suspect − λ·BV_inj + U, with λ = 0 when a backdoor was found (``with_ibvs``)."""
