@@ -53,6 +53,10 @@ class UnlearnConfig(BaseModel):
     stamp_fraction: float = Field(default=0.2, gt=0, lt=1)  # rows stamped, split between triggers
     blend_alpha: float = Field(default=0.2, gt=0, le=0.5)  # the inverted blend's weight
     max_train: int | None = Field(default=2000, ge=100, le=1_000_000)  # defender images used
+    # also unlearn, each round, a patch this many times the search's area inverted towards each
+    # target: a real trigger wider than the search's mask (BadMerging's 4–6 px patches) survives
+    # unlearning the small one (docs/efficacy, test4); None: off
+    large_patch_scale: float | None = Field(default=None, gt=1, le=16)
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
            inversion: InversionConfig | None, accuracy_floor: float, seed: int = 0,
            progress: Progress | None = None) -> list[RoundReport]:
     """Unlearn ``found`` (and, each round, a blend and a patch inverted towards their targets on
-    the model as it is then) from ``clf`` in place, until nothing responds or ``cfg.rounds``.
+    the model as it is then, and a larger patch with ``cfg.large_patch_scale``) from ``clf`` in
+    place, until nothing responds or ``cfg.rounds``.
 
     ``data``: the defender's training images; ``search``: images the inversions optimise on;
     ``test``: where residual ASR and clean accuracy are measured. ``still_responds(rate,
@@ -138,6 +143,11 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
                                   alpha=cfg.blend_alpha) for t in targets} if cfg_r else {}
         unlearn_set += [(b, t) for t, b in blends.items()]
         ids += [f"round{r}:blend->{t}" for t in blends]
+        if cfg_r and cfg.large_patch_scale:
+            wide = replace(cfg_r, area_fraction=cfg_r.area_fraction * cfg.large_patch_scale)
+            large = invert_triggers(clf, search.images, search.labels, k, wide, targets)
+            unlearn_set += list(zip(large, targets, strict=True))
+            ids += [f"round{r}:large-patch->{t}" for t in targets]
         for t, trig in fresh.items():  # the patch the last check still found
             unlearn_set.append((trig, t))
             ids.append(f"round{r}:patch->{t}")

@@ -19,7 +19,7 @@ from mergeshield.data import ImageDataset, load_task
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
 from mergeshield.inversion import InversionConfig
 from mergeshield.measure import SEARCH_ROWS
-from mergeshield.models import family_for
+from mergeshield.models import Classifier, family_for
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report.verdict import still_responds
 from mergeshield.triggers import BlendedTrigger, PatchTrigger, parse_trigger, triggered_test_set
@@ -51,9 +51,10 @@ def test_unlearning_config_refuses_a_fraction_outside_the_open_interval(fraction
         UnlearnConfig(stamp_fraction=fraction)
 
 
-def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> None:
-    """The zoo's BadNets model, its own trigger given as found: one round takes it below the
-    verdict's residual rule and the loop stops there."""
+def _badnets(zoo: Zoo) -> tuple[Classifier, ImageDataset, ImageDataset, ImageDataset,
+                                  PatchTrigger, int]:
+    """The zoo's BadNets model, the defender's rows and search rows as a scan draws them, its
+    test set, trigger and target."""
     name = "vit-mnist-badnets"
     m = zoo.model(name)
     base_src = checkpoints.resolve(str(zoo.path(m["base"])))
@@ -63,17 +64,25 @@ def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> 
         base, sus = dict(fam.canonical(b)), dict(fam.canonical(s))
     task = load_task(str(zoo.dataset(name)), max_test=500, seed=0)
     clf = fam.classifier(sus, fam.head_from(base, sus), task.test.classes)
-    trigger, target = parse_trigger(m["attack"]["trigger"]), m["attack"]["target"]
-    before = attack_success_rate(clf, task.test, trigger, target).rate
-    ca = clean_accuracy(clf, task.test).rate
+    trigger = parse_trigger(m["attack"]["trigger"])
+    assert isinstance(trigger, PatchTrigger)
     rows = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(0))
     # the defender's rows as a scan draws them (at most max_train; the rows are stored by class)
-    train = task.train.subset(rows[:UnlearnConfig().max_train])
-    rounds = repair(clf, train, task.test, task.train.subset(rows[:SEARCH_ROWS]),
+    return (clf, task.train.subset(rows[:UnlearnConfig().max_train]),
+            task.train.subset(rows[:SEARCH_ROWS]), task.test, trigger, m["attack"]["target"])
+
+
+def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> None:
+    """The zoo's BadNets model, its own trigger given as found: one round takes it below the
+    verdict's residual rule and the loop stops there."""
+    clf, train, search, test, trigger, target = _badnets(zoo)
+    before = attack_success_rate(clf, test, trigger, target).rate
+    ca = clean_accuracy(clf, test).rate
+    rounds = repair(clf, train, test, search,
                     [Found("probe:planted", trigger, target, 0.05)],
                     UnlearnConfig(rounds=3), still_responds=partial(still_responds),
                     inversion=InversionConfig(steps=20), accuracy_floor=ca - 0.05)
-    after = attack_success_rate(clf, task.test, trigger, target).rate
+    after = attack_success_rate(clf, test, trigger, target).rate
     assert before > 0.8 and after < 0.2, (before, after)
     assert 1 <= len(rounds) <= 3
     last = rounds[-1]
@@ -82,7 +91,22 @@ def test_repair_removes_the_planted_trigger_and_reports_each_round(zoo: Zoo) -> 
     assert {"probe:planted", f"reinverted:target-{target}"} <= set(last.residual)
     if len(rounds) < 3:  # stopped early: because nothing responded any more
         assert not still_responds(last.residual["probe:planted"].rate, 0.05)
-    assert clean_accuracy(clf, task.test).rate >= ca - 0.05
+    assert clean_accuracy(clf, test).rate >= ca - 0.05
+
+
+def test_a_larger_patch_towards_each_target_is_unlearned_when_asked(zoo: Zoo) -> None:
+    """``large_patch_scale``: each round also unlearns a patch of that many times the search's
+    area, inverted towards the found target (what a trigger wider than the mask needs)."""
+    clf, train, search, test, trigger, target = _badnets(zoo)
+    cfg = UnlearnConfig(rounds=1, epochs=1, large_patch_scale=4)
+    [only] = repair(clf, train, test, search, [Found("probe:planted", trigger, target, 0.05)],
+                    cfg, still_responds=partial(still_responds),
+                    inversion=InversionConfig(steps=10), accuracy_floor=0.0)
+    assert f"round0:large-patch->{target}" in only.unlearned
+    assert only.unlearned[:2] == ("probe:planted", f"round0:blend->{target}")
+    assert attack_success_rate(clf, test, trigger, target).rate < 0.2
+    with pytest.raises(ValueError):  # a "larger" patch no larger than the search's
+        UnlearnConfig(large_patch_scale=1)
 
 
 # Three attacks the scanner was never tuned on (not the zoo's triggers, not the probe panel's
