@@ -4,7 +4,8 @@ Under pytest-xdist the workers share both: the first to need the zoo builds it u
 the run's common temporary folder, the others wait for it and read it.
 
 Set ``MERGESHIELD_TEST_ZOO=/path`` to reuse a zoo built earlier with ``mergeshield zoo build
-/path --quick`` (handy while developing; CI builds it fresh).
+/path --quick`` (handy while developing). ``scripts/test`` (and so CI) builds a fresh one that way
+beside the linters and sets it; pytest run alone builds it here.
 """
 
 from __future__ import annotations
