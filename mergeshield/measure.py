@@ -11,7 +11,7 @@ import base64
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,7 +128,7 @@ def measure_and_sanitise(
     if request.inversion:
         with stage("invert_triggers"):  # the reference's side searched once per reference
             reference = reference_cache.identity(ref, base_revision, classes, search.sha256(),
-                                                 test.sha256())
+                                                 test.sha256()) if cache_dir else None
             on_reference = partial(reference_cache.rates, cache_dir, reference)
             probes.append(_inverted(request, search, test, ref, sus, None, on_reference))
             if request.inversion_small_patch is not None:  # quiet on clean fine-tunes
@@ -288,8 +288,8 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
     other targets (Neural Cleanse's outlier view, which still holds when the reference is near
     chance, as a tiny CLIP's zero-shot head is). ``on_reference(search, compute)`` gives the
     reference's side (``reference_cache.rates``: searched once per reference and search)."""
-    cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed)
-    cfg = replace(cfg, area_fraction=cfg.area_fraction * area_scale)
+    cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed,
+                          area_fraction=InversionConfig.area_fraction * area_scale)
     k = len(test.classes)
 
     def search(clf: Classifier) -> list[ImageTrigger]:
