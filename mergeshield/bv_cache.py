@@ -12,7 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,18 +112,23 @@ def entries(cache_dir: str | Path) -> list[CacheEntry]:
     return sorted(out, key=lambda e: e.built_at, reverse=True)
 
 
-def file_guard(cache_dir: str | Path | None) -> Callable[[str], AbstractContextManager[None]]:
-    """A lock per key (``flock`` on ``<cache>/bv/<key>.lock``) for builders sharing one disk."""
+def build_guard(cache_dir: str | Path | None,
+                outer: Callable[[str], AbstractContextManager[None]] | None = None,
+                ) -> Callable[[str], AbstractContextManager[None]]:
+    """Held while one key's BV_inj is built: ``outer`` (a service's database row, spanning its
+    own workers), then a ``flock`` on ``<cache>/bv/<key>.lock`` spanning every process that shares
+    this cache folder (a CLI scan beside a server, two servers on one disk)."""
 
     @contextmanager
     def guard(key: str) -> Iterator[None]:
-        if cache_dir is None:  # nothing is cached, so there is nothing to share
-            yield
-            return
-        lock = entry_dir(cache_dir, key).parent / f"{key}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-            yield
+        with outer(key) if outer else nullcontext():
+            if cache_dir is None:  # nothing is cached, so there is nothing to share
+                yield
+                return
+            lock = entry_dir(cache_dir, key).parent / f"{key}.lock"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+                yield
 
     return guard

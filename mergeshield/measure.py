@@ -153,8 +153,8 @@ def measure_and_sanitise(
             key = request.recipe.digest(base_revision, inj_task.train.sha256())
             loaded = bv_cache.load(cache_dir, key)
         cached = loaded is not None
-        if loaded is None:  # build under the guard; another builder may have finished meanwhile
-            with (bv_guard or bv_cache.file_guard(cache_dir))(key):
+        if loaded is None:  # build under the guards; another builder may have finished meanwhile
+            with bv_cache.build_guard(cache_dir, bv_guard)(key):
                 loaded = bv_cache.load(cache_dir, key)
                 cached = loaded is not None
                 if loaded is None:

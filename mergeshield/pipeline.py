@@ -124,8 +124,8 @@ class ScanContext:
     # local paths a request may name; None = any (CLI). A service sets its uploads folder, so a
     # request can name hub ids, bundled datasets and uploads, never the server's own files.
     allowed_roots: tuple[Path, ...] | None = None
-    # held while BV_inj for a key is built, so two workers never build one key twice;
-    # None = a file lock in the cache folder (enough for processes sharing one disk)
+    # held while BV_inj for a key is built, so two workers never build one key twice (a
+    # service's database row); the cache folder's file lock is always held inside it as well
     bv_guard: Callable[[str], AbstractContextManager[None]] | None = None
     # how reports, __metadata__ and the BV cache name "suspect", "base" and the "output" folder;
     # default: the source as given (the BV cache: a local path by its last part). A service

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,3 +49,35 @@ def test_half_written_entries_and_missing_caches_list_nothing(tmp_path: Path) ->
     (tmp_path / "bv" / "partial" / "recipe.json").write_text("{}")  # no weights yet
     assert bv_cache.entries(tmp_path) == []
     assert bv_cache.load(tmp_path, "partial") is None
+
+
+def _locked(lock: Path) -> bool:
+    """Whether another holder has ``lock`` (a separate open file, as another process would)."""
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_build_holds_the_callers_guard_and_the_cache_folders_lock(tmp_path: Path) -> None:
+    """A service's guard spans its own workers only; a CLI scan or another server sharing the
+    cache folder must still wait, or two builders would overwrite each other's description."""
+    events: list[str] = []
+
+    @contextmanager
+    def service_row(key: str) -> Iterator[None]:
+        events.append(f"row {key}")
+        yield
+        events.append(f"row {key} released")
+
+    lock = tmp_path / "bv" / "k1.lock"
+    with bv_cache.build_guard(tmp_path, service_row)("k1"):
+        events.append("building")
+        assert _locked(lock)
+    assert events == ["row k1", "building", "row k1 released"]
+    assert not _locked(lock)
+    with bv_cache.build_guard(None, service_row)("k2"):  # no cache: only the caller's guard
+        assert not (tmp_path / "bv" / "k2.lock").exists()
