@@ -55,9 +55,9 @@ class UnlearnConfig(BaseModel):
     max_train: int | None = Field(default=2000, ge=100, le=1_000_000)  # defender images used
     # also unlearn, each round, a patch this many times the search's area inverted towards each
     # target: a real trigger wider than the search's mask (BadMerging's 4–6 px patches) survives
-    # unlearning the small one (docs/efficacy, test4). None: off; 4 cut 89.1 → 92.3 % on a paired
-    # dev run, not adopted yet (decisions.md, "Cleaning: a larger patch too")
-    large_patch_scale: float | None = Field(default=None, gt=1, le=16)
+    # unlearning the small one (docs/efficacy, test4). 4: the cut 89.1 → 92.3 % on a paired dev
+    # run at −1.2 points (decisions.md, "Cleaning: a larger patch too"); None: off
+    large_patch_scale: float | None = Field(default=4, gt=1, le=16)
 
 
 @dataclass(frozen=True)
