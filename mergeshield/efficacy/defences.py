@@ -75,11 +75,15 @@ class ScanDefence:
                       ScanContext(out_dir=out, cache_dir=self.cache_dir, device="cpu"))
         cleaned = world.load(out) if report.output is not None else case.backbone
         lam = report.sweep.chosen_lambda if report.sweep else None
+        target_of = {t.id: t.target for t in report.metrics.triggers}
+        targets = sorted({target_of[f.trigger_id] for f in report.findings
+                          if f.trigger_id in target_of})
         return Cleaned(cleaned, time.perf_counter() - t0,
                        flagged=report.verdict.status == "backdoor_suspected",
                        score=detection_score(report),
                        detail={"verdict": report.verdict.status, "lambda": lam,
                                "cleaning": report.cleaning.status if report.cleaning else None,
+                               "targets": targets,  # the findings' targets
                                "config_hash": report.config_hash,
                                "wrote_checkpoint": report.output is not None})
 

@@ -92,7 +92,14 @@ def detection(rows: list[dict[str, Any]], cleans: list[dict[str, Any]],
     clean_cost = [100 * (_r(c["accuracy"]) - _r(c["defences"][name]["accuracy"]))
                   for c in cleans if name in c["defences"]]
     said = [p for p in pos if p.get("detail", {}).get("cleaning") == "removed"]
+    # a flag names targets: at the attack's own is what the repair needs (None: rows before
+    # the bench recorded the findings' targets)
+    aimed = [(r["attack"].get("target"), r["defences"][name]) for r in rows]
+    at_target = _rate(sum(bool(p["flagged"]) and t in p["detail"]["targets"] for t, p in aimed),
+                      len(aimed)) if all("targets" in p.get("detail", {}) for _, p in aimed) \
+        else None
     return {"tpr": _rate(sum(bool(p["flagged"]) for p in pos), len(pos)),
+            "tpr_at_target": at_target,
             "fpr": _rate(sum(bool(n["flagged"]) for n in neg), len(neg)),
             "auc": auc([p["score"] for p in pos], [n["score"] for n in neg]),
             "clean_model_cost_points": _mean(clean_cost),

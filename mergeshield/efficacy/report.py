@@ -75,6 +75,10 @@ def assurance_lines(summary: dict[str, Any]) -> list[str]:
     out = []
     for name, groups in summary["defences"].items():
         d = (groups.get("overall") or {}).get("detection") or {}
+        if d.get("tpr_at_target"):
+            out.append(f"`{name}` flagged {d['tpr']['hits']} planted attacks, "
+                       f"{d['tpr_at_target']['hits']} of them at the attack's own target: "
+                       f"{_rate(d['tpr_at_target'])} of all planted.")
         r = d.get("removed_yet_working")
         if r:
             out.append(f"`{name}` said `removed` on {r['total']} cleaned checkpoints; the hidden "

@@ -64,3 +64,20 @@ def test_a_removed_verdict_the_hidden_trigger_contradicts_is_counted_and_written
     old = summarise({"attacks": [attack(30, "removed")], "clean": [], "defences": ["x"]}, [])
     old["defences"]["x"]["overall"]["detection"]["removed_yet_working"] = None  # older runs
     assert assurance_lines(old) == []
+
+
+def test_a_flag_counts_at_the_target_only_when_a_finding_names_the_attacks_target() -> None:
+    def attack(target: int, flagged: bool, targets: list[int]) -> dict[str, Any]:
+        return {"attack": {"family": "patch", "target": target}, "planted": True,
+                "own_asr": _r(90, 100), "clean_accuracy": _r(80, 100),
+                "defences": {"x": {"asr": _r(5, 100), "accuracy": _r(80, 100),
+                                   "flagged": flagged, "score": 0.5, "seconds": 1.0,
+                                   "comeback_finetune_asr": _r(0, 100), "comeback_merge_asr": {},
+                                   "detail": {"cleaning": "removed", "targets": targets}}}}
+    rows = [attack(3, True, [3]), attack(3, True, [6]), attack(2, False, [])]
+    d = summarise({"attacks": rows, "clean": [], "defences": ["x"]}, [])[
+        "defences"]["x"]["overall"]["detection"]
+    assert (d["tpr"]["hits"], d["tpr_at_target"]["hits"], d["tpr_at_target"]["total"]) == (2, 1, 3)
+    lines = [x for x in assurance_lines(summarise({"attacks": rows, "clean": [],
+                                                   "defences": ["x"]}, [])) if x]
+    assert "`x` flagged 2 planted attacks, 1 of them at the attack's own target: 1/3" in lines[0]
