@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from mergeshield import __version__
 from mergeshield.settings import Settings
-from service import dashboard, errors, metrics
+from service import api_docs, dashboard, errors, metrics
 from service.routes import (
     bv_cache,
     endpoints,
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
         db.dispose()
 
     app = FastAPI(title="MergeShield", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # api_docs serves them without a CDN
                   description="Scan fine-tuned checkpoints for merge-surviving backdoors and "
                               "sanitise them with Injection Backdoor Vector Subtraction (IBVS).")
     app.state.settings = settings
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
     for module in (scans, uploads, usage, keys, ops, webhooks, endpoints, watches, bv_cache):
         app.include_router(module.router)
     dashboard.install(app)
+    api_docs.install(app)
     return app
 
 
