@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -199,6 +200,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
             checkpoints.open_checkpoint(base_src) as base_ck:
         suspect_w = family.canonical(suspect_ck) if family else suspect_ck
         base_w = family.canonical(base_ck) if family else base_ck
+        dtypes = {"suspect": _dtypes(suspect_ck), "base": _dtypes(base_ck)}
         with timer.stage("task_vector"):
             keys, skipped = backbone_keys(family, base_w, suspect_w)
             checkpoints.check_compatible(base_w, suspect_w, keys=set(keys).__contains__)
@@ -235,8 +237,8 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
     report = ScanReport(
         scanner_version=__version__, scan_id=ctx.scan_id,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        suspect=_model_input(suspect_src, family, ctx.labels.get("suspect")),
-        base=_model_input(base_src, family, ctx.labels.get("base")),
+        suspect=_model_input(suspect_src, family, ctx.labels.get("suspect"), dtypes["suspect"]),
+        base=_model_input(base_src, family, ctx.labels.get("base"), dtypes["base"]),
         evaluation=m.dataset if m else None,
         config=request.model_dump(mode="json") | {  # the request as labelled, not server paths
             role: ctx.labels[role] for role in ("suspect", "base") if role in ctx.labels},
@@ -297,13 +299,19 @@ def _revision_of(src: checkpoints.ResolvedSource) -> str:
 
 
 def _model_input(src: checkpoints.ResolvedSource, family: ModelFamily | None,
-                 label: str | None = None) -> ModelInput:
+                 label: str | None = None, dtypes: dict[str, int] | None = None) -> ModelInput:
     archs = (src.config or {}).get("architectures") or [None]
     return ModelInput(
         source=label or src.source, kind=src.kind, revision_requested=src.revision_requested,
         revision=src.revision, family=family.name if family else None, architecture=archs[0],
         files=[FileDigest(path=p, size=s, sha256=h) for p, s, h in src.files_digest()],
+        dtypes=dtypes or {},
     )
+
+
+def _dtypes(ck: checkpoints.Checkpoint) -> dict[str, int]:
+    """Tensors per dtype, from the headers (no tensor is read)."""
+    return dict(sorted(Counter(str(ck.info(k).dtype).removeprefix("torch.") for k in ck).items()))
 
 
 def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any], offline: bool

@@ -185,23 +185,39 @@ def test_mismatched_architectures_are_refused(zoo: Zoo) -> None:
     assert info.value.details
 
 
-def test_bf16_checkpoints_come_out_in_bf16(zoo: Zoo, tmp_path: Path, bv_cache_dir: Path) -> None:
+@pytest.mark.parametrize(("suspect_dtype", "base_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32)])
+def test_a_fine_tune_in_any_float_precision_is_scanned_and_comes_out_in_its_own(
+        zoo: Zoo, tmp_path: Path, bv_cache_dir: Path, suspect_dtype: torch.dtype,
+        base_dtype: torch.dtype) -> None:
+    """Issue 15: a bf16 or fp16 fine-tune of an fp32 base (common on the hub) is a fine-tune,
+    not an architecture mismatch: τ in float32, the cleaned checkpoint in the suspect's dtype."""
     from mergeshield import checkpoints
 
-    for name in ("vit-base", "vit-mnist-badnets"):
+    def stored(name: str, dtype: torch.dtype) -> Path:
+        if dtype == torch.float32:
+            return zoo.path(name)  # the zoo's own
         src = checkpoints.resolve(str(zoo.path(name)))
         with checkpoints.open_checkpoint(src) as ck:
-            checkpoints.save_checkpoint(tmp_path / name, {k: ck[k].to(torch.bfloat16) for k in ck},
+            checkpoints.save_checkpoint(tmp_path / name, {k: ck[k].to(dtype) for k in ck},
                                         config=src.config,
                                         extra_files=checkpoints.extra_files(src))
-    request = ScanRequest(suspect=str(tmp_path / "vit-mnist-badnets"),
-                          base=str(tmp_path / "vit-base"),
+        return tmp_path / name
+
+    request = ScanRequest(suspect=str(stored("vit-mnist-badnets", suspect_dtype)),
+                          base=str(stored("vit-base", base_dtype)),
                           evaluation=str(zoo.dataset("vit-mnist-badnets")), inversion=False,
                           probes=False, lambdas=[0.0, 1.0])
     report = scan(request, ScanContext(out_dir=tmp_path / "out", cache_dir=bv_cache_dir))
+    tag = {torch.bfloat16: "BF16", torch.float16: "F16"}[suspect_dtype]
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {tag}
     assert report.sweep is not None and report.sweep.chosen_lambda in (0.0, 1.0)
+    assert set(report.suspect.dtypes) == {str(suspect_dtype).removeprefix("torch.")}
+    assert str(base_dtype).removeprefix("torch.") in report.base.dtypes
+    accuracy = report.metrics.clean_accuracy_before
+    assert accuracy is not None and accuracy.rate > 0.5  # the model ran, in float32
 
 
 def test_the_injection_bv_is_described_in_the_cache(backdoored: tuple[ScanReport, Path],
