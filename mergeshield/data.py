@@ -228,9 +228,11 @@ def check_dataset_name(source: str) -> None:
 
 def load_task(source: str, *, revision: str | None = None, token: str | None = None,
               endpoint: str | None = None, cache_dir: str | Path | None = None,
+              local_files_only: bool = False,
               image_size: int | None = None, channels: int | None = None,
               max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> TaskData:
-    """Load a task from a bundled name, a local folder or a hub dataset id.
+    """Load a task from a bundled name, a local folder or a hub dataset id (``local_files_only``:
+    from the local hub cache only, as ``--offline`` asks).
 
     ``source`` may end in modifiers that derive a task: ``:inverted`` (1 - x), ``:rot90`` and
     ``:classes=0-4`` (keep those classes, relabelled 0..k-1), e.g. ``"mnist5k:rot90:classes=0-4"``.
@@ -247,7 +249,8 @@ def load_task(source: str, *, revision: str | None = None, token: str | None = N
     elif Path(base).exists():
         name, (train, test) = data_sources.read_folder(Path(base), image_size)
     elif HUB_ID.match(base) and not base.startswith((".", "/")):
-        folder = data_sources.download_dataset(base, revision, token, endpoint, cache_dir)
+        folder = data_sources.download_dataset(base, revision, token, endpoint, cache_dir,
+                                               local_files_only)
         name, (train, test) = data_sources.read_folder(folder, image_size,
                                                        default_name=base.split("/")[1])
     else:

@@ -132,10 +132,12 @@ def _from_folder(root: Path, name: str, image_size: int | None) -> Pair:
 
 
 def download_dataset(repo_id: str, revision: str | None, token: str | None,
-                     endpoint: str | None, cache_dir: str | Path | None) -> Path:
+                     endpoint: str | None, cache_dir: str | Path | None,
+                     local_files_only: bool = False) -> Path:
     """The local snapshot folder of hub dataset ``repo_id`` at ``revision``."""
     return download_repo(repo_id, repo_type="dataset", revision=revision, token=token,
-                         endpoint=endpoint, cache_dir=cache_dir)[0]
+                         endpoint=endpoint, cache_dir=cache_dir,
+                         local_files_only=local_files_only)[0]
 
 
 def read_folder(root: Path, image_size: int | None,

@@ -179,7 +179,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
     timer = _Timer(ctx.progress)
     device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hub: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
-                           "cache_dir": ctx.cache_dir}
+                           "cache_dir": ctx.cache_dir, "local_files_only": ctx.local_files_only}
     with timer.stage("resolve"):
         suspect_src, base_src = inputs or resolve_inputs(request, ctx)
     incomplete: list[IncompleteReason] = []
@@ -205,7 +205,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
             keys, skipped = backbone_keys(family, base_w, suspect_w)
             checkpoints.check_compatible(base_w, suspect_w, keys=set(keys).__contains__)
             tau = TaskVector.between(base_w, suspect_w, keys)
-        given = _given_bv(request, tau, hub, ctx.local_files_only)
+        given = _given_bv(request, tau, hub)
         m: Measurement | None = None
         if family is not None and request.evaluation is not None:
             m = measure_and_sanitise(
@@ -314,12 +314,12 @@ def _dtypes(ck: checkpoints.Checkpoint) -> dict[str, int]:
     return dict(sorted(Counter(str(ck.info(k).dtype).removeprefix("torch.") for k in ck).items()))
 
 
-def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any], offline: bool
+def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any]
               ) -> tuple[TaskVector, str] | None:
     """The user's BV (lazily read), restricted to the suspect's task-vector tensors, and its id."""
     if request.bv is None:
         return None
-    src = checkpoints.resolve(request.bv, local_files_only=offline, **hub)
+    src = checkpoints.resolve(request.bv, **hub)
     ck = checkpoints.open_checkpoint(src)  # stays open while the scan reads it
     bv = TaskVector(list(ck), ck.__getitem__)
     checkpoints.check_compatible(bv, tau, keys=set(tau).__contains__)
