@@ -8,9 +8,9 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
-from tqdm import tqdm
 
 from mergeshield import backdoor_vectors, checkpoints
+from mergeshield.cli_progress import ProgressPrinter
 from mergeshield.errors import ConfigError
 from mergeshield.ibvs import DEFAULT_GRID
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
@@ -22,31 +22,6 @@ from mergeshield.settings import Settings
 from mergeshield.task_vectors import TaskVector
 from mergeshield.triggers import parse_trigger
 from mergeshield.unlearning import UnlearnConfig
-
-
-class _Progress:
-    """A tqdm bar per stage on a terminal; silent when stderr is piped."""
-
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
-        self.bar: tqdm[Any] | None = None
-        self.stage = ""
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if not self.enabled:
-            return
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=100, desc=stage, file=sys.stderr, leave=False)
-        if self.bar is not None:
-            self.bar.n = int(fraction * 100)
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def _hub(settings: Settings) -> dict[str, Any]:
@@ -84,7 +59,8 @@ def _request(args: argparse.Namespace) -> ScanRequest:
 
 
 def _scan(args: argparse.Namespace, settings: Settings, request: ScanRequest) -> int:
-    progress = _Progress()
+    progress = ProgressPrinter(style="json" if args.format == "json" and not sys.stderr.isatty()
+                               else None)
     ctx = ScanContext(
         out_dir=args.out, formats=tuple(f.strip() for f in args.report.split(",") if f.strip()),
         local_files_only=args.offline, device=args.device or settings.device,
@@ -110,7 +86,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     cfg = dataclasses.replace(ZooConfig.for_speed(args.quick, args.seed),
                               families=tuple(args.families.split(",")))
-    progress = _Progress()
+    progress = ProgressPrinter(whole_scan=False)
     manifest = build_zoo(args.out, cfg, progress=progress)
     progress.close()
     print(f"{len(manifest['models'])} models and {len(manifest['datasets'])} datasets in "
@@ -171,7 +147,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     cfg = PaperConfig(out=args.out, zoo=args.zoo, quick=args.quick, seed=args.seed,
                       only=tuple(args.only), scale=args.scale)
-    progress = _Progress()
+    progress = ProgressPrinter(whole_scan=False)
     try:
         results = run_paper(cfg, progress)
     finally:

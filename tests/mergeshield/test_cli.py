@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,13 @@ def test_clean_exits_0_with_a_text_summary(zoo: Zoo, bv_cache_dir: Path) -> None
     proc = _run(_scan(zoo, "vit-mnist-rot90-clean"), bv_cache_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "Verdict: NO BACKDOOR FOUND" in proc.stdout
+    # piped, the scan says where it is: a line per stage and at least every 5 s (issue 15)
+    said = [(float(m[1]), m[2], int(m[3])) for m in
+            re.finditer(r"^\[\s*([\d.]+)%\] (\S+) \((\d+) s\)$", proc.stderr, re.M)]
+    stages = [stage for _, stage, _ in said]
+    assert stages[0] == "resolve" and {"measure_suspect", "sweep", "summary"} <= set(stages)
+    assert [p for p, _, _ in said] == sorted(p for p, _, _ in said)
+    assert all(b - a <= 7 for (_, _, a), (_, _, b) in zip(said, said[1:], strict=False))
 
 
 def test_sarif_format(zoo: Zoo, bv_cache_dir: Path) -> None:
