@@ -64,6 +64,12 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
                    help="evaluation dataset: folder, bundled name or hub id")
     s.add_argument("--eval-revision")
     s.add_argument("--inject-data", help="the defender's data for BV_inj (default: --eval)")
+    s.add_argument("--inject-epochs", type=int,
+                   help="BV_inj's paired fine-tunes: epochs (default 4; fewer is cheaper, "
+                        "a weaker BV_inj)")
+    s.add_argument("--inject-max-train", type=int,
+                   help="BV_inj's paired fine-tunes: images of the defender's data used "
+                        "(default 2000)")
     s.add_argument("--out", type=Path, help="write the cleaned checkpoint and report.json here")
     s.add_argument("--report", default="json", help="report files: json,sarif,html,text")
     s.add_argument("--format", choices=["text", "json", "sarif"], default="text",

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from mergeshield import backdoor_vectors, checkpoints
 from mergeshield.cli_progress import ProgressPrinter
 from mergeshield.errors import ConfigError
-from mergeshield.ibvs import DEFAULT_GRID
+from mergeshield.ibvs import DEFAULT_GRID, InjectionRecipe
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report import exit_code, to_sarif, to_text
@@ -55,6 +55,9 @@ def _request(args: argparse.Namespace) -> ScanRequest:
         user_targets=list(args.target), probes=not args.no_probes,
         inversion=not args.no_inversion, max_eval=args.max_eval,
         unlearning=UnlearnConfig(enabled=not args.no_unlearning),
+        recipe=InjectionRecipe(**{k: v for k, v in (("epochs", args.inject_epochs),
+                                                   ("max_train", args.inject_max_train))
+                                  if v is not None}),
     )
 
 

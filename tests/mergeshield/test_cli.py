@@ -125,3 +125,17 @@ def test_an_out_of_bounds_option_exits_2_as_invalid_config(
     code, error = _main(["scan", "x", "--base", "y", "--lambda", "nan"], capsys)
     assert (code, error["code"]) == (2, "invalid_config")
     assert "fixed_lambda" in str(error["message"])
+
+
+def test_a_cheaper_injection_is_an_option_with_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    """--inject-epochs / --inject-max-train (issue 15: a big model's scan spends most of its time
+    building BV_inj); out of bounds, the same invalid_config as any scan option."""
+    from mergeshield.cli import build_parser
+    from mergeshield.cli_commands import _request
+
+    args = build_parser().parse_args(["scan", "x", "--base", "y", "--inject-epochs", "1",
+                                      "--inject-max-train", "500"])
+    recipe = _request(args).recipe
+    assert (recipe.epochs, recipe.max_train, recipe.lr) == (1, 500, 1e-3)  # the rest: defaults
+    code, error = _main(["scan", "x", "--base", "y", "--inject-epochs", "0"], capsys)
+    assert (code, error["code"]) == (2, "invalid_config") and "epochs" in str(error["message"])
