@@ -63,6 +63,9 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     s.add_argument("--eval", dest="evaluation",
                    help="evaluation dataset: folder, bundled name or hub id")
     s.add_argument("--eval-revision")
+    s.add_argument("--image-size", type=int,
+                   help="resize every evaluation image to this side (default: as stored; a "
+                        "folder of mixed sizes is resized to the model's input side)")
     s.add_argument("--inject-data", help="the defender's data for BV_inj (default: --eval)")
     s.add_argument("--inject-epochs", type=int,
                    help="BV_inj's paired fine-tunes: epochs (default 4; fewer is cheaper, "

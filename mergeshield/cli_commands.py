@@ -50,6 +50,7 @@ def _request(args: argparse.Namespace) -> ScanRequest:
         suspect=args.suspect, base=args.base, suspect_revision=args.revision,
         base_revision=args.base_revision, evaluation=args.evaluation,
         evaluation_revision=args.eval_revision, injection_data=args.inject_data,
+        image_size=args.image_size,
         lambdas=args.lambdas or list(DEFAULT_GRID), fixed_lambda=args.fixed_lambda, bv=args.bv,
         budget_points=args.budget, triggers=[parse_trigger(t) for t in args.trigger],
         user_targets=list(args.target), probes=not args.no_probes,

@@ -46,7 +46,8 @@ def _stack_images(images: Sequence[Any], image_size: int | None) -> torch.Tensor
             tensors.append(t if arr.dtype != np.uint8 and t.max() <= 1 else t / 255)
     if len({t.shape for t in tensors}) > 1:
         if image_size is None:
-            raise DatasetError("images have different sizes: pass image_size to resize them")
+            raise DatasetError("images have different sizes: give an image size to resize them "
+                               "to (--image-size, ScanRequest.image_size)")
         tensors = [_resize(t[None], image_size)[0] for t in tensors]
     return torch.stack(tensors) if tensors else torch.zeros(0, 1, 1, 1)
 

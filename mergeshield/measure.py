@@ -108,10 +108,14 @@ def measure_and_sanitise(
 ) -> Measurement:
     assert request.evaluation is not None
     with stage("load_data"):
+        # photos of mixed sizes: resized to the model's own input side
+        side = family.preprocessing.image_size
         task = load_task(request.evaluation, revision=request.evaluation_revision,
-                         max_test=request.max_eval, seed=request.seed, **hub)
+                         max_test=request.max_eval, seed=request.seed,
+                         image_size=request.image_size, mixed_size=side, **hub)
         inj_task = task if request.injection_data is None else load_task(
-            request.injection_data, seed=request.seed, **hub)
+            request.injection_data, seed=request.seed, image_size=request.image_size,
+            mixed_size=side, **hub)
         test = task.test
         classes = test.classes
         search = sample_rows(task.train, SEARCH_ROWS, request.seed)  # what trigger searches use

@@ -35,6 +35,7 @@ from mergeshield.options import (
     ClassIndex,
     EvalImages,
     Fraction,
+    ImageSide,
     InversionSteps,
     Lambda,
     Points,
@@ -69,6 +70,9 @@ class ScanRequest(BaseModel):
     base_revision: str | None = None
     evaluation: str | None = None  # dataset: bundled name, folder or hub dataset id
     evaluation_revision: str | None = None
+    # resize every evaluation (and injection) image to this side; None: as stored, and a folder
+    # of images of mixed sizes resized to the model's own input side
+    image_size: ImageSide | None = None
     injection_data: str | None = None  # the defender's data for BV_inj; default: ``evaluation``
     recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
     focus: Focus = Field(default_factory=Focus)  # which part of BV_inj is subtracted

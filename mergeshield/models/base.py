@@ -143,6 +143,7 @@ class ModelFamily(ABC):
     """One family of models (ViT-like classifiers, CLIP, ...)."""
 
     name: str
+    preprocessing: Preprocessing  # what its classifiers do to pixels (input side, mean, std)
 
     @classmethod
     @abstractmethod

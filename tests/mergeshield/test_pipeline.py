@@ -220,6 +220,35 @@ def test_a_fine_tune_in_any_float_precision_is_scanned_and_comes_out_in_its_own(
     assert accuracy is not None and accuracy.rate > 0.5  # the model ran, in float32
 
 
+def test_a_folder_of_photos_of_mixed_sizes_is_resized_to_the_models_input(
+        zoo: Zoo, tmp_path: Path, bv_cache_dir: Path) -> None:
+    """Issue 15: real JPEGs of mixed sizes were refused with advice the CLI could not follow."""
+    from PIL import Image
+
+    from mergeshield.data import load_task
+
+    name = "vit-mnist-badnets"
+    task = load_task(str(zoo.dataset(name)), max_train=100, max_test=100)
+    sizes = torch.Generator().manual_seed(0)
+    for split, ds in (("train", task.train), ("test", task.test)):
+        for i, (x, y) in enumerate(zip(ds.images, ds.labels.tolist(), strict=True)):
+            side = int(torch.randint(20, 49, (1,), generator=sizes))
+            folder = tmp_path / "photos" / split / ds.classes[y]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (x[0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels, "L").resize((side, side)).save(folder / f"{i}.jpg")
+    request = ScanRequest(suspect=str(zoo.path(name)), base=str(zoo.path("vit-base")),
+                          evaluation=str(tmp_path / "photos"),
+                          injection_data=str(zoo.dataset(name)), inversion=False,
+                          unlearning=NO_REPAIR, lambdas=[0.0, 1.0])
+    report = scan(request, ScanContext(cache_dir=bv_cache_dir))
+    assert report.evaluation is not None and report.evaluation.size == 100
+    accuracy = report.metrics.clean_accuracy_before
+    assert accuracy is not None and accuracy.rate > 0.5, accuracy
+    with pytest.raises(ValueError, match="image_size"):  # bounded like every option
+        ScanRequest(suspect="s", base="b", image_size=4)
+
+
 def test_the_injection_bv_is_described_in_the_cache(backdoored: tuple[ScanReport, Path],
                                                     bv_cache_dir: Path) -> None:
     report, _ = backdoored
