@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mergeshield import __version__, checkpoints
+from mergeshield import __version__, adapters, checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
@@ -273,6 +273,9 @@ def resolve_inputs(request: ScanRequest, ctx: ScanContext) -> Inputs:
     suspect = checkpoints.resolve(request.suspect, revision=request.suspect_revision, **kw)
     base = checkpoints.resolve(request.base, revision=request.base_revision, **kw)
     check_card_base(suspect.root, base.source, base.kind, base.config)
+    if adapters.is_adapter(suspect):  # a LoRA adapter: scanned as the model it makes
+        suspect = adapters.merged_source(suspect, base, cache_dir=ctx.cache_dir,
+                                         min_free_bytes=ctx.min_free_bytes)
     return suspect, base
 
 

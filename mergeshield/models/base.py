@@ -150,6 +150,11 @@ class ModelFamily(ABC):
     def matches(cls, config: Mapping[str, Any]) -> bool:
         """Whether a checkpoint with this config.json belongs to the family."""
 
+    def checkpoint_names(self) -> dict[str, str]:
+        """Tensor names in memory → names in a checkpoint, where they differ (PEFT adapters
+        name modules as they are in memory); {}: the same names."""
+        return {}
+
     @abstractmethod
     def is_backbone(self, name: str) -> bool:
         """Whether a tensor (canonical name) is part of task and backdoor vectors."""
