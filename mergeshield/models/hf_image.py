@@ -40,10 +40,14 @@ def _build(config: Mapping[str, Any], num_labels: int) -> PreTrainedModel:
     cfg.pop("id2label", None)
     cfg.pop("label2id", None)
     hf_config = AutoConfig.for_model(**cfg)
-    model_class = AutoModelForImageClassification._model_mapping[type(hf_config)]
-    model: PreTrainedModel = AutoModelForImageClassification.from_config(
-        hf_config, attn_implementation=attention_for(model_class)
-    )
+    # some model types map to several classes (DeiT: plain, and with a distillation teacher):
+    # the one the config names, else the first
+    mapped = AutoModelForImageClassification._model_mapping[type(hf_config)]
+    classes = [c for c in (mapped if isinstance(mapped, tuple) else (mapped,)) if c is not None]
+    named = {str(a) for a in config.get("architectures") or []}
+    model_class = next((c for c in classes if c.__name__ in named), classes[0])
+    model: PreTrainedModel = model_class._from_config(
+        hf_config, attn_implementation=attention_for(model_class))
     return model
 
 
