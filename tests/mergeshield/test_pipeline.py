@@ -28,14 +28,27 @@ def _request(zoo: Zoo, name: str, **kw: object) -> ScanRequest:
                        evaluation=str(zoo.dataset(name)), **{**FAST, **kw})  # type: ignore[arg-type]
 
 
+PROGRESS: list[tuple[str, float]] = []  # what the backdoored scan reported while it ran
+
+
 @pytest.fixture(scope="module")
 def backdoored(zoo: Zoo, bv_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[ScanReport, Path]:
     out = tmp_path_factory.mktemp("cleaned")
     report = scan(_request(zoo, "vit-mnist-badnets"),
                   ScanContext(out_dir=out, formats=("json", "sarif", "html"),
-                              cache_dir=bv_cache_dir))
+                              cache_dir=bv_cache_dir,
+                              progress=lambda stage, f: PROGRESS.append((stage, f))))
     return report, out
+
+
+def test_progress_moves_inside_the_long_stages(backdoored: tuple[ScanReport, Path]) -> None:
+    """Issue 15: the service's percent sat still through inversion and the sweep."""
+    for stage in ("invert_triggers", "sweep", "unlearn"):
+        inside = [f for s, f in PROGRESS if s == stage and 0 < f < 1]
+        assert len(inside) >= 2, (stage, [f for s, f in PROGRESS if s == stage][:10])
+        ours = [f for s, f in PROGRESS if s == stage]
+        assert ours == sorted(ours) or stage == "unlearn"  # a repair round starts again at 0
 
 
 def test_backdoored_model_is_flagged(backdoored: tuple[ScanReport, Path]) -> None:
