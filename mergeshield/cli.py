@@ -79,7 +79,9 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
                    help="what to print on stdout")
     s.add_argument("--fail-on", default="MEDIUM", choices=["LOW", "MEDIUM", "HIGH", "CRITICAL"])
     s.add_argument("--trigger", action="append", default=[],
-                   help="a trigger to measure, e.g. patch:checkerboard:3:bottom_right (repeatable)")
+                   help="a trigger to measure, e.g. patch:checkerboard:3:bottom_right, or "
+                        "@triggers.json: a JSON list of triggers or {\"trigger\": ..., "
+                        "\"target\": N} (repeatable)")
     s.add_argument("--target", action="append", type=int, default=[],
                    help="target class of the matching --trigger (default: its best class)")
     s.add_argument("--no-probes", action="store_true", help="skip the probe panel")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,7 +21,7 @@ from mergeshield.report.io import strict_json
 from mergeshield.report.schema import Severity
 from mergeshield.settings import Settings
 from mergeshield.task_vectors import TaskVector
-from mergeshield.triggers import parse_trigger
+from mergeshield.triggers import Trigger, parse_trigger
 from mergeshield.unlearning import UnlearnConfig
 
 
@@ -45,15 +46,58 @@ def run_scan(args: argparse.Namespace, settings: Settings) -> int:
     return _scan(args, settings, request)
 
 
+MAX_TRIGGER_FILE = 2**20  # bytes: a trigger list, not a dataset
+
+
+def _user_triggers(args: argparse.Namespace) -> tuple[list[Trigger], list[int | None]]:
+    """``--trigger`` specs in order, with ``--target`` for the plain ones, in that order; a spec
+    ``@file.json`` is a JSON list whose entries are a trigger (an object or a short form) or
+    ``{"trigger": ..., "target": N}``."""
+    triggers: list[Trigger] = []
+    targets: list[int | None] = []
+    plain = iter(args.target)
+    for spec in args.trigger:
+        if not spec.startswith("@"):
+            triggers.append(parse_trigger(spec))
+            targets.append(next(plain, None))
+            continue
+        for entry in _trigger_file(Path(spec[1:])):
+            named = isinstance(entry, dict) and "trigger" in entry
+            triggers.append(parse_trigger(entry["trigger"] if named else entry))
+            targets.append(entry.get("target") if named else None)
+    return triggers, targets
+
+
+def _trigger_file(path: Path) -> list[Any]:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TRIGGER_FILE + 1)
+        if len(raw) > MAX_TRIGGER_FILE:
+            raise ConfigError(f"{path.name}: a trigger file holds at most {MAX_TRIGGER_FILE} "
+                              "bytes", details={"file": path.name})
+        entries = json.loads(raw)
+    except OSError as exc:
+        raise ConfigError(f"--trigger @{path}: cannot read it ({exc.strerror})",
+                          details={"file": path.name}) from None
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+        raise ConfigError(f"{path.name}: not a JSON list of triggers",
+                          details={"file": path.name}) from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path.name}: not a JSON list of triggers",
+                          details={"file": path.name})
+    return entries
+
+
 def _request(args: argparse.Namespace) -> ScanRequest:
+    triggers, targets = _user_triggers(args)
     return ScanRequest(
         suspect=args.suspect, base=args.base, suspect_revision=args.revision,
         base_revision=args.base_revision, evaluation=args.evaluation,
         evaluation_revision=args.eval_revision, injection_data=args.inject_data,
         image_size=args.image_size,
         lambdas=args.lambdas or list(DEFAULT_GRID), fixed_lambda=args.fixed_lambda, bv=args.bv,
-        budget_points=args.budget, triggers=[parse_trigger(t) for t in args.trigger],
-        user_targets=list(args.target), probes=not args.no_probes,
+        budget_points=args.budget, triggers=triggers, user_targets=targets,
+        probes=not args.no_probes,
         inversion=not args.no_inversion, max_eval=args.max_eval,
         unlearning=UnlearnConfig(enabled=not args.no_unlearning),
         recipe=InjectionRecipe(**{k: v for k, v in (("epochs", args.inject_epochs),

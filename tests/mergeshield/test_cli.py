@@ -139,3 +139,27 @@ def test_a_cheaper_injection_is_an_option_with_bounds(capsys: pytest.CaptureFixt
     assert (recipe.epochs, recipe.max_train, recipe.lr) == (1, 500, 1e-3)  # the rest: defaults
     code, error = _main(["scan", "x", "--base", "y", "--inject-epochs", "0"], capsys)
     assert (code, error["code"]) == (2, "invalid_config") and "epochs" in str(error["message"])
+
+
+def test_a_trigger_file_lists_triggers_with_their_targets(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--trigger @file.json (issue 15): the user's own trigger list, beside plain --trigger."""
+    from mergeshield.cli import build_parser
+    from mergeshield.cli_commands import _request
+
+    listed = tmp_path / "triggers.json"
+    listed.write_text(json.dumps(["blended:noise:0.15",
+                                  {"trigger": "patch:solid:2:top_left", "target": 4}]))
+    args = build_parser().parse_args([
+        "scan", "x", "--base", "y", "--trigger", "patch:checkerboard:3:bottom_right",
+        "--target", "1", "--trigger", f"@{listed}"])
+    request = _request(args)
+    assert [t.kind for t in request.triggers] == ["patch", "blended", "patch"]
+    assert request.user_targets == [1, None, 4]
+    for content in ("{not json", '{"kind": "patch"}', '["patch:nonsense"]',
+                    '[{"trigger": "blended:noise:0.1", "target": -1}]'):
+        listed.write_text(content)
+        code, error = _main(["scan", "x", "--base", "y", "--trigger", f"@{listed}"], capsys)
+        assert (code, error["code"]) == (2, "invalid_config"), content
+    code, error = _main(["scan", "x", "--base", "y", "--trigger", f"@{tmp_path}/none"], capsys)
+    assert (code, error["code"]) == (2, "invalid_config")
