@@ -124,6 +124,16 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     m.add_argument("--subtract-lambda", type=float, default=1.0)
     m.add_argument("--out", type=Path, required=True)
 
+    mp = sub.add_parser("merge-plan", help="scan every model of a mergekit plan, merge what "
+                        "its policy keeps (cleaned by default) and measure the merge")
+    mp.add_argument("plan", type=Path, help="a mergekit YAML, with an optional mergeshield: "
+                    "section (policy: clean|exclude|include; evaluation: {model: dataset})")
+    mp.add_argument("--out", type=Path, required=True, help="the merged model (scans under "
+                    "OUT/scans/<i>)")
+    mp.add_argument("--format", choices=["text", "json"], default="text")
+    mp.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
+    mp.add_argument("--offline", action="store_true", help="use the local hub cache only")
+
     bn = sub.add_parser("bench", help="reproduce the paper's experiments on the zoo")
     bnsub = bn.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     bp = bnsub.add_parser("paper", help="tables, plots and results.json (arXiv:2510.08016)")
@@ -171,6 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         from mergeshield.cli_commands import run_bv
 
         return run_bv(args, settings)
+    if args.command == "merge-plan":
+        from mergeshield.cli_commands import run_merge_plan
+
+        return run_merge_plan(args, settings)
     if args.command == "bench" and args.bench_command == "efficacy":
         return efficacy_command.run(args)
     if args.command == "bench":

@@ -190,6 +190,20 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_merge_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 1 when a model of the plan was flagged (the merge is written either way), else 0."""
+    from mergeshield.merge_plan import MergePlan, PlanContext, plan_summary, run_plan
+
+    plan = MergePlan.read(args.plan)
+    hub = _hub(settings)
+    report = run_plan(plan, PlanContext(
+        out_dir=args.out, cache_dir=hub.pop("cache_dir"), device=args.device or settings.device,
+        local_files_only=args.offline, hub=hub))
+    (args.out / "plan-report.json").write_text(report.model_dump_json(indent=2))
+    print(report.model_dump_json(indent=2) if args.format == "json" else plan_summary(report))
+    return 1 if any(r.verdict == "backdoor_suspected" for r in report.models) else 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from mergeshield.experiments.runner import PaperConfig, run_paper
 
