@@ -239,6 +239,24 @@ def measure(cmd: list[str], *, cold: bool, env: dict[str, str] | None = None) ->
     }
 
 
+def mergekit_version(args: argparse.Namespace) -> str | None:
+    """mergekit's version in ``--mergekit-venv``, created first with ``--setup-mergekit``; None
+    (and a line saying so: its rows are skipped) when it is not there."""
+    venv = args.mergekit_venv
+    if args.setup_mergekit and not (venv / "bin" / "mergekit-yaml").exists():
+        print(f"creating {venv} with mergekit (pip, from the package index)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
+    if not (venv / "bin" / "python").exists():
+        print(f"mergekit: no venv at {venv}; its rows are skipped (--setup-mergekit creates "
+              "it)", flush=True)
+        return None
+    mk = subprocess.run([str(venv / "bin" / "python"), "-c",
+                         "import importlib.metadata as m; print(m.version('mergekit'))"],
+                        capture_output=True, text=True)
+    return mk.stdout.strip() or None
+
+
 def mergekit_cmd(venv: Path, workdir: Path, out: Path, dtype_name: str) -> list[str]:
     yml = workdir / "mergekit.yml"
     yml.write_text(
@@ -486,6 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/msbench"))
     p.add_argument("--mergekit-venv", type=Path, default=Path("/tmp/mergekit-venv"))
+    p.add_argument("--setup-mergekit", action="store_true",
+                   help="create --mergekit-venv with mergekit from the package index if absent")
     p.add_argument("--warm", dest="cold", action="store_false",
                    help="do not drop the page cache before each run")
     p.add_argument("--no-clip", dest="clip", action="store_false")
@@ -518,13 +538,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.tools = args.tools.split(",")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    mk = subprocess.run([str(args.mergekit_venv / "bin" / "python"), "-c",
-                         "import importlib.metadata as m; print(m.version('mergekit'))"],
-                        capture_output=True, text=True)
     result: dict[str, Any] = {
         "command": "python bench/arithmetic.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(), "lambda": LAMBDA, "caches_dropped": None,
-        "mergekit_version": mk.stdout.strip() or None, "runs": [], "notes": args.note,
+        "mergekit_version": mergekit_version(args) if "mergekit" in args.tools else None,
+        "runs": [], "notes": args.note,
     }
     if args.append and (args.out / "arithmetic.json").exists():
         old = json.loads((args.out / "arithmetic.json").read_text())

@@ -267,7 +267,9 @@ def _info(weights: Mapping[str, torch.Tensor], name: str) -> TensorInfo:
 
 def check_compatible(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *,
                      keys: Callable[[str], bool] | None = None) -> None:
-    """Same tensor names, shapes and dtypes among the selected keys, else a listed error."""
+    """Same tensor names and shapes among the selected keys, and dtypes that are equal or both
+    floats (a bf16 or fp16 fine-tune of an fp32 base: task vectors are computed in float32),
+    else a listed error."""
     pick = keys or (lambda _: True)
     a = [k for k in base if pick(k)]
     b = [k for k in other if pick(k)]
@@ -278,7 +280,8 @@ def check_compatible(base: Mapping[str, torch.Tensor], other: Mapping[str, torch
         ia, ib = _info(base, name), _info(other, name)
         if ia.shape != ib.shape:
             shape.append({"name": name, "base": list(ia.shape), "other": list(ib.shape)})
-        if ia.dtype != ib.dtype:
+        if ia.dtype != ib.dtype and not (ia.dtype.is_floating_point
+                                         and ib.dtype.is_floating_point):
             dtype.append({"name": name, "base": str(ia.dtype), "other": str(ib.dtype)})
     details: dict[str, list[Any]] = {"missing": [k for k in a if k not in b_set],
                "unexpected": [k for k in b if k not in a_set], "shape": shape, "dtype": dtype}

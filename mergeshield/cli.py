@@ -63,14 +63,25 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     s.add_argument("--eval", dest="evaluation",
                    help="evaluation dataset: folder, bundled name or hub id")
     s.add_argument("--eval-revision")
+    s.add_argument("--image-size", type=int,
+                   help="resize every evaluation image to this side (default: as stored; a "
+                        "folder of mixed sizes is resized to the model's input side)")
     s.add_argument("--inject-data", help="the defender's data for BV_inj (default: --eval)")
+    s.add_argument("--inject-epochs", type=int,
+                   help="BV_inj's paired fine-tunes: epochs (default 4; fewer is cheaper, "
+                        "a weaker BV_inj)")
+    s.add_argument("--inject-max-train", type=int,
+                   help="BV_inj's paired fine-tunes: images of the defender's data used "
+                        "(default 2000)")
     s.add_argument("--out", type=Path, help="write the cleaned checkpoint and report.json here")
     s.add_argument("--report", default="json", help="report files: json,sarif,html,text")
     s.add_argument("--format", choices=["text", "json", "sarif"], default="text",
                    help="what to print on stdout")
     s.add_argument("--fail-on", default="MEDIUM", choices=["LOW", "MEDIUM", "HIGH", "CRITICAL"])
     s.add_argument("--trigger", action="append", default=[],
-                   help="a trigger to measure, e.g. patch:checkerboard:3:bottom_right (repeatable)")
+                   help="a trigger to measure, e.g. patch:checkerboard:3:bottom_right, or "
+                        "@triggers.json: a JSON list of triggers or {\"trigger\": ..., "
+                        "\"target\": N} (repeatable)")
     s.add_argument("--target", action="append", type=int, default=[],
                    help="target class of the matching --trigger (default: its best class)")
     s.add_argument("--no-probes", action="store_true", help="skip the probe panel")
@@ -112,6 +123,16 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     m.add_argument("--subtract", help="a BV to subtract after merging (IBVS)")
     m.add_argument("--subtract-lambda", type=float, default=1.0)
     m.add_argument("--out", type=Path, required=True)
+
+    mp = sub.add_parser("merge-plan", help="scan every model of a mergekit plan, merge what "
+                        "its policy keeps (cleaned by default) and measure the merge")
+    mp.add_argument("plan", type=Path, help="a mergekit YAML, with an optional mergeshield: "
+                    "section (policy: clean|exclude|include; evaluation: {model: dataset})")
+    mp.add_argument("--out", type=Path, required=True, help="the merged model (scans under "
+                    "OUT/scans/<i>)")
+    mp.add_argument("--format", choices=["text", "json"], default="text")
+    mp.add_argument("--device", help="cuda or cpu (default: CUDA when present)")
+    mp.add_argument("--offline", action="store_true", help="use the local hub cache only")
 
     bn = sub.add_parser("bench", help="reproduce the paper's experiments on the zoo")
     bnsub = bn.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
@@ -160,6 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         from mergeshield.cli_commands import run_bv
 
         return run_bv(args, settings)
+    if args.command == "merge-plan":
+        from mergeshield.cli_commands import run_merge_plan
+
+        return run_merge_plan(args, settings)
     if args.command == "bench" and args.bench_command == "efficacy":
         return efficacy_command.run(args)
     if args.command == "bench":

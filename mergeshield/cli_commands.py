@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from tqdm import tqdm
 
 from mergeshield import backdoor_vectors, checkpoints
+from mergeshield.cli_progress import ProgressPrinter
 from mergeshield.errors import ConfigError
-from mergeshield.ibvs import DEFAULT_GRID
+from mergeshield.ibvs import DEFAULT_GRID, InjectionRecipe
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report import exit_code, to_sarif, to_text
@@ -20,33 +21,8 @@ from mergeshield.report.io import strict_json
 from mergeshield.report.schema import Severity
 from mergeshield.settings import Settings
 from mergeshield.task_vectors import TaskVector
-from mergeshield.triggers import parse_trigger
+from mergeshield.triggers import Trigger, parse_trigger
 from mergeshield.unlearning import UnlearnConfig
-
-
-class _Progress:
-    """A tqdm bar per stage on a terminal; silent when stderr is piped."""
-
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
-        self.bar: tqdm[Any] | None = None
-        self.stage = ""
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if not self.enabled:
-            return
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=100, desc=stage, file=sys.stderr, leave=False)
-        if self.bar is not None:
-            self.bar.n = int(fraction * 100)
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def _hub(settings: Settings) -> dict[str, Any]:
@@ -70,21 +46,69 @@ def run_scan(args: argparse.Namespace, settings: Settings) -> int:
     return _scan(args, settings, request)
 
 
+MAX_TRIGGER_FILE = 2**20  # bytes: a trigger list, not a dataset
+
+
+def _user_triggers(args: argparse.Namespace) -> tuple[list[Trigger], list[int | None]]:
+    """``--trigger`` specs in order, with ``--target`` for the plain ones, in that order; a spec
+    ``@file.json`` is a JSON list whose entries are a trigger (an object or a short form) or
+    ``{"trigger": ..., "target": N}``."""
+    triggers: list[Trigger] = []
+    targets: list[int | None] = []
+    plain = iter(args.target)
+    for spec in args.trigger:
+        if not spec.startswith("@"):
+            triggers.append(parse_trigger(spec))
+            targets.append(next(plain, None))
+            continue
+        for entry in _trigger_file(Path(spec[1:])):
+            named = isinstance(entry, dict) and "trigger" in entry
+            triggers.append(parse_trigger(entry["trigger"] if named else entry))
+            targets.append(entry.get("target") if named else None)
+    return triggers, targets
+
+
+def _trigger_file(path: Path) -> list[Any]:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TRIGGER_FILE + 1)
+        if len(raw) > MAX_TRIGGER_FILE:
+            raise ConfigError(f"{path.name}: a trigger file holds at most {MAX_TRIGGER_FILE} "
+                              "bytes", details={"file": path.name})
+        entries = json.loads(raw)
+    except OSError as exc:
+        raise ConfigError(f"--trigger @{path}: cannot read it ({exc.strerror})",
+                          details={"file": path.name}) from None
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+        raise ConfigError(f"{path.name}: not a JSON list of triggers",
+                          details={"file": path.name}) from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path.name}: not a JSON list of triggers",
+                          details={"file": path.name})
+    return entries
+
+
 def _request(args: argparse.Namespace) -> ScanRequest:
+    triggers, targets = _user_triggers(args)
     return ScanRequest(
         suspect=args.suspect, base=args.base, suspect_revision=args.revision,
         base_revision=args.base_revision, evaluation=args.evaluation,
         evaluation_revision=args.eval_revision, injection_data=args.inject_data,
+        image_size=args.image_size,
         lambdas=args.lambdas or list(DEFAULT_GRID), fixed_lambda=args.fixed_lambda, bv=args.bv,
-        budget_points=args.budget, triggers=[parse_trigger(t) for t in args.trigger],
-        user_targets=list(args.target), probes=not args.no_probes,
+        budget_points=args.budget, triggers=triggers, user_targets=targets,
+        probes=not args.no_probes,
         inversion=not args.no_inversion, max_eval=args.max_eval,
         unlearning=UnlearnConfig(enabled=not args.no_unlearning),
+        recipe=InjectionRecipe(**{k: v for k, v in (("epochs", args.inject_epochs),
+                                                   ("max_train", args.inject_max_train))
+                                  if v is not None}),
     )
 
 
 def _scan(args: argparse.Namespace, settings: Settings, request: ScanRequest) -> int:
-    progress = _Progress()
+    progress = ProgressPrinter(style="json" if args.format == "json" and not sys.stderr.isatty()
+                               else None)
     ctx = ScanContext(
         out_dir=args.out, formats=tuple(f.strip() for f in args.report.split(",") if f.strip()),
         local_files_only=args.offline, device=args.device or settings.device,
@@ -110,7 +134,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     cfg = dataclasses.replace(ZooConfig.for_speed(args.quick, args.seed),
                               families=tuple(args.families.split(",")))
-    progress = _Progress()
+    progress = ProgressPrinter(whole_scan=False)
     manifest = build_zoo(args.out, cfg, progress=progress)
     progress.close()
     print(f"{len(manifest['models'])} models and {len(manifest['datasets'])} datasets in "
@@ -166,12 +190,26 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_merge_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 1 when a model of the plan was flagged (the merge is written either way), else 0."""
+    from mergeshield.merge_plan import MergePlan, PlanContext, plan_summary, run_plan
+
+    plan = MergePlan.read(args.plan)
+    hub = _hub(settings)
+    report = run_plan(plan, PlanContext(
+        out_dir=args.out, cache_dir=hub.pop("cache_dir"), device=args.device or settings.device,
+        local_files_only=args.offline, hub=hub))
+    (args.out / "plan-report.json").write_text(report.model_dump_json(indent=2))
+    print(report.model_dump_json(indent=2) if args.format == "json" else plan_summary(report))
+    return 1 if any(r.verdict == "backdoor_suspected" for r in report.models) else 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from mergeshield.experiments.runner import PaperConfig, run_paper
 
     cfg = PaperConfig(out=args.out, zoo=args.zoo, quick=args.quick, seed=args.seed,
                       only=tuple(args.only), scale=args.scale)
-    progress = _Progress()
+    progress = ProgressPrinter(whole_scan=False)
     try:
         results = run_paper(cfg, progress)
     finally:

@@ -228,9 +228,14 @@ def check_dataset_name(source: str) -> None:
 
 def load_task(source: str, *, revision: str | None = None, token: str | None = None,
               endpoint: str | None = None, cache_dir: str | Path | None = None,
+              local_files_only: bool = False,
               image_size: int | None = None, channels: int | None = None,
-              max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> TaskData:
-    """Load a task from a bundled name, a local folder or a hub dataset id.
+              max_train: int | None = None, max_test: int | None = None, seed: int = 0,
+              mixed_size: int | None = None) -> TaskData:
+    """Load a task from a bundled name, a local folder or a hub dataset id (``local_files_only``:
+    from the local hub cache only, as ``--offline`` asks). ``image_size``: every image resized to
+    that side; else images of different sizes (a folder of photos) are resized to ``mixed_size``
+    (a scan passes its model's input side) and images of one size are kept as they are.
 
     ``source`` may end in modifiers that derive a task: ``:inverted`` (1 - x), ``:rot90`` and
     ``:classes=0-4`` (keep those classes, relabelled 0..k-1), e.g. ``"mnist5k:rot90:classes=0-4"``.
@@ -245,10 +250,11 @@ def load_task(source: str, *, revision: str | None = None, token: str | None = N
     if base in BUNDLED:
         name, (train, test) = base, BUNDLED[base]()
     elif Path(base).exists():
-        name, (train, test) = data_sources.read_folder(Path(base), image_size)
+        name, (train, test) = data_sources.read_folder(Path(base), image_size or mixed_size)
     elif HUB_ID.match(base) and not base.startswith((".", "/")):
-        folder = data_sources.download_dataset(base, revision, token, endpoint, cache_dir)
-        name, (train, test) = data_sources.read_folder(folder, image_size,
+        folder = data_sources.download_dataset(base, revision, token, endpoint, cache_dir,
+                                               local_files_only)
+        name, (train, test) = data_sources.read_folder(folder, image_size or mixed_size,
                                                        default_name=base.split("/")[1])
     else:
         raise SourceNotFoundError(f"no dataset {base!r}: give a bundled name ("

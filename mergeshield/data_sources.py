@@ -46,7 +46,8 @@ def _stack_images(images: Sequence[Any], image_size: int | None) -> torch.Tensor
             tensors.append(t if arr.dtype != np.uint8 and t.max() <= 1 else t / 255)
     if len({t.shape for t in tensors}) > 1:
         if image_size is None:
-            raise DatasetError("images have different sizes: pass image_size to resize them")
+            raise DatasetError("images have different sizes: give an image size to resize them "
+                               "to (--image-size, ScanRequest.image_size)")
         tensors = [_resize(t[None], image_size)[0] for t in tensors]
     return torch.stack(tensors) if tensors else torch.zeros(0, 1, 1, 1)
 
@@ -132,10 +133,12 @@ def _from_folder(root: Path, name: str, image_size: int | None) -> Pair:
 
 
 def download_dataset(repo_id: str, revision: str | None, token: str | None,
-                     endpoint: str | None, cache_dir: str | Path | None) -> Path:
+                     endpoint: str | None, cache_dir: str | Path | None,
+                     local_files_only: bool = False) -> Path:
     """The local snapshot folder of hub dataset ``repo_id`` at ``revision``."""
     return download_repo(repo_id, repo_type="dataset", revision=revision, token=token,
-                         endpoint=endpoint, cache_dir=cache_dir)[0]
+                         endpoint=endpoint, cache_dir=cache_dir,
+                         local_files_only=local_files_only)[0]
 
 
 def read_folder(root: Path, image_size: int | None,

@@ -6,12 +6,14 @@ length) and again while they stream, so a full disk is met with a clear refusal,
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from mergeshield.errors import InsufficientStorageError
 
-__all__ = ["ensure_room", "free_bytes"]
+__all__ = ["ensure_room", "free_bytes", "private_dir"]
 
 
 def free_bytes(path: Path) -> int:
@@ -31,3 +33,18 @@ def ensure_room(path: Path, need: int, min_free: int, what: str) -> None:
             f"not enough free disk for {what}: it needs {need} bytes and {min_free} must stay "
             f"free, but {free} are free; free some disk space and retry",
             details={"needed": need, "free": free, "min_free": min_free})
+
+
+def private_dir(cache_dir: str | Path | None, name: str) -> Path:
+    """``<cache>/<name>`` (what a scan writes for itself: converted ``.bin`` files, merged
+    adapters), else a private per-user folder in the temp directory."""
+    if cache_dir:
+        folder = Path(cache_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    folder = Path(tempfile.gettempdir()) / f"{name}-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if folder.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))  # someone else's: avoid
+    return folder

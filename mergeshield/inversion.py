@@ -9,7 +9,7 @@ the scan runs the same search, with the same budget and seed, on both (method.md
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -35,10 +35,11 @@ class InversionConfig:
 
 def invert_triggers(
     clf: Classifier, images: Tensor, labels: Tensor, n_classes: int, cfg: InversionConfig,
-    targets: Sequence[int] | None = None,
+    targets: Sequence[int] | None = None, on_step: Callable[[float], None] | None = None,
 ) -> list[ImageTrigger]:
     """One reconstructed trigger per target class (pixel-space mask + pattern), in the order of
-    ``targets`` (default: every class 0..n_classes−1; the cost grows with their number)."""
+    ``targets`` (default: every class 0..n_classes−1; the cost grows with their number).
+    ``on_step(fraction done)`` after each step (progress)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = next(clf.parameters()).device
     c, h, w = images.shape[1:]
@@ -68,6 +69,8 @@ def invert_triggers(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step:
+            on_step((step + 1) / cfg.steps)
     if hard is None:
         hard = _top_area(torch.sigmoid(mask_logit.detach()), area)
     pattern = torch.sigmoid(pattern_logit.detach()).cpu()
@@ -91,7 +94,7 @@ def invert_blend(
 
 def invert_blends(
     clf: Classifier, images: Tensor, labels: Tensor, targets: Sequence[int], cfg: InversionConfig,
-    alpha: float,
+    alpha: float, on_step: Callable[[float], None] | None = None,
 ) -> list[ImageTrigger]:
     """``invert_blend`` towards each of ``targets`` at once (one batch, like the patch search),
     in their order. The scan's blend search runs it on the suspect and on the reference at a
@@ -106,7 +109,7 @@ def invert_blends(
     opt = torch.optim.Adam([logit], lr=cfg.lr)
     y = torch.tensor(list(targets), device=dev).repeat_interleave(n)
     clf.eval()
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         cancellation.check()
         rows = torch.stack([p[torch.randint(len(p), (n,), generator=gen)] for p in pools])
         x = images[rows.flatten()].to(dev).view(k, n, c, h, w)  # (K, B, C, H, W)
@@ -115,6 +118,8 @@ def invert_blends(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step:
+            on_step((step + 1) / cfg.steps)
     pattern = torch.sigmoid(logit.detach()).cpu()
     return [from_tensor(pattern[i], torch.full((h, w), alpha)) for i in range(k)]
 

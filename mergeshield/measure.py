@@ -108,10 +108,14 @@ def measure_and_sanitise(
 ) -> Measurement:
     assert request.evaluation is not None
     with stage("load_data"):
+        # photos of mixed sizes: resized to the model's own input side
+        side = family.preprocessing.image_size
         task = load_task(request.evaluation, revision=request.evaluation_revision,
-                         max_test=request.max_eval, seed=request.seed, **hub)
+                         max_test=request.max_eval, seed=request.seed,
+                         image_size=request.image_size, mixed_size=side, **hub)
         inj_task = task if request.injection_data is None else load_task(
-            request.injection_data, seed=request.seed, **hub)
+            request.injection_data, seed=request.seed, image_size=request.image_size,
+            mixed_size=side, **hub)
         test = task.test
         classes = test.classes
         search = sample_rows(task.train, SEARCH_ROWS, request.seed)  # what trigger searches use
@@ -130,13 +134,18 @@ def measure_and_sanitise(
             reference = reference_cache.identity(ref, base_revision, classes, search.sha256(),
                                                  test.sha256()) if cache_dir else None
             on_reference = partial(reference_cache.rates, cache_dir, reference)
-            probes.append(_inverted(request, search, test, ref, sus, None, on_reference))
-            if request.inversion_small_patch is not None:  # quiet on clean fine-tunes
-                probes.append(_inverted(request, search, test, ref, sus, None, on_reference,
-                                        area_scale=request.inversion_small_patch))
-            if request.inversion_blend_alpha is not None:  # what a small patch does not reach
-                probes.append(_inverted(request, search, test, ref, sus,
-                                        request.inversion_blend_alpha, on_reference))
+            # (blend α, area scale): the patch; a half-area one, quiet on clean fine-tunes; a
+            # faint blend, what a small patch does not reach
+            searches: list[tuple[float | None, float]] = [(None, 1.0)]
+            if request.inversion_small_patch is not None:
+                searches.append((None, request.inversion_small_patch))
+            if request.inversion_blend_alpha is not None:
+                searches.append((request.inversion_blend_alpha, 1.0))
+            for i, (alpha, scale) in enumerate(searches):
+                step = (partial(_share, progress, "invert_triggers", i, len(searches))
+                        if progress else None)
+                probes.append(_inverted(request, search, test, ref, sus, alpha, on_reference,
+                                        area_scale=scale, on_step=step))
 
     injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
     own: dict[str, RateModel] = {}  # the injected model's own ASR (built now, or as cached)
@@ -188,9 +197,12 @@ def measure_and_sanitise(
 
         def evaluate(lam: float) -> SweepPoint:
             sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
-            return SweepPoint(lam, clean_accuracy(sus, test),
-                              {p.id: attack_success_rate(sus, test, p.trigger, p.target)
-                               for p in tracked})
+            point = SweepPoint(lam, clean_accuracy(sus, test),
+                               {p.id: attack_success_rate(sus, test, p.trigger, p.target)
+                                for p in tracked})
+            if progress:
+                progress("sweep", (request.lambdas.index(lam) + 1) / len(request.lambdas))
+            return point
 
         points = sweep(evaluate, request.lambdas)
         lam = (request.fixed_lambda if request.fixed_lambda is not None
@@ -275,10 +287,16 @@ def _named_triggers(request: ScanRequest, test: ImageDataset, sus: Classifier) -
     return out
 
 
+def _share(progress: Progress, stage: str, i: int, n: int, fraction: float) -> None:
+    """Part ``i`` of ``n`` of a stage is ``fraction`` done."""
+    progress(stage, (i + fraction) / n)
+
+
 def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: Classifier,
               sus: Classifier, blend_alpha: float | None = None,
               on_reference: Callable[[dict[str, Any], Callable[[], list[Rate]]], list[Rate]]
-              = lambda _search, compute: compute(), *, area_scale: float = 1.0) -> _Probe:
+              = lambda _search, compute: compute(), *, area_scale: float = 1.0,
+              on_step: Callable[[float], None] | None = None) -> _Probe:
     """Invert one trigger per target on the suspect and on the reference; keep the target whose
     trigger stands out most. ``blend_alpha`` None: a small patch (``invert_triggers``, of
     ``area_scale`` × the default area; below 1 its id is ``inverted-small``); else a
@@ -292,10 +310,11 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
                           area_fraction=InversionConfig.area_fraction * area_scale)
     k = len(test.classes)
 
-    def search(clf: Classifier) -> list[ImageTrigger]:
+    def search(clf: Classifier, on_step: Callable[[float], None] | None = None
+               ) -> list[ImageTrigger]:
         if blend_alpha is None:
-            return invert_triggers(clf, opt.images, opt.labels, k, cfg)
-        return invert_blends(clf, opt.images, opt.labels, range(k), cfg, blend_alpha)
+            return invert_triggers(clf, opt.images, opt.labels, k, cfg, on_step=on_step)
+        return invert_blends(clf, opt.images, opt.labels, range(k), cfg, blend_alpha, on_step)
 
     def reference_rates() -> list[Rate]:
         theirs = search(ref)
@@ -303,7 +322,7 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
 
     name = ("inverted-blend" if blend_alpha is not None else
             "inverted" if area_scale == 1.0 else "inverted-small")
-    mine = search(sus)
+    mine = search(sus, on_step)  # (the reference's search, when not cached, is not counted)
     on_sus = [attack_success_rate(sus, test, mine[t], t) for t in range(k)]
     on_ref = on_reference({"kind": name, "config": asdict(cfg), "alpha": blend_alpha},
                           reference_rates)

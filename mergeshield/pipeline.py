@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mergeshield import __version__, checkpoints
+from mergeshield import __version__, adapters, checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
@@ -34,6 +35,7 @@ from mergeshield.options import (
     ClassIndex,
     EvalImages,
     Fraction,
+    ImageSide,
     InversionSteps,
     Lambda,
     Points,
@@ -68,6 +70,9 @@ class ScanRequest(BaseModel):
     base_revision: str | None = None
     evaluation: str | None = None  # dataset: bundled name, folder or hub dataset id
     evaluation_revision: str | None = None
+    # resize every evaluation (and injection) image to this side; None: as stored, and a folder
+    # of images of mixed sizes resized to the model's own input side
+    image_size: ImageSide | None = None
     injection_data: str | None = None  # the defender's data for BV_inj; default: ``evaluation``
     recipe: InjectionRecipe = Field(default_factory=InjectionRecipe)
     focus: Focus = Field(default_factory=Focus)  # which part of BV_inj is subtracted
@@ -133,12 +138,15 @@ class ScanContext:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-# Where each stage sits on the 0–100 progress scale (its share of a typical CPU scan's time).
+# Where each stage sits on the 0–100 progress scale: its share of a CPU scan that builds its
+# BV_inj (a default-scale ViT scan with BV_inj and the reference's searches cached spends ~55 % of
+# its time inverting triggers and ~30 % unlearning). The fine-tunes (inject-*, unlearn) report
+# their steps; the other stages move at their ends.
 STAGE_SPANS: dict[str, tuple[float, float]] = {
-    "resolve": (0, 8), "task_vector": (8, 12), "load_data": (12, 16),
-    "measure_suspect": (16, 30), "invert_triggers": (30, 40), "injection_bv": (40, 50),
-    "inject-clean": (50, 62), "inject-bd": (62, 75), "sweep": (75, 92), "summary": (92, 94),
-    "write_checkpoint": (94, 99),
+    "resolve": (0, 4), "task_vector": (4, 6), "load_data": (6, 8),
+    "measure_suspect": (8, 14), "invert_triggers": (14, 30), "injection_bv": (30, 32),
+    "inject-clean": (32, 46), "inject-bd": (46, 60), "sweep": (60, 70), "unlearn": (70, 92),
+    "measure_cleaned": (92, 96), "summary": (96, 97), "write_checkpoint": (97, 99),
 }
 
 
@@ -178,7 +186,7 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
     timer = _Timer(ctx.progress)
     device = torch.device(ctx.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hub: dict[str, Any] = {"token": ctx.token, "endpoint": ctx.endpoint,
-                           "cache_dir": ctx.cache_dir}
+                           "cache_dir": ctx.cache_dir, "local_files_only": ctx.local_files_only}
     with timer.stage("resolve"):
         suspect_src, base_src = inputs or resolve_inputs(request, ctx)
     incomplete: list[IncompleteReason] = []
@@ -199,11 +207,12 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
             checkpoints.open_checkpoint(base_src) as base_ck:
         suspect_w = family.canonical(suspect_ck) if family else suspect_ck
         base_w = family.canonical(base_ck) if family else base_ck
+        dtypes = {"suspect": _dtypes(suspect_ck), "base": _dtypes(base_ck)}
         with timer.stage("task_vector"):
             keys, skipped = backbone_keys(family, base_w, suspect_w)
             checkpoints.check_compatible(base_w, suspect_w, keys=set(keys).__contains__)
             tau = TaskVector.between(base_w, suspect_w, keys)
-        given = _given_bv(request, tau, hub, ctx.local_files_only)
+        given = _given_bv(request, tau, hub)
         m: Measurement | None = None
         if family is not None and request.evaluation is not None:
             m = measure_and_sanitise(
@@ -235,8 +244,8 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
     report = ScanReport(
         scanner_version=__version__, scan_id=ctx.scan_id,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        suspect=_model_input(suspect_src, family, ctx.labels.get("suspect")),
-        base=_model_input(base_src, family, ctx.labels.get("base")),
+        suspect=_model_input(suspect_src, family, ctx.labels.get("suspect"), dtypes["suspect"]),
+        base=_model_input(base_src, family, ctx.labels.get("base"), dtypes["base"]),
         evaluation=m.dataset if m else None,
         config=request.model_dump(mode="json") | {  # the request as labelled, not server paths
             role: ctx.labels[role] for role in ("suspect", "base") if role in ctx.labels},
@@ -264,6 +273,9 @@ def resolve_inputs(request: ScanRequest, ctx: ScanContext) -> Inputs:
     suspect = checkpoints.resolve(request.suspect, revision=request.suspect_revision, **kw)
     base = checkpoints.resolve(request.base, revision=request.base_revision, **kw)
     check_card_base(suspect.root, base.source, base.kind, base.config)
+    if adapters.is_adapter(suspect):  # a LoRA adapter: scanned as the model it makes
+        suspect = adapters.merged_source(suspect, base, cache_dir=ctx.cache_dir,
+                                         min_free_bytes=ctx.min_free_bytes)
     return suspect, base
 
 
@@ -297,21 +309,27 @@ def _revision_of(src: checkpoints.ResolvedSource) -> str:
 
 
 def _model_input(src: checkpoints.ResolvedSource, family: ModelFamily | None,
-                 label: str | None = None) -> ModelInput:
+                 label: str | None = None, dtypes: dict[str, int] | None = None) -> ModelInput:
     archs = (src.config or {}).get("architectures") or [None]
     return ModelInput(
         source=label or src.source, kind=src.kind, revision_requested=src.revision_requested,
         revision=src.revision, family=family.name if family else None, architecture=archs[0],
         files=[FileDigest(path=p, size=s, sha256=h) for p, s, h in src.files_digest()],
+        dtypes=dtypes or {},
     )
 
 
-def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any], offline: bool
+def _dtypes(ck: checkpoints.Checkpoint) -> dict[str, int]:
+    """Tensors per dtype, from the headers (no tensor is read)."""
+    return dict(sorted(Counter(str(ck.info(k).dtype).removeprefix("torch.") for k in ck).items()))
+
+
+def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any]
               ) -> tuple[TaskVector, str] | None:
     """The user's BV (lazily read), restricted to the suspect's task-vector tensors, and its id."""
     if request.bv is None:
         return None
-    src = checkpoints.resolve(request.bv, local_files_only=offline, **hub)
+    src = checkpoints.resolve(request.bv, **hub)
     ck = checkpoints.open_checkpoint(src)  # stays open while the scan reads it
     bv = TaskVector(list(ck), ck.__getitem__)
     checkpoints.check_compatible(bv, tau, keys=set(tau).__contains__)

@@ -7,14 +7,12 @@ bytes the file really holds, so a stride-0 view cannot become a gigabyte file. C
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergeshield.disk import ensure_room
+from mergeshield.disk import ensure_room, private_dir
 from mergeshield.errors import (
     CorruptCheckpointError,
     MergeShieldError,
@@ -41,20 +39,6 @@ def _unsafe(path: Path, why: str) -> UnsafeFormatError:
     return UnsafeFormatError(f"{path.name}: refused, {why}", details={"file": path.name})
 
 
-def _conversion_dir(cache_dir: str | Path | None) -> Path:
-    """Where converted ``.bin`` files live: the cache, else a private per-user temp folder."""
-    if cache_dir:
-        folder = Path(cache_dir) / "mergeshield-converted"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-    folder = Path(tempfile.gettempdir()) / f"mergeshield-converted-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.lstat()
-    if folder.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        folder = Path(tempfile.mkdtemp(prefix="mergeshield-converted-"))  # someone else's: avoid
-    return folder
-
-
 def convert(path: Path, cache_dir: str | Path | None, min_free_bytes: int | None) -> Path:
     """torch.load(weights_only=True) a flat state dict and write it once as safetensors.
 
@@ -64,7 +48,7 @@ def convert(path: Path, cache_dir: str | Path | None, min_free_bytes: int | None
     ``min_free_bytes`` free (None: no check). A failed conversion leaves no file behind."""
     check_regular(path)
     digest = sha256_file(path)
-    folder = _conversion_dir(cache_dir)
+    folder = private_dir(cache_dir, "mergeshield-converted")
     out = folder / f"{digest}.safetensors"
     if out.is_file():
         return out

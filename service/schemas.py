@@ -16,6 +16,7 @@ from mergeshield.options import (
     ClassIndex,
     EvalImages,
     Fraction,
+    ImageSide,
     InversionSteps,
     Lambda,
     Points,
@@ -85,6 +86,7 @@ class ScanOptions(_Body):
     inversion: bool = True
     inversion_steps: InversionSteps = 60
     max_eval: EvalImages | None = 1000
+    image_size: ImageSide | None = None  # every evaluation image resized to this side
     min_asr_gap: Fraction = 0.2
     seed: Seed = 0
 

@@ -59,7 +59,9 @@ def configure(json_logs: bool, level: int = logging.INFO) -> None:
         logging.getLogger(name).handlers[:] = []
         if name != "uvicorn.access":  # uvicorn turns that one off unless --access-log
             logging.getLogger(name).propagate = True
-    for noisy in ("httpx", "httpx2"):  # they log every request's URL at INFO
+    # httpx logs every request's URL at INFO; alembic its plugins and dialect at every start
+    # (worker/migrate.py logs a migration that ran, once)
+    for noisy in ("httpx", "httpx2", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -88,8 +88,10 @@ def backbone_keys(
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """The tensors task vectors cover, and every other tensor of the suspect with the reason.
 
-    Known family: its backbone tensors (must all be in the base). Unknown family: every float
-    tensor the two checkpoints share with equal shape and dtype; the rest is listed as skipped.
+    Known family: its backbone tensors (must all be in the base, and every float one of the
+    base must be a float in the suspect). Unknown family: every float tensor the two checkpoints
+    share with equal shape; the rest is listed as skipped. Float precisions may differ (a bf16
+    fine-tune of an fp32 base): task vectors are computed in float32.
     """
     keys: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -101,14 +103,24 @@ def backbone_keys(
             skipped.append((name, "head (per task, not part of the task vector)"))
         elif family is None and name not in base:
             skipped.append((name, "not in the base model"))
-        elif family is None and _same(_info(base, name), info) is False:
-            skipped.append((name, "shape or dtype differs from the base (a head?)"))
+        elif family is None and not _same(_info(base, name), info):
+            skipped.append((name, "shape or dtype kind differs from the base (a head?)"))
         else:
             keys.append(name)
     if family is not None:  # a backbone tensor of the base that the suspect lacks is a mismatch
         have = set(suspect)
         lost = [k for k in base if family.is_backbone(k) and k not in have
                 and _info(base, k).dtype.is_floating_point]
+        not_float = [{"name": k, "base": str(_info(base, k).dtype), "other": str(i.dtype)}
+                     for k in base if k in have and family.is_backbone(k)
+                     and _info(base, k).dtype.is_floating_point
+                     and not (i := _info(suspect, k)).dtype.is_floating_point]
+        if not_float:  # a weight stored as integers is not a fine-tune of a float weight
+            raise IncompatibleModelsError(
+                f"{len(not_float)} backbone tensor(s) are floats in the base but not in the "
+                f"other model, e.g. {[d['name'] for d in not_float[:3]]}",
+                details={"missing": [], "unexpected": [], "shape": [], "dtype": not_float},
+            )
         if lost:
             raise IncompatibleModelsError(
                 f"{len(lost)} backbone tensor(s) of the base are missing from the other model, "
@@ -124,7 +136,9 @@ def backbone_keys(
 
 
 def _same(a: Any, b: Any) -> bool:
-    return bool(a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape))
+    """Same shape, and both floats (any precision) or the same dtype."""
+    same_kind = a.dtype == b.dtype or (a.dtype.is_floating_point and b.dtype.is_floating_point)
+    return bool(same_kind and tuple(a.shape) == tuple(b.shape))
 
 
 def _info(weights: Mapping[str, Tensor], name: str) -> Any:

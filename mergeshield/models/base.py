@@ -143,11 +143,17 @@ class ModelFamily(ABC):
     """One family of models (ViT-like classifiers, CLIP, ...)."""
 
     name: str
+    preprocessing: Preprocessing  # what its classifiers do to pixels (input side, mean, std)
 
     @classmethod
     @abstractmethod
     def matches(cls, config: Mapping[str, Any]) -> bool:
         """Whether a checkpoint with this config.json belongs to the family."""
+
+    def checkpoint_names(self) -> dict[str, str]:
+        """Tensor names in memory → names in a checkpoint, where they differ (PEFT adapters
+        name modules as they are in memory); {}: the same names."""
+        return {}
 
     @abstractmethod
     def is_backbone(self, name: str) -> bool:

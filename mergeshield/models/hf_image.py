@@ -7,7 +7,7 @@ the classification head (``classifier.*``) is per task and excluded from task ve
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,10 +40,14 @@ def _build(config: Mapping[str, Any], num_labels: int) -> PreTrainedModel:
     cfg.pop("id2label", None)
     cfg.pop("label2id", None)
     hf_config = AutoConfig.for_model(**cfg)
-    model_class = AutoModelForImageClassification._model_mapping[type(hf_config)]
-    model: PreTrainedModel = AutoModelForImageClassification.from_config(
-        hf_config, attn_implementation=attention_for(model_class)
-    )
+    # some model types map to several classes (DeiT: plain, and with a distillation teacher):
+    # the one the config names, else the first
+    mapped = AutoModelForImageClassification._model_mapping[type(hf_config)]
+    classes = [c for c in (mapped if isinstance(mapped, tuple) else (mapped,)) if c is not None]
+    named = {str(a) for a in config.get("architectures") or []}
+    model_class = next((c for c in classes if c.__name__ in named), classes[0])
+    model: PreTrainedModel = model_class._from_config(
+        hf_config, attn_implementation=attention_for(model_class))
     return model
 
 
@@ -70,17 +74,23 @@ class HFImageClassifier(Classifier):
 
 
 def _tensors(model: PreTrainedModel) -> dict[str, Tensor]:
-    """Parameters and float buffers under their *checkpoint* names, as live tensors.
+    """Parameters and float buffers under their *checkpoint* names, as live tensors."""
+    live = {k: t for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
+    names = _checkpoint_names(model, live)
+    return {names[k]: t for k, t in live.items()}
+
+
+def _checkpoint_names(model: PreTrainedModel, live: dict[str, Tensor]) -> dict[str, str]:
+    """Each live tensor's name in memory → its name in a checkpoint.
 
     transformers>=5 renames modules in memory (``vit.layers.0.attention.q_proj``) and converts
     back on save (``vit.encoder.layer.0.attention.attention.query``); task vectors are defined on
     the checkpoint names everyone shares, so we ask transformers for the same reversal.
     """
-    live = {k: t for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers<5 keeps checkpoint names in memory
-        return live
+        return {k: k for k in live}
     reverted = revert_weight_conversion(model, dict(live))
     by_id = {id(t): name for name, t in reverted.items()}
     fused = [k for k, t in live.items() if id(t) not in by_id]
@@ -89,7 +99,7 @@ def _tensors(model: PreTrainedModel) -> dict[str, Tensor]:
             f"{type(model).__name__} fuses or splits tensors between memory and checkpoint "
             f"(e.g. {fused[:2]}); only renamed tensors are supported"
         )
-    return {by_id[id(t)]: t for t in live.values()}
+    return {k: by_id[id(t)] for k, t in live.items()}
 
 
 def _head_module(model: nn.Module) -> nn.Module:
@@ -142,6 +152,14 @@ class HFImageFamily(ModelFamily):
     def initial_weights(self, num_labels: int) -> dict[str, Tensor]:
         """A randomly initialised model's tensors under checkpoint names (to pre-train from)."""
         return {k: v.detach().clone() for k, v in _tensors(_build(self.config, num_labels)).items()}
+
+    def checkpoint_names(self) -> dict[str, str]:
+        """Tensor names in memory (what PEFT adapters use) → checkpoint names (built on the
+        meta device: nothing is allocated)."""
+        _, model = count_on_meta(lambda: _build(self.config, 2))
+        live = {k: t for k, t in model.state_dict(keep_vars=True).items()
+                if t.is_floating_point()}
+        return _checkpoint_names(cast(PreTrainedModel, model), live)
 
     def canonical(self, weights: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         # A bare backbone checkpoint (e.g. ViTModel) lacks the prefix: add it.

@@ -54,6 +54,10 @@ class ModelInput(_Model):
     family: str | None = None  # the adapter that ran it, e.g. "vit", "clip"; None if unknown
     architecture: str | None = None  # config.json "architectures"[0]
     files: list[FileDigest] = Field(default_factory=list)
+    # tensors per dtype, e.g. {"bfloat16": 200, "int64": 1}: a fine-tune may be stored in another
+    # float precision than its base (task vectors are computed in float32, the cleaned
+    # checkpoint is written in the suspect's dtypes)
+    dtypes: dict[str, int] = Field(default_factory=dict)
 
 
 class DatasetInput(_Model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,13 @@ def test_clean_exits_0_with_a_text_summary(zoo: Zoo, bv_cache_dir: Path) -> None
     proc = _run(_scan(zoo, "vit-mnist-rot90-clean"), bv_cache_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "Verdict: NO BACKDOOR FOUND" in proc.stdout
+    # piped, the scan says where it is: a line per stage and at least every 5 s (issue 15)
+    said = [(float(m[1]), m[2], int(m[3])) for m in
+            re.finditer(r"^\[\s*([\d.]+)%\] (\S+) \((\d+) s\)$", proc.stderr, re.M)]
+    stages = [stage for _, stage, _ in said]
+    assert stages[0] == "resolve" and {"measure_suspect", "sweep", "summary"} <= set(stages)
+    assert [p for p, _, _ in said] == sorted(p for p, _, _ in said)
+    assert all(b - a <= 7 for (_, _, a), (_, _, b) in zip(said, said[1:], strict=False))
 
 
 def test_sarif_format(zoo: Zoo, bv_cache_dir: Path) -> None:
@@ -117,3 +125,41 @@ def test_an_out_of_bounds_option_exits_2_as_invalid_config(
     code, error = _main(["scan", "x", "--base", "y", "--lambda", "nan"], capsys)
     assert (code, error["code"]) == (2, "invalid_config")
     assert "fixed_lambda" in str(error["message"])
+
+
+def test_a_cheaper_injection_is_an_option_with_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    """--inject-epochs / --inject-max-train (issue 15: a big model's scan spends most of its time
+    building BV_inj); out of bounds, the same invalid_config as any scan option."""
+    from mergeshield.cli import build_parser
+    from mergeshield.cli_commands import _request
+
+    args = build_parser().parse_args(["scan", "x", "--base", "y", "--inject-epochs", "1",
+                                      "--inject-max-train", "500"])
+    recipe = _request(args).recipe
+    assert (recipe.epochs, recipe.max_train, recipe.lr) == (1, 500, 1e-3)  # the rest: defaults
+    code, error = _main(["scan", "x", "--base", "y", "--inject-epochs", "0"], capsys)
+    assert (code, error["code"]) == (2, "invalid_config") and "epochs" in str(error["message"])
+
+
+def test_a_trigger_file_lists_triggers_with_their_targets(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--trigger @file.json (issue 15): the user's own trigger list, beside plain --trigger."""
+    from mergeshield.cli import build_parser
+    from mergeshield.cli_commands import _request
+
+    listed = tmp_path / "triggers.json"
+    listed.write_text(json.dumps(["blended:noise:0.15",
+                                  {"trigger": "patch:solid:2:top_left", "target": 4}]))
+    args = build_parser().parse_args([
+        "scan", "x", "--base", "y", "--trigger", "patch:checkerboard:3:bottom_right",
+        "--target", "1", "--trigger", f"@{listed}"])
+    request = _request(args)
+    assert [t.kind for t in request.triggers] == ["patch", "blended", "patch"]
+    assert request.user_targets == [1, None, 4]
+    for content in ("{not json", '{"kind": "patch"}', '["patch:nonsense"]',
+                    '[{"trigger": "blended:noise:0.1", "target": -1}]'):
+        listed.write_text(content)
+        code, error = _main(["scan", "x", "--base", "y", "--trigger", f"@{listed}"], capsys)
+        assert (code, error["code"]) == (2, "invalid_config"), content
+    code, error = _main(["scan", "x", "--base", "y", "--trigger", f"@{tmp_path}/none"], capsys)
+    assert (code, error["code"]) == (2, "invalid_config")

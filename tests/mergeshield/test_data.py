@@ -134,13 +134,16 @@ def test_image_folder_classes_only_is_split_80_20(tmp_path: Path) -> None:
     assert load_task(str(tmp_path)).test.sha256() == task.test.sha256()
 
 
-def test_image_folder_mixed_sizes_need_image_size(tmp_path: Path) -> None:
+def test_image_folder_mixed_sizes_need_a_size(tmp_path: Path) -> None:
     for split in ("train", "test"):
         _png(tmp_path / split / "x" / "0.png", 3, size=(4, 4))
         _png(tmp_path / split / "x" / "1.png", 3, size=(8, 8))
-    with pytest.raises(DatasetError, match="image_size"):
+    with pytest.raises(DatasetError, match="--image-size"):
         load_task(str(tmp_path))
     _check(load_task(str(tmp_path), image_size=6), 2, 2, (1, 6, 6))
+    # a scan passes its model's input side: mixed sizes are resized to it, one size is kept
+    _check(load_task(str(tmp_path), mixed_size=5), 2, 2, (1, 5, 5))
+    _check(load_task(str(tmp_path), image_size=6, mixed_size=5), 2, 2, (1, 6, 6))
 
 
 def test_hf_save_to_disk_with_validation_and_other_names(tmp_path: Path) -> None:

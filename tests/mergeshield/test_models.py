@@ -187,14 +187,25 @@ def test_backbone_keys_of_a_known_family_skip_heads_and_non_float_tensors(vit_di
     }
 
 
+def test_a_backbone_weight_stored_as_integers_is_not_a_fine_tune(vit_dir: Path) -> None:
+    state = read_state(vit_dir)
+    name = next(k for k in state if k.startswith("vit.") and k.endswith("weight"))
+    with load_dir(vit_dir) as ck:
+        family = family_for(ck.config, ck.config)
+        with pytest.raises(IncompatibleModelsError) as info:
+            backbone_keys(family, ck, {**state, name: state[name].to(torch.int8)})
+    assert info.value.details["dtype"] == [{"name": name, "base": "torch.float32",
+                                            "other": "torch.int8"}]
+
+
 def test_backbone_keys_of_an_unknown_family_take_shared_float_tensors() -> None:
     base = {"a": torch.zeros(2, 2), "b": torch.zeros(3), "h": torch.zeros(3, 4)}
     suspect = {"a": torch.ones(2, 2), "b": torch.ones(3, dtype=torch.float16),
                "h": torch.ones(5, 4), "new": torch.ones(1), "steps": torch.tensor(3)}
     keys, skipped = backbone_keys(None, base, suspect)
-    assert keys == ["a"]
+    assert keys == ["a", "b"]  # "b": another float precision is still the same tensor
     reasons = dict(skipped)
-    assert reasons["b"] == reasons["h"] == "shape or dtype differs from the base (a head?)"
+    assert reasons["h"] == "shape or dtype kind differs from the base (a head?)"
     assert reasons["new"] == "not in the base model"
     assert reasons["steps"] == "non-float dtype int64"
     with pytest.raises(IncompatibleModelsError):

@@ -28,14 +28,27 @@ def _request(zoo: Zoo, name: str, **kw: object) -> ScanRequest:
                        evaluation=str(zoo.dataset(name)), **{**FAST, **kw})  # type: ignore[arg-type]
 
 
+PROGRESS: list[tuple[str, float]] = []  # what the backdoored scan reported while it ran
+
+
 @pytest.fixture(scope="module")
 def backdoored(zoo: Zoo, bv_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[ScanReport, Path]:
     out = tmp_path_factory.mktemp("cleaned")
     report = scan(_request(zoo, "vit-mnist-badnets"),
                   ScanContext(out_dir=out, formats=("json", "sarif", "html"),
-                              cache_dir=bv_cache_dir))
+                              cache_dir=bv_cache_dir,
+                              progress=lambda stage, f: PROGRESS.append((stage, f))))
     return report, out
+
+
+def test_progress_moves_inside_the_long_stages(backdoored: tuple[ScanReport, Path]) -> None:
+    """Issue 15: the service's percent sat still through inversion and the sweep."""
+    for stage in ("invert_triggers", "sweep", "unlearn"):
+        inside = [f for s, f in PROGRESS if s == stage and 0 < f < 1]
+        assert len(inside) >= 2, (stage, [f for s, f in PROGRESS if s == stage][:10])
+        ours = [f for s, f in PROGRESS if s == stage]
+        assert ours == sorted(ours) or stage == "unlearn"  # a repair round starts again at 0
 
 
 def test_backdoored_model_is_flagged(backdoored: tuple[ScanReport, Path]) -> None:
@@ -185,23 +198,68 @@ def test_mismatched_architectures_are_refused(zoo: Zoo) -> None:
     assert info.value.details
 
 
-def test_bf16_checkpoints_come_out_in_bf16(zoo: Zoo, tmp_path: Path, bv_cache_dir: Path) -> None:
+@pytest.mark.parametrize(("suspect_dtype", "base_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32)])
+def test_a_fine_tune_in_any_float_precision_is_scanned_and_comes_out_in_its_own(
+        zoo: Zoo, tmp_path: Path, bv_cache_dir: Path, suspect_dtype: torch.dtype,
+        base_dtype: torch.dtype) -> None:
+    """Issue 15: a bf16 or fp16 fine-tune of an fp32 base (common on the hub) is a fine-tune,
+    not an architecture mismatch: τ in float32, the cleaned checkpoint in the suspect's dtype."""
     from mergeshield import checkpoints
 
-    for name in ("vit-base", "vit-mnist-badnets"):
+    def stored(name: str, dtype: torch.dtype) -> Path:
+        if dtype == torch.float32:
+            return zoo.path(name)  # the zoo's own
         src = checkpoints.resolve(str(zoo.path(name)))
         with checkpoints.open_checkpoint(src) as ck:
-            checkpoints.save_checkpoint(tmp_path / name, {k: ck[k].to(torch.bfloat16) for k in ck},
+            checkpoints.save_checkpoint(tmp_path / name, {k: ck[k].to(dtype) for k in ck},
                                         config=src.config,
                                         extra_files=checkpoints.extra_files(src))
-    request = ScanRequest(suspect=str(tmp_path / "vit-mnist-badnets"),
-                          base=str(tmp_path / "vit-base"),
+        return tmp_path / name
+
+    request = ScanRequest(suspect=str(stored("vit-mnist-badnets", suspect_dtype)),
+                          base=str(stored("vit-base", base_dtype)),
                           evaluation=str(zoo.dataset("vit-mnist-badnets")), inversion=False,
                           probes=False, lambdas=[0.0, 1.0])
     report = scan(request, ScanContext(out_dir=tmp_path / "out", cache_dir=bv_cache_dir))
+    tag = {torch.bfloat16: "BF16", torch.float16: "F16"}[suspect_dtype]
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {tag}
     assert report.sweep is not None and report.sweep.chosen_lambda in (0.0, 1.0)
+    assert set(report.suspect.dtypes) == {str(suspect_dtype).removeprefix("torch.")}
+    assert str(base_dtype).removeprefix("torch.") in report.base.dtypes
+    accuracy = report.metrics.clean_accuracy_before
+    assert accuracy is not None and accuracy.rate > 0.5  # the model ran, in float32
+
+
+def test_a_folder_of_photos_of_mixed_sizes_is_resized_to_the_models_input(
+        zoo: Zoo, tmp_path: Path, bv_cache_dir: Path) -> None:
+    """Issue 15: real JPEGs of mixed sizes were refused with advice the CLI could not follow."""
+    from PIL import Image
+
+    from mergeshield.data import load_task
+
+    name = "vit-mnist-badnets"
+    task = load_task(str(zoo.dataset(name)), max_train=100, max_test=100)
+    sizes = torch.Generator().manual_seed(0)
+    for split, ds in (("train", task.train), ("test", task.test)):
+        for i, (x, y) in enumerate(zip(ds.images, ds.labels.tolist(), strict=True)):
+            side = int(torch.randint(20, 49, (1,), generator=sizes))
+            folder = tmp_path / "photos" / split / ds.classes[y]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (x[0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels, "L").resize((side, side)).save(folder / f"{i}.jpg")
+    request = ScanRequest(suspect=str(zoo.path(name)), base=str(zoo.path("vit-base")),
+                          evaluation=str(tmp_path / "photos"),
+                          injection_data=str(zoo.dataset(name)), inversion=False,
+                          unlearning=NO_REPAIR, lambdas=[0.0, 1.0])
+    report = scan(request, ScanContext(cache_dir=bv_cache_dir))
+    assert report.evaluation is not None and report.evaluation.size == 100
+    accuracy = report.metrics.clean_accuracy_before
+    assert accuracy is not None and accuracy.rate > 0.5, accuracy
+    with pytest.raises(ValueError, match="image_size"):  # bounded like every option
+        ScanRequest(suspect="s", base="b", image_size=4)
 
 
 def test_the_injection_bv_is_described_in_the_cache(backdoored: tuple[ScanReport, Path],

@@ -30,6 +30,13 @@ def test_scan_by_repo_id_records_resolved_revisions_and_works_offline(
     assert hub.token not in report.model_dump_json()
     assert data_sha
 
+    # --offline (local_files_only) with the hub still up: nothing is asked of it, the
+    # evaluation dataset included (issue 15: it used to go to the network)
+    hub.requests.clear()
+    again = scan(request, ScanContext(endpoint=hub.url, token=hub.token, cache_dir=cache,
+                                      local_files_only=True))
+    assert hub.requests == [] and again.evaluation == report.evaluation
+
     # the same scan with the hub gone, from the cache the first run filled
     hub.stop()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

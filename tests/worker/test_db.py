@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -13,7 +17,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 
 from worker.db import Base, Database, Scan
-from worker.migrate import alembic_config, upgrade
+from worker.migrate import alembic_config, revision, upgrade
 
 
 def schema_diff(db: Database) -> list[Any]:
@@ -21,11 +25,6 @@ def schema_diff(db: Database) -> list[Any]:
     with db.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(ctx, Base.metadata))
-
-
-def revision(db: Database) -> str | None:
-    with db.engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
 
 
 def test_migrations_build_the_models_schema(empty_db: Database) -> None:
@@ -72,3 +71,22 @@ def test_utc_datetime_round_trips_aware_utc_on_sqlite(
         assert str(stored).startswith("2026-03-01 12:30:15")  # stored as UTC, so it sorts right
     finally:
         db.dispose()
+
+
+def test_the_keys_command_prints_its_json_and_logs_a_migration_once(tmp_path: Path) -> None:
+    """``mergeshield keys create`` on a new database: one JSON line on stdout, one log line that
+    says the schema was migrated, none of alembic's own INFO lines (issue 15)."""
+    env = {**os.environ, "MERGESHIELD_DATA_DIR": str(tmp_path / "data")}
+    env.pop("DATABASE_URL", None)
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "service.cli", "keys", *args], env=env,
+                              capture_output=True, text=True, timeout=120, check=True)
+
+    made = keys("create", "--name", "ci")
+    assert json.loads(made.stdout)["key"].startswith("msk_")
+    logged = [json.loads(line) for line in made.stderr.splitlines()]
+    assert [r["message"] for r in logged] == ["database migrated"]
+    assert logged[0]["from_revision"] is None and logged[0]["to_revision"]
+    listed = keys("list")
+    assert json.loads(listed.stdout)["name"] == "ci" and listed.stderr == ""

@@ -101,7 +101,7 @@ def test_progress_writes_stage_and_percent(db: Database, make_scan: MakeScan) ->
     assert job is not None
     job.progress("sweep", 0.5)
     stored = row(db, job.scan.id)
-    assert stored.stage == "sweep" and stored.percent == percent("sweep", 0.5) == 83.5
+    assert stored.stage == "sweep" and stored.percent == percent("sweep", 0.5) == 65.0
     job.progress("summary", 1.0)  # a stage's end is always written, however soon
     stored = row(db, job.scan.id)
     assert stored.stage == "summary" and stored.percent == percent("summary", 1.0)

@@ -1,0 +1,320 @@
+"""A planned merge, scanned and defended (issue 17, first step: the library and the CLI).
+
+The plan is a mergekit YAML (``merge_method``, ``base_model``, ``models`` with ``model`` and
+``parameters.weight`` / ``density``, ``parameters.normalize``, ``dtype``) plus an optional
+``mergeshield:`` section mergekit does not read: the ``policy`` for a fine-tune whose scan finds a
+backdoor, and the ``evaluation`` data each model's task has. Every fine-tune is scanned against
+the base (``pipeline.scan``, its default defence); the policy decides what enters the merge:
+
+- ``clean`` (default): the scan's cleaned checkpoint of a flagged model, the others as they are;
+- ``exclude``: flagged models are left out;
+- ``include``: every model as it is (the merge is measured, not defended).
+
+The merged model is written in the base's layout with the plan, the policy and each model's
+verdict in ``__metadata__`` (and, where the policy changed something, the plan merged as it is
+under ``undefended/``), and measured per task that has evaluation data: that model's head on the
+model alone, the undefended merge and the merge; clean accuracy and the ASR of every trigger its
+scan specified in full (an inverted trigger is described in the report, not stored).
+
+Merges: task arithmetic θ = θ_base + Σ w_i·τ_i (``normalize``: the weights divided by their sum,
+as mergekit does), and TIES with one density and one weight for every model. Other mergekit
+forms (DARE, per-model TIES parameters, slices) are refused rather than merged differently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mergeshield import checkpoints
+from mergeshield.data import load_task
+from mergeshield.errors import ConfigError
+from mergeshield.evaluation import attack_success_rate, clean_accuracy
+from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
+from mergeshield.pipeline import ScanContext, ScanRequest, scan
+from mergeshield.report.schema import RateModel, ScanReport
+from mergeshield.triggers import parse_trigger
+
+MAX_PLAN_BYTES = 2**20
+MAX_MODELS = 32
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelParameters(_Strict):
+    weight: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
+    density: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+
+
+class PlanModel(_Strict):
+    model: str = Field(min_length=1, max_length=500)
+    parameters: ModelParameters = Field(default_factory=ModelParameters)
+
+
+class PlanParameters(_Strict):
+    normalize: bool | None = None  # mergekit's default: False for task arithmetic, True for TIES
+
+
+class PlanOptions(_Strict):
+    """The ``mergeshield:`` section: what mergekit does not know."""
+
+    policy: Literal["clean", "exclude", "include"] = "clean"
+    evaluation: dict[str, str] = Field(default_factory=dict)  # model -> its task's dataset
+    # ScanRequest options for every model's scan (e.g. {"max_eval": 500}); {}: the defaults
+    scan: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergePlan(_Strict):
+    merge_method: Literal["task_arithmetic", "ties"]
+    base_model: str = Field(min_length=1, max_length=500)
+    models: list[PlanModel] = Field(min_length=1, max_length=MAX_MODELS)
+    parameters: PlanParameters = Field(default_factory=PlanParameters)
+    dtype: str | None = None  # mergekit's output dtype; the merge keeps the base's dtypes
+    mergeshield: PlanOptions = Field(default_factory=PlanOptions)
+
+    @classmethod
+    def read(cls, path: str | Path) -> MergePlan:
+        """Parse a plan file (YAML, at most 1 MiB); a bad one is ``invalid_config``."""
+        p = Path(path)
+        try:
+            with open(p, "rb") as fh:
+                raw = fh.read(MAX_PLAN_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"{p.name}: cannot read the plan ({exc.strerror})",
+                              details={"file": p.name}) from None
+        if len(raw) > MAX_PLAN_BYTES:
+            raise ConfigError(f"{p.name}: a plan holds at most {MAX_PLAN_BYTES} bytes",
+                              details={"file": p.name})
+        try:
+            data = yaml.safe_load(raw)  # plain data only: no tags that construct objects
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"{p.name}: not YAML ({type(exc).__name__})",
+                              details={"file": p.name}) from None
+        return cls.parse(data, p.name)
+
+    @classmethod
+    def parse(cls, data: Any, name: str = "plan") -> MergePlan:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: a plan is a mapping with merge_method, base_model and "
+                              "models", details={"file": name})
+        try:
+            plan = cls.model_validate(data)
+        except ValidationError as exc:
+            problems = [{"field": ".".join(str(x) for x in e["loc"]), "problem": e["msg"]}
+                        for e in exc.errors(include_url=False, include_input=False)]
+            listed = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
+            raise ConfigError(f"{name}: {listed}", details=problems) from None
+        plan.merge_config()  # a form we do not merge is refused now, before any scan
+        plan.scan_request("model")  # and so are scan options out of their bounds
+        return plan
+
+    def scan_request(self, model: str) -> ScanRequest:
+        """How ``model`` is scanned: the plan's scan options, its task's evaluation data."""
+        fixed = {"suspect", "base", "evaluation"}
+        if fixed & set(self.mergeshield.scan):
+            raise ConfigError(f"mergeshield.scan: {sorted(fixed)} come from the plan itself")
+        try:
+            return ScanRequest(suspect=model, base=self.base_model,
+                               evaluation=self.mergeshield.evaluation.get(model),
+                               **self.mergeshield.scan)
+        except ValidationError as exc:
+            problems = [{"option": ".".join(str(x) for x in e["loc"]), "problem": e["msg"]}
+                        for e in exc.errors(include_url=False, include_input=False)]
+            raise ConfigError("mergeshield.scan: " + "; ".join(
+                f"{p['option']}: {p['problem']}" for p in problems[:5]), details=problems
+            ) from None
+
+    def merge_config(self) -> MergeConfig:
+        """The merge of this plan's models, in its order."""
+        weights = [m.parameters.weight for m in self.models]
+        if self.merge_method == "ties":
+            densities = {m.parameters.density for m in self.models}
+            if len(set(weights)) > 1 or len(densities) > 1:
+                raise ConfigError("ties: one weight and one density for every model is merged "
+                                  "here; per-model TIES parameters are not (yet)")
+            density = densities.pop()
+            return MergeConfig(method="ties", weights=weights[:1],
+                               keep=density if density is not None else 1.0)
+        if self.parameters.normalize:
+            total = sum(weights)
+            if total == 0:
+                raise ConfigError("normalize: the weights sum to 0")
+            weights = [w / total for w in weights]
+        return MergeConfig(method="task_arithmetic", weights=weights)
+
+
+class PlanModelResult(_Strict):
+    model: str
+    verdict: str  # the scan's verdict status
+    cleaning: str | None  # removed / not_removed / precautionary / not_cleaned / None
+    merged_as: Literal["as is", "cleaned", "excluded"]  # see ``merged_as``
+    evaluation: str | None
+    accuracy_alone: RateModel | None = None  # the fine-tune on its own task
+    accuracy_merged: RateModel | None = None  # the merged backbone with its head
+    accuracy_undefended: RateModel | None = None  # the plan merged with every model as it is
+    # trigger id -> ASR of each trigger its scan found: on the fine-tune, on the merge, on the
+    # undefended merge
+    asr_alone: dict[str, RateModel] = Field(default_factory=dict)
+    asr_merged: dict[str, RateModel] = Field(default_factory=dict)
+    asr_undefended: dict[str, RateModel] = Field(default_factory=dict)
+
+
+class PlanReport(_Strict):
+    plan: dict[str, Any]
+    policy: str
+    merge: dict[str, Any]
+    models: list[PlanModelResult]
+    output: list[str]  # files written
+
+
+@dataclass
+class PlanContext:
+    out_dir: Path  # the merged model; scans' outputs under out_dir/scans/<i>
+    cache_dir: Path | None = None
+    device: str | None = None
+    local_files_only: bool = False
+    hub: dict[str, Any] = field(default_factory=dict)  # token, endpoint
+
+
+def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
+    """Scan every fine-tune, merge what the policy keeps, measure and write the merge."""
+    policy = plan.mergeshield.policy
+    scans: list[tuple[PlanModel, ScanReport, Path]] = []
+    for i, entry in enumerate(plan.models):
+        out = ctx.out_dir / "scans" / str(i)
+        report = scan(plan.scan_request(entry.model),
+                      ScanContext(out_dir=out, cache_dir=ctx.cache_dir, device=ctx.device,
+                                  local_files_only=ctx.local_files_only, **ctx.hub))
+        scans.append((entry, report, out))
+    chosen: list[tuple[PlanModel, str]] = []  # (entry, source merged)
+    results: list[dict[str, Any]] = []
+    for entry, report, out in scans:
+        how = merged_as(policy, report.verdict.status == "backdoor_suspected",
+                        report.output is not None)
+        if how != "excluded":
+            chosen.append((entry, str(out) if how == "cleaned" else entry.model))
+        results.append({"model": entry.model, "verdict": report.verdict.status,
+                        "cleaning": report.cleaning.status if report.cleaning else None,
+                        "merged_as": how,
+                        "evaluation": plan.mergeshield.evaluation.get(entry.model)})
+    if not chosen:
+        raise ConfigError("the policy excluded every model of the plan: nothing to merge",
+                          details={"policy": policy})
+    cfg = plan.model_copy(update={"models": [e for e, _ in chosen]}).merge_config()
+    files = _merge(plan, cfg, [s for _, s in chosen], results, ctx, ctx.out_dir)
+    # the merge as planned, undefended, beside it (only where the policy changed something)
+    undefended = None
+    if any(r["merged_as"] != "as is" for r in results):
+        undefended = ctx.out_dir / "undefended"
+        _merge(plan, plan.merge_config(), [m.model for m in plan.models], results, ctx,
+               undefended)
+    for row, (entry, report, _out) in zip(results, scans, strict=True):
+        row.update(_measure(report, ctx.out_dir, undefended, entry.model, plan, ctx))
+    return PlanReport(plan=plan.model_dump(mode="json"), policy=policy,
+                      merge=cfg.model_dump(mode="json"),
+                      models=[PlanModelResult.model_validate(r) for r in results],
+                      output=[p.name for p in files])
+
+
+Merged = Literal["as is", "cleaned", "excluded"]
+
+
+def merged_as(policy: str, flagged: bool, cleaned: bool) -> Merged:
+    """What of a scanned model enters the merge under ``policy``. A flagged model whose scan
+    wrote no cleaned checkpoint (nothing measured) enters as it is only under ``include``."""
+    if not flagged or policy == "include":
+        return "as is"
+    if policy == "clean" and cleaned:
+        return "cleaned"
+    return "excluded"
+
+
+def _resolve(source: str, ctx: PlanContext) -> checkpoints.ResolvedSource:
+    return checkpoints.resolve(source, local_files_only=ctx.local_files_only,
+                               cache_dir=ctx.cache_dir, **ctx.hub)
+
+
+def _merge(plan: MergePlan, cfg: MergeConfig, sources: list[str],
+           results: list[dict[str, Any]], ctx: PlanContext, out: Path) -> list[Path]:
+    base_src = _resolve(plan.base_model, ctx)
+    with checkpoints.open_checkpoint(base_src) as base_ck:
+        models = [checkpoints.open_checkpoint(_resolve(s, ctx)) for s in sources]
+        try:
+            base, tvs, _family = task_vectors(base_ck, models)
+            info = base.info  # type: ignore[attr-defined]
+            verdicts = {r["model"]: {k: r[k] for k in ("verdict", "cleaning", "merged_as")}
+                        for r in results}
+            return checkpoints.save_checkpoint(
+                out, merged_tensors(base, tvs, cfg), specs={k: info(k) for k in base},
+                config=base_src.config, extra_files=checkpoints.extra_files(base_src),
+                metadata={"format": "pt",
+                          "mergeshield.plan": plan.model_dump_json(),
+                          "mergeshield.policy": plan.mergeshield.policy,
+                          "mergeshield.verdicts": json.dumps(verdicts),
+                          "mergeshield.merge": cfg.model_dump_json()})
+        finally:
+            for ck in models:
+                ck.close()
+
+
+def _measure(report: ScanReport, merged: Path, undefended: Path | None, model: str,
+             plan: MergePlan, ctx: PlanContext) -> dict[str, Any]:
+    """The merged backbone with ``model``'s head on ``model``'s task (the images its scan
+    evaluated), beside the model alone and the undefended merge (None: the same as the merge):
+    clean accuracy and every trigger its scan found."""
+    from mergeshield.models import family_for
+
+    dataset = plan.mergeshield.evaluation.get(model)
+    if dataset is None or report.evaluation is None:
+        return {}
+    found = {f.trigger_id for f in report.findings if f.trigger_id}
+    # the triggers a report specifies in full (probes, the user's, injections); an inverted one
+    # is described there (its digest and area), not stored, so it is not measured on the merge
+    triggers = [(t.id, parse_trigger(t.spec), t.target) for t in report.metrics.triggers
+                if t.id in found and t.source != "inverted"]
+    base_src, model_src, merged_src, plain_src = (
+        _resolve(str(s), ctx) for s in (plan.base_model, model, merged, undefended or merged))
+    out: dict[str, Any] = {}
+    with checkpoints.open_checkpoint(base_src) as b, checkpoints.open_checkpoint(model_src) as m, \
+            checkpoints.open_checkpoint(merged_src) as g, \
+            checkpoints.open_checkpoint(plain_src) as u:
+        family = family_for(base_src.config, model_src.config)
+        request = plan.scan_request(model)  # the images its scan evaluated
+        test = load_task(dataset, max_test=request.max_eval, seed=request.seed,
+                         image_size=request.image_size,
+                         mixed_size=family.preprocessing.image_size, cache_dir=ctx.cache_dir,
+                         local_files_only=ctx.local_files_only, **ctx.hub).test
+        head = family.head_from(family.canonical(b), family.canonical(m))
+        for label, backbone in (("alone", family.canonical(m)), ("merged", family.canonical(g)),
+                                ("undefended", family.canonical(u))):
+            clf = family.classifier(backbone, head, test.classes)
+            out[f"accuracy_{label}"] = clean_accuracy(clf, test).to_model()
+            out[f"asr_{label}"] = {i: attack_success_rate(clf, test, t, target).to_model()
+                                   for i, t, target in triggers}
+    return out
+
+
+def plan_summary(report: PlanReport) -> str:
+    """The plan's outcome in a few lines of text (the CLI's output)."""
+    lines = [f"merged {sum(r.merged_as != 'excluded' for r in report.models)} of "
+             f"{len(report.models)} models ({report.merge['method']}, policy {report.policy})"]
+    for r in report.models:
+        acc = (f"; accuracy {_pct(r.accuracy_alone)} alone, {_pct(r.accuracy_undefended)} "
+               f"undefended merge, {_pct(r.accuracy_merged)} merged" if r.accuracy_merged else "")
+        asr = "".join(f"; {i} ASR {_pct(r.asr_alone[i])} alone, "
+                      f"{_pct(r.asr_undefended.get(i))} undefended, {_pct(a)} merged"
+                      for i, a in r.asr_merged.items())
+        lines.append(f"  {r.model}: {r.verdict} ({r.cleaning or 'not cleaned'}), merged "
+                     f"{r.merged_as}{acc}{asr}")
+    return "\n".join(lines)
+
+
+def _pct(rate: RateModel | None) -> str:
+    return "–" if rate is None else f"{100 * rate.rate:.1f} %"

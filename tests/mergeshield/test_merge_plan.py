@@ -1,0 +1,107 @@
+"""A mergekit plan in, a scanned and defended merge out (issue 17, first step): the plan's forms,
+the policy's choices, and one plan end to end through the CLI on the quick zoo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from mergeshield.errors import ConfigError
+from mergeshield.merge_plan import MergePlan, merged_as
+from tests.support.zoo import Zoo
+
+PLAN = {"merge_method": "task_arithmetic", "base_model": "org/base",
+        "models": [{"model": "org/a", "parameters": {"weight": 0.6}},
+                   {"model": "org/b", "parameters": {"weight": 0.2}}],
+        "parameters": {"normalize": True}, "dtype": "float32"}
+
+
+def test_a_mergekit_plan_reads_as_mergekit_merges_it() -> None:
+    plan = MergePlan.parse(PLAN)
+    cfg = plan.merge_config()
+    assert cfg.method == "task_arithmetic" and cfg.weights == pytest.approx([0.75, 0.25])
+    ties = MergePlan.parse({**PLAN, "merge_method": "ties", "parameters": {},
+                            "models": [{"model": m, "parameters": {"weight": 1.0,
+                                                                   "density": 0.3}}
+                                       for m in ("org/a", "org/b")]})
+    assert (ties.merge_config().method, ties.merge_config().keep) == ("ties", 0.3)
+    assert plan.mergeshield.policy == "clean"  # the default: flagged models enter cleaned
+
+
+@pytest.mark.parametrize("change", [
+    {"merge_method": "dare_ties"},  # not merged here (yet): refused, not merged differently
+    {"merge_method": "ties"},  # per-model weights under TIES
+    {"models": []},
+    {"models": [{"model": "org/a", "parameters": {"weight": float("nan")}}]},
+    {"slices": [{"sources": []}]},  # a mergekit form we do not read
+    {"mergeshield": {"policy": "trust"}},
+    {"mergeshield": {"scan": {"lambdas": [-1]}}},
+    {"mergeshield": {"scan": {"suspect": "org/other"}}},
+])
+def test_what_it_cannot_merge_exactly_is_refused_before_any_scan(change: dict[str, object]
+                                                                 ) -> None:
+    with pytest.raises(ConfigError):
+        MergePlan.parse({**PLAN, **change})
+
+
+def test_a_plan_file_is_plain_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text("merge_method: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError):  # safe_load: no tag constructs anything
+        MergePlan.read(path)
+    path.write_text(yaml.safe_dump(PLAN))
+    assert MergePlan.read(path).base_model == "org/base"
+    with pytest.raises(ConfigError):
+        MergePlan.read(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(("policy", "flagged", "cleaned", "how"), [
+    ("clean", False, True, "as is"), ("clean", True, True, "cleaned"),
+    ("clean", True, False, "excluded"),  # flagged, nothing measured to clean it with
+    ("exclude", True, True, "excluded"), ("exclude", False, True, "as is"),
+    ("include", True, True, "as is")])
+def test_the_policy_decides_what_enters_the_merge(policy: str, flagged: bool, cleaned: bool,
+                                                  how: str) -> None:
+    assert merged_as(policy, flagged, cleaned) == how
+
+
+def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: Path,
+                                                            bv_cache_dir: Path) -> None:
+    bad, good = "vit-mnist-badnets", "vit-digits-clean"
+    plan = {"merge_method": "task_arithmetic", "base_model": str(zoo.path("vit-base")),
+            "models": [{"model": str(zoo.path(n)), "parameters": {"weight": 1.0}}
+                       for n in (bad, good)],
+            "mergeshield": {"evaluation": {str(zoo.path(n)): str(zoo.dataset(n))
+                                           for n in (bad, good)},
+                            # the probe panel finds the zoo's corner patch: no search needed
+                            "scan": {"inversion": False, "max_eval": 500}}}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "mergeshield.cli", "merge-plan",
+                           str(tmp_path / "plan.yaml"), "--out", str(out), "--format", "json"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a model was flagged; the merge is written
+    report = json.loads(proc.stdout)
+    assert report == json.loads((out / "plan-report.json").read_text())
+    rows = {Path(r["model"]).name: r for r in report["models"]}
+    assert (rows[bad]["verdict"], rows[bad]["merged_as"]) == ("backdoor_suspected", "cleaned")
+    assert (rows[good]["verdict"], rows[good]["merged_as"]) == ("no_backdoor_found", "as is")
+    found, before = rows[bad]["asr_merged"], rows[bad]["asr_undefended"]
+    assert found and all(before[t]["rate"] - a["rate"] >= 0.2 for t, a in found.items()), (
+        rows[bad]["asr_alone"], before, found)
+    for r in rows.values():  # the defence costs each task little against the plain merge
+        assert r["accuracy_merged"]["rate"] >= r["accuracy_undefended"]["rate"] - 0.05, r
+    assert (out / "undefended" / "model.safetensors").is_file()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["mergeshield.verdicts"])[str(zoo.path(bad))]["merged_as"] == "cleaned"
+    assert MergePlan.model_validate_json(meta["mergeshield.plan"]).models[0].model == str(
+        zoo.path(bad))

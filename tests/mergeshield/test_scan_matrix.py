@@ -1,0 +1,122 @@
+"""What can I scan: every image-classifier family transformers offers here, in every float
+precision, through ``scan``, ``bv compute`` and ``merge``; a sharded checkpoint by hub id too.
+Each row must end in a report or a written checkpoint, never an error. The table it measures is
+written to docs/scan-matrix.md (the README's "what can I scan" links it), as the dashboard's
+browser test writes its screenshots (issue 15)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from mergeshield.cli import main as cli
+from mergeshield.ibvs import InjectionRecipe
+from mergeshield.pipeline import ScanContext, ScanRequest, scan
+from mergeshield.unlearning import UnlearnConfig
+from tests.support.hub import LoopbackHub
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "scan-matrix.md"
+IMAGE = 16
+# tiny configs of the real architectures (grey 16×16 images, 10 classes: the bundled digits)
+FAMILIES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
+    "ViT": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=IMAGE, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=10)),
+    "DeiT": lambda: transformers.DeiTForImageClassification(transformers.DeiTConfig(
+        image_size=IMAGE, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=10)),
+    "BEiT": lambda: transformers.BeitForImageClassification(transformers.BeitConfig(
+        image_size=IMAGE, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=10, use_mean_pooling=True)),
+    "Swin": lambda: transformers.SwinForImageClassification(transformers.SwinConfig(
+        image_size=IMAGE, patch_size=2, num_channels=1, embed_dim=8, depths=[1, 1],
+        num_heads=[1, 2], window_size=2, num_labels=10)),
+    "ConvNeXt": lambda: transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        num_channels=1, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),
+    "ResNet": lambda: transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),
+}
+# (suspect dtype, base dtype): a fine-tune stored in another precision than its base is common
+PRECISIONS = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16, torch.float32),
+              "bf16": (torch.bfloat16, torch.float32), "bf16 + bf16 base": (torch.bfloat16,
+                                                                          torch.bfloat16)}
+FAST = {"probes": False, "inversion": False, "unlearning": UnlearnConfig(enabled=False),
+        "lambdas": [0.0, 1.0], "max_eval": 100, "recipe": InjectionRecipe(epochs=1, max_train=100)}
+
+
+def _pair(make: Callable[[], transformers.PreTrainedModel], root: Path, suspect: torch.dtype,
+          base: torch.dtype, shard: str | None = None) -> tuple[Path, Path]:
+    """A base and a 'fine-tune' of it (the base plus small noise), saved in those dtypes."""
+    torch.manual_seed(0)
+    model = make()
+    model.to(base).save_pretrained(root / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    extra = {"max_shard_size": shard} if shard else {}
+    model.to(suspect).save_pretrained(root / "suspect", **extra)
+    return root / "suspect", root / "base"
+
+
+def _cli(*args: str) -> int:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return cli(list(args))
+
+
+def test_every_family_and_precision_scans_computes_a_bv_and_merges(
+        tmp_path: Path, hub: LoopbackHub) -> None:
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    cache = tmp_path / "cache"
+    for family, make in FAMILIES.items():
+        for precision, (sus_dtype, base_dtype) in PRECISIONS.items():
+            root = tmp_path / family / precision.replace(" ", "-")
+            suspect, base = _pair(make, root, sus_dtype, base_dtype)
+            report = scan(ScanRequest(suspect=str(suspect), base=str(base), evaluation="digits",
+                                      **FAST),
+                          ScanContext(out_dir=root / "out", cache_dir=cache))
+            assert report.metrics.clean_accuracy_before is not None, (family, precision)
+            assert (root / "out" / "model.safetensors").is_file(), (family, precision)
+            bv = _cli("bv", "compute", "--clean", str(base), "--backdoored", str(suspect),
+                      "--out", str(root / "bv"))
+            merged = _cli("merge", str(suspect), "--base", str(base), "--out",
+                          str(root / "merged"))
+            assert (bv, merged) == (0, 0), (family, precision, bv, merged)
+            loaded = transformers.AutoModelForImageClassification.from_pretrained(root / "out")
+            assert loaded.config.num_labels == 10
+            rows.append((family, precision, "folder", "report", "written", "written"))
+    # a sharded checkpoint, by hub id through the real client (the loopback hub)
+    suspect, base = _pair(FAMILIES["ViT"], tmp_path / "hub", torch.bfloat16, torch.float32,
+                          shard="2KB")
+    assert len(list(suspect.glob("*.safetensors"))) > 1
+    hub.add_repo("acme/vit-sharded", suspect)
+    hub.add_repo("acme/vit-base", base)
+    report = scan(ScanRequest(suspect="acme/vit-sharded", base="acme/vit-base",
+                              evaluation="digits", **FAST),
+                  ScanContext(endpoint=hub.url, cache_dir=cache, out_dir=tmp_path / "hub-out"))
+    assert report.suspect.kind == "hub" and len(report.suspect.files) > 2
+    rows.append(("ViT", "bf16", "hub id, sharded", "report", "–", "–"))
+    DOC.write_text(_table(rows))
+
+
+def _table(rows: list[tuple[str, str, str, str, str, str]]) -> str:
+    lines = ["# What can I scan", "",
+             "Written by `tests/mergeshield/test_scan_matrix.py` from tiny models built from each",
+             "architecture's real transformers config (random weights; the suspect is the base",
+             "plus noise). Each row ran `scan` (with the bundled `digits` evaluation data, so the",
+             "forward pass, BV_inj, the sweep and the cleaned checkpoint all ran), `mergeshield bv",
+             "compute` and `mergeshield merge`. The cleaned checkpoint loads with transformers.",
+             "LoRA adapters: `tests/mergeshield/test_adapters.py`; CLIP: `test_models.py`.",
+             "",
+             "| family | suspect / base precision | source | scan | bv compute | merge |",
+             "|---|---|---|---|---|---|"]
+    names = {"fp32": "fp32 / fp32", "fp16": "fp16 / fp32", "bf16": "bf16 / fp32",
+             "bf16 + bf16 base": "bf16 / bf16"}
+    for family, precision, source, *outcomes in rows:
+        lines.append(f"| {family} | {names.get(precision, precision)} | {source} | "
+                     + " | ".join(outcomes) + " |")
+    return "\n".join(lines) + "\n"
