@@ -24,10 +24,11 @@ from mergeshield.triggers import BlendedTrigger, PatchTrigger, Trigger, from_ten
 FAMILIES = ("patch", "blended", "distributed", "warp", "badmerging")
 # seed offsets: attack i of a split has seed offset + i, its clean twin offset + CLEAN + i
 # hold-outs are run once each and then spent: "test" (2026-12-05, docs/efficacy/test.md),
-# "test2" (2026-12-06, test2.md), "test3" (2026-12-06 evening, test3.md) and "test4"
-# (2026-12-07, test4.md); a design changed after reading them is scored on test5
+# "test2" (2026-12-06, test2.md), "test3" (2026-12-06 evening, test3.md), "test4" and "test5"
+# (2026-12-07, test4.md, test5.md); a design changed after reading them is scored on test6
 SPLIT_OFFSET: dict[str, int] = {"dev": 10_000, "test": 20_000, "ci": 30_000, "test2": 40_000,
-                                "test3": 50_000, "test4": 60_000, "test5": 70_000}
+                                "test3": 50_000, "test4": 60_000, "test5": 70_000,
+                                "test6": 80_000}
 CLEAN = 5_000  # clean fine-tunes of a split use seeds offset + CLEAN + i (i < CLEAN)
 SHAPES = ("cross", "ring", "ell", "diagonal")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 # (planted attacks, clean fine-tunes)
 SIZES = {"dev": (6, 6), "test": (40, 40), "ci": (1, 1), "test2": (40, 40), "test3": (40, 40),
-         "test4": (40, 40), "test5": (40, 40)}
+         "test4": (40, 40), "test5": (40, 40), "test6": (40, 40)}
 
 
 def add_parser(sub: Any) -> None:
@@ -25,9 +25,9 @@ def add_parser(sub: Any) -> None:
     be.add_argument("--zoo", type=Path, required=True, help="a default-scale zoo "
                     "(`mergeshield zoo build DIR --families vit`)")
     be.add_argument("--split", choices=sorted(SIZES), default="dev",
-                    help="dev: design on it; test to test5: disjoint seeds, each run once for "
-                    "the final numbers (test to test4 are spent: the next design is scored on "
-                    "test5)")
+                    help="dev: design on it; test to test6: disjoint seeds, each run once for "
+                    "the final numbers (test to test5 are spent: the next design is scored on "
+                    "test6)")
     be.add_argument("--attacks", type=int, help="planted attacks wanted (dev 6, test 40)")
     be.add_argument("--clean", type=int, help="clean fine-tunes (dev 6, test 40)")
     be.add_argument("--families", help="comma-separated subset of the attack families "
