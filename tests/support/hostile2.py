@@ -72,6 +72,7 @@ class Outcome:
     exit: int | None = None  # the CLI's exit code (None: run through the library)
     message: str = ""
     output: str = ""  # stdout + stderr (CLI)
+    stdout: str = ""  # the CLI's stdout alone: the report (stderr has progress and errors)
     ran: bool = False  # the canary file exists: a payload ran
     stray: list[str] = field(default_factory=list)  # files written where nothing may be
     leaked: list[str] = field(default_factory=list)  # output files holding a secret
@@ -608,5 +609,5 @@ def judge_cli(exit_code: int, stdout: str, stderr: str, work: Path) -> Outcome:
         if line.startswith('{"error"'):
             error = json.loads(line)["error"]
     outcome = Outcome(error.get("code"), exit=exit_code, message=str(error.get("message", "")),
-                      output=stdout + stderr)
+                      output=stdout + stderr, stdout=stdout)
     return _judge(outcome, work, [stdout, stderr], json.dumps(error))
