@@ -1,5 +1,5 @@
-"""What can I scan: every image-classifier family transformers offers here, in every float
-precision, through ``scan``, ``bv compute`` and ``merge``; a sharded checkpoint by hub id too.
+"""What can I scan: every image-classifier family transformers offers here and CLIP, in every
+float precision, through ``scan``, ``bv compute`` and ``merge``; a sharded checkpoint by hub id too.
 Each row must end in a report or a written checkpoint, never an error. The table it measures is
 written to docs/scan-matrix.md (the README's "what can I scan" links it), as the dashboard's
 browser test writes its screenshots (issue 15)."""
@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from mergeshield import checkpoints
 from mergeshield.cli import main as cli
 from mergeshield.ibvs import InjectionRecipe
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.unlearning import UnlearnConfig
 from tests.support.hub import LoopbackHub
+from tests.support.tiny import char_vocab, clip_config, vision_config_dict
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "scan-matrix.md"
 IMAGE = 16
@@ -63,6 +65,19 @@ def _pair(make: Callable[[], transformers.PreTrainedModel], root: Path, suspect:
     return root / "suspect", root / "base"
 
 
+def _clip_pair(root: Path, suspect: torch.dtype, base: torch.dtype) -> tuple[Path, Path]:
+    """A full CLIP base (its text tower makes the zero-shot head) and a fine-tuned vision tower
+    in the task-vector layout (``CLIPVisionModel``), saved in those dtypes."""
+    torch.manual_seed(0)
+    transformers.CLIPModel(clip_config()).to(base).save_pretrained(root / "base")
+    transformers.CLIPTokenizer(vocab=char_vocab(), merges=[]).save_pretrained(root / "base")
+    with checkpoints.open_checkpoint(checkpoints.resolve(str(root / "base"))) as ck:
+        tower = {k: (ck[k].float() + 0.01 * torch.randn(ck[k].shape)).to(suspect)
+                 for k in ck if k.startswith("vision_model.")}
+    checkpoints.save_checkpoint(root / "suspect", tower, config=vision_config_dict())
+    return root / "suspect", root / "base"
+
+
 def _cli(*args: str) -> int:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return cli(list(args))
@@ -72,10 +87,11 @@ def test_every_family_and_precision_scans_computes_a_bv_and_merges(
         tmp_path: Path, hub: LoopbackHub) -> None:
     rows: list[tuple[str, str, str, str, str, str]] = []
     cache = tmp_path / "cache"
-    for family, make in FAMILIES.items():
+    for family in [*FAMILIES, "CLIP"]:
         for precision, (sus_dtype, base_dtype) in PRECISIONS.items():
             root = tmp_path / family / precision.replace(" ", "-")
-            suspect, base = _pair(make, root, sus_dtype, base_dtype)
+            suspect, base = (_clip_pair(root, sus_dtype, base_dtype) if family == "CLIP"
+                             else _pair(FAMILIES[family], root, sus_dtype, base_dtype))
             report = scan(ScanRequest(suspect=str(suspect), base=str(base), evaluation="digits",
                                       **FAST),
                           ScanContext(out_dir=root / "out", cache_dir=cache))
@@ -86,8 +102,12 @@ def test_every_family_and_precision_scans_computes_a_bv_and_merges(
             merged = _cli("merge", str(suspect), "--base", str(base), "--out",
                           str(root / "merged"))
             assert (bv, merged) == (0, 0), (family, precision, bv, merged)
-            loaded = transformers.AutoModelForImageClassification.from_pretrained(root / "out")
-            assert loaded.config.num_labels == 10
+            if family == "CLIP":  # the task-vector layout: a vision tower, its head zero-shot
+                transformers.CLIPVisionModel.from_pretrained(root / "out")
+            else:
+                loaded = transformers.AutoModelForImageClassification.from_pretrained(
+                    root / "out")
+                assert loaded.config.num_labels == 10
             rows.append((family, precision, "folder", "report", "written", "written"))
     # a sharded checkpoint, by hub id through the real client (the loopback hub)
     suspect, base = _pair(FAMILIES["ViT"], tmp_path / "hub", torch.bfloat16, torch.float32,
@@ -110,7 +130,9 @@ def _table(rows: list[tuple[str, str, str, str, str, str]]) -> str:
              "plus noise). Each row ran `scan` (with the bundled `digits` evaluation data, so the",
              "forward pass, BV_inj, the sweep and the cleaned checkpoint all ran), `mergeshield bv",
              "compute` and `mergeshield merge`. The cleaned checkpoint loads with transformers.",
-             "LoRA adapters: `tests/mergeshield/test_adapters.py`; CLIP: `test_models.py`.",
+             "CLIP: a full CLIPModel base and a fine-tuned CLIPVisionModel tower (the task-vector",
+             "layout), the head zero-shot from the base's text tower. LoRA adapters:",
+             "`tests/mergeshield/test_adapters.py`.",
              "",
              "| family | suspect / base precision | source | scan | bv compute | merge |",
              "|---|---|---|---|---|---|"]
