@@ -6,7 +6,8 @@ The plan is a mergekit YAML (``merge_method``, ``base_model``, ``models`` with `
 backdoor, and the ``evaluation`` data each model's task has. Every fine-tune is scanned against
 the base (``pipeline.scan``, its default defence); the policy decides what enters the merge:
 
-- ``clean`` (default): the scan's cleaned checkpoint of a flagged model, the others as they are;
+- ``clean`` (default): the scan's cleaned checkpoint of a flagged model (left out when the scan
+  says the backdoor was not removed), the others as they are;
 - ``exclude``: flagged models are left out;
 - ``include``: every model as it is (the merge is measured, not defended).
 
@@ -197,7 +198,8 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
     results: list[dict[str, Any]] = []
     for entry, report, out in scans:
         how = merged_as(policy, report.verdict.status == "backdoor_suspected",
-                        report.output is not None)
+                        report.output is not None and report.cleaning is not None
+                        and report.cleaning.status == "removed")
         if how != "excluded":
             chosen.append((entry, str(out) if how == "cleaned" else entry.model))
         results.append({"model": entry.model, "verdict": report.verdict.status,
@@ -227,8 +229,9 @@ Merged = Literal["as is", "cleaned", "excluded"]
 
 
 def merged_as(policy: str, flagged: bool, cleaned: bool) -> Merged:
-    """What of a scanned model enters the merge under ``policy``. A flagged model whose scan
-    wrote no cleaned checkpoint (nothing measured) enters as it is only under ``include``."""
+    """What of a scanned model enters the merge under ``policy``. ``cleaned``: its scan wrote a
+    checkpoint it calls ``removed``; a flagged model without one (nothing measured, or the
+    backdoor not removed) enters only under ``include``, as it is."""
     if not flagged or policy == "include":
         return "as is"
     if policy == "clean" and cleaned:

@@ -64,7 +64,7 @@ def test_a_plan_file_is_plain_yaml(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("policy", "flagged", "cleaned", "how"), [
     ("clean", False, True, "as is"), ("clean", True, True, "cleaned"),
-    ("clean", True, False, "excluded"),  # flagged, nothing measured to clean it with
+    ("clean", True, False, "excluded"),  # flagged; not cleaned, or the repair did not hold
     ("exclude", True, True, "excluded"), ("exclude", False, True, "as is"),
     ("include", True, True, "as is")])
 def test_the_policy_decides_what_enters_the_merge(policy: str, flagged: bool, cleaned: bool,
