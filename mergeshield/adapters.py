@@ -36,6 +36,7 @@ from mergeshield.checkpoints import (
     open_checkpoint,
     read_json,
     save_checkpoint,
+    sha256_file,
 )
 from mergeshield.disk import ensure_room, private_dir
 from mergeshield.errors import (
@@ -200,7 +201,7 @@ def merged_source(adapter: ResolvedSource, base: ResolvedSource, *,
                                     "be described; give the base's model folder")
     spec = LoraSpec.read(adapter)
     digest = hashlib.sha256(json.dumps(
-        [MERGE_VERSION, adapter.files_digest(), _sha(adapter.root / CONFIG),
+        [MERGE_VERSION, adapter.files_digest(), sha256_file(adapter.root / CONFIG),
          base.files_digest()]).encode()).hexdigest()
     folder = _merges_dir(cache_dir) / digest
     if not (folder / "config.json").is_file():
@@ -242,10 +243,6 @@ def _config(base: Mapping[str, Any], merged: Merged, digest: str) -> dict[str, A
             break
     config["mergeshield_merged_adapter"] = {"method": "LORA", "merge": digest}
     return config
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _merges_dir(cache_dir: str | Path | None) -> Path:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from mergeshield import backdoor_vectors, checkpoints
 from mergeshield.cli_progress import ProgressPrinter
 from mergeshield.errors import ConfigError
+from mergeshield.file_safety import read_option_file
 from mergeshield.ibvs import DEFAULT_GRID, InjectionRecipe
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
@@ -30,19 +31,12 @@ def _hub(settings: Settings) -> dict[str, Any]:
             "cache_dir": settings.cache_dir}
 
 
-def _options_error(exc: ValidationError) -> ConfigError:
-    """A scan option out of its bounds (mergeshield/options.py): which one and why."""
-    problems = [{"option": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
-                for e in exc.errors(include_url=False, include_input=False)]
-    listed = "; ".join(f"{p['option']}: {p['problem']}" for p in problems[:5])
-    return ConfigError(f"invalid scan option(s): {listed}", details=problems)
-
-
 def run_scan(args: argparse.Namespace, settings: Settings) -> int:
     try:
         request = _request(args)
     except ValidationError as exc:
-        raise _options_error(exc) from None
+        # a scan option out of its bounds (mergeshield/options.py): which one and why
+        raise ConfigError.listing("invalid scan option(s)", exc) from None
     return _scan(args, settings, request)
 
 
@@ -69,16 +63,9 @@ def _user_triggers(args: argparse.Namespace) -> tuple[list[Trigger], list[int | 
 
 
 def _trigger_file(path: Path) -> list[Any]:
+    raw = read_option_file(path, MAX_TRIGGER_FILE, "trigger file")
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_TRIGGER_FILE + 1)
-        if len(raw) > MAX_TRIGGER_FILE:
-            raise ConfigError(f"{path.name}: a trigger file holds at most {MAX_TRIGGER_FILE} "
-                              "bytes", details={"file": path.name})
         entries = json.loads(raw)
-    except OSError as exc:
-        raise ConfigError(f"--trigger @{path}: cannot read it ({exc.strerror})",
-                          details={"file": path.name}) from None
     except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
         raise ConfigError(f"{path.name}: not a JSON list of triggers",
                           details={"file": path.name}) from None

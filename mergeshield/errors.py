@@ -131,6 +131,15 @@ class CallbackUrlError(InputError):
 class ConfigError(InputError):
     code = "invalid_config"
 
+    @classmethod
+    def listing(cls, prefix: str, exc: Any, what: str = "option") -> ConfigError:
+        """The problems of a pydantic ``ValidationError`` ``exc``: each as {what: where,
+        "problem": why} in the details, the first five in the message after ``prefix``."""
+        problems = [{what: ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
+                    for e in exc.errors(include_url=False, include_input=False)]
+        listed = "; ".join(f"{p[what]}: {p['problem']}" for p in problems[:5])
+        return cls(f"{prefix}: {listed}", details=problems)
+
 
 class HubError(MergeShieldError, ConnectionError):
     code = "hub_unavailable"

@@ -11,9 +11,11 @@ import os
 import stat
 from pathlib import Path
 
-from mergeshield.errors import UnsafeFileError
+from mergeshield.errors import ConfigError, UnsafeFileError
 
-__all__ = ["check_regular", "open_regular", "plain_text", "read_regular", "special_file_error"]
+__all__ = ["check_regular", "open_regular", "plain_text", "read_at_most", "read_option_file",
+           "read_regular",
+           "special_file_error"]
 
 _SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
             stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
@@ -55,6 +57,28 @@ def read_regular(path: Path) -> bytes:
     """The bytes of a regular file (never a FIFO or device)."""
     with os.fdopen(open_regular(path), "rb") as f:
         return f.read()
+
+
+def read_at_most(path: Path, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most ``limit`` bytes; None when it holds more (never
+    reads past ``limit + 1``, never opens a FIFO or device)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        raw = f.read(limit + 1)
+    return raw if len(raw) <= limit else None
+
+
+def read_option_file(path: Path, limit: int, what: str) -> bytes:
+    """A file the user names as an option (a trigger list, a merge plan): at most ``limit``
+    bytes of a regular file, else ``invalid_config`` saying so (a FIFO: ``unsafe_file``)."""
+    try:
+        raw = read_at_most(path, limit)
+    except OSError as exc:
+        raise ConfigError(f"{path.name}: cannot read the {what} ({exc.strerror})",
+                          details={"file": path.name}) from None
+    if raw is None:
+        raise ConfigError(f"{path.name}: a {what} holds at most {limit} bytes",
+                          details={"file": path.name})
+    return raw
 
 
 def plain_text(value: str) -> bool:

@@ -36,7 +36,9 @@ from mergeshield import checkpoints
 from mergeshield.data import load_task
 from mergeshield.errors import ConfigError
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
+from mergeshield.file_safety import read_option_file
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
+from mergeshield.models import family_for
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report.schema import RateModel, ScanReport
 from mergeshield.triggers import parse_trigger
@@ -84,15 +86,7 @@ class MergePlan(_Strict):
     def read(cls, path: str | Path) -> MergePlan:
         """Parse a plan file (YAML, at most 1 MiB); a bad one is ``invalid_config``."""
         p = Path(path)
-        try:
-            with open(p, "rb") as fh:
-                raw = fh.read(MAX_PLAN_BYTES + 1)
-        except OSError as exc:
-            raise ConfigError(f"{p.name}: cannot read the plan ({exc.strerror})",
-                              details={"file": p.name}) from None
-        if len(raw) > MAX_PLAN_BYTES:
-            raise ConfigError(f"{p.name}: a plan holds at most {MAX_PLAN_BYTES} bytes",
-                              details={"file": p.name})
+        raw = read_option_file(p, MAX_PLAN_BYTES, "plan")
         try:
             data = yaml.safe_load(raw)  # plain data only: no tags that construct objects
         except (yaml.YAMLError, RecursionError) as exc:
@@ -108,10 +102,7 @@ class MergePlan(_Strict):
         try:
             plan = cls.model_validate(data)
         except ValidationError as exc:
-            problems = [{"field": ".".join(str(x) for x in e["loc"]), "problem": e["msg"]}
-                        for e in exc.errors(include_url=False, include_input=False)]
-            listed = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
-            raise ConfigError(f"{name}: {listed}", details=problems) from None
+            raise ConfigError.listing(name, exc, what="field") from None
         plan.merge_config()  # a form we do not merge is refused now, before any scan
         plan.scan_request("model")  # and so are scan options out of their bounds
         return plan
@@ -126,11 +117,7 @@ class MergePlan(_Strict):
                                evaluation=self.mergeshield.evaluation.get(model),
                                **self.mergeshield.scan)
         except ValidationError as exc:
-            problems = [{"option": ".".join(str(x) for x in e["loc"]), "problem": e["msg"]}
-                        for e in exc.errors(include_url=False, include_input=False)]
-            raise ConfigError("mergeshield.scan: " + "; ".join(
-                f"{p['option']}: {p['problem']}" for p in problems[:5]), details=problems
-            ) from None
+            raise ConfigError.listing("mergeshield.scan", exc) from None
 
     def merge_config(self) -> MergeConfig:
         """The merge of this plan's models, in its order."""
@@ -151,11 +138,14 @@ class MergePlan(_Strict):
         return MergeConfig(method="task_arithmetic", weights=weights)
 
 
+Merged = Literal["as is", "cleaned", "excluded"]  # what of a model enters the merge
+
+
 class PlanModelResult(_Strict):
     model: str
     verdict: str  # the scan's verdict status
     cleaning: str | None  # removed / not_removed / precautionary / not_cleaned / None
-    merged_as: Literal["as is", "cleaned", "excluded"]  # see ``merged_as``
+    merged_as: Merged  # see ``merged_as``
     evaluation: str | None
     accuracy_alone: RateModel | None = None  # the fine-tune on its own task
     accuracy_merged: RateModel | None = None  # the merged backbone with its head
@@ -225,9 +215,6 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
                       output=[p.name for p in files])
 
 
-Merged = Literal["as is", "cleaned", "excluded"]
-
-
 def merged_as(policy: str, flagged: bool, cleaned: bool) -> Merged:
     """What of a scanned model enters the merge under ``policy``. ``cleaned``: its scan wrote a
     checkpoint it calls ``removed``; a flagged model without one (nothing measured, or the
@@ -272,8 +259,6 @@ def _measure(report: ScanReport, merged: Path, undefended: Path | None, model: s
     """The merged backbone with ``model``'s head on ``model``'s task (the images its scan
     evaluated), beside the model alone and the undefended merge (None: the same as the merge):
     clean accuracy and every trigger its scan found."""
-    from mergeshield.models import family_for
-
     dataset = plan.mergeshield.evaluation.get(model)
     if dataset is None or report.evaluation is None:
         return {}

@@ -17,7 +17,7 @@ from mergeshield.errors import (
     UnsafeFileError,
     UnsafeFormatError,
 )
-from mergeshield.file_safety import open_regular, plain_text, special_file_error
+from mergeshield.file_safety import plain_text, read_at_most, special_file_error
 from mergeshield.models.config_guard import refuse_remote_code
 from mergeshield.safetensors_io import INDEX_NAME
 
@@ -117,9 +117,8 @@ def _no_constant(name: str) -> Any:
 def _parse_json(path: Path) -> Any:
     """A file's strict JSON value (no NaN); a FIFO, a file over ``MAX_JSON_BYTES``, bad JSON
     or a lone surrogate in a string is a CorruptCheckpointError."""
-    with os.fdopen(open_regular(path), "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
+    raw = read_at_most(path, MAX_JSON_BYTES)
+    if raw is None:
         raise CorruptCheckpointError(f"{path.name} is larger than {MAX_JSON_BYTES} bytes, too "
                                      "large for a config", details={"file": path.name})
     try:
