@@ -34,8 +34,10 @@ import torch
 from mergeshield.efficacy.attacks import clean_seeds, draw_split
 from mergeshield.efficacy.world import Backbone, World
 from mergeshield.evaluation import attack_success_rate
+from mergeshield.ibvs import InjectionRecipe, build_injection_bv
 from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers
 from mergeshield.measure import SEARCH_ROWS, others_median, sample_rows
+from mergeshield.models import Classifier
 
 AREAS = (1, 2, 4)  # × the scan's budget, image/81 pixels
 BLEND_ALPHA = 0.1
@@ -46,14 +48,17 @@ EVAL = 1000  # test images, as a default scan
 SCAN = ("patch-1x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
 
 
-def searches(w: World, task: str, backbone: Backbone, areas: tuple[float, ...] = AREAS,
-             blend: bool = True) -> dict[str, list[float]]:
-    """ASR per target of each search on the suspect (``:sus``) and the reference (``:ref``)."""
+def searches(w: World, task: str, backbone: Backbone | Classifier,
+             areas: tuple[float, ...] = AREAS, blend: bool = True) -> dict[str, list[float]]:
+    """ASR per target of each search on the suspect (``:sus``) and the reference (``:ref``);
+    a classifier as ``backbone`` (θ_inj_clean) is searched alone, as ``:sus``."""
     data = w.data[task]
     test, opt = data.test.subset(slice(0, EVAL)), sample_rows(data.train, SEARCH_ROWS, 0)
     k = len(test.classes)
     out: dict[str, list[float]] = {}
-    for name, clf in (("sus", w.classifier(task, backbone)), ("ref", w.classifier(task))):
+    models = ((("sus", backbone),) if isinstance(backbone, Classifier) else
+              (("sus", w.classifier(task, backbone)), ("ref", w.classifier(task))))
+    for name, clf in models:
         for a in areas:
             cfg = InversionConfig(area_fraction=a / 81, seed=0)
             found = invert_triggers(clf, opt.images, opt.labels, k, cfg)
@@ -68,13 +73,35 @@ def searches(w: World, task: str, backbone: Backbone, areas: tuple[float, ...] =
     return out
 
 
+def calibrator(w: World, task: str) -> Classifier:
+    """θ_inj_clean as a default scan builds it beside BV_inj (the default recipe on the task's
+    training rows, the head fit on them): the model a scan calibrates its searches with."""
+    base = w.zoo.weights(w.base_name, w.ref)
+    train = w.data[task].train
+    make = w.family.task_classifier(base, train, device=torch.device("cpu"))
+    kept: list[Classifier] = []
+    build_injection_bv(make, train, InjectionRecipe(), held_out=w.test(task),
+                       inspect=lambda clean, _bd: kept.append(clean))
+    return kept[0]
+
+
 def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, int], out: Path,
-        areas: tuple[float, ...] = AREAS, blend: bool = True, tag: str = "") -> None:
+        areas: tuple[float, ...] = AREAS, blend: bool = True, tag: str = "",
+        calibrators: bool = False) -> None:
     torch.set_num_threads(1)
     w = World(zoo)
     i_shard, n_shards = shard
     rows: list[dict[str, object]] = []
     path = out / f"detection-searches-{split}-{tag}{i_shard}.json"
+    for j, task in enumerate(w.tasks if calibrators else ()):
+        if j % n_shards != i_shard:
+            continue
+        t0 = time.perf_counter()
+        rows.append({"id": f"calibrator-{task}", "family": "calibrator", "task": task,
+                     "target": None, "asr": searches(w, task, calibrator(w, task), areas, blend),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        path.write_text(json.dumps(rows))
+        print(rows[-1]["id"], f"{rows[-1]['seconds']} s", flush=True)
     for i, a in enumerate(draw_split(split, n_attacks, w.tasks)):
         if i % n_shards != i_shard:
             continue
@@ -117,8 +144,8 @@ def render(split: str, out: Path, page: Path) -> None:
         for r in json.loads(f.read_text()):
             if "asr" in r:
                 by_id.setdefault(r["id"], {**r, "asr": {}})["asr"].update(r["asr"])
-    rows = [r for r in by_id.values()
-            if all(f"{n}:sus" in r["asr"] for n in {k.split(":")[0] for q in by_id.values()
+    rows = [r for r in by_id.values() if r["family"] != "calibrator"
+            and all(f"{n}:sus" in r["asr"] for n in {k.split(":")[0] for q in by_id.values()
                                                      for k in q["asr"]})]
     rows.sort(key=lambda r: (r["family"] == "clean", r["family"], r["id"]))
     names = sorted({k.split(":")[0] for r in rows for k in r["asr"]})
@@ -172,12 +199,15 @@ def main() -> None:
     ap.add_argument("--no-blend", action="store_true", help="skip the blend search")
     ap.add_argument("--tag", default="", help="written to detection-searches-<split>-<tag><i>.json"
                     " (the page merges every file's searches by model)")
+    ap.add_argument("--calibrators", action="store_true",
+                    help="also search θ_inj_clean of each task, as a default scan builds it")
     ap.add_argument("--render", action="store_true", help="only write the page from the shards")
     args = ap.parse_args()
     if not args.render:
         i, n = (int(x) for x in args.shard.split("/"))
         run(args.zoo, args.split, args.attacks, args.clean, (i, n), args.out,
-            tuple(float(a) for a in args.areas.split(",")), not args.no_blend, args.tag)
+            tuple(float(a) for a in args.areas.split(",")), not args.no_blend, args.tag,
+            args.calibrators)
     render(args.split, args.out, args.out / f"detection-searches-{args.split}.md")
 
 

@@ -139,15 +139,16 @@ def build_injection_bv(
     *,
     held_out: ImageDataset | None = None,
     progress: Progress | None = None,
-    inspect: Callable[[Classifier], None] | None = None,
+    inspect: Callable[[Classifier, Classifier], None] | None = None,
 ) -> TaskVector:
     """BV_inj = θ_inj_bd − θ_inj_clean from paired fine-tunes of the base (head frozen).
 
     Trained in rounds of ``recipe.epochs`` (both models on the same batch order each round)
     until every injected backdoor's own ASR on ``held_out`` (default: ``data``) reaches
     ``recipe.min_own_asr``, or ``recipe.max_rounds``: a BV of injections that did not take
-    removes little. ``inspect`` is handed the backdoored model θ_inj_bd (with its head) at the
-    end, e.g. to record its own ASR."""
+    removes little. ``inspect`` is handed the pair (θ_inj_clean, θ_inj_bd), with their head, at
+    the end: the scan records θ_inj_bd's own ASR; ``bench/detection_searches.py --calibrators``
+    searches θ_inj_clean, a clean fine-tune of the task."""
     if recipe.max_train is not None and len(data) > recipe.max_train:
         gen = torch.Generator().manual_seed(recipe.seed)
         data = data.subset(torch.randperm(len(data), generator=gen)[: recipe.max_train])
@@ -165,7 +166,7 @@ def build_injection_bv(
         if not last and min(own_asr(bd_clf, check, backdoors)) >= recipe.min_own_asr:
             break
     if inspect is not None:
-        inspect(bd_clf)
+        inspect(clean_clf, bd_clf)
     return TaskVector.between(clean_clf.backbone_state(), bd_clf.backbone_state()).materialize()
 
 

@@ -170,7 +170,7 @@ def measure_and_sanitise(
                     make = family.task_classifier(base, inj_task.train, device=device)
                     loaded = build_injection_bv(make, inj_task.train, request.recipe,
                                                 held_out=test, progress=progress,
-                                                inspect=own_asr)
+                                                inspect=lambda _clean, bd: own_asr(bd))
                     # cached whether or not every injection took: the report and the cache
                     # page show ``took`` and each own ASR
                     bv_cache.store(cache_dir, key, loaded, request.recipe.model_dump(mode="json"))
