@@ -3,7 +3,8 @@
 Hub repos are fetched by :mod:`mergeshield.hub`; a model folder is vetted and its weight files
 found by :mod:`mergeshield.model_folder`. Weights are read only from validated
 safetensors; a PyTorch ``.bin`` is loaded with ``torch.load(weights_only=True)`` and converted
-once (:mod:`mergeshield.torch_bin`). Anything that would need ``pickle.load`` or remote code is
+once (:mod:`mergeshield.torch_bin`), an open_clip folder once to the Hugging Face CLIP layout
+(:mod:`mergeshield.open_clip`). Anything that would need ``pickle.load`` or remote code is
 refused with :class:`UnsafeFormatError` before a byte of it is interpreted.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from mergeshield import model_folder, torch_bin
+from mergeshield import model_folder, open_clip, torch_bin
 from mergeshield.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
@@ -95,6 +96,10 @@ def resolve(source: str, *, revision: str | None = None, token: str | None = Non
     if os.path.lexists(path):
         if path.is_dir():
             return _from_folder(source, "directory", path, None, None, cache_dir, limits)
+        if open_clip.is_lone_weights(path):  # read with the config beside it, as its folder
+            model_folder.vet(path.parent)
+            return _from_open_clip(source, "directory", path.parent, None, None, cache_dir,
+                                   limits)
         return _from_file(source, path, cache_dir, limits)
     if not _REPO_ID.match(source):
         raise SourceNotFoundError(f"{source!r} is neither an existing path nor a hub repo id "
@@ -137,6 +142,8 @@ def _from_folder(source: str, kind: Literal["hub", "directory"], root: Path,
                  revision: str | None, sha: str | None, cache_dir: str | Path | None,
                  limits: _Limits, remote_names: tuple[str, ...] = ()) -> ResolvedSource:
     model_folder.vet(root)
+    if open_clip.is_open_clip(root):
+        return _from_open_clip(source, kind, root, revision, sha, cache_dir, limits)
     config = _read_config(root)
     weights = model_folder.weight_files(root, remote_names)
     if weights[0].suffix == ".safetensors":
@@ -152,6 +159,21 @@ def _from_folder(source: str, kind: Literal["hub", "directory"], root: Path,
         elements = sum(math.prod(e.info.shape) for h in headers for e in h.tensors.values())
         check_config(config, weight_elements=elements, max_parameters=limits.max_parameters)
     return ResolvedSource(source, kind, revision, sha, root, weights, config, tensor_files)
+
+
+def _from_open_clip(source: str, kind: Literal["hub", "directory"], root: Path,
+                    revision: str | None, sha: str | None, cache_dir: str | Path | None,
+                    limits: _Limits) -> ResolvedSource:
+    """A vetted open_clip folder, converted once to the Hugging Face CLIP layout
+    (:mod:`mergeshield.open_clip`) and read from there; the source still names its weights."""
+    weights = open_clip.weights_file(root)
+    stored = ResolvedSource(source, kind, revision, sha, root, (weights,), None)
+    with open_checkpoint(stored) as tensors:
+        folder = open_clip.convert(root, tensors, cache_dir=cache_dir,
+                                   min_free_bytes=limits.min_free_bytes,
+                                   max_parameters=limits.max_parameters)
+    return ResolvedSource(source, kind, revision, sha, folder, (weights,), _read_config(folder),
+                          tuple(sorted(folder.glob("*.safetensors"))))
 
 
 def _read_config(root: Path) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ and so every task vector, is ``vision_model.*``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,9 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A few of the CLIP paper's ImageNet templates; the zero-shot head averages their embeddings.
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.", "a {}.")
+# a tokenizer's vocabulary, one of which must be beside a CLIP base (sentencepiece: *.model)
+TOKENIZER_VOCABS = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
 
 
 class CLIPClassifier(Classifier):
@@ -162,8 +166,14 @@ class CLIPFamily(ModelFamily):
 
     @torch.no_grad()  # not inference_mode: the result is used in training graphs
     def _text_features(self, model: CLIPModel, classes: tuple[str, ...]) -> Tensor:
-        if self.tokenizer_root is None:
-            raise UnsupportedModelError("the CLIP base has no tokenizer files to build its head")
+        root = self.tokenizer_root
+        # transformers builds an empty CLIP tokenizer from a folder without one, and every
+        # class name then encodes alike: a head that would silently classify nothing
+        if root is None or not any((Path(root) / n).is_file() for n in TOKENIZER_VOCABS):
+            raise UnsupportedModelError(
+                "the CLIP base has no tokenizer files (tokenizer.json, or vocab.json and "
+                "merges.txt) to build its zero-shot head with; put the tokenizer it was trained "
+                "with beside its weights", details={"missing": "tokenizer"})
         try:  # untrusted files: a failure to load or to encode is the base's, not ours
             tok = AutoTokenizer.from_pretrained(self.tokenizer_root, trust_remote_code=False)
             batches = [tok([t.format(name) for t in TEMPLATES], padding=True, return_tensors="pt")

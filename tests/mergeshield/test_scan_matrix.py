@@ -20,6 +20,7 @@ from mergeshield.ibvs import InjectionRecipe
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.unlearning import UnlearnConfig
 from tests.support.hub import LoopbackHub
+from tests.support.open_clip import model_cfg, to_open_clip, write_open_clip
 from tests.support.tiny import char_vocab, clip_config, vision_config_dict
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "scan-matrix.md"
@@ -78,6 +79,22 @@ def _clip_pair(root: Path, suspect: torch.dtype, base: torch.dtype) -> tuple[Pat
     return root / "suspect", root / "base"
 
 
+def _open_clip_pair(root: Path) -> tuple[Path, Path]:
+    """The CLIP pair in open_clip's own layout (``open_clip_config.json`` +
+    ``open_clip_model.safetensors``): a full base with its tokenizer, a bf16 fine-tune of it."""
+    torch.manual_seed(0)
+    config = clip_config()
+    model = transformers.CLIPModel(config)
+    transformers.CLIPTokenizer(vocab=char_vocab(), merges=[]).save_pretrained(root / "tokenizer")
+    base = {k: v.detach() for k, v in model.state_dict().items()}
+    tuned = {k: (v + 0.01 * torch.randn(v.shape) if k.startswith("vision_model.") else v)
+             .to(torch.bfloat16) for k, v in base.items()}
+    write_open_clip(root / "base", to_open_clip(base), model_cfg(config),
+                    tokenizer_from=root / "tokenizer")
+    write_open_clip(root / "suspect", to_open_clip(tuned), model_cfg(config))
+    return root / "suspect", root / "base"
+
+
 def _cli(*args: str) -> int:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return cli(list(args))
@@ -109,6 +126,17 @@ def test_every_family_and_precision_scans_computes_a_bv_and_merges(
                     root / "out")
                 assert loaded.config.num_labels == 10
             rows.append((family, precision, "folder", "report", "written", "written"))
+    # open_clip's own layout, converted on reading: a report, a BV and a merge in HF layout
+    suspect, base = _open_clip_pair(tmp_path / "open_clip")
+    report = scan(ScanRequest(suspect=str(suspect), base=str(base), evaluation="digits", **FAST),
+                  ScanContext(out_dir=tmp_path / "open_clip" / "out", cache_dir=cache))
+    assert report.metrics.clean_accuracy_before is not None
+    assert (_cli("bv", "compute", "--clean", str(base), "--backdoored", str(suspect), "--out",
+                 str(tmp_path / "open_clip" / "bv")),
+            _cli("merge", str(suspect), "--base", str(base), "--out",
+                 str(tmp_path / "open_clip" / "merged"))) == (0, 0)
+    transformers.CLIPModel.from_pretrained(tmp_path / "open_clip" / "out")
+    rows.append(("CLIP", "bf16", "open_clip folder", "report", "written", "written"))
     # a sharded checkpoint, by hub id through the real client (the loopback hub)
     suspect, base = _pair(FAMILIES["ViT"], tmp_path / "hub", torch.bfloat16, torch.float32,
                           shard="2KB")
