@@ -4,9 +4,11 @@ into its base in safetensors space, so a scan sees the model the adapter makes.
 For every adapted linear weight W of the base: W' = W + s·B·A, with s = lora_alpha / r (rsLoRA:
 lora_alpha / √r; ``alpha_pattern`` sets a module's own alpha, matched as PEFT matches it;
 ``fan_in_fan_out`` transposes B·A). Tensors the adapter saves whole (``modules_to_save``, e.g. a
-new classification head, and trained biases) replace the base's. The merged checkpoint is written
-once per (adapter, base) under the cache, like a converted ``.bin``, and then scanned like any
-folder; the report's suspect still names the adapter's own files.
+new classification head, and trained biases) replace the base's, in the base's float dtype as
+PEFT loads them. The merged checkpoint is written once per (adapter, base) under the cache, like
+a converted ``.bin``, and then scanned like any folder; the report's suspect still names the
+adapter's own files. The merged source keeps the adapter (``MergedSource.adapter``), so the
+cleaned result can be offered as an adapter of the same base too (``adapter_export``).
 
 PEFT is never imported: the files are read as data. An adapter that is not a plain low-rank
 update of linear weights (DoRA, LoRA on convolutions or embeddings, ``lora_bias``, another PEFT
@@ -22,7 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ from mergeshield.models import family_for
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-MERGE_VERSION = "1"  # bump when the merge's arithmetic changes: cached merges are redone
+MERGE_VERSION = "2"  # bump when the merge's arithmetic changes: cached merges are redone
 PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 _SAVED = re.compile(r"\.modules_to_save\.[^.]+")  # older PEFT kept the adapter's name in the key
@@ -61,6 +63,13 @@ _REFUSED_SET = ("target_parameters", "layer_replication", "trainable_token_indic
 def is_adapter(src: ResolvedSource) -> bool:
     """Whether ``src`` is a PEFT adapter folder (its config names the adapter's method)."""
     return src.kind != "file" and (src.root / CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class MergedSource(ResolvedSource):
+    """A LoRA adapter merged into its base: reads the merged weights, names the adapter's files."""
+
+    adapter: ResolvedSource = field(kw_only=True, repr=False)  # the adapter folder itself
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,15 @@ class LoraSpec:
         alpha = next((a for p, a in self.alpha_pattern.items()
                       if re.match(rf"(.*\.)?({p})$", module)), self.alpha)
         return alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+def lora_merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+               fan_in_fan_out: bool) -> torch.Tensor:
+    """W + s·B·A (A: (r, in), B: (out, r)) in float32, stored in W's dtype, as PEFT merges."""
+    delta = b.to(torch.float32) @ a.to(torch.float32)
+    if fan_in_fan_out:
+        delta = delta.T
+    return torch.add(weight.to(torch.float32), delta, alpha=scale).to(weight.dtype)
 
 
 class Merged(Mapping[str, torch.Tensor]):
@@ -167,22 +185,28 @@ class Merged(Mapping[str, torch.Tensor]):
 
     def info(self, name: str) -> TensorInfo:
         if name in self.replaced:
-            return self.adapter.info(self.replaced[name])
+            saved = self.adapter.info(self.replaced[name])
+            dtype = self._dtype(name, saved.dtype)
+            return TensorInfo(dtype, saved.shape, math.prod(saved.shape) * dtype.itemsize)
         return self.base.info(name)
+
+    def _dtype(self, name: str, saved: torch.dtype) -> torch.dtype:
+        """A saved float tensor takes the base's float dtype, as PEFT loads it into the base's
+        module (a float32 head of a bfloat16 base is a bfloat16 head)."""
+        own = self.base.info(name).dtype
+        return own if own.is_floating_point and saved.is_floating_point else saved
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.replaced:
-            return self.adapter[self.replaced[name]]
+            saved = self.adapter[self.replaced[name]]
+            return saved.to(self._dtype(name, saved.dtype))
         w = self.base[name]
         sides = self.pairs.get(name)
         if sides is None:
             return w
-        a, b = (self.adapter[sides[s]].to(torch.float32) for s in "AB")
-        delta = b @ a
-        if self.spec.fan_in_fan_out:
-            delta = delta.T
-        scale = self.spec.scale(self.module_of[name], a.shape[0])
-        return torch.add(w.to(torch.float32), delta, alpha=scale).to(w.dtype)
+        a, b = (self.adapter[sides[s]] for s in "AB")
+        return lora_merge(w, a, b, self.spec.scale(self.module_of[name], a.shape[0]),
+                          self.spec.fan_in_fan_out)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
@@ -193,7 +217,7 @@ class Merged(Mapping[str, torch.Tensor]):
 
 def merged_source(adapter: ResolvedSource, base: ResolvedSource, *,
                   cache_dir: str | Path | None, min_free_bytes: int | None = None
-                  ) -> ResolvedSource:
+                  ) -> MergedSource:
     """``adapter`` merged into ``base``, written once (keyed by both sides' files), as a source
     that reads the merged weights and reports the adapter's own files and revision."""
     if base.config is None:
@@ -224,9 +248,9 @@ def merged_source(adapter: ResolvedSource, base: ResolvedSource, *,
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     config = json.loads((folder / "config.json").read_text())
-    return ResolvedSource(adapter.source, adapter.kind, adapter.revision_requested,
-                          adapter.revision, folder, adapter.weight_files, config,
-                          tuple(sorted(folder.glob("*.safetensors"))))
+    return MergedSource(adapter.source, adapter.kind, adapter.revision_requested,
+                        adapter.revision, folder, adapter.weight_files, config,
+                        tuple(sorted(folder.glob("*.safetensors"))), adapter=adapter)
 
 
 def _config(base: Mapping[str, Any], merged: Merged, digest: str) -> dict[str, Any]:

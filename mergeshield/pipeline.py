@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mergeshield import __version__, adapters, checkpoints
+from mergeshield import __version__, adapter_export, adapters, checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
 from mergeshield.measure import Measurement, measure_and_sanitise, summarise
@@ -44,6 +44,7 @@ from mergeshield.options import (
 )
 from mergeshield.report import ScanReport, decide, write_report
 from mergeshield.report.schema import (
+    AdapterOutput,
     CleaningStatus,
     CleaningSummary,
     FileDigest,
@@ -398,9 +399,29 @@ def _write_cleaned(ctx: ScanContext, suspect_src: checkpoints.ResolvedSource,
         specs={k: info(k) for k in suspect_w}, config=suspect_src.config,
         extra_files=checkpoints.extra_files(suspect_src), metadata=metadata,
     )
+    adapter = None
+    if isinstance(suspect_src, adapters.MergedSource):  # offered as an adapter too, if exact
+        adapter = _offer_adapter(ctx, suspect_src, base_src, files, metadata)
     return OutputSummary(
         directory=ctx.labels.get("output", str(ctx.out_dir)),
         files=[FileDigest(path=p.name, size=p.stat().st_size, sha256=checkpoints.sha256_file(p))
                for p in files],
-        metadata=metadata,
+        metadata=metadata, adapter=adapter,
     )
+
+
+def _offer_adapter(ctx: ScanContext, merged: adapters.MergedSource,
+                   base_src: checkpoints.ResolvedSource, files: list[Path],
+                   metadata: dict[str, str]) -> AdapterOutput:
+    """The cleaned checkpoint in ``files`` as a LoRA adapter of the base, or why not."""
+    assert ctx.out_dir is not None
+    got = adapter_export.offer(ctx.out_dir, merged, base_src,
+                               [p for p in files if p.suffix == ".safetensors"],
+                               metadata=metadata,
+                               base_label=ctx.labels.get("base", base_src.source))
+    where = f"{ctx.labels.get('output', str(ctx.out_dir))}/{adapter_export.FOLDER}"
+    return AdapterOutput(
+        status=got.status, message=got.message, directory=where if got.folder else None,
+        files=[FileDigest(path=p.name, size=p.stat().st_size, sha256=checkpoints.sha256_file(p))
+               for p in got.files],
+        max_abs_error=got.max_abs_error)

@@ -230,8 +230,11 @@ def _provenance(report: ScanReport) -> str:
         for role, m in (("suspect", report.suspect), ("base", report.base))
         for f in m.files
     ]
+    adapter = report.output.adapter if report.output else None
     if report.output:
         files += [["output", f.path, f"{f.size:,}", f.sha256] for f in report.output.files]
+    if adapter:
+        files += [["adapter", f.path, f"{f.size:,}", f.sha256] for f in adapter.files]
     run = [
         ["Scan id", report.scan_id],
         ["Created", report.created_at],
@@ -242,6 +245,9 @@ def _provenance(report: ScanReport) -> str:
     ]
     if report.output:
         run.append(["Output folder", report.output.directory])
+    if adapter:  # the suspect was a LoRA adapter: the cleaned result as one, or why not
+        run.append(["Adapter", f"{adapter.directory} — {adapter.message}" if adapter.directory
+                    else adapter.message])
     ev = report.evaluation
     if ev:
         run.append(

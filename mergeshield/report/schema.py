@@ -119,7 +119,9 @@ class TriggerMeasurement(_Model):
     spec: dict[str, Any]  # the trigger's full specification
     target: int
     target_class: str
-    asr_reference: RateModel | None = None  # base backbone with the suspect's head
+    # what the trigger reaches without a backdoor: the base backbone with the suspect's head (an
+    # inverted trigger: the larger of that and the median over the suspect's other targets)
+    asr_reference: RateModel | None = None
     asr_before: RateModel  # the suspect checkpoint
     asr_after: RateModel | None = None  # the cleaned checkpoint
     preview_png: str | None = None  # base64 PNG: the trigger stamped on a sample input
@@ -165,10 +167,24 @@ class IncompleteReason(_Model):
     message: str
 
 
+class AdapterOutput(_Model):
+    """The cleaned result as a PEFT LoRA adapter of the base, offered when the suspect was a LoRA
+    adapter and base + adapter reproduces the cleaned checkpoint to float tolerance: ``written``,
+    or none, because it would be no smaller than the checkpoint (``not_smaller``) or could not be
+    made exact (``not_exact``); ``message`` says which modules it holds, or why."""
+
+    status: Literal["written", "not_smaller", "not_exact"]
+    message: str  # one sentence for people
+    directory: str | None = None  # the adapter folder (adapter_config.json + weights)
+    files: list[FileDigest] = Field(default_factory=list)  # relative to ``directory``
+    max_abs_error: float | None = None  # largest |base + adapter − cleaned|, re-merged
+
+
 class OutputSummary(_Model):
     directory: str
     files: list[FileDigest]
     metadata: dict[str, str]  # what was written to the safetensors __metadata__
+    adapter: AdapterOutput | None = None  # only when the suspect was a LoRA adapter
 
 
 class UnlearningRound(_Model):

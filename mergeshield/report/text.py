@@ -61,4 +61,6 @@ def to_text(report: ScanReport) -> str:
         lines += ["", f"Cleaned checkpoint: {c.status.replace('_', ' ').upper()} — {c.message}"]
     if report.output:
         lines += ["", f"Output: {report.output.directory}"]
+        if report.output.adapter:  # the suspect was a LoRA adapter: the adapter form, or why not
+            lines.append(f"Adapter: {report.output.adapter.message}")
     return "\n".join(_safe(line) for line in lines) + "\n"

@@ -69,6 +69,28 @@ def test_the_merge_is_the_one_peft_makes(tmp_path: Path, options: dict[str, Any]
     assert len(list((tmp_path / "cache" / "mergeshield-adapters").iterdir())) == 1
 
 
+def test_a_saved_head_takes_the_bfloat16_base_dtype_as_peft_loads_it(tmp_path: Path) -> None:
+    """A float32 adapter (LoRA and a saved head) on a bfloat16 base: PEFT loads the head into
+    the base's bfloat16 module, and the merge gives the same tensors, dtypes included."""
+    _tiny_vit(labels=10).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    tuned = peft.get_peft_model(_tiny_vit(labels=10), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], modules_to_save=["classifier"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0, 0.5)
+    tuned.save_pretrained(tmp_path / "adapter")
+    base = transformers.ViTForImageClassification.from_pretrained(tmp_path / "base")
+    peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().save_pretrained(
+        tmp_path / "peft-merged")
+    want = load_file(str(tmp_path / "peft-merged" / "model.safetensors"))
+    got = _merge(tmp_path / "adapter", tmp_path / "base", tmp_path / "cache")
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
+    assert got["classifier.weight"].dtype == torch.bfloat16
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def _adapter_folder(folder: Path, tensors: dict[str, torch.Tensor], **config: Any) -> Path:
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / adapters.WEIGHTS))
@@ -135,3 +157,8 @@ def test_an_adapter_that_makes_the_backdoored_fine_tune_is_flagged(
     assert report.suspect.source == str(folder)
     model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_labels == len(report.evaluation.classes)  # type: ignore[union-attr]
+    # the adapter changes every tensor, so an exact adapter of the cleaned result is the whole
+    # model again: none is offered, and the report says so next to the checkpoint
+    assert report.output is not None and report.output.adapter is not None
+    assert report.output.adapter.status == "not_smaller", report.output.adapter.message
+    assert not (tmp_path / "out" / "adapter").exists()
