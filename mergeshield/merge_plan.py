@@ -7,7 +7,9 @@ backdoor, and the ``evaluation`` data each model's task has. Every fine-tune is 
 the base (``pipeline.scan``, its default defence); the policy decides what enters the merge:
 
 - ``clean`` (default): the scan's cleaned checkpoint of a flagged model (left out when the scan
-  says the backdoor was not removed), the others as they are;
+  says the backdoor was not removed), the others as they are; only a share γ of each cleaned
+  model's correction enters, chosen on the merge with the accuracy budget over every task that
+  has evaluation data (``merge_defence``);
 - ``exclude``: flagged models are left out;
 - ``include``: every model as it is (the merge is measured, not defended).
 
@@ -25,23 +27,29 @@ forms (DARE, per-model TIES parameters, slices) are refused rather than merged d
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor
 
-from mergeshield import checkpoints
+from mergeshield import adapters, checkpoints
 from mergeshield.data import load_task
 from mergeshield.errors import ConfigError
-from mergeshield.evaluation import attack_success_rate, clean_accuracy
+from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
 from mergeshield.file_safety import read_option_file
+from mergeshield.merge_defence import SCALES, MergeDefence, ScaleTried, choose
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.models import family_for
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report.schema import RateModel, ScanReport
-from mergeshield.triggers import parse_trigger
+from mergeshield.report.verdict import still_responds
+from mergeshield.task_vectors import TaskVector
+from mergeshield.triggers import Trigger, parse_trigger
 
 MAX_PLAN_BYTES = 2**20
 MAX_MODELS = 32
@@ -72,6 +80,9 @@ class PlanOptions(_Strict):
     evaluation: dict[str, str] = Field(default_factory=dict)  # model -> its task's dataset
     # ScanRequest options for every model's scan (e.g. {"max_eval": 500}); {}: the defaults
     scan: dict[str, Any] = Field(default_factory=dict)
+    # accuracy points the defended merge may cost any task with evaluation data against the
+    # undefended merge (mergeshield/merge_defence.py chooses how much correction enters)
+    budget_points: float = Field(default=2.0, ge=0, le=100, allow_inf_nan=False)
 
 
 class MergePlan(_Strict):
@@ -161,6 +172,7 @@ class PlanReport(_Strict):
     plan: dict[str, Any]
     policy: str
     merge: dict[str, Any]
+    defence: MergeDefence | None = None  # the scale of the cleaned models' corrections
     models: list[PlanModelResult]
     output: list[str]  # files written
 
@@ -184,14 +196,15 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
                       ScanContext(out_dir=out, cache_dir=ctx.cache_dir, device=ctx.device,
                                   local_files_only=ctx.local_files_only, **ctx.hub))
         scans.append((entry, report, out))
-    chosen: list[tuple[PlanModel, str]] = []  # (entry, source merged)
+    chosen: list[tuple[PlanModel, _Part]] = []
     results: list[dict[str, Any]] = []
     for entry, report, out in scans:
         how = merged_as(policy, report.verdict.status == "backdoor_suspected",
                         report.output is not None and report.cleaning is not None
                         and report.cleaning.status == "removed")
         if how != "excluded":
-            chosen.append((entry, str(out) if how == "cleaned" else entry.model))
+            chosen.append((entry, _Part(str(out), entry.model) if how == "cleaned"
+                           else _Part(entry.model)))
         results.append({"model": entry.model, "verdict": report.verdict.status,
                         "cleaning": report.cleaning.status if report.cleaning else None,
                         "merged_as": how,
@@ -200,19 +213,50 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
         raise ConfigError("the policy excluded every model of the plan: nothing to merge",
                           details={"policy": policy})
     cfg = plan.model_copy(update={"models": [e for e, _ in chosen]}).merge_config()
-    files = _merge(plan, cfg, [s for _, s in chosen], results, ctx, ctx.out_dir)
+    parts = [p for _, p in chosen]
+    plain = [_Part(m.model) for m in plan.models]  # the merge as planned, undefended
+    tasks = [t for entry, report, _ in scans
+             if (t := _Task.of(report, entry.model, plan, ctx)) is not None]
+    defence = None
+    if any(p.original for p in parts):  # how much of each correction: measured on the merge
+        defence = _choose_scale(plan, cfg, parts, plain, tasks, ctx)
+    scale = defence.scale if defence else 1.0
+    files = _merge(plan, cfg, parts, scale, results, ctx, ctx.out_dir)
     # the merge as planned, undefended, beside it (only where the policy changed something)
     undefended = None
     if any(r["merged_as"] != "as is" for r in results):
         undefended = ctx.out_dir / "undefended"
-        _merge(plan, plan.merge_config(), [m.model for m in plan.models], results, ctx,
-               undefended)
-    for row, (entry, report, _out) in zip(results, scans, strict=True):
-        row.update(_measure(report, ctx.out_dir, undefended, entry.model, plan, ctx))
+        _merge(plan, plan.merge_config(), plain, 1.0, results, ctx, undefended)
+    for row, (entry, _report, _out) in zip(results, scans, strict=True):
+        task = next((t for t in tasks if t.model == entry.model), None)
+        if task is not None:
+            row.update(task.measure_outputs(ctx.out_dir, undefended, ctx))
     return PlanReport(plan=plan.model_dump(mode="json"), policy=policy,
-                      merge=cfg.model_dump(mode="json"),
+                      merge=cfg.model_dump(mode="json"), defence=defence,
                       models=[PlanModelResult.model_validate(r) for r in results],
                       output=[p.name for p in files])
+
+
+def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], plain: list[_Part],
+                  tasks: list[_Task], ctx: PlanContext) -> MergeDefence:
+    """Each γ of ``SCALES`` merged in memory and measured on every task with data."""
+    budget = plan.mergeshield.budget_points
+    if not any(t.triggers for t in tasks):  # nothing to tell a removed backdoor by
+        return choose([], budget)
+    plain_merge = _merged(plan, plan.merge_config(), plain, 1.0, ctx)
+    undefended = {t.model: t.measure(plain_merge)[0].rate for t in tasks}
+    del plain_merge
+    tried = []
+    for gamma in SCALES:
+        merged = _merged(plan, cfg, parts, gamma, ctx)
+        costs, removed = {}, True
+        for t in tasks:
+            acc, asr = t.measure(merged)
+            costs[t.model] = round(100 * (undefended[t.model] - acc.rate), 2)
+            removed &= not any(still_responds(r.rate, t.references[i], t.min_asr_gap)
+                               for i, r in asr.items())
+        tried.append(ScaleTried(scale=gamma, cost_points=costs, removed=removed))
+    return choose(tried, budget)
 
 
 def merged_as(policy: str, flagged: bool, cleaned: bool) -> Merged:
@@ -231,68 +275,138 @@ def _resolve(source: str, ctx: PlanContext) -> checkpoints.ResolvedSource:
                                cache_dir=ctx.cache_dir, **ctx.hub)
 
 
-def _merge(plan: MergePlan, cfg: MergeConfig, sources: list[str],
-           results: list[dict[str, Any]], ctx: PlanContext, out: Path) -> list[Path]:
+def _model(source: str, base_src: checkpoints.ResolvedSource, ctx: PlanContext
+           ) -> checkpoints.ResolvedSource:
+    """A plan's model as it is merged: a LoRA adapter as the model it makes with the base."""
+    return adapters.as_model(_resolve(source, ctx), base_src, cache_dir=ctx.cache_dir)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A model as it enters the merge: ``source``; a cleaned one also names its own fine-tune
+    (``original``), so that only a share γ of its correction (cleaned − fine-tune) enters."""
+
+    source: str
+    original: str | None = None
+
+
+@contextmanager
+def _vectors(plan: MergePlan, parts: list[_Part], gamma: float, ctx: PlanContext
+             ) -> Iterator[tuple[checkpoints.ResolvedSource, Mapping[str, Tensor],
+                                 list[TaskVector]]]:
+    """The base and each part's task vector, a cleaned part's as τ_suspect + γ·(τ_cleaned −
+    τ_suspect), while their checkpoints are open."""
     base_src = _resolve(plan.base_model, ctx)
-    with checkpoints.open_checkpoint(base_src) as base_ck:
-        models = [checkpoints.open_checkpoint(_resolve(s, ctx)) for s in sources]
-        try:
-            base, tvs, _family = task_vectors(base_ck, models)
-            info = base.info  # type: ignore[attr-defined]
-            verdicts = {r["model"]: {k: r[k] for k in ("verdict", "cleaning", "merged_as")}
-                        for r in results}
-            return checkpoints.save_checkpoint(
-                out, merged_tensors(base, tvs, cfg), specs={k: info(k) for k in base},
-                config=base_src.config, extra_files=checkpoints.extra_files(base_src),
-                metadata={"format": "pt",
-                          "mergeshield.plan": plan.model_dump_json(),
-                          "mergeshield.policy": plan.mergeshield.policy,
-                          "mergeshield.verdicts": json.dumps(verdicts),
-                          "mergeshield.merge": cfg.model_dump_json()})
-        finally:
-            for ck in models:
-                ck.close()
+    with ExitStack() as stack:
+        base_ck = stack.enter_context(checkpoints.open_checkpoint(base_src))
+        names = [p.source for p in parts] + [p.original for p in parts if p.original]
+        cks = [stack.enter_context(checkpoints.open_checkpoint(_model(n, base_src, ctx)))
+               for n in names]
+        base, tvs, _family = task_vectors(base_ck, cks)
+        own = iter(tvs[len(parts):])
+        mixed = []
+        for p, tv in zip(parts, tvs, strict=False):
+            if p.original is not None:
+                suspect = next(own)
+                tv = tv if gamma == 1.0 else suspect + (tv - suspect) * gamma
+            mixed.append(tv)
+        yield base_src, base, mixed
 
 
-def _measure(report: ScanReport, merged: Path, undefended: Path | None, model: str,
-             plan: MergePlan, ctx: PlanContext) -> dict[str, Any]:
-    """The merged backbone with ``model``'s head on ``model``'s task (the images its scan
-    evaluated), beside the model alone and the undefended merge (None: the same as the merge):
-    clean accuracy and every trigger its scan found."""
-    dataset = plan.mergeshield.evaluation.get(model)
-    if dataset is None or report.evaluation is None:
-        return {}
-    found = {f.trigger_id for f in report.findings if f.trigger_id}
-    # the triggers a report specifies in full (probes, the user's, injections); an inverted one
-    # is described there (its digest and area), not stored, so it is not measured on the merge
-    triggers = [(t.id, parse_trigger(t.spec), t.target) for t in report.metrics.triggers
-                if t.id in found and t.source != "inverted"]
-    base_src, model_src, merged_src, plain_src = (
-        _resolve(str(s), ctx) for s in (plan.base_model, model, merged, undefended or merged))
-    out: dict[str, Any] = {}
-    with checkpoints.open_checkpoint(base_src) as b, checkpoints.open_checkpoint(model_src) as m, \
-            checkpoints.open_checkpoint(merged_src) as g, \
-            checkpoints.open_checkpoint(plain_src) as u:
-        family = family_for(base_src.config, model_src.config)
-        request = plan.scan_request(model)  # the images its scan evaluated
-        test = load_task(dataset, max_test=request.max_eval, seed=request.seed,
-                         image_size=request.image_size,
-                         mixed_size=family.preprocessing.image_size, cache_dir=ctx.cache_dir,
-                         local_files_only=ctx.local_files_only, **ctx.hub).test
-        head = family.head_from(family.canonical(b), family.canonical(m))
-        for label, backbone in (("alone", family.canonical(m)), ("merged", family.canonical(g)),
-                                ("undefended", family.canonical(u))):
-            clf = family.classifier(backbone, head, test.classes)
-            out[f"accuracy_{label}"] = clean_accuracy(clf, test).to_model()
-            out[f"asr_{label}"] = {i: attack_success_rate(clf, test, t, target).to_model()
-                                   for i, t, target in triggers}
-    return out
+def _merged(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,
+            ctx: PlanContext) -> dict[str, Tensor]:
+    """The merge, in memory (canonical names), for measuring a scale before writing one."""
+    with _vectors(plan, parts, gamma, ctx) as (_src, base, tvs):
+        return {k: v.clone() for k, v in merged_tensors(base, tvs, cfg)}
+
+
+def _merge(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,
+           results: list[dict[str, Any]], ctx: PlanContext, out: Path) -> list[Path]:
+    with _vectors(plan, parts, gamma, ctx) as (base_src, base, tvs):
+        info = base.info  # type: ignore[attr-defined]
+        verdicts = {r["model"]: {k: r[k] for k in ("verdict", "cleaning", "merged_as")}
+                    for r in results}
+        return checkpoints.save_checkpoint(
+            out, merged_tensors(base, tvs, cfg), specs={k: info(k) for k in base},
+            config=base_src.config, extra_files=checkpoints.extra_files(base_src),
+            metadata={"format": "pt",
+                      "mergeshield.plan": plan.model_dump_json(),
+                      "mergeshield.policy": plan.mergeshield.policy,
+                      "mergeshield.verdicts": json.dumps(verdicts),
+                      "mergeshield.merge": cfg.model_dump_json(),
+                      "mergeshield.correction_scale": repr(gamma)})
+
+
+@dataclass
+class _Task:
+    """A model's task on the merge: its head, the images its scan evaluated and the triggers
+    its scan found and specified in full (an inverted one is described, not stored)."""
+
+    model: str
+    family: Any
+    clf: Any  # the model's classifier: its own backbone and head, reloaded per merge
+    test: Any
+    triggers: list[tuple[str, Trigger, int]]
+    references: dict[str, float]  # trigger id -> its ASR on the base (the residual rule's)
+    min_asr_gap: float
+    alone: dict[str, Any] = field(default_factory=dict)  # the report's *_alone numbers
+
+    @classmethod
+    def of(cls, report: ScanReport, model: str, plan: MergePlan, ctx: PlanContext
+           ) -> _Task | None:
+        dataset = plan.mergeshield.evaluation.get(model)
+        if dataset is None or report.evaluation is None:
+            return None
+        found = {f.trigger_id for f in report.findings if f.trigger_id}
+        measured = [t for t in report.metrics.triggers if t.id in found and t.source != "inverted"]
+        base_src = _resolve(plan.base_model, ctx)
+        with checkpoints.open_checkpoint(base_src) as b, \
+                checkpoints.open_checkpoint(_model(model, base_src, ctx)) as m:
+            family = family_for(base_src.config, m.config)
+            request = plan.scan_request(model)  # the images its scan evaluated
+            test = load_task(dataset, max_test=request.max_eval, seed=request.seed,
+                             image_size=request.image_size,
+                             mixed_size=family.preprocessing.image_size, cache_dir=ctx.cache_dir,
+                             local_files_only=ctx.local_files_only, **ctx.hub).test
+            mine = family.canonical(m)
+            clf = family.classifier(mine, family.head_from(family.canonical(b), mine),
+                                    test.classes)
+        task = cls(model, family, clf, test,
+                   [(t.id, parse_trigger(t.spec), t.target) for t in measured],
+                   {t.id: t.asr_reference.rate if t.asr_reference else 0.0 for t in measured},
+                   request.min_asr_gap)
+        acc, asr = task.measure(None)  # the fine-tune alone, before any merge is loaded
+        task.alone = {"accuracy_alone": acc.to_model(),
+                      "asr_alone": {i: r.to_model() for i, r in asr.items()}}
+        return task
+
+    def measure(self, backbone: Mapping[str, Tensor] | None) -> tuple[Rate, dict[str, Rate]]:
+        """Clean accuracy and each trigger's ASR with ``backbone`` (None: the model's own)."""
+        if backbone is not None:
+            self.clf.load_backbone({k: backbone[k] for k in self.clf.backbone_state()})
+        return (clean_accuracy(self.clf, self.test),
+                {i: attack_success_rate(self.clf, self.test, t, target)
+                 for i, t, target in self.triggers})
+
+    def measure_outputs(self, merged: Path, undefended: Path | None, ctx: PlanContext
+                        ) -> dict[str, Any]:
+        """The report's numbers: the model alone, the written merge and the undefended one
+        (None: the same as the merge)."""
+        out: dict[str, Any] = dict(self.alone)
+        for label, folder in (("merged", merged), ("undefended", undefended or merged)):
+            with checkpoints.open_checkpoint(_resolve(str(folder), ctx)) as ck:
+                acc, asr = self.measure(self.family.canonical(ck))
+            out[f"accuracy_{label}"] = acc.to_model()
+            out[f"asr_{label}"] = {i: r.to_model() for i, r in asr.items()}
+        return out
 
 
 def plan_summary(report: PlanReport) -> str:
     """The plan's outcome in a few lines of text (the CLI's output)."""
     lines = [f"merged {sum(r.merged_as != 'excluded' for r in report.models)} of "
              f"{len(report.models)} models ({report.merge['method']}, policy {report.policy})"]
+    if report.defence is not None:
+        lines.append(f"  defence: {report.defence.message}")
     for r in report.models:
         acc = (f"; accuracy {_pct(r.accuracy_alone)} alone, {_pct(r.accuracy_undefended)} "
                f"undefended merge, {_pct(r.accuracy_merged)} merged" if r.accuracy_merged else "")

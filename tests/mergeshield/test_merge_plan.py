@@ -14,7 +14,8 @@ import yaml
 from safetensors import safe_open
 
 from mergeshield.errors import ConfigError
-from mergeshield.merge_plan import MergePlan, merged_as
+from mergeshield.merge_defence import SCALES
+from mergeshield.merge_plan import MergePlan, PlanReport, merged_as, plan_summary
 from tests.support.zoo import Zoo
 
 PLAN = {"merge_method": "task_arithmetic", "base_model": "org/base",
@@ -97,11 +98,20 @@ def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: 
     found, before = rows[bad]["asr_merged"], rows[bad]["asr_undefended"]
     assert found and all(before[t]["rate"] - a["rate"] >= 0.2 for t, a in found.items()), (
         rows[bad]["asr_alone"], before, found)
+    # how much of the cleaned model's correction the merge took: chosen on the merge itself
+    defence = report["defence"]
+    assert defence["scale"] in SCALES and len(defence["tried"]) == len(SCALES)
+    chosen = next(t for t in defence["tried"] if t["scale"] == defence["scale"])
+    assert chosen["removed"] and set(chosen["cost_points"]) == {str(zoo.path(n))
+                                                               for n in (bad, good)}
+    assert "γ =" in defence["message"] and "budget" in defence["message"]
+    assert defence["message"] in plan_summary(PlanReport.model_validate(report))
     for r in rows.values():  # the defence costs each task little against the plain merge
         assert r["accuracy_merged"]["rate"] >= r["accuracy_undefended"]["rate"] - 0.05, r
     assert (out / "undefended" / "model.safetensors").is_file()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["mergeshield.verdicts"])[str(zoo.path(bad))]["merged_as"] == "cleaned"
+    assert float(meta["mergeshield.correction_scale"]) == defence["scale"]
     assert MergePlan.model_validate_json(meta["mergeshield.plan"]).models[0].model == str(
         zoo.path(bad))
