@@ -215,6 +215,15 @@ class Merged(Mapping[str, torch.Tensor]):
         return len(self.base)
 
 
+def as_model(src: ResolvedSource, base: ResolvedSource, *, cache_dir: str | Path | None,
+             min_free_bytes: int | None = None) -> ResolvedSource:
+    """``src`` itself, or, when it is a LoRA adapter, the model it makes with ``base``
+    (``merged_source``): what scan, bv compute, merge and merge plans read."""
+    if not is_adapter(src):
+        return src
+    return merged_source(src, base, cache_dir=cache_dir, min_free_bytes=min_free_bytes)
+
+
 def merged_source(adapter: ResolvedSource, base: ResolvedSource, *,
                   cache_dir: str | Path | None, min_free_bytes: int | None = None
                   ) -> MergedSource:

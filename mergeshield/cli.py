@@ -110,6 +110,8 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     bc.add_argument("--clean", required=True)
     bc.add_argument("--backdoored", required=True)
     bc.add_argument("--out", type=Path, required=True, help="folder for model.safetensors")
+    bc.add_argument("--base", help="the base model, when --clean or --backdoored is a LoRA "
+                                   "adapter (read as the model it makes with this base)")
     bm = bsub.add_parser("compare", help="cosine matrix of BVs (files written by bv compute)")
     bm.add_argument("bvs", nargs="+")
     bm.add_argument("--per-tensor", action="store_true")

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mergeshield import backdoor_vectors, checkpoints
+from mergeshield import adapters, backdoor_vectors, checkpoints
 from mergeshield.cli_progress import ProgressPrinter
 from mergeshield.errors import ConfigError
 from mergeshield.file_safety import read_option_file
@@ -132,8 +132,10 @@ def run_zoo(args: argparse.Namespace) -> int:
 def run_bv(args: argparse.Namespace, settings: Settings) -> int:
     hub = _hub(settings)
     if args.bv_command == "compute":
-        with checkpoints.open_checkpoint(checkpoints.resolve(args.clean, **hub)) as clean, \
-                checkpoints.open_checkpoint(checkpoints.resolve(args.backdoored, **hub)) as bd:
+        clean_src, bd_src = (_model(checkpoints.resolve(p, **hub), args.base, hub)
+                             for p in (args.clean, args.backdoored))
+        with checkpoints.open_checkpoint(clean_src) as clean, \
+                checkpoints.open_checkpoint(bd_src) as bd:
             bv = backdoor_vectors.from_checkpoints(clean, bd)
             checkpoints.save_checkpoint(args.out, ((k, bv[k]) for k in bv),
                                         specs={k: checkpoints.TensorInfo.of(bv[k]) for k in bv},
@@ -152,13 +154,26 @@ def run_bv(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _model(src: checkpoints.ResolvedSource, base: str | None, hub: dict[str, Any]
+           ) -> checkpoints.ResolvedSource:
+    """``src``, or the model a LoRA adapter makes with ``base`` (which it then needs)."""
+    if not adapters.is_adapter(src):
+        return src
+    if base is None:
+        raise ConfigError(f"{src.source} is a LoRA adapter: give --base, the model it adapts, "
+                          "so the model it makes can be read", details={"adapter": src.source})
+    return adapters.as_model(src, checkpoints.resolve(base, **hub), cache_dir=hub["cache_dir"])
+
+
 def run_merge(args: argparse.Namespace, settings: Settings) -> int:
     hub = _hub(settings)
     cfg = MergeConfig(method=args.method, weights=args.weights, keep=args.keep,
                       subtract_lambda=args.subtract_lambda if args.subtract else 0.0)
     base_src = checkpoints.resolve(args.base, **hub)
     with checkpoints.open_checkpoint(base_src) as base_ck:
-        models = [checkpoints.open_checkpoint(checkpoints.resolve(m, **hub)) for m in args.models]
+        models = [checkpoints.open_checkpoint(adapters.as_model(
+            checkpoints.resolve(m, **hub), base_src, cache_dir=hub["cache_dir"]))
+            for m in args.models]
         base, tvs, _family = task_vectors(base_ck, models)
         bv = None
         if args.subtract:

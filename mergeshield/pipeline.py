@@ -274,9 +274,9 @@ def resolve_inputs(request: ScanRequest, ctx: ScanContext) -> Inputs:
     suspect = checkpoints.resolve(request.suspect, revision=request.suspect_revision, **kw)
     base = checkpoints.resolve(request.base, revision=request.base_revision, **kw)
     check_card_base(suspect.root, base.source, base.kind, base.config)
-    if adapters.is_adapter(suspect):  # a LoRA adapter: scanned as the model it makes
-        suspect = adapters.merged_source(suspect, base, cache_dir=ctx.cache_dir,
-                                         min_free_bytes=ctx.min_free_bytes)
+    # a LoRA adapter: scanned as the model it makes
+    suspect = adapters.as_model(suspect, base, cache_dir=ctx.cache_dir,
+                                min_free_bytes=ctx.min_free_bytes)
     return suspect, base
 
 

@@ -11,6 +11,7 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+import peft
 import torch
 import transformers
 
@@ -95,6 +96,19 @@ def _open_clip_pair(root: Path) -> tuple[Path, Path]:
     return root / "suspect", root / "base"
 
 
+def _lora_pair(root: Path) -> tuple[Path, Path]:
+    """A ViT base and a PEFT LoRA adapter of it (the attention's q and v at rank 4, random B so it
+    changes the model; the new head saved whole), written by PEFT itself."""
+    torch.manual_seed(0)
+    model = FAMILIES["ViT"]()
+    model.save_pretrained(root / "base")
+    tuned = peft.get_peft_model(model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"],
+        init_lora_weights=False))
+    tuned.save_pretrained(root / "adapter")
+    return root / "adapter", root / "base"
+
+
 def _cli(*args: str) -> int:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return cli(list(args))
@@ -137,6 +151,20 @@ def test_every_family_and_precision_scans_computes_a_bv_and_merges(
                  str(tmp_path / "open_clip" / "merged"))) == (0, 0)
     transformers.CLIPModel.from_pretrained(tmp_path / "open_clip" / "out")
     rows.append(("CLIP", "bf16", "open_clip folder", "report", "written", "written"))
+    # a LoRA adapter: scanned, a BV computed and merged as the model it makes with the base
+    suspect, base = _lora_pair(tmp_path / "lora")
+    report = scan(ScanRequest(suspect=str(suspect), base=str(base), evaluation="digits", **FAST),
+                  ScanContext(out_dir=tmp_path / "lora" / "out", cache_dir=cache))
+    assert report.metrics.clean_accuracy_before is not None
+    assert report.output is not None and report.output.adapter is not None
+    assert (_cli("bv", "compute", "--clean", str(base), "--backdoored", str(suspect), "--base",
+                 str(base), "--out", str(tmp_path / "lora" / "bv")),
+            _cli("merge", str(suspect), "--base", str(base), "--out",
+                 str(tmp_path / "lora" / "merged"))) == (0, 0)
+    transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "lora" / "merged")
+    assert _cli("bv", "compute", "--clean", str(base), "--backdoored", str(suspect), "--out",
+                str(tmp_path / "lora" / "no-base")) == 2  # an adapter alone names no model
+    rows.append(("ViT", "fp32", "LoRA adapter (PEFT)", "report", "written", "written"))
     # a sharded checkpoint, by hub id through the real client (the loopback hub)
     suspect, base = _pair(FAMILIES["ViT"], tmp_path / "hub", torch.bfloat16, torch.float32,
                           shard="2KB")
@@ -159,8 +187,9 @@ def _table(rows: list[tuple[str, str, str, str, str, str]]) -> str:
              "forward pass, BV_inj, the sweep and the cleaned checkpoint all ran), `mergeshield bv",
              "compute` and `mergeshield merge`. The cleaned checkpoint loads with transformers.",
              "CLIP: a full CLIPModel base and a fine-tuned CLIPVisionModel tower (the task-vector",
-             "layout), the head zero-shot from the base's text tower. LoRA adapters:",
-             "`tests/mergeshield/test_adapters.py`.",
+             "layout), the head zero-shot from the base's text tower. A LoRA adapter is read",
+             "as the model it makes with its base (`bv compute` given `--base`); its merge with",
+             "PEFT's own: `tests/mergeshield/test_adapters.py`.",
              "",
              "| family | suspect / base precision | source | scan | bv compute | merge |",
              "|---|---|---|---|---|---|"]
