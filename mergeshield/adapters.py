@@ -21,8 +21,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ from mergeshield.checkpoints import (
     save_checkpoint,
     sha256_file,
 )
-from mergeshield.disk import ensure_room, private_dir
+from mergeshield.disk import built_once, ensure_room, private_dir
 from mergeshield.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
@@ -246,16 +244,9 @@ def merged_source(adapter: ResolvedSource, base: ResolvedSource, *,
             if min_free_bytes is not None:
                 ensure_room(folder.parent, sum(i.nbytes for i in specs.values()), min_free_bytes,
                             "merging the adapter into its base")
-            work = Path(tempfile.mkdtemp(prefix=".merging-", dir=folder.parent))
-            try:
+            with built_once(folder, ".merging-") as work:
                 save_checkpoint(work, merged, specs=specs, config=config,
                                 extra_files=extra_files(base), metadata={"format": "pt"})
-                work.rename(folder)  # whole or not at all; a racing writer wrote the same bytes
-            except OSError:
-                if not (folder / "config.json").is_file():
-                    raise
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
     config = json.loads((folder / "config.json").read_text())
     return MergedSource(adapter.source, adapter.kind, adapter.revision_requested,
                         adapter.revision, folder, adapter.weight_files, config,

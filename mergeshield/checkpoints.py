@@ -26,6 +26,7 @@ from mergeshield.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
     SourceNotFoundError,
+    mismatches,
 )
 from mergeshield.file_safety import check_regular, open_regular
 from mergeshield.hub import HUB_PATTERNS, download_repo
@@ -308,12 +309,6 @@ def check_compatible(base: Mapping[str, torch.Tensor], other: Mapping[str, torch
     details: dict[str, list[Any]] = {"missing": [k for k in a if k not in b_set],
                "unexpected": [k for k in b if k not in a_set], "shape": shape, "dtype": dtype}
     if any(details.values()):
-        parts = []
-        for label, items in details.items():
-            if items:
-                names = [i["name"] if isinstance(i, dict) else i for i in items[:3]]
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(names)}{more}")
         raise IncompatibleModelsError(
-            "the two checkpoints do not share an architecture: " + "; ".join(parts)
+            "the two checkpoints do not share an architecture: " + mismatches(details)
             + "; check that the suspect was fine-tuned from this base", details=details)

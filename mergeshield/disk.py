@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mergeshield.errors import InsufficientStorageError
@@ -48,3 +50,20 @@ def private_dir(cache_dir: str | Path | None, name: str) -> Path:
     if folder.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
         folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))  # someone else's: avoid
     return folder
+
+
+@contextmanager
+def built_once(folder: Path, prefix: str) -> Iterator[Path]:
+    """A scratch folder beside ``folder`` to build a model folder in, renamed to ``folder`` when
+    the body succeeds: whole or not at all. A racing builder that finished first keeps its
+    folder (a model folder with its config.json: the same bytes). The scratch never stays."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+    try:
+        yield work
+        try:
+            work.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -139,6 +140,18 @@ class ConfigError(InputError):
                     for e in exc.errors(include_url=False, include_input=False)]
         listed = "; ".join(f"{p[what]}: {p['problem']}" for p in problems[:5])
         return cls(f"{prefix}: {listed}", details=problems)
+
+
+def mismatches(details: Mapping[str, list[Any]]) -> str:
+    """What differs between two tensor layouts, for a message: per kind (``missing``,
+    ``shape``…) its count and up to three names (an item is a name, or a dict with ``name``)."""
+    parts = []
+    for label, items in details.items():
+        if items:
+            names = [i["name"] if isinstance(i, dict) else i for i in items[:3]]
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(names)}{more}")
+    return "; ".join(parts)
 
 
 class HubError(MergeShieldError, ConnectionError):

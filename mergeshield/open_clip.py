@@ -20,8 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +29,14 @@ import torch
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from mergeshield.disk import ensure_room, private_dir
+from mergeshield.disk import built_once, ensure_room, private_dir
 from mergeshield.errors import (
     CorruptCheckpointError,
     ModelTooLargeError,
     NothingScannableError,
     UnsafeFormatError,
     UnsupportedModelError,
+    mismatches,
 )
 from mergeshield.model_folder import allowed_root, read_json_file, regular_inside
 from mergeshield.models import MAX_PARAMETERS, check_config
@@ -201,14 +200,8 @@ def check_weights(tensors: Mapping[str, Tensor], mapping: dict[str, Source],
         shape = expected[name]
         specs[name] = TensorInfo(info.dtype, shape, math.prod(shape) * info.dtype.itemsize)
     if any(details.values()):
-        parts = []
-        for label, items in details.items():
-            if items:
-                names = [i["name"] if isinstance(i, dict) else i for i in items[:3]]
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(names)}{more}")
         raise CorruptCheckpointError(
-            f"{WEIGHTS} does not hold the model {CONFIG} describes ({'; '.join(parts)}); the "
+            f"{WEIGHTS} does not hold the model {CONFIG} describes ({mismatches(details)}); the "
             "config does not belong to these weights, or they are not a CLIP ViT",
             details=details)
     return specs
@@ -263,16 +256,9 @@ def convert(root: Path, tensors: Mapping[str, Tensor], *, cache_dir: str | Path 
     if min_free_bytes is not None:
         ensure_room(folder.parent, sum(i.nbytes for i in specs.values()), min_free_bytes,
                     f"converting {WEIGHTS}")
-    work = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
-    try:
+    with built_once(folder, ".converting-") as work:
         save_checkpoint(work, Converted(tensors, mapping), specs=specs, config=config,
                         extra_files=copies, metadata={"format": "pt"})
         atomic_write_text(work / "preprocessor_config.json",
                           json.dumps(spec.processor(), indent=2) + "\n")
-        work.rename(folder)  # whole or not at all; a racing writer wrote the same bytes
-    except OSError:
-        if not (folder / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return folder

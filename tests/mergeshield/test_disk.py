@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mergeshield import archives
-from mergeshield.disk import ensure_room, free_bytes
+from mergeshield.disk import built_once, ensure_room, free_bytes
 from mergeshield.errors import InsufficientStorageError
 from mergeshield.hub import download_repo
 from tests.support import hostile
@@ -74,3 +74,18 @@ def test_a_hub_download_that_would_fill_the_disk_is_refused_before_a_byte(
     with pytest.raises(InsufficientStorageError) as again:
         download_repo("zoo/base", min_free_bytes=free_bytes(tmp_path) + 2**40, **kw)
     assert again.value.details["needed"] == 0
+
+
+def test_a_folder_built_once_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    with built_once(folder, ".building-") as work:
+        (work / "config.json").write_text("{}")
+    assert (folder / "config.json").is_file()
+    with pytest.raises(RuntimeError), built_once(tmp_path / "broken", ".building-") as work:
+        (work / "config.json").write_text("{}")
+        raise RuntimeError("the conversion failed half-way")
+    assert not (tmp_path / "broken").exists()
+    with built_once(folder, ".building-") as work:  # a racing builder finished first: kept
+        (work / "config.json").write_text('{"late": true}')
+    assert (folder / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no scratch folder stays
