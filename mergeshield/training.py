@@ -7,7 +7,7 @@ guarantees that by drawing one batch order and running both on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,9 +32,6 @@ class FinetuneConfig:
     weight_decay: float = 0.0  # decay would pull the task vector towards 0 and blur the BV
     seed: int = 0  # batch order and any randomness in the step
     min_steps: int = 0  # small sets get extra epochs until this many steps are taken
-    # decoupled decay towards ``finetune``'s ``anchor`` weights (L2-SP, Li et al., ICML 2018): each
-    # step moves every backbone weight lr·anchor_decay of the way back to its anchor value
-    anchor_decay: float = 0.0
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -63,14 +60,10 @@ def finetune(
     progress: Progress | None = None,
     stage: str = "finetune",
     extra_loss: Callable[[Tensor], Tensor] | None = None,
-    anchor: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Train ``clf``'s backbone in place (its head too if ``train_head``); return a copy.
 
-    ``extra_loss(idx)`` adds a term for the batch of row indices ``idx`` (BadMerging uses it).
-    ``anchor`` (backbone weights by checkpoint name) with ``cfg.anchor_decay``: each step pulls
-    the backbone back towards it (the repair's start: its change stays small where the loss does
-    not ask for one)."""
+    ``extra_loss(idx)`` adds a term for the batch of row indices ``idx`` (BadMerging uses it)."""
     torch.manual_seed(cfg.seed)
     params = clf.backbone_parameters()
     head_params = list(clf.head().parameters())
@@ -82,8 +75,6 @@ def finetune(
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = order if order is not None else batch_order(len(data), cfg)
     dev = device_of(clf)
-    pulled = ([(t, anchor[k].to(t.device, t.dtype)) for k, t in clf.backbone_state().items()
-               if t.requires_grad] if anchor is not None and cfg.anchor_decay > 0 else [])
     clf.train()
     for step, idx in enumerate(batches):
         cancellation.check()  # a cancelled scan stops between steps
@@ -95,9 +86,6 @@ def finetune(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for t, a in pulled:
-                t.sub_(t - a, alpha=cfg.lr * cfg.anchor_decay)
         if progress is not None and (step % 20 == 0 or step == len(batches) - 1):
             progress(stage, (step + 1) / len(batches))
     clf.eval()

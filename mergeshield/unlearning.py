@@ -14,7 +14,7 @@ task-vector step, the unlearning vector U = θ_repaired − θ_start, so a clean
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -58,10 +58,6 @@ class UnlearnConfig(BaseModel):
     # unlearning the small one (docs/efficacy, test4). 4: the cut 89.1 → 92.3 % on a paired dev
     # run at −1.2 points (decisions.md, "Cleaning: a larger patch too"); None: off
     large_patch_scale: float | None = Field(default=4, gt=1, le=16)
-    # pull the repair back towards its start each step (L2-SP: ``FinetuneConfig.anchor_decay``),
-    # so the unlearning vector U stays small where unlearning does not need it; 0: off. Aimed at
-    # merges, where U reaches the other tasks (docs/efficacy, "After test5")
-    anchor_decay: float = Field(default=0.0, ge=0, le=100)
 
 
 @dataclass(frozen=True)
@@ -89,16 +85,14 @@ def unlearning_set(data: ImageDataset, triggers: Sequence[tuple[Trigger, int]], 
 
 def unlearn_round(clf: Classifier, data: ImageDataset, triggers: Sequence[tuple[Trigger, int]],
                   cfg: UnlearnConfig, round_index: int, *, seed: int = 0,
-                  progress: Progress | None = None,
-                  anchor: Mapping[str, Tensor] | None = None) -> Round:
+                  progress: Progress | None = None) -> Round:
     """Fine-tune ``clf``'s backbone in place (head frozen) on ``data`` with ``triggers`` stamped
     under true labels; the round's seed draws both the stamped rows and the batch order."""
     round_seed = seed * 1000 + round_index
     unlearn_data = unlearning_set(data, triggers, cfg.stamp_fraction, round_seed)
     backbone = finetune(clf, unlearn_data,
-                        FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, seed=round_seed,
-                                       anchor_decay=cfg.anchor_decay),
-                        progress=progress, stage="unlearn", anchor=anchor)
+                        FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, seed=round_seed),
+                        progress=progress, stage="unlearn")
     return Round(triggers=tuple(triggers), backbone=backbone)
 
 
@@ -143,8 +137,6 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
     ref_of = {t: max(f.reference_rate for f in found if f.target == t) for t in targets}
     reports: list[RoundReport] = []
     fresh: dict[int, Trigger] = {}
-    start = ({k: v.detach().clone() for k, v in clf.backbone_state().items()}
-             if cfg.anchor_decay else None)  # every round is pulled back to the repair's start
     for r in range(cfg.rounds):
         cfg_r = replace(inversion, seed=inversion.seed + r) if inversion else None
         # a blend reaches what a patch does not (blends, warps, spread patches)
@@ -162,8 +154,7 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
             ids.append(f"round{r}:patch->{t}")
         # only a round after the first may be undone: keep its starting point
         before = {k: v.detach().clone() for k, v in clf.backbone_state().items()} if r else None
-        unlearn_round(clf, data, unlearn_set, cfg, r, seed=seed, progress=progress,
-                      anchor=start)
+        unlearn_round(clf, data, unlearn_set, cfg, r, seed=seed, progress=progress)
         if before is not None and clean_accuracy(clf, test).rate < accuracy_floor:
             clf.load_backbone(before)
             break
