@@ -132,7 +132,8 @@ def run_zoo(args: argparse.Namespace) -> int:
 def run_bv(args: argparse.Namespace, settings: Settings) -> int:
     hub = _hub(settings)
     if args.bv_command == "compute":
-        clean_src, bd_src = (_model(checkpoints.resolve(p, **hub), args.base, hub)
+        base = checkpoints.resolve(args.base, **hub) if args.base else None  # resolved once
+        clean_src, bd_src = (_model(checkpoints.resolve(p, **hub), base, hub)
                              for p in (args.clean, args.backdoored))
         with checkpoints.open_checkpoint(clean_src) as clean, \
                 checkpoints.open_checkpoint(bd_src) as bd:
@@ -154,15 +155,15 @@ def run_bv(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _model(src: checkpoints.ResolvedSource, base: str | None, hub: dict[str, Any]
-           ) -> checkpoints.ResolvedSource:
+def _model(src: checkpoints.ResolvedSource, base: checkpoints.ResolvedSource | None,
+           hub: dict[str, Any]) -> checkpoints.ResolvedSource:
     """``src``, or the model a LoRA adapter makes with ``base`` (which it then needs)."""
     if not adapters.is_adapter(src):
         return src
     if base is None:
         raise ConfigError(f"{src.source} is a LoRA adapter: give --base, the model it adapts, "
                           "so the model it makes can be read", details={"adapter": src.source})
-    return adapters.as_model(src, checkpoints.resolve(base, **hub), cache_dir=hub["cache_dir"])
+    return adapters.as_model(src, base, cache_dir=hub["cache_dir"])
 
 
 def run_merge(args: argparse.Namespace, settings: Settings) -> int:

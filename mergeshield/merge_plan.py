@@ -230,11 +230,15 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
     for row, (entry, _report, _out) in zip(results, scans, strict=True):
         task = next((t for t in tasks if t.model == entry.model), None)
         if task is not None:
-            row.update(task.measure_outputs(ctx.out_dir, undefended, ctx))
+            row.update(task.measure_outputs(ctx.out_dir, scale, undefended, ctx))
     return PlanReport(plan=plan.model_dump(mode="json"), policy=policy,
                       merge=cfg.model_dump(mode="json"), defence=defence,
                       models=[PlanModelResult.model_validate(r) for r in results],
                       output=[p.name for p in files])
+
+
+def _scale_name(gamma: float) -> str:
+    return f"γ={gamma:g}"
 
 
 def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], plain: list[_Part],
@@ -244,14 +248,14 @@ def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], plain: 
     if not any(t.triggers for t in tasks):  # nothing to tell a removed backdoor by
         return choose([], budget)
     plain_merge = _merged(plan, plan.merge_config(), plain, 1.0, ctx)
-    undefended = {t.model: t.measure(plain_merge)[0].rate for t in tasks}
+    undefended = {t.model: t.measure(plain_merge, "undefended")[0].rate for t in tasks}
     del plain_merge
     tried = []
     for gamma in SCALES:
         merged = _merged(plan, cfg, parts, gamma, ctx)
         costs, removed = {}, True
         for t in tasks:
-            acc, asr = t.measure(merged)
+            acc, asr = t.measure(merged, _scale_name(gamma))
             costs[t.model] = round(100 * (undefended[t.model] - acc.rate), 2)
             removed &= not any(still_responds(r.rate, t.references[i], t.min_asr_gap)
                                for i, r in asr.items())
@@ -350,6 +354,9 @@ class _Task:
     references: dict[str, float]  # trigger id -> its ASR on the base (the residual rule's)
     min_asr_gap: float
     alone: dict[str, Any] = field(default_factory=dict)  # the report's *_alone numbers
+    # what ``measure`` found on each merge it was given a name for ("undefended", "γ=0.5"): the
+    # scale sweep's merges are the ones written, so they are not measured again from disk
+    seen: dict[str, tuple[Rate, dict[str, Rate]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, report: ScanReport, model: str, plan: MergePlan, ctx: PlanContext
@@ -380,22 +387,31 @@ class _Task:
                       "asr_alone": {i: r.to_model() for i, r in asr.items()}}
         return task
 
-    def measure(self, backbone: Mapping[str, Tensor] | None) -> tuple[Rate, dict[str, Rate]]:
-        """Clean accuracy and each trigger's ASR with ``backbone`` (None: the model's own)."""
+    def measure(self, backbone: Mapping[str, Tensor] | None, name: str | None = None
+                ) -> tuple[Rate, dict[str, Rate]]:
+        """Clean accuracy and each trigger's ASR with ``backbone`` (None: the model's own),
+        kept under ``name`` when given."""
         if backbone is not None:
             self.clf.load_backbone({k: backbone[k] for k in self.clf.backbone_state()})
-        return (clean_accuracy(self.clf, self.test),
-                {i: attack_success_rate(self.clf, self.test, t, target)
-                 for i, t, target in self.triggers})
+        got = (clean_accuracy(self.clf, self.test),
+               {i: attack_success_rate(self.clf, self.test, t, target)
+                for i, t, target in self.triggers})
+        if name is not None:
+            self.seen[name] = got
+        return got
 
-    def measure_outputs(self, merged: Path, undefended: Path | None, ctx: PlanContext
-                        ) -> dict[str, Any]:
-        """The report's numbers: the model alone, the written merge and the undefended one
-        (None: the same as the merge)."""
+    def measure_outputs(self, merged: Path, gamma: float, undefended: Path | None,
+                        ctx: PlanContext) -> dict[str, Any]:
+        """The report's numbers: the model alone, the written merge (at ``gamma``) and the
+        undefended one (None: the same as the merge), each merge measured once."""
         out: dict[str, Any] = dict(self.alone)
-        for label, folder in (("merged", merged), ("undefended", undefended or merged)):
-            with checkpoints.open_checkpoint(_resolve(str(folder), ctx)) as ck:
-                acc, asr = self.measure(self.family.canonical(ck))
+        for label, name, folder in (("merged", _scale_name(gamma), merged),
+                                    ("undefended", "undefended" if undefended
+                                     else _scale_name(gamma), undefended or merged)):
+            if name not in self.seen:
+                with checkpoints.open_checkpoint(_resolve(str(folder), ctx)) as ck:
+                    self.measure(self.family.canonical(ck), name)
+            acc, asr = self.seen[name]
             out[f"accuracy_{label}"] = acc.to_model()
             out[f"asr_{label}"] = {i: r.to_model() for i, r in asr.items()}
         return out
