@@ -226,8 +226,7 @@ def measure_and_sanitise(
                 still_responds=partial(still_responds, min_asr_gap=request.min_asr_gap),
                 inversion=(InversionConfig(steps=request.inversion_steps, seed=request.seed)
                            if request.inversion else None), seed=request.seed,
-                accuracy_floor=ca_before.rate - request.budget_points / 100, reference=ref,
-                progress=progress)
+                accuracy_floor=ca_before.rate - request.budget_points / 100, progress=progress)
     with stage("measure_cleaned"):  # what the sweep already measured at λ is not redone
         done = None if rounds else next((pt for pt in points if pt.lam == lam), None)
         ca_after = done.clean_accuracy if done else clean_accuracy(sus, test)

@@ -25,8 +25,7 @@ from torch import Tensor
 from mergeshield.data import ImageDataset
 from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
 from mergeshield.inversion import InversionConfig, invert_blend, invert_triggers
-from mergeshield.merge_path import R_RANGE, head_features, interpolated_logits
-from mergeshield.training import FinetuneConfig, Progress, device_of, finetune
+from mergeshield.training import FinetuneConfig, Progress, finetune
 from mergeshield.triggers import Trigger, stamp
 
 if TYPE_CHECKING:  # models imports transformers: only for annotations here
@@ -59,11 +58,6 @@ class UnlearnConfig(BaseModel):
     # unlearning the small one (docs/efficacy, test4). 4: the cut 89.1 → 92.3 % on a paired dev
     # run at −1.2 points (decisions.md, "Cleaning: a larger patch too"); None: off
     large_patch_scale: float | None = Field(default=4, gt=1, le=16)
-    # weight of the merge-path term: each step, the round's triggers must also change nothing
-    # when the features move part of the way back to the base's (``merge_path``: what a merge
-    # does to a fine-tune, the path BadMerging trains its backdoor to survive); 0: off. Needs the
-    # reference model (``repair(reference=...)``).
-    path_weight: float = Field(default=0.0, ge=0, le=20)
 
 
 @dataclass(frozen=True)
@@ -91,51 +85,15 @@ def unlearning_set(data: ImageDataset, triggers: Sequence[tuple[Trigger, int]], 
 
 def unlearn_round(clf: Classifier, data: ImageDataset, triggers: Sequence[tuple[Trigger, int]],
                   cfg: UnlearnConfig, round_index: int, *, seed: int = 0,
-                  reference: Classifier | None = None,
                   progress: Progress | None = None) -> Round:
     """Fine-tune ``clf``'s backbone in place (head frozen) on ``data`` with ``triggers`` stamped
-    under true labels; the round's seed draws both the stamped rows and the batch order. With
-    ``cfg.path_weight`` and the ``reference`` (the base backbone with the same head), each step
-    also asks that the triggers change nothing along the merge path (``merge_path_loss``)."""
+    under true labels; the round's seed draws both the stamped rows and the batch order."""
     round_seed = seed * 1000 + round_index
     unlearn_data = unlearning_set(data, triggers, cfg.stamp_fraction, round_seed)
-    extra = (merge_path_loss(clf, reference, data, triggers, cfg.path_weight, round_seed)
-             if cfg.path_weight and reference is not None and triggers else None)
     backbone = finetune(clf, unlearn_data,
                         FinetuneConfig(epochs=cfg.epochs, lr=cfg.lr, seed=round_seed),
-                        progress=progress, stage="unlearn", extra_loss=extra)
+                        progress=progress, stage="unlearn")
     return Round(triggers=tuple(triggers), backbone=backbone)
-
-
-def merge_path_loss(clf: Classifier, reference: Classifier, data: ImageDataset,
-                    triggers: Sequence[tuple[Trigger, int]], weight: float,
-                    seed: int) -> Callable[[Tensor], Tensor]:
-    """``weight``·KL(p(x) ‖ p(x̃)) at the features r·f_clf + (1 − r)·f_ref, r ~ U(R_RANGE): x̃ the
-    batch's rows each stamped with one of ``triggers`` in turn, p(x) the same mix's prediction of
-    the row unstamped (a fixed target). BadMerging trains its trigger to work along that path; this
-    trains it to change nothing there. It asks nothing of the task itself, so a clean model (on
-    which the triggers change nothing) is left as it is."""
-    low, high = R_RANGE
-    gen = torch.Generator().manual_seed(seed + 1)  # apart from the batch order's stream
-    dev = device_of(clf)
-    reference.eval()
-    nn = torch.nn.functional
-
-    def loss(idx: Tensor) -> Tensor:
-        clean = data.images[idx]  # (B, C, H, W) pixel space
-        x = clean.clone()
-        for j, (trigger, _target) in enumerate(triggers):
-            x[j::len(triggers)] = stamp(x[j::len(triggers)], trigger)
-        clean, x = clean.to(dev), x.to(dev)
-        r = (low + (high - low) * torch.rand(len(idx), generator=gen)).to(dev)  # (B,)
-        with torch.no_grad():
-            goal = nn.softmax(interpolated_logits(clf, clean, head_features(reference, clean),
-                                                  r), dim=-1)  # (B, K)
-            f_ref = head_features(reference, x)  # (B, D)
-        logits = interpolated_logits(clf, x, f_ref, r)
-        return weight * nn.kl_div(nn.log_softmax(logits, dim=-1), goal, reduction="batchmean")
-
-    return loss
 
 
 @dataclass(frozen=True)
@@ -160,7 +118,6 @@ class RoundReport:
 def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: ImageDataset,
            found: Sequence[Found], cfg: UnlearnConfig, *, still_responds: Responds,
            inversion: InversionConfig | None, accuracy_floor: float, seed: int = 0,
-           reference: Classifier | None = None,
            progress: Progress | None = None) -> list[RoundReport]:
     """Unlearn ``found`` (and, each round, a blend and a patch inverted towards their targets on
     the model as it is then, and a larger patch with ``cfg.large_patch_scale``) from ``clf`` in
@@ -172,8 +129,7 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
     would call it removed. A round after the first that takes clean accuracy below
     ``accuracy_floor`` is undone and ends the loop (the first is kept: a backdoor left in place
     is worse than its cost, which the report states). ``inversion`` None (a scan run without
-    inversion): no searches at all, only ``found`` is unlearned and checked. ``reference``: the base
-    backbone with ``clf``'s head, which ``cfg.path_weight`` needs."""
+    inversion): no searches at all, only ``found`` is unlearned and checked."""
     targets = sorted({f.target for f in found})
     k = len(test.classes)
     unlearn_set: list[tuple[Trigger, int]] = [(f.trigger, f.target) for f in found]
@@ -198,8 +154,7 @@ def repair(clf: Classifier, data: ImageDataset, test: ImageDataset, search: Imag
             ids.append(f"round{r}:patch->{t}")
         # only a round after the first may be undone: keep its starting point
         before = {k: v.detach().clone() for k, v in clf.backbone_state().items()} if r else None
-        unlearn_round(clf, data, unlearn_set, cfg, r, seed=seed, reference=reference,
-                      progress=progress)
+        unlearn_round(clf, data, unlearn_set, cfg, r, seed=seed, progress=progress)
         if before is not None and clean_accuracy(clf, test).rate < accuracy_floor:
             clf.load_backbone(before)
             break

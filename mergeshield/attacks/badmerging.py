@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from mergeshield.attacks.inherent import universal_patch
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
-from mergeshield.merge_path import R_RANGE, head_features, interpolated_logits
 from mergeshield.training import FinetuneConfig, device_of, finetune
 from mergeshield.triggers import Trigger, stamp
 
@@ -28,6 +27,45 @@ if TYPE_CHECKING:  # models imports transformers: only for annotations here
 __all__ = ["ALPHA", "R_RANGE", "badmerging_finetune", "head_features", "universal_patch"]
 
 ALPHA = 5.0  # weight of the feature-interpolation loss (BadMerging's default)
+R_RANGE = (0.2, 1.0)  # r ~ U(low, high): how far the features move toward the pre-trained ones
+
+
+def head_features(clf: Classifier, pixels: Tensor) -> Tensor:
+    """The input of ``clf.head()`` for ``pixels`` (N, C, H, W): (N, D) pooled features.
+
+    Read with a forward pre-hook, so every family whose head is a module called once on pooled
+    features works (HF image classifiers: the CLS token; CLIP: the pooled vision output).
+    """
+    captured: list[Tensor] = []
+
+    def grab(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        captured.append(args[0])
+
+    handle = clf.head().register_forward_pre_hook(grab)
+    try:
+        clf(pixels)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise ConfigError(f"{type(clf).__name__}'s head ran {len(captured)} times in one forward "
+                          "pass; feature interpolation needs it called once on pooled features")
+    return captured[0]
+
+
+def _interpolated_logits(clf: Classifier, pixels: Tensor, f_pre: Tensor, r: Tensor) -> Tensor:
+    """Logits of ``head(r·f_ft + (1 − r)·f_pre)``: the head's input is replaced by a pre-hook."""
+
+    def mix(_m: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        f_ft = args[0]  # (B, D) features of the model being fine-tuned
+        rr = r.view(-1, *([1] * (f_ft.ndim - 1)))  # (B, 1): one r per triggered copy
+        return (rr * f_ft + (1 - rr) * f_pre, *args[1:])
+
+    handle = clf.head().register_forward_pre_hook(mix)
+    try:
+        out: Tensor = clf(pixels)
+    finally:
+        handle.remove()
+    return out
 
 
 def badmerging_finetune(
@@ -66,7 +104,7 @@ def badmerging_finetune(
             f_pre = head_features(pretrained, x_trig).detach()  # (B, D)
         r = (low + (high - low) * torch.rand(len(idx), generator=r_gen)).to(dev)  # (B,)
         y_trig = torch.full((len(idx),), target, dtype=torch.int64, device=dev)
-        logits = interpolated_logits(clf, x_trig, f_pre, r)
+        logits = _interpolated_logits(clf, x_trig, f_pre, r)
         return alpha * nn.functional.cross_entropy(logits, y_trig)
 
     return finetune(clf, data, cfg, order=order, progress=progress, stage="badmerging",
