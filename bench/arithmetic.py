@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -246,6 +247,10 @@ def mergekit_version(args: argparse.Namespace) -> str | None:
     if args.setup_mergekit and not (venv / "bin" / "mergekit-yaml").exists():
         print(f"creating {venv} with mergekit (pip, from the package index)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # torch first, at this environment's version: a bare `pip install mergekit` pulls a
+        # multi-GB CUDA torch, where this pin finds the CPU build the local index has
+        torch_pin = "torch==" + importlib.metadata.version("torch").split("+")[0]
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", torch_pin], check=True)
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
     if not (venv / "bin" / "python").exists():
         print(f"mergekit: no venv at {venv}; its rows are skipped (--setup-mergekit creates "

@@ -1,9 +1,8 @@
 """A planned merge, scanned and defended (issue 17, first step: the library and the CLI).
 
-The plan is a mergekit YAML (``merge_method``, ``base_model``, ``models`` with ``model`` and
-``parameters.weight`` / ``density``, ``parameters.normalize``, ``dtype``) plus an optional
-``mergeshield:`` section mergekit does not read: the ``policy`` for a fine-tune whose scan finds a
-backdoor, and the ``evaluation`` data each model's task has. Every fine-tune is scanned against
+The plan (``merge_plan_schema.MergePlan``) is a mergekit YAML plus a ``mergeshield:`` section
+mergekit does not read: the ``policy`` for a fine-tune whose scan finds a backdoor, and the
+``evaluation`` data each model's task has. Every fine-tune is scanned against
 the base (``pipeline.scan``, its default defence); the policy decides what enters the merge:
 
 - ``clean`` (default): the scan's cleaned checkpoint of a flagged model (left out when the scan
@@ -20,161 +19,44 @@ model alone, the undefended merge and the merge; clean accuracy and the ASR of e
 scan specified in full (an inverted trigger is described in the report, not stored).
 
 Merges: task arithmetic θ = θ_base + Σ w_i·τ_i (``normalize``: the weights divided by their sum,
-as mergekit does), and TIES with one density and one weight for every model. Other mergekit
-forms (DARE, per-model TIES parameters, slices) are refused rather than merged differently.
+as mergekit does), and TIES as mergekit computes it (``task_vectors.ties_mergekit``: per-model
+density and weight, per-tensor trim, ``normalize`` on by default). Other mergekit forms (DARE,
+slices, ``lambda``) are refused rather than merged differently.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from mergeshield import adapters, checkpoints
 from mergeshield.data import load_task
 from mergeshield.errors import ConfigError
 from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
-from mergeshield.file_safety import read_option_file
 from mergeshield.merge_defence import SCALES, MergeDefence, ScaleTried, choose
+from mergeshield.merge_plan_schema import (
+    AT_REVISION,
+    Merged,
+    MergePlan,
+    PlanModel,
+    PlanModelResult,
+    PlanReport,
+)
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.models import family_for
-from mergeshield.pipeline import ScanContext, ScanRequest, scan
+from mergeshield.pipeline import ScanContext, ScanRequest, percent, scan
 from mergeshield.report.schema import RateModel, ScanReport
 from mergeshield.report.verdict import still_responds
 from mergeshield.task_vectors import TaskVector
 from mergeshield.triggers import Trigger, parse_trigger
 
-MAX_PLAN_BYTES = 2**20
-MAX_MODELS = 32
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ModelParameters(_Strict):
-    weight: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
-    density: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-
-
-class PlanModel(_Strict):
-    model: str = Field(min_length=1, max_length=500)
-    parameters: ModelParameters = Field(default_factory=ModelParameters)
-
-
-class PlanParameters(_Strict):
-    normalize: bool | None = None  # mergekit's default: False for task arithmetic, True for TIES
-
-
-class PlanOptions(_Strict):
-    """The ``mergeshield:`` section: what mergekit does not know."""
-
-    policy: Literal["clean", "exclude", "include"] = "clean"
-    evaluation: dict[str, str] = Field(default_factory=dict)  # model -> its task's dataset
-    # ScanRequest options for every model's scan (e.g. {"max_eval": 500}); {}: the defaults
-    scan: dict[str, Any] = Field(default_factory=dict)
-    # accuracy points the defended merge may cost any task with evaluation data against the
-    # undefended merge (mergeshield/merge_defence.py chooses how much correction enters)
-    budget_points: float = Field(default=2.0, ge=0, le=100, allow_inf_nan=False)
-
-
-class MergePlan(_Strict):
-    merge_method: Literal["task_arithmetic", "ties"]
-    base_model: str = Field(min_length=1, max_length=500)
-    models: list[PlanModel] = Field(min_length=1, max_length=MAX_MODELS)
-    parameters: PlanParameters = Field(default_factory=PlanParameters)
-    dtype: str | None = None  # mergekit's output dtype; the merge keeps the base's dtypes
-    mergeshield: PlanOptions = Field(default_factory=PlanOptions)
-
-    @classmethod
-    def read(cls, path: str | Path) -> MergePlan:
-        """Parse a plan file (YAML, at most 1 MiB); a bad one is ``invalid_config``."""
-        p = Path(path)
-        raw = read_option_file(p, MAX_PLAN_BYTES, "plan")
-        try:
-            data = yaml.safe_load(raw)  # plain data only: no tags that construct objects
-        except (yaml.YAMLError, RecursionError) as exc:
-            raise ConfigError(f"{p.name}: not YAML ({type(exc).__name__})",
-                              details={"file": p.name}) from None
-        return cls.parse(data, p.name)
-
-    @classmethod
-    def parse(cls, data: Any, name: str = "plan") -> MergePlan:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{name}: a plan is a mapping with merge_method, base_model and "
-                              "models", details={"file": name})
-        try:
-            plan = cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError.listing(name, exc, what="field") from None
-        plan.merge_config()  # a form we do not merge is refused now, before any scan
-        plan.scan_request("model")  # and so are scan options out of their bounds
-        return plan
-
-    def scan_request(self, model: str) -> ScanRequest:
-        """How ``model`` is scanned: the plan's scan options, its task's evaluation data."""
-        fixed = {"suspect", "base", "evaluation"}
-        if fixed & set(self.mergeshield.scan):
-            raise ConfigError(f"mergeshield.scan: {sorted(fixed)} come from the plan itself")
-        try:
-            return ScanRequest(suspect=model, base=self.base_model,
-                               evaluation=self.mergeshield.evaluation.get(model),
-                               **self.mergeshield.scan)
-        except ValidationError as exc:
-            raise ConfigError.listing("mergeshield.scan", exc) from None
-
-    def merge_config(self) -> MergeConfig:
-        """The merge of this plan's models, in its order."""
-        weights = [m.parameters.weight for m in self.models]
-        if self.merge_method == "ties":
-            densities = {m.parameters.density for m in self.models}
-            if len(set(weights)) > 1 or len(densities) > 1:
-                raise ConfigError("ties: one weight and one density for every model is merged "
-                                  "here; per-model TIES parameters are not (yet)")
-            density = densities.pop()
-            return MergeConfig(method="ties", weights=weights[:1],
-                               keep=density if density is not None else 1.0)
-        if self.parameters.normalize:
-            total = sum(weights)
-            if total == 0:
-                raise ConfigError("normalize: the weights sum to 0")
-            weights = [w / total for w in weights]
-        return MergeConfig(method="task_arithmetic", weights=weights)
-
-
-Merged = Literal["as is", "cleaned", "excluded"]  # what of a model enters the merge
-
-
-class PlanModelResult(_Strict):
-    model: str
-    verdict: str  # the scan's verdict status
-    cleaning: str | None  # removed / not_removed / precautionary / not_cleaned / None
-    merged_as: Merged  # see ``merged_as``
-    evaluation: str | None
-    accuracy_alone: RateModel | None = None  # the fine-tune on its own task
-    accuracy_merged: RateModel | None = None  # the merged backbone with its head
-    accuracy_undefended: RateModel | None = None  # the plan merged with every model as it is
-    # trigger id -> ASR of each trigger its scan found: on the fine-tune, on the merge, on the
-    # undefended merge
-    asr_alone: dict[str, RateModel] = Field(default_factory=dict)
-    asr_merged: dict[str, RateModel] = Field(default_factory=dict)
-    asr_undefended: dict[str, RateModel] = Field(default_factory=dict)
-
-
-class PlanReport(_Strict):
-    plan: dict[str, Any]
-    policy: str
-    merge: dict[str, Any]
-    defence: MergeDefence | None = None  # the scale of the cleaned models' corrections
-    models: list[PlanModelResult]
-    output: list[str]  # files written
+SCANS_SHARE = 80.0  # percent of a plan's progress its scans take; then γ, merging, measuring
 
 
 @dataclass
@@ -184,6 +66,50 @@ class PlanContext:
     device: str | None = None
     local_files_only: bool = False
     hub: dict[str, Any] = field(default_factory=dict)  # token, endpoint
+    # for a service (the CLI sets none): the plan's progress as (stage, percent of the whole
+    # plan); what a model name is read from (an upload's file: reports and __metadata__ keep
+    # the name); the local folders the scans may read and the free disk a download must leave
+    # (ScanContext's allowed_roots and min_free_bytes)
+    progress: Callable[[str, float], None] | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    allowed_roots: tuple[Path, ...] | None = None
+    min_free_bytes: int | None = None
+
+
+def located(name: str, ctx: PlanContext) -> tuple[str, str | None]:
+    """What a plan's model ``name`` is read from, and at which revision (``org/name@rev``)."""
+    source = ctx.sources.get(name, name)
+    hub = AT_REVISION.match(source)
+    if hub and not Path(source).expanduser().exists():
+        return hub[1], hub[2]
+    return source, None
+
+
+def _scan_of(plan: MergePlan, i: int, out: Path, ctx: PlanContext
+             ) -> tuple[ScanRequest, ScanContext]:
+    """The scan of the plan's ``i``-th model: its request, and its context (writing to ``out``)."""
+    name, n = plan.models[i].model, len(plan.models)
+    (suspect, suspect_rev), (base, base_rev) = located(name, ctx), located(plan.base_model, ctx)
+    request = plan.scan_request(name).model_copy(update={
+        "suspect": suspect, "suspect_revision": suspect_rev,
+        "base": base, "base_revision": base_rev})
+
+    def progress(stage: str, fraction: float) -> None:  # the scan's share of the plan's
+        _say(ctx, f"scan {i + 1}/{n}: {stage}",
+             SCANS_SHARE * (i + (percent(stage, fraction) or 0.0) / 100) / n)
+
+    labels = {role: m for role, m in (("suspect", name), ("base", plan.base_model))
+              if m in ctx.sources}
+    return request, ScanContext(
+        out_dir=out, cache_dir=ctx.cache_dir, device=ctx.device,
+        local_files_only=ctx.local_files_only, progress=progress if ctx.progress else None,
+        allowed_roots=ctx.allowed_roots, min_free_bytes=ctx.min_free_bytes, labels=labels,
+        **ctx.hub)
+
+
+def _say(ctx: PlanContext, stage: str, pct: float) -> None:
+    if ctx.progress is not None:
+        ctx.progress(stage, round(pct, 1))
 
 
 def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
@@ -192,10 +118,7 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
     scans: list[tuple[PlanModel, ScanReport, Path]] = []
     for i, entry in enumerate(plan.models):
         out = ctx.out_dir / "scans" / str(i)
-        report = scan(plan.scan_request(entry.model),
-                      ScanContext(out_dir=out, cache_dir=ctx.cache_dir, device=ctx.device,
-                                  local_files_only=ctx.local_files_only, **ctx.hub))
-        scans.append((entry, report, out))
+        scans.append((entry, scan(*_scan_of(plan, i, out, ctx)), out))
     chosen: list[tuple[PlanModel, _Part]] = []
     results: list[dict[str, Any]] = []
     for entry, report, out in scans:
@@ -215,18 +138,21 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
     cfg = plan.model_copy(update={"models": [e for e, _ in chosen]}).merge_config()
     parts = [p for _, p in chosen]
     plain = [_Part(m.model) for m in plan.models]  # the merge as planned, undefended
+    _say(ctx, "measure_models", SCANS_SHARE)
     tasks = [t for entry, report, _ in scans
              if (t := _Task.of(report, entry.model, plan, ctx)) is not None]
     defence = None
     if any(p.original for p in parts):  # how much of each correction: measured on the merge
         defence = _choose_scale(plan, cfg, parts, plain, tasks, ctx)
     scale = defence.scale if defence else 1.0
+    _say(ctx, "write_merge", 92.0)
     files = _merge(plan, cfg, parts, scale, results, ctx, ctx.out_dir)
     # the merge as planned, undefended, beside it (only where the policy changed something)
     undefended = None
     if any(r["merged_as"] != "as is" for r in results):
         undefended = ctx.out_dir / "undefended"
         _merge(plan, plan.merge_config(), plain, 1.0, results, ctx, undefended)
+    _say(ctx, "measure_merge", 95.0)
     for row, (entry, _report, _out) in zip(results, scans, strict=True):
         task = next((t for t in tasks if t.model == entry.model), None)
         if task is not None:
@@ -251,7 +177,8 @@ def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], plain: 
     undefended = {t.model: t.measure(plain_merge, "undefended")[0].rate for t in tasks}
     del plain_merge
     tried = []
-    for gamma in SCALES:
+    for k, gamma in enumerate(SCALES):
+        _say(ctx, "choose_scale", SCANS_SHARE + 2 + 10 * k / len(SCALES))
         merged = _merged(plan, cfg, parts, gamma, ctx)
         costs, removed = {}, True
         for t in tasks:
@@ -275,7 +202,8 @@ def merged_as(policy: str, flagged: bool, cleaned: bool) -> Merged:
 
 
 def _resolve(source: str, ctx: PlanContext) -> checkpoints.ResolvedSource:
-    return checkpoints.resolve(source, local_files_only=ctx.local_files_only,
+    path, revision = located(source, ctx)
+    return checkpoints.resolve(path, revision=revision, local_files_only=ctx.local_files_only,
                                cache_dir=ctx.cache_dir, **ctx.hub)
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from mergeshield import checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.models import ModelFamily, backbone_keys, family_for
-from mergeshield.task_vectors import TaskVector, task_arithmetic, ties
+from mergeshield.task_vectors import TaskVector, task_arithmetic, ties, ties_mergekit
 
 
 class MergeConfig(BaseModel):
@@ -25,6 +25,11 @@ class MergeConfig(BaseModel):
     method: Literal["task_arithmetic", "ties"] = "task_arithmetic"
     weights: list[float] = Field(default_factory=lambda: [0.3])  # λ_t; one value = all tasks
     keep: float = 0.2  # TIES trim: fraction of each task vector kept
+    # "mergekit": TIES as mergekit-yaml merges it (``ties_mergekit``: per-tensor trim, one density
+    # and weight per model, ``normalize``), what a merge plan asks for; "paper": ``ties``
+    ties_form: Literal["paper", "mergekit"] = "paper"
+    densities: list[float] | None = None  # mergekit form: per model (None: ``keep`` for all)
+    normalize: bool = True  # mergekit form: divide by the agreeing models' summed weights
     subtract_lambda: float = 0.0  # IBVS after the merge: θ_M − λ·BV (needs a BV)
 
 
@@ -34,7 +39,10 @@ def merged_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: M
     if not tvs:
         raise ConfigError("merge needs at least one fine-tuned model")
     weights = cfg.weights * len(tvs) if len(cfg.weights) == 1 else cfg.weights
-    if cfg.method == "ties":
+    if cfg.method == "ties" and cfg.ties_form == "mergekit":
+        tau = ties_mergekit(list(tvs), cfg.densities or [cfg.keep] * len(tvs), weights,
+                            cfg.normalize)
+    elif cfg.method == "ties":
         if len(set(weights)) > 1:
             raise ConfigError("TIES takes one scale for the merged vector, not one per model")
         tau = ties(list(tvs), keep=cfg.keep, scale=weights[0])

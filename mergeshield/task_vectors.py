@@ -241,6 +241,51 @@ def task_arithmetic(vectors: list[TaskVector], weights: float | list[float] = 1.
     return merged
 
 
+def ties_mergekit(vectors: list[TaskVector], densities: list[float], weights: list[float],
+                  normalize: bool = True) -> TaskVector:
+    """TIES as mergekit merges it (``merge_method: ties``), for plans written for mergekit: each
+    task vector trimmed *per tensor* to its ``int(density·n)`` largest entries (at least one),
+    times its weight; per entry the sign of the weighted sum elected (+ on a tie); the agreeing
+    weighted entries summed and, with ``normalize`` (mergekit's default), divided by the summed
+    weights of the models that agree. ``ties`` above is the paper's form (one trim over the whole
+    vector, the disjoint mean times one scale); the two differ (docs/benchmarks/
+    merge-plan-mergekit.md)."""
+    if not vectors:
+        raise ConfigError("TIES needs at least one task vector")
+    if not len(vectors) == len(densities) == len(weights):
+        raise ConfigError(f"{len(densities)} densities and {len(weights)} weights for "
+                          f"{len(vectors)} task vectors")
+    if not all(0.0 < d <= 1.0 for d in densities):
+        raise ConfigError(f"densities must be in (0, 1], got {densities}")
+
+    def merged(name: str) -> Tensor:
+        deltas = torch.stack([_trim_tensor(v[name], d)
+                              for v, d in zip(vectors, densities, strict=True)])  # (T, *shape)
+        w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
+        deltas = deltas * w
+        majority = (deltas.sum(0) >= 0).to(deltas.dtype) * 2 - 1
+        agree = deltas.sign() == majority  # a trimmed (zero) entry never agrees
+        mixed = (deltas * agree).sum(0)
+        if not normalize:
+            return mixed
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+        return mixed / divisor
+
+    return TaskVector(vectors[0], merged)
+
+
+def _trim_tensor(t: Tensor, density: float) -> Tensor:
+    """``t`` with all but its ``max(1, int(density·n))`` largest-magnitude entries zeroed."""
+    if density >= 1.0 or t.numel() == 0:
+        return t
+    k = max(1, int(density * t.numel()))
+    order = torch.argsort(t.abs().reshape(-1).float(), descending=True)[:k]
+    mask = torch.zeros(t.numel(), dtype=t.dtype)
+    mask[order] = 1
+    return t * mask.reshape_as(t)
+
+
 def ties(vectors: list[TaskVector], keep: float = 0.2, scale: float = 1.0) -> TaskVector:
     """TIES-Merging: trim each vector to its top ``keep`` (per vector, global), elect signs,
     and take the disjoint mean of the entries that agree with the elected sign; × ``scale``."""

@@ -1,17 +1,17 @@
-"""``Idempotency-Key``: a retried POST returns the scan the key first made; the key is bound to
-the body it came with, so the same key with another body is refused (422), as Stripe and the
-IETF Idempotency-Key draft do."""
+"""``Idempotency-Key``: a retried POST returns the scan (or merge) the key first made; the key is
+bound to the body it came with, so the same key with another body is refused (422), as Stripe and
+the IETF Idempotency-Key draft do."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
+from pydantic import BaseModel
 from sqlalchemy import select
 
 from mergeshield.errors import IdempotencyKeyReusedError
 from service.auth import Principal
-from service.schemas import ScanCreate
 from worker.db import Database, Scan
 
 
@@ -31,7 +31,7 @@ def by_idempotency(db: Database, caller: Principal, key: str,
     return scan
 
 
-def body_sha256(body: ScanCreate) -> str:
+def body_sha256(body: BaseModel) -> str:
     """The request body, canonical, hashed: what an Idempotency-Key is bound to."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

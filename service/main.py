@@ -19,6 +19,7 @@ from service.routes import (
     bv_cache,
     endpoints,
     keys,
+    merges,
     ops,
     scans,
     uploads,
@@ -73,7 +74,8 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
     app.state.log = log
     app.state.registry = metrics.install(app, db, settings)
     errors.install(app)
-    for module in (scans, uploads, usage, keys, ops, webhooks, endpoints, watches, bv_cache):
+    for module in (scans, merges, uploads, usage, keys, ops, webhooks, endpoints, watches,
+                   bv_cache):
         app.include_router(module.router)
     dashboard.install(app)
     api_docs.install(app)

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from mergeshield.data import check_dataset_name
 from mergeshield.errors import SourceNotFoundError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
+from mergeshield.merge_plan_schema import MAX_PLAN_BYTES, PlanReport
 from mergeshield.options import (
     MAX_LIST,
     MAX_TRIGGERS,
@@ -259,7 +260,8 @@ class DeliveryOut(BaseModel):
     - ``repo``/``revision``: inbound, the Hub repo and the commit taken from the payload.
     - ``headers`` and ``payload`` are given by ``GET /v1/webhooks/deliveries/{id}`` only (None
       in lists); inbound headers never include the secret.
-    - ``links``: ``self``, ``redeliver`` (when allowed), ``scan`` (when one scan is concerned).
+    - ``links``: ``self``, ``redeliver`` (when allowed), ``scan`` (when one scan is concerned;
+      ``merge`` for a merge's callback).
     """
 
     id: str
@@ -308,3 +310,56 @@ class BvCacheOut(BaseModel):
     data_sha256: str | None = None
     own_asr: dict[str, RateModel] = Field(default_factory=dict)  # injected trigger -> ASR
     measured_on: str | None = None
+
+
+# --- merges: a mergekit plan scanned, defended and merged (issue 17)
+
+
+class MergeCreate(_Body):
+    """A mergekit plan (``mergeshield merge-plan``'s input, see the README): its YAML text, or the
+    same as a JSON object. Its ``base_model`` and ``models`` are hub ids (``org/name``, or at a
+    branch, tag or commit ``org/name@<sha>``) or uploads (``upload:<id>``), never server paths;
+    ``mergeshield.evaluation`` maps a model to its task's dataset (names as a scan's
+    ``evaluation``) and ``mergeshield.scan`` holds the scans' ``ScanOptions``. A plan that
+    cannot be merged exactly is a 422 ``invalid_config`` before anything is queued."""
+
+    plan: Annotated[str, Field(max_length=MAX_PLAN_BYTES)] | dict[str, Any] = Field(examples=[
+        "merge_method: task_arithmetic\nbase_model: org/base@main\nmodels:\n"
+        "  - model: org/digits-finetune\n    parameters: {weight: 0.5}\n"
+        "  - model: upload:0123456789abcdef0123456789abcdef\n    parameters: {weight: 0.5}\n"
+        "mergeshield:\n  evaluation: {org/digits-finetune: org/digits}\n"
+        "  scan: {inversion: false, max_eval: 500}\n"])
+    device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: hub models, big uploads to gpu
+    # POST the result here when the merge ends, signed per Standard Webhooks (see /v1/webhooks)
+    callback_url: str | None = Field(default=None, max_length=2000)
+
+
+class MergeOut(BaseModel):
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str | None  # "scan 2/3: sweep", "choose_scale", "write_merge", "measure_merge"...
+    percent: float
+    base: str
+    models: list[str]
+    method: str  # task_arithmetic | ties
+    policy: str  # clean | exclude | include
+    plan: dict[str, Any]  # as validated, with every default filled in
+    queue: str
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    verdict: str | None  # the worst verdict of the models' scans
+    error: dict[str, Any] | None
+    summary: dict[str, Any] | None  # models, merged, flagged, policy, method, scale (γ)
+    artifacts_expired_at: datetime | None = None
+    links: dict[str, str]
+    # GET /v1/merges/{id} of a succeeded merge: its plan-report.json (None in lists)
+    report: PlanReport | None = None
+
+
+class MergePage(BaseModel):
+    items: list[MergeOut]
+    total: int
+    limit: int
+    offset: int

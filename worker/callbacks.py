@@ -81,18 +81,27 @@ def endpoint_for(db: Database, owner: str, url: str, allow_private: bool) -> Cal
 
 
 def waiting_delivery(scan: Scan, endpoint: CallbackEndpoint) -> Delivery:
-    """The outbound row a scan's callback starts as; add it with the scan."""
+    """The outbound row a scan's (or a merge's) callback starts as; add it with the job."""
     return Delivery(owner=scan.owner, direction="outbound", state="waiting", url=endpoint.url,
-                    endpoint_id=endpoint.id, scan_id=scan.id, dedup_key=f"scan:{scan.id}")
+                    endpoint_id=endpoint.id, scan_id=scan.id, dedup_key=f"{scan.kind}:{scan.id}")
 
 
 def scan_event(scan: Scan) -> dict[str, Any]:
-    """The callback body: Standard Webhooks' ``{type, timestamp, data}`` with the scan's summary."""
-    links = {"self": f"/v1/scans/{scan.id}"}
+    """The callback body: Standard Webhooks' ``{type, timestamp, data}`` with the scan's summary
+    (a merge's: ``merge.succeeded`` ..., with its base, models and summary)."""
+    where = f"/v1/{scan.kind}s/{scan.id}"
+    links = {"self": where}
     if scan.state == "succeeded":
-        links |= {"report": f"/v1/scans/{scan.id}/report",
-                  "checkpoint": f"/v1/scans/{scan.id}/checkpoint"}
+        links |= {"report": f"{where}/report", "checkpoint": f"{where}/checkpoint"}
     error = {"code": scan.error_code, "message": scan.error_message} if scan.error_code else None
+    if scan.kind == "merge":
+        plan = scan.request.get("plan", {})
+        return {"type": f"merge.{scan.state}",
+                "timestamp": (scan.finished_at or now()).isoformat(),
+                "data": {"id": scan.id, "state": scan.state, "base": plan.get("base_model"),
+                         "models": [m.get("model") for m in plan.get("models", [])],
+                         "verdict": scan.verdict, "summary": scan.summary, "error": error,
+                         "links": links}}
     scan_request = scan.request.get("scan", {})
     return {
         "type": f"scan.{scan.state}",

@@ -6,10 +6,10 @@
 * An upload goes ``upload_retention`` seconds after it was made: its row, and its file once no
   other key's upload holds the same bytes. Partial uploads left in ``uploads/tmp`` go as well.
 
-Never removed: anything of a queued or running scan, an upload such a scan reads, and a result
-folder that a scan still kept was served from (a cache hit shares its source's folder). Run by
-the API every ``cleanup_interval`` seconds and by ``mergeshield cleanup``; two runs at once are
-harmless (folders are removed once, rows updated conditionally).
+Never removed: anything of a queued or running scan or merge, an upload such a job reads, and a
+result folder that a scan still kept was served from (a cache hit shares its source's folder).
+Run by the API every ``cleanup_interval`` seconds and by ``mergeshield cleanup``; two runs at once
+are harmless (folders are removed once, rows updated conditionally).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def _remove_uploads(db: Database, settings: Settings, cutoff: datetime, done: Cl
         active = s.scalars(select(Scan.request).where(Scan.state.not_in(FINISHED))).all()
         old = s.scalars(select(Upload).where(Upload.created_at < cutoff)).all()
     used = {request.get(f"{role}_upload") for request in active for role in ("suspect", "base")}
+    used.update(u for request in active for u in request.get("uploads", ()))  # merges' plans
     for upload in old:
         if upload.id in used:
             continue

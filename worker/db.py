@@ -1,6 +1,10 @@
 """The database: the source of truth for scans, uploads, API keys, workers, the BV_inj cache,
 webhook watches, callback endpoints and deliveries.
 
+A merge plan (``POST /v1/merges``) is a job of the same table as a scan (``Scan.kind`` "merge"),
+so it lives the same life with no code of its own: claimed, beating, cancelled, re-sent by the
+reconciler, counted by the quotas, its callback sent and its artifacts expired like a scan's.
+
 The broker only carries scan ids; everything a scan is (its request, state, stage, result) lives
 here, so a scan survives an API restart, a worker crash and a broker that forgot its queues. The
 schema is created by Alembic migrations (``worker/migrations``), never by ``create_all``. This
@@ -42,6 +46,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 T = TypeVar("T")
 log = logging.getLogger("mergeshield.db")
 STATES = ("queued", "running", *FINISHED)
+KINDS = ("scan", "merge")  # a scan of one model; a merge plan (worker/merge_jobs.py)
 
 
 def now() -> datetime:
@@ -102,12 +107,16 @@ class Scan(Base):
     __table_args__ = (UniqueConstraint("owner", "idempotency_key"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(8), index=True, default="scan",
+                                      server_default="scan")  # one of KINDS
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     stage: Mapped[str | None] = mapped_column(String(64), default=None)
     percent: Mapped[float] = mapped_column(Float, default=0.0)
-    # the API's request as submitted (model references, options) and the queue it went to
+    # the API's request as submitted (model references, options; a merge: its plan) and the
+    # queue it went to
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    suspect: Mapped[str] = mapped_column(String(300))  # hub id or upload file name, for lists
+    # hub id or upload label, for lists (a merge: its models, comma-separated, cut to fit)
+    suspect: Mapped[str] = mapped_column(String(300))
     base: Mapped[str] = mapped_column(String(300))
     queue: Mapped[str] = mapped_column(String(16))
     force: Mapped[bool] = mapped_column(default=False)
@@ -222,7 +231,7 @@ class Delivery(Base):
     url: Mapped[str | None] = mapped_column(Text, default=None)
     repo: Mapped[str | None] = mapped_column(String(200), default=None)  # inbound: the Hub repo
     revision: Mapped[str | None] = mapped_column(String(64), default=None)  # and its commit
-    # outbound: "scan:<id>", one callback per scan; inbound: None
+    # outbound: "scan:<id>" (a merge's "merge:<id>"), one callback per job; inbound: None
     dedup_key: Mapped[str | None] = mapped_column(String(80), default=None)
     scan_id: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
     scan_ids: Mapped[list[str]] = mapped_column(JSON, default=list)

@@ -1,7 +1,9 @@
 """One scan's life in the database, as a worker lives it: claim, heartbeat, progress, finish.
 
 Every transition is a conditional UPDATE, so two deliveries of one scan (a resend by the
-reconciler, a message Redis gives back) never run it twice: the second finds it claimed.
+reconciler, a message Redis gives back) never run it twice: the second finds it claimed. A merge
+plan is a job of the same kind (``worker/merge_jobs.py`` runs it): it shares all of this but
+``run``.
 """
 
 from __future__ import annotations
@@ -65,13 +67,17 @@ class Job:
     def progress(self, stage: str, fraction: float) -> None:
         """The library's progress callback: store stage and percent; stop if cancelled or if
         the stage ran past its time limit."""
-        self.stage = stage
+        self.report(stage, percent(stage, fraction), urgent=fraction in (0.0, 1.0))
+
+    def report(self, stage: str, pct: float | None, urgent: bool = True) -> None:
+        """Store ``stage`` and the job's percent (None: unchanged), at most two writes a second
+        unless ``urgent`` or a new stage; stop if cancelled or past the stage's time limit."""
+        new_stage, self.stage = stage != self.stage, stage
         if self.clock is not None:
             self.clock.observe(stage)
-        if time.monotonic() - self._checked < 0.5 and fraction not in (0.0, 1.0):
-            return  # at most two writes a second
+        if time.monotonic() - self._checked < 0.5 and not (urgent or new_stage):
+            return
         self._checked = time.monotonic()
-        pct = percent(stage, fraction)
         values: dict[str, Any] = {"stage": stage, "heartbeat_at": now()}
         if pct is not None:
             values["percent"] = pct
@@ -114,14 +120,16 @@ class Job:
                    "findings": len(report.findings),
                    "incomplete": [r.code for r in report.incomplete],
                    "chosen_lambda": report.sweep.chosen_lambda if report.sweep else None}
-        self._finish("succeeded", verdict=report.verdict.status,
-                     severity=report.verdict.severity, result_dir=result_dir,
-                     cache_key=cache_key, cached_from=cached_from, summary=summary, percent=100.0)
+        self.finish("succeeded", verdict=report.verdict.status,
+                    severity=report.verdict.severity, result_dir=result_dir,
+                    cache_key=cache_key, cached_from=cached_from, summary=summary, percent=100.0)
 
     def fail(self, code: str, message: str) -> None:
-        self._finish("failed", error_code=code, error_message=message)
+        self.finish("failed", error_code=code, error_message=message)
 
-    def _finish(self, state: str, **values: Any) -> None:
+    def finish(self, state: str, **values: Any) -> None:
+        """Record the job's end (``state`` and the row's other ``values``), if it is still this
+        worker's, however long the database is away (up to ``FINISH_PATIENCE``)."""
         def write() -> None:
             with self.db.session() as s:
                 s.execute(update(Scan).where(Scan.id == self.scan.id, Scan.state == "running",
@@ -189,14 +197,53 @@ def result_dir(scans_dir: Path, scan_id: str) -> Path:
     return scans_dir / scan_id
 
 
+@contextmanager
+def working(job: Job, settings: Settings) -> Iterator[None]:
+    """The job's work: its stages timed (``StageClock``, disarmed however it ends) and the
+    library's loops looking for a cancel between two steps."""
+    job.clock = StageClock(settings.stage_time_limit, settings.stage_time_limits)
+    with job.clock, cancellation.checked_by(job.check_cancelled):
+        yield
+
+
+@contextmanager
+def recorded(job: Job, settings: Settings, out: Path) -> Iterator[None]:
+    """However the body ends is the job's outcome: cancelled (its partial ``out`` removed), the
+    database away (raised again: the reconciler queues the job again), or ``failed`` with a
+    stable code (a time limit, an input's error, a bug); the worker stays alive."""
+    kind, job_id = job.scan.kind, job.scan.id
+    try:
+        yield
+    except ScanCancelled:
+        if retrying(job.cancelled, seconds=FINISH_PATIENCE):  # not another worker's now
+            shutil.rmtree(out, ignore_errors=True)  # its partial outputs
+        log.info("%s stopped: cancelled, or taken over by another worker", kind,
+                 extra={"stage": job.stage})
+    except DB_AWAY:  # not the job's fault: stop beating, and the reconciler queues it again
+        log.exception("database unreachable; the %s will be retried", kind)
+        raise
+    except SoftTimeLimitExceeded:
+        job.fail("time_limit", f"the {kind} ran longer than its limit of "
+                               f"{settings.scan_soft_time_limit} s and was stopped")
+        log.warning("%s exceeded its time limit", kind)
+    except Exception as exc:  # one mapping to a stable code; the worker stays alive
+        error = as_mergeshield_error(exc)
+        if isinstance(error, InternalError):  # a bug, not bad input: logged with its traceback
+            log.exception("%s crashed", kind, extra={"stage": job.stage})
+            job.fail(error.code, f"an internal error occurred in stage {job.stage!r} of {kind} "
+                                 f"{job_id}; it was logged and is a bug of MergeShield, not of "
+                                 f"the inputs: report it with the {kind} id")
+        else:
+            job.fail(error.code, error.message)
+            log.info("%s failed", kind, extra={"code": error.code, "stage": job.stage})
+
+
 def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
     """Scan (or reuse an earlier result), then record the outcome; errors become ``failed``."""
     scan = job.scan
     out = result_dir(settings.scans_dir, scan.id)
-    job.clock = StageClock(settings.stage_time_limit, settings.stage_time_limits)
-    try:
-        # disarmed however the scan ends; the library's loops look for a cancel between steps
-        with job.clock, cancellation.checked_by(job.check_cancelled):
+    with recorded(job, settings, out):
+        with working(job, settings):
             request, labels = library_request(job.db, scan, settings.data_dir)
             device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
             ctx = ScanContext(
@@ -225,28 +272,6 @@ def run(job: Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
             report = pipeline.scan(request, ctx, inputs)
         job.succeed(report, str(out.relative_to(settings.data_dir)), key)
         log.info("scan succeeded", extra={"verdict": report.verdict.status})
-    except ScanCancelled:
-        if retrying(job.cancelled, seconds=FINISH_PATIENCE):  # not another worker's now
-            shutil.rmtree(out, ignore_errors=True)  # its partial outputs
-        log.info("scan stopped: cancelled, or taken over by another worker",
-                 extra={"stage": job.stage})
-    except DB_AWAY:  # not the scan's fault: stop beating, and the reconciler queues it again
-        log.exception("database unreachable; the scan will be retried")
-        raise
-    except SoftTimeLimitExceeded:
-        job.fail("time_limit", f"the scan ran longer than its limit of "
-                               f"{settings.scan_soft_time_limit} s and was stopped")
-        log.warning("scan exceeded its time limit")
-    except Exception as exc:  # one mapping to a stable code; the worker stays alive
-        error = as_mergeshield_error(exc)
-        if isinstance(error, InternalError):  # a bug, not bad input: logged with its traceback
-            log.exception("scan crashed", extra={"stage": job.stage})
-            job.fail(error.code, f"an internal error occurred in stage {job.stage!r} of scan "
-                                 f"{scan.id}; it was logged and is a bug of MergeShield, not of "
-                                 "the inputs: report it with the scan id")
-        else:
-            job.fail(error.code, error.message)
-            log.info("scan failed", extra={"code": error.code, "stage": job.stage})
 
 
 def _checkpoint_bytes(inputs: pipeline.Inputs) -> int:

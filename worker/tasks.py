@@ -1,7 +1,8 @@
 """The queue's one task: a view that claims a scan, runs it through the library and records it.
 
 The scan id is the task id and names the output folder, so a redelivered message either finds
-the scan claimed (and does nothing) or reruns it into its own folder.
+the scan claimed (and does nothing) or reruns it into its own folder. A merge plan is a job of the
+same table and task: it runs through ``merge_jobs`` instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
 
 from mergeshield.settings import Settings
-from worker import jobs
+from worker import jobs, merge_jobs
 from worker.app import SCAN_TASK, app
 from worker.bv_guard import db_guard
 from worker.db import Database, Worker, now
@@ -47,9 +48,12 @@ def scan(self: Task[Any, Any], scan_id: str) -> str:
         if job is None:
             log.info("not claimed: finished, cancelled or running elsewhere")
             return "skipped"
-        guard = db_guard(db, worker, scan_id, settings.stale_after)
         with jobs.heartbeat(job, settings.heartbeat_interval):
-            jobs.run(job, settings, bv_guard=guard)
+            if job.scan.kind == "merge":
+                merge_jobs.run(job, settings)
+            else:
+                jobs.run(job, settings, bv_guard=db_guard(db, worker, scan_id,
+                                                          settings.stale_after))
     return "done"
 
 

@@ -2,6 +2,14 @@
 same functions the REST routes run, a little vanilla JavaScript for live progress and uploads, and
 CSS served from ``static/``; nothing is loaded from anywhere else."""
 
-from service.dashboard.pages import install
+from fastapi import FastAPI
+
+from service.dashboard import merge_pages, pages
 
 __all__ = ["install"]
+
+
+def install(app: FastAPI) -> None:
+    """Mount the pages (scans and the rest, merges) and their static files."""
+    pages.install(app)
+    app.include_router(merge_pages.router)

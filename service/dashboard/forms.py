@@ -1,4 +1,5 @@
-"""The new-scan form: its defaults (the API's own) and its fields turned into a ``ScanCreate``."""
+"""The new-scan form: its defaults (the API's own) and its fields turned into a ``ScanCreate``;
+the new-merge form's into a ``MergeCreate``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergeshield.ibvs import Focus, InjectionRecipe
-from service.schemas import ScanCreate, ScanOptions
+from service.schemas import MergeCreate, ScanCreate, ScanOptions
 
 CHECKBOXES = ("probes", "inversion", "focus_agree", "force")
 
@@ -72,3 +73,11 @@ def errors_of(exc: ValidationError) -> list[str]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("ModelRef",))
         out.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
     return out
+
+
+def merge_create(form: Mapping[str, str]) -> MergeCreate:
+    """The new-merge form as the API's request body: the plan pasted as it is (YAML or JSON)."""
+    callback = (form.get("callback_url") or "").strip() or None
+    return MergeCreate.model_validate({"plan": form.get("plan") or "",
+                                       "device": (form.get("device") or "auto").strip(),
+                                       "callback_url": callback})

@@ -40,7 +40,9 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inlin
        "frame-ancestors 'none'")
 NOTICES = {"cancelled": "The scan was cancelled.", "finished": "The scan had already finished.",
            "redelivered": "Delivery queued again.", "not-redeliverable":
-           "That delivery cannot be sent again in its current state."}
+           "That delivery cannot be sent again in its current state.",
+           "merge-cancelled": "The merge was cancelled.",
+           "merge-finished": "The merge had already finished."}
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=HERE / "templates")

@@ -80,32 +80,43 @@ def queue_scan(state: State, caller: Principal, body: ScanCreate,
         injection_data=body.injection_data, **body.options.model_dump())
     endpoint = None if body.callback_url is None else callbacks.endpoint_for(
         db, caller.id, body.callback_url, settings.callback_allow_private)
-
-    def gpu_workers() -> bool:  # asked only for big or hub models under device "auto"
-        with db.session() as s:
-            return bool(s.scalar(select(func.count()).select_from(Worker).where(
-                Worker.queues.contains("gpu"),
-                Worker.last_seen > now() - timedelta(seconds=settings.stale_after))))
-
     scan = Scan(owner=caller.id, request={"scan": lib.model_dump(mode="json"),
                                           "suspect_upload": body.suspect.upload,
                                           "base_upload": body.base.upload,
                                           "device": body.device, "body_sha256": fingerprint},
                 suspect=body.suspect.label(), base=body.base.label(), force=body.force,
-                queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes, gpu_workers),
+                queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes,
+                                   lambda: gpu_workers(db, settings.stale_after)),
                 idempotency_key=idempotency_key, enqueued_at=now(), id=new_id())
+    return persist_once(state, scan, endpoint, caller, idempotency_key, fingerprint)
+
+
+def persist_once(state: State, job: Scan, endpoint: CallbackEndpoint | None, caller: Principal,
+                 idempotency_key: str | None, fingerprint: str) -> tuple[Scan, bool]:
+    """Store and enqueue ``job`` (True); when the same Idempotency-Key raced in twice, the job
+    stored first instead (False)."""
     try:
-        _persist_and_send(state, scan, endpoint)
-    except IntegrityError:  # the same Idempotency-Key raced in twice
-        same = by_idempotency(db, caller, idempotency_key or "", fingerprint)
+        persist_and_send(state, job, endpoint)
+    except IntegrityError:
+        same = by_idempotency(state.db, caller, idempotency_key or "", fingerprint)
         if same is None:
             raise
         return same, False
-    return scan, True
+    return job, True
 
 
-def _persist_and_send(state: State, scan: Scan, endpoint: CallbackEndpoint | None) -> None:
-    """Store the scan (with a waiting callback to ``endpoint``), then hand its id to the broker."""
+def gpu_workers(db: Database, stale_after: float) -> bool:
+    """Whether a worker that consumes the ``gpu`` queue beat lately (asked only for big or hub
+    models under device "auto")."""
+    with db.session() as s:
+        return bool(s.scalar(select(func.count()).select_from(Worker).where(
+            Worker.queues.contains("gpu"),
+            Worker.last_seen > now() - timedelta(seconds=stale_after))))
+
+
+def persist_and_send(state: State, scan: Scan, endpoint: CallbackEndpoint | None) -> None:
+    """Store the scan or merge (with a waiting callback to ``endpoint``), then hand its id to
+    the broker."""
     with state.db.session() as s:
         s.add(scan)
         if endpoint is not None:
@@ -126,7 +137,7 @@ def list_scans(request: Request, caller: Caller,
                limit: Limit = 50, offset: Offset = 0) -> ScanPage:
     """Newest first; filter by state, verdict and suspect (exact hub id or upload label)."""
     db: Database = request.app.state.db
-    where = [] if caller.admin else [Scan.owner == caller.id]
+    where = [Scan.kind == "scan"] + ([] if caller.admin else [Scan.owner == caller.id])
     if state:
         where.append(Scan.state == state)
     if verdict:
@@ -146,20 +157,24 @@ def get_scan(scan_id: str, request: Request, response: Response, caller: Caller)
 def cancel(scan_id: str, request: Request, response: Response, caller: Caller) -> ScanOut:
     """Cancel a queued or running scan. A running one stops within seconds (its worker looks
     between two steps of the work), its partial output is removed, and the worker moves on."""
-    scan = _owned(request, caller, scan_id)
-    db: Database = request.app.state.db
+    cancel_job(request.app.state, _owned(request, caller, scan_id))
+    return _out(_owned(request, caller, scan_id), response)
+
+
+def cancel_job(state: State, job: Scan) -> None:
+    """Cancel a queued or running scan or merge (409 once it has finished)."""
+    db: Database = state.db
     with db.session() as s:
-        done = s.execute(update(Scan).where(Scan.id == scan.id, Scan.state.not_in(FINISHED))
+        done = s.execute(update(Scan).where(Scan.id == job.id, Scan.state.not_in(FINISHED))
                          .values(state="cancelled", finished_at=now(),
                                  error_code="cancelled", error_message="cancelled by the user"))
     if done.rowcount == 0:  # type: ignore[attr-defined]
-        raise ConflictError(f"scan {scan.id} already {scan.state}; nothing to cancel",
-                            details={"state": scan.state})
+        raise ConflictError(f"{job.kind} {job.id} already {job.state}; nothing to cancel",
+                            details={"state": job.state})
     try:
-        request.app.state.celery.control.revoke(scan.id)  # a queued message is dropped unrun
+        state.celery.control.revoke(job.id)  # a queued message is dropped unrun
     except Exception:
-        request.app.state.log.warning("revoke failed; the worker will skip the scan anyway")
-    return _out(_owned(request, caller, scan_id), response)
+        state.log.warning("revoke failed; the worker will skip the job anyway")
 
 
 @router.post("/{scan_id}/rescan", status_code=202, response_model=ScanOut)
@@ -176,7 +191,7 @@ def rescan(scan_id: str, request: Request, response: Response, caller: Caller) -
             Delivery.scan_id == old.id, Delivery.direction == "outbound"))
         if endpoint is not None:
             s.expunge(endpoint)
-    _persist_and_send(request.app.state, scan, endpoint)
+    persist_and_send(request.app.state, scan, endpoint)
     return _out(scan, response)
 
 
@@ -215,7 +230,7 @@ def checkpoint(scan_id: str, request: Request, caller: Caller,
                                 details={"files": [w.name for w in weights]})
         return FileResponse(weights[0], media_type="application/octet-stream",
                             filename=f"{scan_id}-{weights[0].name}")
-    return FileResponse(_zipped(folder), media_type="application/zip",
+    return FileResponse(zipped(folder), media_type="application/zip",
                         filename=f"{scan_id}-cleaned.zip")
 
 
@@ -226,7 +241,7 @@ def _owned(request: Request, caller: Principal, scan_id: str) -> Scan:
     db: Database = request.app.state.db
     with db.session() as s:  # a NUL never names a row, and PostgreSQL refuses it in a query
         scan = None if "\x00" in scan_id else s.get(Scan, scan_id)
-    if scan is None or not (caller.admin or scan.owner == caller.id):
+    if scan is None or scan.kind != "scan" or not (caller.admin or scan.owner == caller.id):
         raise NotFoundError(f"no scan {scan_id!r}", details={"scan": scan_id})
     return scan
 
@@ -256,14 +271,15 @@ def _result_dir(request: Request, scan: Scan) -> Path:
     return Path(request.app.state.settings.data_dir) / scan.result_dir
 
 
-def _zipped(folder: Path) -> Path:
-    """The folder as a stored (uncompressed: weights do not compress) zip, built once."""
+def zipped(folder: Path, reports: tuple[str, ...] = ("report.",)) -> Path:
+    """The folder's files but its ``reports`` (name prefixes) as a stored (uncompressed: weights
+    do not compress) zip, built once."""
     target = folder.parent / f"{folder.name}.zip"
     if not target.exists():
         tmp = target.with_suffix(".zip.part")
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for path in sorted(folder.iterdir()):
-                if path.is_file() and not path.name.startswith("report."):
+                if path.is_file() and not path.name.startswith(reports):
                     zf.write(path, path.name)
         tmp.replace(target)
     return target

@@ -164,8 +164,9 @@ def out(row: Delivery, detail: bool = True) -> DeliveryOut:
     if (row.direction == "outbound" and row.state in ("delivered", "dead")) or \
             (row.direction == "inbound" and row.state != "refused"):
         links["redeliver"] = f"/v1/webhooks/deliveries/{row.id}/redeliver"
-    if row.scan_id:
-        links["scan"] = f"/v1/scans/{row.scan_id}"
+    if row.scan_id:  # a merge's callback: "merge:<id>" (worker.callbacks.waiting_delivery)
+        kind = "merge" if (row.dedup_key or "").startswith("merge:") else "scan"
+        links[kind] = f"/v1/{kind}s/{row.scan_id}"
     return DeliveryOut(
         id=row.id, direction=row.direction, state=row.state,  # type: ignore[arg-type]
         event=row.event, url=row.url, repo=row.repo, revision=row.revision, scan_id=row.scan_id,

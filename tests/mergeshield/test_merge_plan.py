@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from mergeshield.errors import ConfigError
 from mergeshield.merge_defence import SCALES
-from mergeshield.merge_plan import MergePlan, PlanReport, merged_as, plan_summary
+from mergeshield.merge_plan import merged_as, plan_summary
+from mergeshield.merge_plan_schema import MergePlan, PlanReport
 from tests.support.zoo import Zoo
 
 PLAN = {"merge_method": "task_arithmetic", "base_model": "org/base",
@@ -32,13 +33,15 @@ def test_a_mergekit_plan_reads_as_mergekit_merges_it() -> None:
                             "models": [{"model": m, "parameters": {"weight": 1.0,
                                                                    "density": 0.3}}
                                        for m in ("org/a", "org/b")]})
-    assert (ties.merge_config().method, ties.merge_config().keep) == ("ties", 0.3)
+    cfg = ties.merge_config()
+    assert (cfg.method, cfg.ties_form, cfg.densities, cfg.normalize) == (
+        "ties", "mergekit", [0.3, 0.3], True)  # mergekit's TIES: normalize unless said
     assert plan.mergeshield.policy == "clean"  # the default: flagged models enter cleaned
 
 
 @pytest.mark.parametrize("change", [
     {"merge_method": "dare_ties"},  # not merged here (yet): refused, not merged differently
-    {"merge_method": "ties"},  # per-model weights under TIES
+    {"parameters": {"lambda": 0.5}},  # mergekit's TIES scale: not read here (yet)
     {"models": []},
     {"models": [{"model": "org/a", "parameters": {"weight": float("nan")}}]},
     {"slices": [{"sources": []}]},  # a mergekit form we do not read

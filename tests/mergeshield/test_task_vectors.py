@@ -19,6 +19,7 @@ from mergeshield.task_vectors import (
     sign_consistent,
     task_arithmetic,
     ties,
+    ties_mergekit,
     top_k,
 )
 from tests.support.tiny import CountingMapping
@@ -256,6 +257,29 @@ def test_ties_on_a_hand_computed_example() -> None:
     assert merged["b"].tolist() == [0.5 * -5.0, 0.5 * -4.0]
     with pytest.raises(ConfigError):
         ties([])
+
+
+def test_mergekit_ties_on_a_hand_computed_example() -> None:
+    """mergekit's form: each tensor trimmed on its own to int(density·n) entries, weighted, signs
+    elected on the weighted sum (+ on a tie), the agreeing entries summed and divided by the
+    agreeing weights (normalize) or not."""
+    v1 = tv_of({"w": [4.0, -1.0, 2.0, 0.5], "b": [0.1, 0.2]})  # d 0.5 → [4, 0, 2, 0 | 0, .2]
+    v2 = tv_of({"w": [3.0, 2.0, 1.0, -4.0], "b": [0.3, -0.1]})  # d 0.5 → [3, 0, 0, -4 | .3, 0]
+    v3 = tv_of({"w": [1.0, -2.0, -5.0, 3.0], "b": [1.0, 0.9]})  # d 0.25 → [0, 0, -5, 0 | 1, 0]
+    # weighted (1, 0.5, 1): sums [5.5, 0, -3, -2 | 1.15, 0.2] → signs [+, +, -, - | +, +]
+    merged = ties_mergekit([v1, v2, v3], [0.5, 0.5, 0.25], [1.0, 0.5, 1.0])
+    assert merged["w"].tolist() == pytest.approx([5.5 / 1.5, 0.0, -5.0, -4.0])
+    assert merged["b"].tolist() == pytest.approx([1.15 / 1.5, 0.2])  # "b" kept its own top entry
+    summed = ties_mergekit([v1, v2, v3], [0.5, 0.5, 0.25], [1.0, 0.5, 1.0], normalize=False)
+    assert summed["w"].tolist() == pytest.approx([5.5, 0.0, -5.0, -2.0])
+    # one weight for all under normalize cancels out, as in mergekit
+    same = ties_mergekit([v1, v2], [0.5, 0.5], [0.3, 0.3])["w"]
+    assert same.tolist() == pytest.approx(ties_mergekit([v1, v2], [0.5, 0.5], [1.0, 1.0])["w"]
+                                          .tolist())
+    with pytest.raises(ConfigError):
+        ties_mergekit([v1, v2], [0.5], [1.0, 1.0])
+    with pytest.raises(ConfigError):
+        ties_mergekit([v1], [0.0], [1.0])
 
 
 # -- laziness -------------------------------------------------------------------------------------

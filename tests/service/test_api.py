@@ -27,11 +27,7 @@ def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Pa
               env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
                    "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
     try:
-        if request.param == "sqlite-filesystem":
-            s.serve()
-        else:
-            s.start_api().start_worker().wait_ready()
-        yield s
+        yield s.up()
     finally:
         s.close()
 

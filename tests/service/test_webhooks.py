@@ -36,11 +36,7 @@ def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Pa
                    "MERGESHIELD_CALLBACK_MAX_ATTEMPTS": "3",
                    "MERGESHIELD_CALLBACK_POLL_INTERVAL": "0.2"})
     try:
-        if request.param == "sqlite-filesystem":
-            s.serve()
-        else:
-            s.start_api().start_worker().wait_ready()
-        yield s
+        yield s.up()
     finally:
         s.close()
 

@@ -156,6 +156,12 @@ class Stack:
         self._start("serve", "serve", "--auth", "--port", str(self.port))
         return self.wait_ready()
 
+    def up(self) -> Stack:
+        """The backend as it runs: ``serve`` on the embedded default, else an API and a worker."""
+        if self.backend == "sqlite-filesystem":
+            return self.serve()
+        return self.start_api().start_worker().wait_ready()
+
     def start_api(self, processes: int = 1) -> Stack:
         self._start("api", "api", "--port", str(self.port), "--processes", str(processes))
         return self

@@ -1,0 +1,145 @@
+"""The merge pages in a real browser (issue 17): a plan pasted in the New merge form runs on the
+real ``mergeshield serve --auth`` and its page shows, per task, the fine-tune alone, the
+undefended merge and the defended one; a bad plan comes back with its code; a running merge is
+cancelled from its page; nothing overflows a phone's width."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from safetensors import safe_open
+
+from tests.service.conftest import Published
+from tests.service.dashboard.test_pages import (
+    ARGS,
+    CHROMIUM,
+    DESKTOP,
+    PHONE,
+    _context,
+    _sign_in,
+    shoot,
+)
+from tests.support.stack import Stack
+from tests.support.zoo import Zoo
+
+MODEL = "vit-digits-clean"
+
+
+@pytest.fixture(scope="module")
+def stack(published: Published, bv_cache_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("merge-pages"), "sqlite-filesystem",
+              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
+                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
+    try:
+        yield s.serve()
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, stack: Stack) -> Iterator[Page]:
+    ctx = _context(browser, stack, DESKTOP)
+    pg = ctx.new_page()
+    _sign_in(pg)
+    try:
+        yield pg
+    finally:
+        ctx.close()
+
+
+def plan_text(zoo: Zoo, published: Published, **scan: object) -> str:
+    """One clean fine-tune of the digits task merged onto its base, both on the hub."""
+    base = zoo.model(MODEL)["base"]
+    published.hub.add_repo(f"zoo/{MODEL}", zoo.path(MODEL))
+    published.hub.add_repo("zoo/digits", zoo.dataset(MODEL), repo_type="dataset")
+    return yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": f"zoo/{base}",
+        "models": [{"model": f"zoo/{MODEL}", "parameters": {"weight": 1.0}}],
+        "mergeshield": {"evaluation": {f"zoo/{MODEL}": "zoo/digits"},
+                        "scan": {"inversion": False, "max_eval": 200, **scan}}})
+
+
+def _submit(page: Page, plan: str, shot: str | None = None) -> None:
+    page.goto("/ui/merges/new")
+    page.get_by_label("Plan (mergekit YAML, or the same as JSON)").fill(plan)
+    if shot:
+        shoot(page, shot)
+    page.get_by_role("button", name="Start merge").click()
+
+
+def test_a_pasted_plan_runs_and_its_page_shows_each_tasks_accuracy(
+        page: Page, zoo: Zoo, published: Published, tmp_path: Path) -> None:
+    _submit(page, plan_text(zoo, published), shot="new-merge")
+    expect(page).to_have_url(re.compile(r"/ui/merges/[0-9a-f]{32}$"))
+    merge_id = page.url.rsplit("/", 1)[1]
+    # the page follows the merge and reloads with its results when it has finished
+    expect(page.get_by_role("heading", name="Accuracy per task")).to_be_visible(timeout=240_000)
+    row = page.locator("table.tasks tbody tr")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text(f"zoo/{MODEL}")
+    cells = row.locator("td").all_inner_texts()[-3:]  # alone, undefended merge, defended merge
+    assert all(re.match(r"^\d+\.\d %", c) for c in cells), cells
+    # one model merged whole onto its base is that model: the same accuracy at all three points
+    assert len(set(cells)) == 1, cells
+    expect(page.locator('[data-field="gamma"]')).to_contain_text("no cleaned model")
+    shoot(page, "merge-report", full_page=True)
+    with page.expect_download() as got:
+        page.get_by_role("link", name="Merged model (zip)").click()
+    with zipfile.ZipFile(got.value.path()) as zf:
+        zf.extractall(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata()["mergeshield.policy"] == "clean"
+    page.goto("/ui/merges")
+    expect(page.locator(f'tr[data-scan="{merge_id}"] .state')).to_have_text("succeeded")
+    shoot(page, "merges")
+
+
+def test_a_bad_plan_comes_back_with_its_code_and_text(page: Page) -> None:
+    bad = "merge_method: dare_ties\nbase_model: org/base\nmodels: [{model: org/a}]\n"
+    _submit(page, bad)
+    expect(page.get_by_role("alert")).to_contain_text("invalid_config")
+    expect(page.get_by_label("Plan (mergekit YAML, or the same as JSON)")).to_have_value(bad)
+
+
+def test_a_running_merge_is_cancelled_from_its_page(page: Page, zoo: Zoo,
+                                                    published: Published) -> None:
+    # a trigger inversion of many minutes: only a cancel stops it
+    _submit(page, plan_text(zoo, published, inversion=True, inversion_steps=10_000,
+                            probes=False))
+    expect(page.locator('.scan-head [data-field="stage"]')).to_contain_text(
+        "invert_triggers", timeout=120_000)  # live progress, no reload
+    page.get_by_role("button", name="Cancel merge").click()
+    expect(page.get_by_role("status")).to_have_text("The merge was cancelled.")
+    expect(page.locator(".scan-head .state")).to_have_text("cancelled")
+
+
+def test_phone_width_nothing_overflows(browser: Browser, stack: Stack) -> None:
+    ctx = _context(browser, stack, PHONE)
+    page = ctx.new_page()
+    try:
+        _sign_in(page)
+        page.goto("/ui/merges")
+        merge = page.locator("tr[data-scan] a").first.get_attribute("href")
+        for url in ("/ui/merges", "/ui/merges/new", merge):
+            page.goto(str(url))
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= PHONE["width"], (url, width)
+    finally:
+        ctx.close()
