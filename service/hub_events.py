@@ -1,10 +1,18 @@
 """The Hugging Face Hub's webhook, understood: which watches may hear it, which commit of which
-model repo it announces, and the scans it queues.
+model repo it announces, and the scans (or merges) it queues.
 
 Payload (https://huggingface.co/docs/hub/webhooks): ``event.scope`` ``repo.content`` announces
 new commits (action ``update``); ``repo.type``/``repo.name`` name the repo; ``updatedRefs[]``
 lists ``{ref, oldSha, newSha}`` (``newSha`` null when a ref is deleted) and ``repo.headSha`` is
 the head of ``main``. Only a new commit on ``main`` of a model repo is scanned.
+
+A watch either scans the repos its rule names, or (``merge``, issue 17) holds a merge plan and
+matches every hub repo of it, its models and its base: a new commit of one re-runs the plan as a
+merge (``queue_merge``) with that repo pinned at the commit (mergekit's ``org/name@<sha>``), the
+others as written. The watch row keeps the checked plan as JSON (``Watch.merge``, migration 0005),
+so matching stays the Python filter it is for prefixes. Both kinds share the secret check, the rate
+limit, the de-duplication (an idempotency key from the job's canonical body: the same plan with
+the same pinned commit is one merge) and the delivery record, whose ``scan_ids`` name the merge.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -21,12 +30,14 @@ from sqlalchemy import select, update
 from starlette.datastructures import State
 
 from mergeshield.errors import MergeShieldError, WebhooksDisabledError, WebhookSecretError
+from mergeshield.merge_plan_schema import AT_REVISION
 from service.auth import Principal
 from service.idempotency import body_sha256, by_idempotency
+from service.routes.merges import queue_merge
 from service.routes.scans import queue_scan
-from service.schemas import HUB_ID, ModelRef, ScanCreate
+from service.schemas import HUB_ID, MergeCreate, ModelRef, ScanCreate
 from worker import discussions
-from worker.db import Watch, now
+from worker.db import Scan, Watch, now
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 MAIN = "refs/heads/main"
@@ -93,12 +104,36 @@ def secret_hash(secret: str) -> str:
 
 
 def matching_watches(state: State, repo: str | None) -> list[Watch]:
-    """Watches whose rule names ``repo`` exactly, or as a prefix."""
+    """Watches whose rule names ``repo`` exactly, or as a prefix, or whose plan names it."""
     if repo is None:
         return []
     with state.db.session() as s:
         rows = s.scalars(select(Watch).order_by(Watch.created_at)).all()
-    return [w for w in rows if w.repo == repo or (w.prefix and repo.startswith(w.repo))]
+    return [w for w in rows if (repo in plan_repos(w.merge) if w.merge is not None else
+                                w.repo == repo or (w.prefix and repo.startswith(w.repo)))]
+
+
+def plan_repos(plan: dict[str, Any]) -> list[str]:
+    """The hub repos of a checked plan (its base, then its models), without their revisions."""
+    names = (plan["base_model"], *(m["model"] for m in plan["models"]))
+    return list(dict.fromkeys(_repo_of(n) for n in names))
+
+
+def pinned(plan: dict[str, Any], found: Commit) -> dict[str, Any]:
+    """The plan with each mention of the commit's repo (a model, the base, an evaluation key)
+    pinned at the commit; the other repos as written."""
+    def pin(name: str) -> str:
+        return f"{found.repo}@{found.sha}" if _repo_of(name) == found.repo else name
+    options = plan.get("mergeshield") or {}
+    return {**plan, "base_model": pin(plan["base_model"]),
+            "models": [{**m, "model": pin(m["model"])} for m in plan["models"]],
+            "mergeshield": {**options, "evaluation": {
+                pin(k): v for k, v in (options.get("evaluation") or {}).items()}}}
+
+
+def _repo_of(name: str) -> str:
+    at = AT_REVISION.match(name)
+    return at[1] if at else name
 
 
 def authorize(state: State, watches: list[Watch], given: str | None) -> list[Watch]:
@@ -122,7 +157,8 @@ def authorize(state: State, watches: list[Watch], given: str | None) -> list[Wat
 
 
 def act(state: State, payload: Any, watches: list[Watch]) -> Outcome:
-    """Queue a scan of the announced commit for each watch, de-duplicated and rate-limited."""
+    """Queue a scan of the announced commit for each watch (a plan's watch: its merge),
+    de-duplicated and rate-limited."""
     found = commit_of(payload)
     if isinstance(found, str):
         return Outcome("ignored", found, owner=_owner(watches))
@@ -131,7 +167,8 @@ def act(state: State, payload: Any, watches: list[Watch]) -> Outcome:
     outcome = Outcome("ignored", watch_ids=[w.id for w in watches], owner=_owner(watches))
     states, reasons = [], []
     for watch in watches:
-        result, scan_id, reason = _scan_for(state, watch, found)
+        job_for = _scan_for if watch.merge is None else _merge_for
+        result, scan_id, reason = job_for(state, watch, found)
         states.append(result)
         if scan_id is not None:
             outcome.scan_ids.append(scan_id)
@@ -149,6 +186,7 @@ def _scan_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | Non
     """One watch's scan of the commit: (accepted|duplicate|rate_limited|failed, scan, reason).
     A watch that cannot queue (its base upload was deleted, its callback URL is refused) fails
     alone, recorded with the reason, and the Hub still gets a 2xx: retrying would not help."""
+    assert watch.scan is not None  # a scan's watch
     try:
         body = ScanCreate.model_validate({
             **watch.scan, "suspect": ModelRef(hub=found.repo, revision=found.sha),
@@ -156,22 +194,40 @@ def _scan_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | Non
     except ValidationError as exc:  # a watch stored before today's option bounds
         bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return "failed", None, f"invalid_config: the watch's scan options are invalid ({bad[:300]})"
-    key = dedup_key(body)
-    caller = Principal(watch.owner, admin=False)
-    scan = by_idempotency(state.db, caller, key)
-    if scan is not None:
-        return "duplicate", scan.id, None
-    if not take_token(state, watch):
-        return "rate_limited", None, (f"over its rate limit of {watch.rate_limit} scans per "
-                                      f"{watch.rate_window} s; no scan was queued")
-    try:
+    def queue(caller: Principal, key: str) -> tuple[Scan, bool]:
         scan, created = queue_scan(state, caller, body, key)
+        if created and watch.open_discussion:
+            with state.db.session() as s:
+                s.add(discussions.delivery(scan))
+        return scan, created
+    return _queue_once(state, watch, dedup_key(body), queue)
+
+
+def _merge_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | None, str | None]:
+    """A plan's watch: its plan as a merge, the announced repo pinned at the commit."""
+    assert watch.merge is not None
+    body = MergeCreate(plan=pinned(watch.merge, found), callback_url=watch.callback_url)
+    return _queue_once(state, watch, "hub-merge:" + body_sha256(body),
+                       lambda caller, key: (queue_merge(state, caller, body, key), True))
+
+
+def _queue_once(state: State, watch: Watch, key: str,
+                queue: Callable[[Principal, str], tuple[Scan, bool]]
+                ) -> tuple[str, str | None, str | None]:
+    """The job made with ``key`` if there is one (duplicate), else one queued in the watch's
+    rate limit: (accepted|duplicate|rate_limited|failed, job id, reason)."""
+    caller = Principal(watch.owner, admin=False)
+    job = by_idempotency(state.db, caller, key)
+    if job is not None:
+        return "duplicate", job.id, None
+    if not take_token(state, watch):
+        return "rate_limited", None, (f"over its rate limit of {watch.rate_limit} jobs per "
+                                      f"{watch.rate_window} s; nothing was queued")
+    try:
+        job, created = queue(caller, key)
     except MergeShieldError as exc:
         return "failed", None, f"{exc.code}: {exc.message}"
-    if created and watch.open_discussion:
-        with state.db.session() as s:
-            s.add(discussions.delivery(scan))
-    return ("accepted" if created else "duplicate"), scan.id, None
+    return ("accepted" if created else "duplicate"), job.id, None
 
 
 def dedup_key(body: ScanCreate) -> str:

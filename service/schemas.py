@@ -192,11 +192,16 @@ class WatchScan(_Body):
 
 class WatchCreate(_Body):
     """Scan every new commit on ``main`` of a model repo (``repo``) or of every model repo whose
-    id starts with ``repo`` (``prefix: true``, e.g. ``"my-org/"``)."""
+    id starts with ``repo`` (``prefix: true``, e.g. ``"my-org/"``). Or, with ``merge`` (a plan
+    as ``POST /v1/merges`` takes it, hub ids only) instead of ``repo`` and ``scan``: re-run the
+    plan as a merge when a new commit of one of its models or its base arrives, that model
+    pinned at the commit (``org/name@<sha>``)."""
 
-    repo: str = Field(min_length=1, max_length=200, examples=["my-org/vit-finetune"])
+    repo: str | None = Field(default=None, min_length=1, max_length=200,
+                             examples=["my-org/vit-finetune"])
     prefix: bool = False
-    scan: WatchScan
+    scan: WatchScan | None = None
+    merge: Annotated[str, Field(max_length=MAX_PLAN_BYTES)] | dict[str, Any] | None = None
     callback_url: str | None = Field(default=None, max_length=2000)  # each scan's result
     # open a discussion with each succeeded scan's verdict on the scanned repo (HF_TOKEN writes)
     open_discussion: bool = False
@@ -208,9 +213,10 @@ class WatchCreate(_Body):
 
 class WatchOut(BaseModel):
     id: str
-    repo: str
+    repo: str  # a plan's watch: the hub repos of its plan, comma-separated
     prefix: bool
-    scan: dict[str, Any]
+    scan: dict[str, Any] | None  # None for a plan's watch
+    merge: dict[str, Any] | None = None  # the plan, as checked
     callback_url: str | None
     open_discussion: bool
     has_secret: bool  # the secret itself is never shown again

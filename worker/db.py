@@ -173,7 +173,9 @@ class Worker(Base):
 class Watch(Base):
     """A rule for the Hub's webhook: scan every new commit on ``main`` of the matching model
     repos against ``base``, with the scan options in ``scan`` (a ``ScanCreate`` body without
-    its suspect). Rate limit: at most ``rate_limit`` scans per ``rate_window`` seconds, counted
+    its suspect). Or a plan's watch: ``merge`` holds a checked merge plan (hub ids only) and
+    ``scan`` is None; a new commit of any of its repos (listed in ``repo`` for display) re-runs
+    it as a merge. Rate limit: at most ``rate_limit`` jobs per ``rate_window`` seconds, counted
     in a fixed window that a conditional UPDATE opens and fills (atomic on both databases)."""
 
     __tablename__ = "watches"
@@ -181,7 +183,8 @@ class Watch(Base):
     owner: Mapped[str] = mapped_column(String(32), index=True)
     repo: Mapped[str] = mapped_column(String(200))  # a hub id, or a prefix of one
     prefix: Mapped[bool] = mapped_column(default=False)  # match repo ids starting with ``repo``
-    scan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    scan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    merge: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # a merge plan
     callback_url: Mapped[str | None] = mapped_column(Text, default=None)
     # open a discussion with the verdict on the scanned repo (needs a token that may write)
     open_discussion: Mapped[bool] = mapped_column(default=False)

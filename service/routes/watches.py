@@ -1,20 +1,25 @@
-"""``/v1/watches``: which Hub repos the webhook scans, against which base, with which options.
+"""``/v1/watches``: which Hub repos the webhook scans, against which base, with which options;
+or which merge plan it re-runs when one of the plan's repos gets a new commit (``merge``).
 
 Each key manages its own watches (the admin sees all). A watch's secret is stored as a sha256
-digest and never shown again; its callback URL is checked like a scan's.
+digest and never shown again; its callback URL is checked like a scan's. A watched plan is
+checked as ``POST /v1/merges`` checks one, and names hub ids only: a Hub commit triggers it, and
+an upload is no hub repo. It is stored as checked (``Watch.merge``), its repos listed in ``repo``;
+``service/hub_events.py`` says how a commit re-runs it.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 
 from mergeshield.errors import ConfigError, NotFoundError
 from service.auth import Principal, principal
-from service.hub_events import secret_hash
+from service.hub_events import plan_repos, secret_hash
+from service.routes.merges import UPLOAD_REF, checked_plan
 from service.schemas import HUB_ID, WatchCreate, WatchOut
 from worker import callbacks
 from worker.db import Database, Watch
@@ -26,14 +31,22 @@ PREFIX = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9_.\-]{0,96})?$"
 
 @router.post("", status_code=201, response_model=WatchOut)
 def create(body: WatchCreate, request: Request, caller: Caller) -> WatchOut:
-    if not re.match(PREFIX if body.prefix else HUB_ID, body.repo):
-        raise ConfigError(f"{body.repo!r} is not a hub repo id" +
-                          (" prefix" if body.prefix else " (owner/name)"),
-                          details={"repo": body.repo})
+    """A scan's watch (``repo`` and ``scan``) or a plan's (``merge`` alone): 422
+    ``invalid_config`` for a bad repo id, a bad plan or one naming an upload."""
+    plan = None if body.merge is None else _watched_plan(body)
+    if plan is None:
+        if body.repo is None or body.scan is None:
+            raise ConfigError("a watch needs repo and scan, or a merge plan (merge) instead",
+                              details={"field": "scan" if body.repo else "repo"})
+        if not re.match(PREFIX if body.prefix else HUB_ID, body.repo):
+            raise ConfigError(f"{body.repo!r} is not a hub repo id" +
+                              (" prefix" if body.prefix else " (owner/name)"),
+                              details={"repo": body.repo})
     if body.callback_url is not None:
         callbacks.check_url(body.callback_url, request.app.state.settings.callback_allow_private)
-    row = Watch(owner=caller.id, repo=body.repo, prefix=body.prefix,
-                scan=body.scan.model_dump(mode="json"),
+    row = Watch(owner=caller.id, prefix=body.prefix, merge=plan,
+                repo=body.repo if plan is None else ", ".join(plan_repos(plan))[:200],
+                scan=None if body.scan is None else body.scan.model_dump(mode="json"),
                 callback_url=body.callback_url, open_discussion=body.open_discussion,
                 secret_hash=secret_hash(body.secret) if body.secret else None,
                 rate_limit=body.rate_limit, rate_window=body.rate_window)
@@ -67,6 +80,22 @@ def delete(watch_id: str, request: Request, caller: Caller) -> None:
             s.delete(current)
 
 
+def _watched_plan(body: WatchCreate) -> dict[str, Any]:
+    """The plan as ``POST /v1/merges`` checks it, hub ids only; nothing else of a scan's watch."""
+    given = [f for f in ("repo", "scan", "open_discussion") if getattr(body, f)]
+    if given or body.prefix:
+        raise ConfigError(f"a plan's watch matches the plan's repos and scans as the plan says: "
+                          f"leave out {', '.join(given) or 'prefix'}",
+                          details={"field": (given or ["prefix"])[0]})
+    assert body.merge is not None
+    plan = checked_plan(body.merge)
+    for name in (plan.base_model, *(m.model for m in plan.models)):
+        if UPLOAD_REF.match(name):
+            raise ConfigError(f"merge: {name!r} is an upload; a watched plan names hub ids only "
+                              "(a Hub commit re-runs it)", details={"field": "merge"})
+    return plan.model_dump(mode="json")
+
+
 def _owned(request: Request, caller: Principal, watch_id: str) -> Watch:
     db: Database = request.app.state.db
     with db.session() as s:  # a NUL never names a row, and PostgreSQL refuses it in a query
@@ -77,7 +106,7 @@ def _owned(request: Request, caller: Principal, watch_id: str) -> Watch:
 
 
 def _out(row: Watch) -> WatchOut:
-    return WatchOut(id=row.id, repo=row.repo, prefix=row.prefix, scan=row.scan,
+    return WatchOut(id=row.id, repo=row.repo, prefix=row.prefix, scan=row.scan, merge=row.merge,
                     callback_url=row.callback_url, open_discussion=row.open_discussion,
                     has_secret=row.secret_hash is not None,
                     rate_limit=row.rate_limit, rate_window=row.rate_window,

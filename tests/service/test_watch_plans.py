@@ -1,0 +1,131 @@
+"""A watch that names a merge plan (issue 17): a signed Hub push of one of the plan's repos re-runs
+the plan as a merge with that repo pinned at the pushed commit, once per commit, its result called
+back as the watch says. One backend (the embedded default): the queue and the merge are
+test_merges.py's and test_webhooks.py's on both; what is new here is the watch's part."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.service.conftest import CLEAN, FAST, SUSPECT, Published
+from tests.support.hub_payloads import repo_content
+from tests.support.receiver import Receiver
+from tests.support.stack import Stack
+from tests.support.zoo import Zoo
+
+SECRET = "hub-webhook-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def stack(published: Published, bv_cache_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("watch-plans"), "sqlite-filesystem", redis_db=11,
+              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
+                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir),
+                   "MERGESHIELD_WEBHOOK_SECRET": SECRET,
+                   "MERGESHIELD_CALLBACK_ALLOW_PRIVATE": "true",
+                   "MERGESHIELD_CALLBACK_POLL_INTERVAL": "0.2"})
+    try:
+        yield s.up()
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def user(stack: Stack, admin: httpx.Client) -> Iterator[httpx.Client]:
+    key = admin.post("/v1/keys", json={"name": "plan-watcher"}).json()["key"]
+    with stack.client(key) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def plan(zoo: Zoo, published: Published) -> dict[str, Any]:
+    """The cheapest plan that runs: one clean hub fine-tune over the hub base, a small scan."""
+    model = f"zoo/{CLEAN}"
+    return {"merge_method": "task_arithmetic", "base_model": f"zoo/{zoo.model(CLEAN)['base']}",
+            "models": [{"model": model, "parameters": {"weight": 1.0}}],
+            "mergeshield": {"evaluation": {model: published.dataset},
+                            "scan": {**FAST, "max_eval": 200}}}
+
+
+def deliver(stack: Stack, payload: Any) -> httpx.Response:
+    return httpx.post(f"{stack.url}/v1/webhooks/huggingface", json=payload,
+                      headers={"X-Webhook-Secret": SECRET}, timeout=30)
+
+
+def test_a_push_to_a_planned_model_reruns_the_plan_pinned_at_that_commit_once(
+        stack: Stack, user: httpx.Client, plan: dict[str, Any], published: Published,
+        zoo: Zoo) -> None:
+    rx = Receiver().start()
+    try:
+        hook = rx.expect("plan", secrets=[])
+        rx.routes["/plan"].secrets = user.post("/v1/webhooks/endpoints",
+                                               json={"url": hook}).json()["secrets"]
+        r = user.post("/v1/watches", json={"merge": yaml.safe_dump(plan), "callback_url": hook})
+        assert r.status_code == 201, r.text
+        w = r.json()
+        base, model = f"zoo/{zoo.model(CLEAN)['base']}", f"zoo/{CLEAN}"
+        assert w["repo"] == f"{base}, {model}" and w["scan"] is None
+        assert w["merge"]["models"][0]["model"] == model
+        sha = published.hub.repos[("model", model)].branches["main"]
+        first = deliver(stack, repo_content(model, sha))
+        assert first.status_code == 202, first.text
+        assert first.json()["state"] == "accepted" and first.json()["watch_ids"] == [w["id"]]
+        (merge_id,) = first.json()["scan_ids"]
+        merge = user.get(f"/v1/merges/{merge_id}").json()
+        assert merge["models"] == [f"{model}@{sha}"] and merge["base"] == base  # the rest as is
+        assert merge["plan"]["mergeshield"]["evaluation"] == {f"{model}@{sha}": published.dataset}
+        again = deliver(stack, repo_content(model, sha))
+        assert again.status_code == 200, again.text
+        assert (again.json()["state"], again.json()["scan_ids"]) == ("duplicate", [merge_id])
+        done = _wait(user, merge_id, stack)
+        assert done["state"] == "succeeded", done
+        called = json.loads(rx.wait_for("plan")[0].body)
+        assert (called["type"], called["data"]["id"]) == ("merge.succeeded", merge_id)
+        assert user.get("/v1/merges").json()["total"] == 1
+        assert user.delete(f"/v1/watches/{w['id']}").status_code == 204
+    finally:
+        rx.stop()
+
+
+def test_a_push_to_a_repo_outside_the_plan_queues_nothing(
+        stack: Stack, user: httpx.Client, plan: dict[str, Any]) -> None:
+    w = user.post("/v1/watches", json={"merge": plan}).json()
+    before = len(stack.rows())
+    r = deliver(stack, repo_content(f"zoo/{SUSPECT}", "5" * 40))
+    assert r.status_code == 200 and r.json()["state"] == "ignored", r.text
+    assert r.json()["scan_ids"] == [] and "no watch matches" in r.json()["reason"]
+    assert len(stack.rows()) == before
+    user.delete(f"/v1/watches/{w['id']}")
+
+
+def test_a_watched_plan_naming_an_upload_or_malformed_is_refused(
+        stack: Stack, user: httpx.Client, plan: dict[str, Any]) -> None:
+    upload = {**plan, "models": [{"model": "upload:" + "0" * 32}], "mergeshield": {}}
+    for body in ({"merge": upload}, {"merge": "merge_method: [unclosed"},
+                 {"merge": {**plan, "merge_method": "dare_ties"}},
+                 {"merge": plan, "repo": "zoo/x"},  # a plan's watch matches the plan's repos
+                 {"repo": "zoo/x"}):  # neither scan options nor a plan
+        r = user.post("/v1/watches", json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_config"), (body, r.text)
+    assert "upload" in user.post("/v1/watches", json={"merge": upload}).json()["error"]["message"]
+    assert user.get("/v1/watches").json() == []
+
+
+def _wait(client: httpx.Client, merge_id: str, stack: Stack, timeout: float = 300
+          ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = client.get(f"/v1/merges/{merge_id}").json()
+        if body["state"] in ("succeeded", "failed", "cancelled"):
+            return body
+        time.sleep(0.25)
+    raise AssertionError(f"merge {merge_id} unfinished after {timeout} s\n{stack.logs(4000)}")
