@@ -8,7 +8,6 @@ built (or read from the cache), λ is swept and the chosen λ's model is measure
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -55,7 +54,7 @@ from mergeshield.report.schema import (
 from mergeshield.report.verdict import finding_gap, still_responds
 from mergeshield.task_vectors import TaskVector, cosine
 from mergeshield.training import Progress
-from mergeshield.triggers import ImageTrigger, Trigger, preview_png, trigger_id
+from mergeshield.triggers import ImageTrigger, Trigger, digest, preview_png, trigger_id
 from mergeshield.unlearning import Found, RoundReport, repair
 
 if TYPE_CHECKING:
@@ -75,6 +74,7 @@ class Measurement:
     chosen_lambda: float
     correction: TaskVector  # θ_cleaned − θ_suspect: −λ·BV_inj, plus the unlearning vector U
     unlearning: list[UnlearningRound]  # empty: nothing found, or unlearning turned off
+    inverted: dict[str, ImageTrigger]  # the inverted triggers by id (the report describes them)
 
 
 @dataclass
@@ -267,6 +267,8 @@ def measure_and_sanitise(
         unlearning=[UnlearningRound(unlearned=list(r.unlearned),
                                     residual_asr={k: v.to_model() for k, v in r.residual.items()})
                     for r in rounds],
+        inverted={p.id: p.trigger for p in probes
+                  if p.source == "inverted" and isinstance(p.trigger, ImageTrigger)},
     )
 
 
@@ -331,10 +333,10 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
         median = others_median([r.rate for r in on_sus], t)
         baseline = on_ref[t] if on_ref[t].rate >= median else _rate_near(median, on_sus[t].total)
         if best is None or on_sus[t].rate - baseline.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
-            digest = hashlib.sha256(mine[t].model_dump_json().encode()).hexdigest()[:8]
+            sha = digest(mine[t])
             shape = ({"area_pixels": round(float(torch.tensor(mine[t].mask).sum()))}
                      if blend_alpha is None else {"alpha": blend_alpha})
-            spec = {"kind": name, "target": t, "steps": cfg.steps, "sha256": digest, **shape,
+            spec = {"kind": name, "target": t, "steps": cfg.steps, "sha256": sha, **shape,
                     "suspect_asr_by_target": [round(r.rate, 4) for r in on_sus],
                     "reference_asr_by_target": [round(r.rate, 4) for r in on_ref],
                     "baseline": "max(same search on the reference model, median over the "

@@ -6,13 +6,13 @@ other task too (docs/efficacy/README.md, "After test5": a task other than the re
 up to 16 points). So a plan merges each cleaned model as τ_suspect + γ·C and chooses γ on the merge
 itself, with the accuracy budget over every task that has evaluation data:
 
-- a scale is *safe* when every found trigger that can be measured on the merge (those its scan
-  specified in full) no longer responds there (the verdict's residual rule, ``still_responds``);
+- a scale is *safe* when every trigger the scans found (an inverted one read back from beside
+  its report) no longer responds on the merge (the verdict's residual rule, ``still_responds``);
 - among safe scales, the largest whose worst task costs at most ``budget_points`` against the
   undefended merge (more correction, within budget); if none is within budget, the safe scale with
   the smallest worst-task cost, and the report says by how much it misses;
-- if no scale is safe, or nothing can be measured on the merge (no evaluation data, or only
-  inverted triggers), the whole correction (γ = 1): the scan's own cleaning, security first.
+- if no scale is safe, or nothing can be measured on the merge (no evaluation data, or no trigger
+  found), the whole correction (γ = 1): the scan's own cleaning, security first.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def choose(tried: Sequence[ScaleTried], budget_points: float) -> MergeDefence:
     if not tried:
         return MergeDefence(scale=1.0, budget_points=budget_points, tried=[], within_budget=None,
                             message="nothing could be measured on the merge (no evaluation data, "
-                                    "or only inverted triggers): each cleaned model merged whole")
+                                    "or no trigger found): each cleaned model merged whole")
     if not safe:
         return MergeDefence(scale=1.0, budget_points=budget_points, tried=list(tried),
                             within_budget=None,

@@ -16,7 +16,7 @@ The merged model is written in the base's layout with the plan, the policy and e
 verdict in ``__metadata__`` (and, where the policy changed something, the plan merged as it is
 under ``undefended/``), and measured per task that has evaluation data: that model's head on the
 model alone, the undefended merge and the merge; clean accuracy and the ASR of every trigger its
-scan specified in full (an inverted trigger is described in the report, not stored).
+scan found (an inverted one read back from beside its report, ``triggers.INVERTED_FILE``).
 
 Merges: task arithmetic θ = θ_base + Σ w_i·τ_i (``normalize``: the weights divided by their sum,
 as mergekit does), and TIES as mergekit computes it (``task_vectors.ties_mergekit``: per-model
@@ -54,7 +54,13 @@ from mergeshield.pipeline import ScanContext, ScanRequest, percent, scan
 from mergeshield.report.schema import RateModel, ScanReport
 from mergeshield.report.verdict import still_responds
 from mergeshield.task_vectors import TaskVector
-from mergeshield.triggers import Trigger, parse_trigger
+from mergeshield.triggers import (
+    INVERTED_FILE,
+    Trigger,
+    digest,
+    load_image_triggers,
+    parse_trigger,
+)
 
 SCANS_SHARE = 80.0  # percent of a plan's progress its scans take; then γ, merging, measuring
 
@@ -139,8 +145,8 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
     parts = [p for _, p in chosen]
     plain = [_Part(m.model) for m in plan.models]  # the merge as planned, undefended
     _say(ctx, "measure_models", SCANS_SHARE)
-    tasks = [t for entry, report, _ in scans
-             if (t := _Task.of(report, entry.model, plan, ctx)) is not None]
+    tasks = [t for entry, report, out in scans
+             if (t := _Task.of(report, entry.model, plan, ctx, out)) is not None]
     defence = None
     if any(p.original for p in parts):  # how much of each correction: measured on the merge
         defence = _choose_scale(plan, cfg, parts, plain, tasks, ctx)
@@ -272,7 +278,7 @@ def _merge(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,
 @dataclass
 class _Task:
     """A model's task on the merge: its head, the images its scan evaluated and the triggers
-    its scan found and specified in full (an inverted one is described, not stored)."""
+    its scan found (an inverted one read from beside its report, checked against its digest)."""
 
     model: str
     family: Any
@@ -287,13 +293,19 @@ class _Task:
     seen: dict[str, tuple[Rate, dict[str, Rate]]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, report: ScanReport, model: str, plan: MergePlan, ctx: PlanContext
-           ) -> _Task | None:
+    def of(cls, report: ScanReport, model: str, plan: MergePlan, ctx: PlanContext,
+           out: Path) -> _Task | None:
         dataset = plan.mergeshield.evaluation.get(model)
         if dataset is None or report.evaluation is None:
             return None
         found = {f.trigger_id for f in report.findings if f.trigger_id}
-        measured = [t for t in report.metrics.triggers if t.id in found and t.source != "inverted"]
+        # an inverted trigger is read from beside its scan's report, if it is the one described
+        inverted = {i: t for i, t in load_image_triggers(out / INVERTED_FILE).items()
+                    if i in found and digest(t) == _spec_digest(report, i)}
+        specified = {t.id: parse_trigger(t.spec) for t in report.metrics.triggers
+                     if t.id in found and t.source != "inverted"}
+        triggers = specified | inverted
+        measured = [t for t in report.metrics.triggers if t.id in triggers]
         base_src = _resolve(plan.base_model, ctx)
         with checkpoints.open_checkpoint(base_src) as b, \
                 checkpoints.open_checkpoint(_model(model, base_src, ctx)) as m:
@@ -307,7 +319,7 @@ class _Task:
             clf = family.classifier(mine, family.head_from(family.canonical(b), mine),
                                     test.classes)
         task = cls(model, family, clf, test,
-                   [(t.id, parse_trigger(t.spec), t.target) for t in measured],
+                   [(t.id, triggers[t.id], t.target) for t in measured],
                    {t.id: t.asr_reference.rate if t.asr_reference else 0.0 for t in measured},
                    request.min_asr_gap)
         acc, asr = task.measure(None)  # the fine-tune alone, before any merge is loaded
@@ -364,3 +376,8 @@ def plan_summary(report: PlanReport) -> str:
 
 def _pct(rate: RateModel | None) -> str:
     return "–" if rate is None else f"{100 * rate.rate:.1f} %"
+
+
+def _spec_digest(report: ScanReport, trigger_id: str) -> str | None:
+    spec = next((t.spec for t in report.metrics.triggers if t.id == trigger_id), {})
+    return spec.get("sha256")

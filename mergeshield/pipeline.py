@@ -56,7 +56,7 @@ from mergeshield.report.schema import (
 )
 from mergeshield.task_vectors import TaskVector
 from mergeshield.training import Progress
-from mergeshield.triggers import Trigger
+from mergeshield.triggers import INVERTED_FILE, Trigger, save_image_triggers
 from mergeshield.unlearning import UnlearnConfig
 
 
@@ -259,6 +259,8 @@ def scan(request: ScanRequest, ctx: ScanContext | None = None,
     )
     if ctx.out_dir is not None:
         write_report(report, ctx.out_dir, ctx.formats)
+        if m and m.inverted:  # the triggers the report describes, for a plan to measure
+            save_image_triggers(ctx.out_dir / INVERTED_FILE, m.inverted)
     return report
 
 

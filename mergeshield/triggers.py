@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -257,3 +258,44 @@ def triggered_test_set(dataset: ImageDataset, trigger: Trigger, target: int) -> 
     images = stamp(dataset.images[keep], trigger)
     labels = torch.full((len(images),), target, dtype=torch.int64)
     return ImageDataset(images, labels, dataset.classes, f"{dataset.name}+{trigger_id(trigger)}")
+
+
+INVERTED_FILE = "report.inverted-triggers.safetensors"  # beside report.json; excluded from zips
+
+
+def save_image_triggers(path: Path, triggers: dict[str, ImageTrigger]) -> None:
+    """``triggers`` by id as tensors (``<id>/pattern``, ``<id>/mask``), each one's location in
+    the metadata: an inverted trigger is too large for the report's JSON, which carries its
+    sha256 (the spec's ``sha256``) and is read back with ``load_image_triggers``."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
+    for tid, t in triggers.items():
+        tensors[f"{tid}/pattern"] = torch.tensor(t.pattern, dtype=torch.float32)
+        if t.mask is not None:
+            tensors[f"{tid}/mask"] = torch.tensor(t.mask, dtype=torch.float32)
+        meta[tid] = json.dumps({"location": t.location})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_image_triggers(path: Path) -> dict[str, ImageTrigger]:
+    """What ``save_image_triggers`` wrote; {} when there is no such file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    out: dict[str, ImageTrigger] = {}
+    with safe_open(str(path), "pt") as f:
+        names = set(f.keys())
+        for tid, raw in (f.metadata() or {}).items():
+            location = json.loads(raw).get("location")
+            mask = f.get_tensor(f"{tid}/mask") if f"{tid}/mask" in names else None
+            out[tid] = from_tensor(f.get_tensor(f"{tid}/pattern"), mask,
+                                   tuple(location) if location else None)
+    return out
+
+
+def digest(trigger: Trigger) -> str:
+    """The short sha256 an inverted trigger's spec records (``spec["sha256"]``)."""
+    return hashlib.sha256(trigger.model_dump_json().encode()).hexdigest()[:8]

@@ -14,6 +14,7 @@ from mergeshield.errors import IncompatibleModelsError
 from mergeshield.pipeline import ScanContext, ScanRequest, scan
 from mergeshield.report import exit_code
 from mergeshield.report.schema import ScanReport, Severity
+from mergeshield.triggers import INVERTED_FILE, digest, load_image_triggers
 from mergeshield.unlearning import UnlearnConfig
 from tests.support.zoo import Zoo
 from tests.support.zoo import independent_asr as _independent_asr
@@ -66,6 +67,10 @@ def test_backdoored_model_is_flagged(backdoored: tuple[ScanReport, Path]) -> Non
     ids = {t.id for t in report.metrics.triggers}
     assert any(i.startswith("probe:") for i in ids) and any(i.startswith("inverted:") for i in ids)
     assert any(i.startswith("injection:") for i in ids)
+    # each inverted trigger the report describes is stored beside it, as its digest says
+    stored = load_image_triggers(out / INVERTED_FILE)
+    inverted = {t.id: t.spec["sha256"] for t in report.metrics.triggers if t.source == "inverted"}
+    assert inverted and {i: digest(t) for i, t in stored.items()} == inverted
 
 
 def test_cleaned_checkpoint_lowers_the_planted_backdoor(zoo: Zoo,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +12,17 @@ from PIL import Image
 from mergeshield.data import ImageDataset
 from mergeshield.errors import ConfigError
 from mergeshield.triggers import (
+    INVERTED_FILE,
     BlendedTrigger,
     ImageTrigger,
     PatchTrigger,
+    digest,
     from_tensor,
+    load_image_triggers,
     parse_trigger,
     poison,
     preview_png,
+    save_image_triggers,
     stamp,
     trigger_id,
     triggered_test_set,
@@ -168,3 +173,17 @@ def test_preview_png(c: int) -> None:
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     img = Image.open(io.BytesIO(data))
     assert img.size == (30, 36) and img.mode == ("L" if c == 1 else "RGB")
+
+
+def test_image_triggers_round_trip_through_their_file(tmp_path: Path) -> None:
+    """What a scan stores beside its report comes back with the digest its spec records."""
+    g = torch.Generator().manual_seed(0)
+    full = from_tensor(torch.rand(1, 8, 8, generator=g), (torch.rand(8, 8, generator=g) > 0.8)
+                       .float())
+    small = from_tensor(torch.rand(3, 2, 2, generator=g), None, location=(5, 1))
+    path = tmp_path / INVERTED_FILE
+    save_image_triggers(path, {"inverted:patch:target-3": full, "inverted:blend:target-0": small})
+    back = load_image_triggers(path)
+    assert back == {"inverted:patch:target-3": full, "inverted:blend:target-0": small}
+    assert digest(back["inverted:patch:target-3"]) == digest(full)
+    assert load_image_triggers(tmp_path / "none.safetensors") == {}
