@@ -11,7 +11,6 @@ code before anything is queued. No tensor is touched here.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -22,7 +21,6 @@ from starlette.datastructures import State
 
 from mergeshield.data import check_dataset_name
 from mergeshield.errors import (
-    ArtifactsExpiredError,
     ConfigError,
     ConflictError,
     IdempotencyKeyReusedError,
@@ -34,7 +32,15 @@ from service import quotas
 from service.auth import Principal, principal
 from service.idempotency import body_sha256, by_idempotency
 from service.paging import Limit, Offset, page
-from service.routes.scans import cancel_job, gpu_workers, persist_once, zipped
+from service.routes.scans import (
+    cancel_job,
+    finished_job,
+    gpu_workers,
+    job_dir,
+    owned_job,
+    persist_once,
+    zipped,
+)
 from service.schemas import DATASET, HUB_ID, MergeCreate, MergeOut, MergePage, ScanOptions
 from worker import callbacks
 from worker.app import choose_queue
@@ -128,7 +134,7 @@ def cancel(merge_id: str, request: Request, response: Response, caller: Caller) 
 def report(merge_id: str, request: Request, caller: Caller) -> FileResponse:
     """``plan-report.json``: each model's verdict and how it entered the merge, each task's
     accuracy and each found trigger's ASR alone / undefended / merged, the γ chosen."""
-    folder = _result_dir(request.app.state, _finished(request.app.state.db, caller, merge_id))
+    folder = job_dir(request.app.state, _finished(request.app.state.db, caller, merge_id))
     return FileResponse(folder / PLAN_REPORT, media_type="application/json",
                         filename=f"{merge_id}-{PLAN_REPORT}", content_disposition_type="inline")
 
@@ -138,7 +144,7 @@ def checkpoint(merge_id: str, request: Request, caller: Caller,
                layout: Literal["zip", "file"] = "zip") -> FileResponse:
     """The merged model: a zip of its HF-layout folder (the undefended merge and the scans'
     outputs are not in it), or (``layout=file``) its one ``.safetensors`` file."""
-    folder = _result_dir(request.app.state, _finished(request.app.state.db, caller, merge_id))
+    folder = job_dir(request.app.state, _finished(request.app.state.db, caller, merge_id))
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:  # a merge that succeeded wrote one; an older layout would not
         raise NotFoundError("this merge wrote no model", details={"merge": merge_id})
@@ -227,18 +233,14 @@ def _uploads(db: Database, caller: Principal, plan: MergePlan) -> dict[str, Uplo
 
 def owned(db: Database, caller: Principal, merge_id: str) -> Scan:
     """The merge, if the caller may see it; 404 otherwise (other keys' merges do not exist)."""
-    with db.session() as s:  # a NUL never names a row, and PostgreSQL refuses it in a query
-        merge = None if "\x00" in merge_id else s.get(Scan, merge_id)
-    if merge is None or merge.kind != "merge" or not (caller.admin or merge.owner == caller.id):
-        raise NotFoundError(f"no merge {merge_id!r}", details={"merge": merge_id})
-    return merge
+    return owned_job(db, caller, merge_id, "merge")
 
 
 def plan_report(state: State, merge: Scan) -> PlanReport | None:
     """A succeeded merge's plan report; None before, or once retention removed it."""
     if merge.state != "succeeded" or merge.result_dir is None or merge.artifacts_expired_at:
         return None
-    path = _result_dir(state, merge) / PLAN_REPORT
+    path = job_dir(state, merge) / PLAN_REPORT
     try:
         return PlanReport.model_validate_json(path.read_bytes()) if path.is_file() else None
     except ValidationError:  # written by another version: served as a file, not inlined
@@ -246,22 +248,8 @@ def plan_report(state: State, merge: Scan) -> PlanReport | None:
 
 
 def _finished(db: Database, caller: Principal, merge_id: str) -> Scan:
-    merge = owned(db, caller, merge_id)
-    if merge.state != "succeeded" or merge.result_dir is None:
-        raise ConflictError(f"merge {merge_id} is {merge.state}: results exist once it "
-                            "succeeded", details={"state": merge.state})
-    if merge.artifacts_expired_at is not None:
-        raise ArtifactsExpiredError(
-            f"merge {merge_id}'s report and merged model were removed on "
-            f"{merge.artifacts_expired_at:%Y-%m-%d} after the retention period; submit the "
-            "plan again to get them", details={
-                "merge": merge_id, "artifacts_expired_at": merge.artifacts_expired_at.isoformat()})
-    return merge
-
-
-def _result_dir(state: State, merge: Scan) -> Path:
-    assert merge.result_dir is not None
-    return Path(state.settings.data_dir) / merge.result_dir
+    return finished_job(db, caller, merge_id, "merge", "report and merged model",
+                        "submit the plan again to get them")
 
 
 def merge_out(merge: Scan, response: Response | None = None,

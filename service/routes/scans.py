@@ -237,13 +237,17 @@ def checkpoint(scan_id: str, request: Request, caller: Caller,
 # --- helpers
 
 def _owned(request: Request, caller: Principal, scan_id: str) -> Scan:
-    """The scan, if the caller may see it; 404 otherwise (other keys' scans do not exist)."""
-    db: Database = request.app.state.db
+    return owned_job(request.app.state.db, caller, scan_id, "scan")
+
+
+def owned_job(db: Database, caller: Principal, job_id: str, kind: str) -> Scan:
+    """The scan or merge (``kind``), if the caller may see it; 404 otherwise (other keys' jobs
+    do not exist)."""
     with db.session() as s:  # a NUL never names a row, and PostgreSQL refuses it in a query
-        scan = None if "\x00" in scan_id else s.get(Scan, scan_id)
-    if scan is None or scan.kind != "scan" or not (caller.admin or scan.owner == caller.id):
-        raise NotFoundError(f"no scan {scan_id!r}", details={"scan": scan_id})
-    return scan
+        job = None if "\x00" in job_id else s.get(Scan, job_id)
+    if job is None or job.kind != kind or not (caller.admin or job.owner == caller.id):
+        raise NotFoundError(f"no {kind} {job_id!r}", details={kind: job_id})
+    return job
 
 
 def scan_report(request: Request, caller: Principal, scan_id: str) -> ScanReport:
@@ -252,23 +256,36 @@ def scan_report(request: Request, caller: Principal, scan_id: str) -> ScanReport
 
 
 def _finished(request: Request, caller: Principal, scan_id: str) -> Scan:
-    scan = _owned(request, caller, scan_id)
-    if scan.state != "succeeded" or scan.result_dir is None:
-        raise ConflictError(f"scan {scan_id} is {scan.state}: results exist once it succeeded",
-                            details={"state": scan.state})
-    if scan.artifacts_expired_at is not None:
+    return finished_job(request.app.state.db, caller, scan_id, "scan",
+                        "report files and cleaned checkpoint",
+                        "its verdict and summary remain in GET /v1/scans/{id}; rescan to get "
+                        "them again")
+
+
+def finished_job(db: Database, caller: Principal, job_id: str, kind: str, outputs: str,
+                 again: str) -> Scan:
+    """The caller's succeeded job whose ``outputs`` are still kept (409 before it succeeded,
+    410 once retention removed them, saying ``again``: how to get them back)."""
+    job = owned_job(db, caller, job_id, kind)
+    if job.state != "succeeded" or job.result_dir is None:
+        raise ConflictError(f"{kind} {job_id} is {job.state}: results exist once it succeeded",
+                            details={"state": job.state})
+    if job.artifacts_expired_at is not None:
         raise ArtifactsExpiredError(
-            f"scan {scan_id}'s report files and cleaned checkpoint were removed on "
-            f"{scan.artifacts_expired_at:%Y-%m-%d} after the retention period; its verdict and "
-            "summary remain in GET /v1/scans/{id}; rescan to get them again",
-            details={"scan": scan_id,
-                     "artifacts_expired_at": scan.artifacts_expired_at.isoformat()})
-    return scan
+            f"{kind} {job_id}'s {outputs} were removed on {job.artifacts_expired_at:%Y-%m-%d} "
+            f"after the retention period; {again}",
+            details={kind: job_id, "artifacts_expired_at": job.artifacts_expired_at.isoformat()})
+    return job
 
 
 def _result_dir(request: Request, scan: Scan) -> Path:
-    assert scan.result_dir is not None
-    return Path(request.app.state.settings.data_dir) / scan.result_dir
+    return job_dir(request.app.state, scan)
+
+
+def job_dir(state: State, job: Scan) -> Path:
+    """Where a succeeded job's outputs are."""
+    assert job.result_dir is not None
+    return Path(state.settings.data_dir) / job.result_dir
 
 
 def zipped(folder: Path, reports: tuple[str, ...] = ("report.",)) -> Path:
