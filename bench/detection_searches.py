@@ -17,7 +17,13 @@ scan's score for that search, the best target's suspect ASR minus its baseline (
 reference's ASR and the median over the suspect's other targets), with that target's ASR and
 whether it is the attack's target (*).
 Raw per-target ASRs go to ``<out>/detection-searches-<split>-<shard>.json``, the page to
-``<out>/detection-searches-<split>.md``.
+``<out>/detection-searches-<split>.md`` (``detection-differential-*`` with ``--differential``:
+other plantings, another machine, so another page).
+
+The differential searches (``--differential '1,2;0.1'``, 2026-12-07, on this session's AMD EPYC:
+25 min on 2 cores for 24 drawn + 12 clean) run each search against the reference and beside them
+the scan's own two searches on the same plantings; docs/decisions.md, "Detection: differential
+searches", reads them.
 Run it on the dev split only: the test splits are scored once, by ``mergeshield bench efficacy``.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +80,41 @@ def searches(w: World, task: str, backbone: Backbone | Classifier,
     return out
 
 
+def differential(w: World, task: str, backbone: Backbone, areas: tuple[float, ...],
+                 alphas: tuple[float, ...]) -> dict[str, list[float]]:
+    """The differential searches (``invert_triggers(..., contrast=reference)``): each trigger
+    optimised to send the suspect to the target while the reference keeps the true label.
+    ``:sus`` is its ASR on the suspect, ``:ref`` the same trigger's ASR on the reference (not
+    the reference's own search): the score is what the fine-tune answers and its base does not.
+    Beside them, the scan's own two searches as it runs them (``patch-1x``, ``blend-0.1`` with
+    24 images per target), on the same plantings."""
+    data = w.data[task]
+    test, opt = data.test.subset(slice(0, EVAL)), sample_rows(data.train, SEARCH_ROWS, 0)
+    k = len(test.classes)
+    sus, ref = w.classifier(task, backbone), w.classifier(task)
+    out: dict[str, list[float]] = {}
+    found: dict[str, list[Any]] = {}
+    for a in areas:
+        cfg = InversionConfig(area_fraction=a / 81, seed=0)
+        found[f"dpatch-{a:g}x"] = invert_triggers(sus, opt.images, opt.labels, k, cfg,
+                                                  contrast=ref)
+    for alpha in alphas:  # all targets in one batch, 24 images each, as the scan's blend search
+        found[f"dblend-{alpha:g}"] = invert_blends(sus, opt.images, opt.labels, range(k),
+                                                   InversionConfig(seed=0), alpha, contrast=ref)
+    for name, triggers in found.items():
+        for side, clf in (("sus", sus), ("ref", ref)):
+            out[f"{name}:{side}"] = [attack_success_rate(clf, test, triggers[t], t).rate
+                                     for t in range(k)]
+    for side, clf in (("sus", sus), ("ref", ref)):  # the scan's own searches, on the same models
+        own = {"patch-1x": invert_triggers(clf, opt.images, opt.labels, k, InversionConfig()),
+               f"blend-{BLEND_ALPHA}": invert_blends(clf, opt.images, opt.labels, range(k),
+                                                     InversionConfig(), BLEND_ALPHA)}
+        for name, triggers in own.items():
+            out[f"{name}:{side}"] = [attack_success_rate(clf, test, triggers[t], t).rate
+                                     for t in range(k)]
+    return out
+
+
 def calibrator(w: World, task: str) -> Classifier:
     """θ_inj_clean as a default scan builds it beside BV_inj (the default recipe on the task's
     training rows, the head fit on them): the model a scan calibrates its searches with."""
@@ -87,12 +129,13 @@ def calibrator(w: World, task: str) -> Classifier:
 
 def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, int], out: Path,
         areas: tuple[float, ...] = AREAS, blend: bool = True, tag: str = "",
-        calibrators: bool = False) -> None:
+        calibrators: bool = False, diff: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        ) -> None:
     torch.set_num_threads(1)
     w = World(zoo)
     i_shard, n_shards = shard
     rows: list[dict[str, object]] = []
-    path = out / f"detection-searches-{split}-{tag}{i_shard}.json"
+    path = out / f"{_prefix(diff)}-{split}-{tag}{i_shard}.json"
     for j, task in enumerate(w.tasks if calibrators else ()):
         if j % n_shards != i_shard:
             continue
@@ -102,30 +145,37 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
                      "seconds": round(time.perf_counter() - t0, 1)})
         path.write_text(json.dumps(rows))
         print(rows[-1]["id"], f"{rows[-1]['seconds']} s", flush=True)
-    for i, a in enumerate(draw_split(split, n_attacks, w.tasks)):
-        if i % n_shards != i_shard:
-            continue
-        t0 = time.perf_counter()
+    def attack(a: Any) -> dict[str, object]:
         planted = w.plant(a)
         own = w.asr(a.task, planted, w.trigger(a), a.target).rate
         row: dict[str, object] = {"id": a.id, "family": a.family, "task": a.task,
                                   "target": a.target, "own_asr": own, "params": a.params}
         if own >= 0.8:  # the efficacy bench's planting floor
-            row["asr"] = searches(w, a.task, planted, areas, blend)
+            row["asr"] = (differential(w, a.task, planted, *diff) if diff else
+                          searches(w, a.task, planted, areas, blend))
+        return row
+
+    def clean(j: int, seed: int) -> dict[str, object]:
+        task = w.tasks[j % len(w.tasks)]
+        backbone = w.finetune(task, w.data[task].train, seed)
+        return {"id": f"{split}-clean-{j:03d}", "family": "clean", "task": task, "target": None,
+                "asr": (differential(w, task, backbone, *diff) if diff else
+                        searches(w, task, backbone, areas, blend))}
+
+    jobs = [partial(attack, a) for i, a in enumerate(draw_split(split, n_attacks, w.tasks))
+            if i % n_shards == i_shard]
+    cleans = [partial(clean, j, seed) for j, seed in enumerate(clean_seeds(split, n_clean))
+              if j % n_shards == i_shard]
+    every = max(1, round(len(jobs) / max(1, len(cleans))))  # clean rows among the attacks, so a
+    for n, job in enumerate(cleans):                        # partial run already has both
+        jobs.insert(min(len(jobs), (n + 1) * (every + 1) - 1), job)
+    for job in jobs:
+        t0 = time.perf_counter()
+        row = job()
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         path.write_text(json.dumps(rows))
-        print(a.id, f"own ASR {own:.2f}", f"{row['seconds']} s", flush=True)
-    for j, seed in enumerate(clean_seeds(split, n_clean)):
-        if j % n_shards != i_shard:
-            continue
-        task, t0 = w.tasks[j % len(w.tasks)], time.perf_counter()
-        backbone = w.finetune(task, w.data[task].train, seed)
-        rows.append({"id": f"{split}-clean-{j:03d}", "family": "clean", "task": task,
-                     "target": None, "asr": searches(w, task, backbone, areas, blend),
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        path.write_text(json.dumps(rows))
-        print(rows[-1]["id"], f"{rows[-1]['seconds']} s", flush=True)
+        print(row["id"], f"own ASR {row.get('own_asr', '-')}", f"{row['seconds']} s", flush=True)
 
 
 def score(sus: list[float], ref: list[float]) -> tuple[float, int, float]:
@@ -138,9 +188,13 @@ def score(sus: list[float], ref: list[float]) -> tuple[float, int, float]:
     return best
 
 
-def render(split: str, out: Path, page: Path) -> None:
+def _prefix(diff: object) -> str:
+    return "detection-differential" if diff else "detection-searches"
+
+
+def render(split: str, out: Path, page: Path, prefix: str = "detection-searches") -> None:
     by_id: dict[str, dict[str, Any]] = {}  # one row per model, its searches from every file
-    for f in sorted(out.glob(f"detection-searches-{split}-*.json")):
+    for f in sorted(out.glob(f"{prefix}-{split}-*.json")):
         for r in json.loads(f.read_text()):
             if "asr" in r:
                 by_id.setdefault(r["id"], {**r, "asr": {}})["asr"].update(r["asr"])
@@ -151,7 +205,8 @@ def render(split: str, out: Path, page: Path) -> None:
     names = sorted({k.split(":")[0] for r in rows for k in r["asr"]})
     lines = [f"# Trigger searches on the `{split}` split: which one separates backdoors from clean "
              "fine-tunes", "",
-             f"Written by `python bench/detection_searches.py --split {split} --render` from "
+             f"Written by `python bench/detection_searches.py --split {split} --render"
+             f"{' --differential 1,2;0.1' if prefix != 'detection-searches' else ''}` from "
              f"{len(rows)} models (planted attacks with own ASR ≥ 80 %, and clean fine-tunes). "
              "A cell: the scan's score for that search (best target's suspect ASR − baseline) / "
              "that target's suspect ASR, `*` when it is the attack's target. The scan flags an "
@@ -186,6 +241,14 @@ def render(split: str, out: Path, page: Path) -> None:
     print(page.read_text())
 
 
+def _differential(arg: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if not arg:
+        return None
+    areas, alphas = arg.split(";")
+    return (tuple(float(a) for a in areas.split(",") if a),
+            tuple(float(a) for a in alphas.split(",") if a))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, default=Path("zoo"))
@@ -201,14 +264,18 @@ def main() -> None:
                     " (the page merges every file's searches by model)")
     ap.add_argument("--calibrators", action="store_true",
                     help="also search θ_inj_clean of each task, as a default scan builds it")
+    ap.add_argument("--differential", metavar="AREAS;ALPHAS",
+                    help="run the differential searches instead (e.g. '1,2,4;0.1,0.2'): patch "
+                    "areas × image/81 and blend alphas, each against the reference")
     ap.add_argument("--render", action="store_true", help="only write the page from the shards")
     args = ap.parse_args()
     if not args.render:
         i, n = (int(x) for x in args.shard.split("/"))
         run(args.zoo, args.split, args.attacks, args.clean, (i, n), args.out,
             tuple(float(a) for a in args.areas.split(",")), not args.no_blend, args.tag,
-            args.calibrators)
-    render(args.split, args.out, args.out / f"detection-searches-{args.split}.md")
+            args.calibrators, _differential(args.differential))
+    prefix = _prefix(args.differential)
+    render(args.split, args.out, args.out / f"{prefix}-{args.split}.md", prefix)
 
 
 if __name__ == "__main__":

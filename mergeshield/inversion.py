@@ -9,7 +9,8 @@ the scan runs the same search, with the same budget and seed, on both (method.md
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -36,10 +37,16 @@ class InversionConfig:
 def invert_triggers(
     clf: Classifier, images: Tensor, labels: Tensor, n_classes: int, cfg: InversionConfig,
     targets: Sequence[int] | None = None, on_step: Callable[[float], None] | None = None,
+    contrast: Classifier | None = None,
 ) -> list[ImageTrigger]:
     """One reconstructed trigger per target class (pixel-space mask + pattern), in the order of
     ``targets`` (default: every class 0..n_classes−1; the cost grows with their number).
-    ``on_step(fraction done)`` after each step (progress)."""
+    ``on_step(fraction done)`` after each step (progress).
+
+    ``contrast`` (a differential search): a second model that must keep each stamped image's
+    true label while ``clf`` goes to the target, so the search looks for what ``clf`` answers
+    and ``contrast`` does not (a fine-tune's backdoor against its base), not for what any model
+    of the task answers."""
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = next(clf.parameters()).device
     c, h, w = images.shape[1:]
@@ -52,25 +59,29 @@ def invert_triggers(
     pools = [torch.nonzero(labels != t).flatten() for t in wanted]
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr)
     hard: Tensor | None = None
-    clf.eval()
-    for step in range(cfg.steps):
-        cancellation.check()  # a cancelled scan stops between steps
-        if step == cfg.steps // 2:  # phase two: freeze the mask to its top-``area`` pixels
-            hard = _top_area(torch.sigmoid(mask_logit.detach()), area)
-            opt = torch.optim.Adam([pattern_logit], lr=cfg.lr)
-        rows = torch.stack([p[torch.randint(len(p), (cfg.batch,), generator=gen)] for p in pools])
-        x = images[rows.flatten()].to(dev).view(k, cfg.batch, c, h, w)  # (K, B, C, H, W)
-        mask = hard if hard is not None else torch.sigmoid(mask_logit)
-        stamped = (1 - mask[:, None]) * x + mask[:, None] * torch.sigmoid(pattern_logit)[:, None]
-        logits = clf(stamped.view(k * cfg.batch, c, h, w))
-        loss = nn.functional.cross_entropy(logits, goal.repeat_interleave(cfg.batch))
-        if hard is None:
-            loss = loss + cfg.mask_weight * torch.sigmoid(mask_logit).sum() / k
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step:
-            on_step((step + 1) / cfg.steps)
+    with _searching(clf, contrast):
+        for step in range(cfg.steps):
+            cancellation.check()  # a cancelled scan stops between steps
+            if step == cfg.steps // 2:  # phase two: freeze the mask to its top-``area`` pixels
+                hard = _top_area(torch.sigmoid(mask_logit.detach()), area)
+                opt = torch.optim.Adam([pattern_logit], lr=cfg.lr)
+            rows = torch.stack([p[torch.randint(len(p), (cfg.batch,), generator=gen)]
+                                for p in pools])
+            x = images[rows.flatten()].to(dev).view(k, cfg.batch, c, h, w)  # (K, B, C, H, W)
+            mask = hard if hard is not None else torch.sigmoid(mask_logit)
+            pattern = torch.sigmoid(pattern_logit)[:, None]
+            flat = ((1 - mask[:, None]) * x + mask[:, None] * pattern).view(k * cfg.batch, c, h, w)
+            loss = nn.functional.cross_entropy(clf(flat), goal.repeat_interleave(cfg.batch))
+            if contrast is not None:
+                loss = loss + nn.functional.cross_entropy(contrast(flat),
+                                                          labels[rows.flatten()].to(dev))
+            if hard is None:
+                loss = loss + cfg.mask_weight * torch.sigmoid(mask_logit).sum() / k
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step:
+                on_step((step + 1) / cfg.steps)
     if hard is None:
         hard = _top_area(torch.sigmoid(mask_logit.detach()), area)
     pattern = torch.sigmoid(pattern_logit.detach()).cpu()
@@ -95,11 +106,12 @@ def invert_blend(
 def invert_blends(
     clf: Classifier, images: Tensor, labels: Tensor, targets: Sequence[int], cfg: InversionConfig,
     alpha: float, on_step: Callable[[float], None] | None = None,
+    contrast: Classifier | None = None,
 ) -> list[ImageTrigger]:
     """``invert_blend`` towards each of ``targets`` at once (one batch, like the patch search),
     in their order. The scan's blend search runs it on the suspect and on the reference at a
     faint α, where clean fine-tunes barely answer and blended or warping backdoors do
-    (docs/decisions.md, "Detection")."""
+    (docs/decisions.md, "Detection"). ``contrast``: as ``invert_triggers``'."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     dev = next(clf.parameters()).device
     c, h, w = images.shape[1:]
@@ -108,20 +120,41 @@ def invert_blends(
     pools = [torch.nonzero(labels != t).flatten() for t in targets]
     opt = torch.optim.Adam([logit], lr=cfg.lr)
     y = torch.tensor(list(targets), device=dev).repeat_interleave(n)
-    clf.eval()
-    for step in range(cfg.steps):
-        cancellation.check()
-        rows = torch.stack([p[torch.randint(len(p), (n,), generator=gen)] for p in pools])
-        x = images[rows.flatten()].to(dev).view(k, n, c, h, w)  # (K, B, C, H, W)
-        stamped = (1 - alpha) * x + alpha * torch.sigmoid(logit)[:, None]
-        loss = nn.functional.cross_entropy(clf(stamped.view(k * n, c, h, w)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step:
-            on_step((step + 1) / cfg.steps)
+    with _searching(clf, contrast):
+        for step in range(cfg.steps):
+            cancellation.check()  # a cancelled scan stops between steps
+            rows = torch.stack([p[torch.randint(len(p), (n,), generator=gen)] for p in pools])
+            x = images[rows.flatten()].to(dev).view(k, n, c, h, w)  # (K, B, C, H, W)
+            stamped = (1 - alpha) * x + alpha * torch.sigmoid(logit)[:, None]
+            flat = stamped.view(k * n, c, h, w)
+            loss = nn.functional.cross_entropy(clf(flat), y)
+            if contrast is not None:
+                loss = loss + nn.functional.cross_entropy(contrast(flat),
+                                                          labels[rows.flatten()].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step:
+                on_step((step + 1) / cfg.steps)
     pattern = torch.sigmoid(logit.detach()).cpu()
     return [from_tensor(pattern[i], torch.full((h, w), alpha)) for i in range(k)]
+
+
+@contextmanager
+def _searching(*models: nn.Module | None) -> Iterator[None]:
+    """``models`` in eval mode with their weights frozen while a search runs: it optimises
+    pixels only, so no weight gradient is computed or kept."""
+    frozen = [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+    for m in models:
+        if m is not None:
+            m.eval()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _top_area(mask: Tensor, area: int) -> Tensor:

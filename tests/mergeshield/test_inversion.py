@@ -115,3 +115,53 @@ def test_the_repairs_blend_reaches_its_target(
                        alpha=0.2)
     assert torch.tensor(one.mask).unique().tolist() == [pytest.approx(0.2)]
     assert attack_success_rate(clf, test, one, 2).rate > 0.9
+
+
+@pytest.fixture(scope="module")
+def clean_twin() -> TinyNet:
+    """The same task trained on clean data: what a backdoored model's base answers."""
+    clf = TinyNet(4)
+    finetune(clf, block_task(512, seed=0), FinetuneConfig(epochs=20, batch_size=64, lr=1e-2),
+             train_head=True)
+    return clf
+
+
+def test_a_differential_search_finds_what_only_the_suspect_answers(
+    backdoored: tuple[TinyNet, ImageDataset], clean_twin: TinyNet,
+) -> None:
+    """``contrast``: the trigger must flip the suspect while the clean model keeps the true
+    label; the planted corner does both, so the search still finds it, and the clean model
+    ignores what it found."""
+    clf, test = backdoored
+    found = invert_triggers(clf, test.images, test.labels, 4, CFG, contrast=clean_twin)
+    on_suspect = attack_success_rate(clf, test, found[0], 0).rate
+    on_clean = attack_success_rate(clean_twin, test, found[0], 0).rate
+    assert on_suspect > 0.8 and on_clean < 0.2, (on_suspect, on_clean)
+    blends = invert_blends(clf, test.images, test.labels, [0], CFG, alpha=0.1,
+                           contrast=clean_twin)
+    assert (attack_success_rate(clf, test, blends[0], 0).rate
+            >= attack_success_rate(clean_twin, test, blends[0], 0).rate)
+
+
+def test_a_search_leaves_the_models_weights_as_they_were(
+    backdoored: tuple[TinyNet, ImageDataset], clean_twin: TinyNet,
+) -> None:
+    """Searches optimise pixels only: no weight gradient is kept and every weight that was
+    trainable before is trainable after (the repair trains the same model next)."""
+    clf, test = backdoored
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    for m in (clf, clean_twin):
+        m.requires_grad_(True).zero_grad(set_to_none=True)  # trainable, as while repairing
+    clf.classifier.weight.requires_grad_(False)  # a frozen weight stays frozen
+    try:
+        invert_triggers(clf, test.images[:40], test.labels[:40], 4,
+                        InversionConfig(steps=4, batch=4), contrast=clean_twin)
+        assert all(p.grad is None for p in clf.parameters())
+        assert all(p.grad is None for p in clean_twin.parameters())
+        frozen = [n for n, p in clf.named_parameters() if not p.requires_grad]
+        assert frozen == ["classifier.weight"]
+        assert all(p.requires_grad for p in clean_twin.parameters())
+        assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())
+    finally:
+        for m in (clf, clean_twin):
+            m.requires_grad_(False)  # as training left them, for the module's other tests
