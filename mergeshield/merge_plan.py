@@ -19,15 +19,17 @@ model alone, the undefended merge and the merge; clean accuracy and the ASR of e
 scan found (an inverted one read back from beside its report, ``triggers.INVERTED_FILE``).
 
 Merges: task arithmetic θ = θ_base + Σ w_i·τ_i (``normalize``: the weights divided by their sum,
-as mergekit does), and TIES as mergekit computes it (``task_vectors.ties_mergekit``: per-model
-density and weight, per-tensor trim, ``normalize`` on by default). Other mergekit forms (DARE,
-slices, ``lambda``) are refused rather than merged differently.
+as mergekit does), TIES as mergekit computes it (``task_vectors.ties_mergekit``: per-model
+density and weight, per-tensor trim, ``normalize`` on by default), and DARE as mergekit computes it
+(``dare_ties``, ``dare_linear``: ``task_vectors.dare_mergekit``) but with MergeShield's own seeded
+draws (``mergeshield.seed``). Other mergekit forms (slices, ``lambda``) are refused rather than
+merged differently.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,18 +44,20 @@ from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
 from mergeshield.merge_defence import SCALES, MergeDefence, ScaleTried, choose
 from mergeshield.merge_plan_schema import (
     AT_REVISION,
+    DareConfig,
     Merged,
     MergePlan,
+    PlanMerge,
     PlanModel,
     PlanModelResult,
     PlanReport,
 )
-from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
+from mergeshield.merging import merged_tensors, task_vectors
 from mergeshield.models import family_for
 from mergeshield.pipeline import ScanContext, ScanRequest, percent, scan
 from mergeshield.report.schema import RateModel, ScanReport
 from mergeshield.report.verdict import still_responds
-from mergeshield.task_vectors import TaskVector
+from mergeshield.task_vectors import TaskVector, dare_mergekit
 from mergeshield.triggers import (
     INVERTED_FILE,
     Trigger,
@@ -173,7 +177,7 @@ def _scale_name(gamma: float) -> str:
     return f"γ={gamma:g}"
 
 
-def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], plain: list[_Part],
+def _choose_scale(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], plain: list[_Part],
                   tasks: list[_Task], ctx: PlanContext) -> MergeDefence:
     """Each γ of ``SCALES`` merged in memory and measured on every task with data."""
     budget = plan.mergeshield.budget_points
@@ -251,21 +255,31 @@ def _vectors(plan: MergePlan, parts: list[_Part], gamma: float, ctx: PlanContext
         yield base_src, base, mixed
 
 
-def _merged(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,
+def _plan_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: PlanMerge
+                  ) -> Iterator[tuple[str, Tensor]]:
+    """θ_base + the plan's merge of ``tvs``, one tensor at a time in ``base``'s order."""
+    if not isinstance(cfg, DareConfig):
+        return merged_tensors(base, tvs, cfg)
+    return dare_mergekit(list(tvs), cfg.densities, cfg.weights,
+                         consensus=cfg.method == "dare_ties", normalize=cfg.normalize,
+                         rescale=cfg.rescale, seed=cfg.seed, draws=cfg.models).apply_lazily(base)
+
+
+def _merged(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], gamma: float,
             ctx: PlanContext) -> dict[str, Tensor]:
     """The merge, in memory (canonical names), for measuring a scale before writing one."""
     with _vectors(plan, parts, gamma, ctx) as (_src, base, tvs):
-        return {k: v.clone() for k, v in merged_tensors(base, tvs, cfg)}
+        return {k: v.clone() for k, v in _plan_tensors(base, tvs, cfg)}
 
 
-def _merge(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,
+def _merge(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], gamma: float,
            results: list[dict[str, Any]], ctx: PlanContext, out: Path) -> list[Path]:
     with _vectors(plan, parts, gamma, ctx) as (base_src, base, tvs):
         info = base.info  # type: ignore[attr-defined]
         verdicts = {r["model"]: {k: r[k] for k in ("verdict", "cleaning", "merged_as")}
                     for r in results}
         return checkpoints.save_checkpoint(
-            out, merged_tensors(base, tvs, cfg), specs={k: info(k) for k in base},
+            out, _plan_tensors(base, tvs, cfg), specs={k: info(k) for k in base},
             config=base_src.config, extra_files=checkpoints.extra_files(base_src),
             metadata={"format": "pt",
                       "mergeshield.plan": plan.model_dump_json(),

@@ -2,10 +2,11 @@
 ``merge_plan``.
 
 The plan is a mergekit YAML (``merge_method``, ``base_model``, ``models`` with ``model`` and
-``parameters.weight`` / ``density``, ``parameters.normalize``, ``dtype``) plus an optional
-``mergeshield:`` section mergekit does not read (``PlanOptions``). A model is a local path or a hub
-id, at a branch, tag or commit as mergekit writes it: ``org/name@revision``. A plan that MergeShield
-would merge differently from mergekit is refused here, before any scan (``MergePlan.parse``).
+``parameters.weight`` / ``density``, ``parameters.normalize`` / ``rescale``, ``dtype``) plus an
+optional ``mergeshield:`` section mergekit does not read (``PlanOptions``; DARE's ``seed`` too). A
+model is a local path or a hub id, at a branch, tag or commit as mergekit writes it:
+``org/name@revision``. A plan that MergeShield would merge differently from mergekit is refused
+here, before any scan (``MergePlan.parse``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class PlanModel(_Strict):
 
 
 class PlanParameters(_Strict):
-    normalize: bool | None = None  # mergekit's default: False for task arithmetic, True for TIES
+    normalize: bool | None = None  # mergekit's default: True for TIES, else False
+    # the sparsified deltas scaled back to their L1 norm; mergekit's default: True for DARE, else
+    # False (task arithmetic sparsifies nothing: no effect; TIES with it: refused)
+    rescale: bool | None = None
 
 
 class PlanOptions(_Strict):
@@ -58,10 +62,29 @@ class PlanOptions(_Strict):
     # accuracy points the defended merge may cost any task with evaluation data against the
     # undefended merge (mergeshield/merge_defence.py chooses how much correction enters)
     budget_points: float = Field(default=2.0, ge=0, le=100, allow_inf_nan=False)
+    # DARE's random drop: model m's drop of tensor k is drawn from a generator seeded by (seed,
+    # k, m) (``task_vectors.dare_generator``); mergekit's own seed is ``--random-seed``
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+
+
+class DareConfig(_Strict):
+    """A plan's DARE merge (``task_vectors.dare_mergekit``), as its report and the merge's
+    ``__metadata__`` record it."""
+
+    method: Literal["dare_ties", "dare_linear"]
+    weights: list[float]
+    densities: list[float]  # each model's chance that an entry of its task vector is kept
+    normalize: bool  # mergekit's default for DARE: False
+    rescale: bool  # mergekit's default for DARE: True
+    seed: int
+    models: list[str]  # the plan's name of each model: its drops are drawn under that name
+
+
+PlanMerge = MergeConfig | DareConfig
 
 
 class MergePlan(_Strict):
-    merge_method: Literal["task_arithmetic", "ties"]
+    merge_method: Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
     base_model: str = Field(min_length=1, max_length=500)
     models: list[PlanModel] = Field(min_length=1, max_length=MAX_MODELS)
     parameters: PlanParameters = Field(default_factory=PlanParameters)
@@ -105,15 +128,22 @@ class MergePlan(_Strict):
         except ValidationError as exc:
             raise ConfigError.listing("mergeshield.scan", exc) from None
 
-    def merge_config(self) -> MergeConfig:
-        """The merge of this plan's models, in its order."""
+    def merge_config(self) -> PlanMerge:
+        """The merge of this plan's models, in its order, with mergekit's defaults."""
         weights = [m.parameters.weight for m in self.models]
+        densities = [m.parameters.density or 1.0 for m in self.models]  # mergekit's default: 1
+        normalize, rescale = self.parameters.normalize, self.parameters.rescale
+        if self.merge_method in ("dare_ties", "dare_linear"):
+            return DareConfig(method=self.merge_method, weights=weights, densities=densities,
+                              normalize=normalize is True, rescale=rescale is not False,
+                              seed=self.mergeshield.seed, models=[m.model for m in self.models])
         if self.merge_method == "ties":  # as mergekit merges it, normalize on by default
-            densities = [m.parameters.density or 1.0 for m in self.models]
+            if rescale:
+                raise ConfigError("rescale: TIES with its trimmed deltas rescaled is not merged "
+                                  "here (yet); leave rescale out, or merge with mergekit")
             return MergeConfig(method="ties", ties_form="mergekit", weights=weights,
-                               densities=densities, normalize=self.parameters.normalize
-                               is not False)
-        if self.parameters.normalize:
+                               densities=densities, normalize=normalize is not False)
+        if normalize:
             total = sum(weights)
             if total == 0:
                 raise ConfigError("normalize: the weights sum to 0")

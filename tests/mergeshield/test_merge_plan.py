@@ -7,16 +7,21 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 
+from mergeshield.checkpoints import open_checkpoint, resolve
 from mergeshield.errors import ConfigError
 from mergeshield.merge_defence import SCALES
-from mergeshield.merge_plan import merged_as, plan_summary
-from mergeshield.merge_plan_schema import MergePlan, PlanReport
+from mergeshield.merge_plan import PlanContext, merged_as, plan_summary, run_plan
+from mergeshield.merge_plan_schema import DareConfig, MergePlan, PlanReport
+from mergeshield.merging import MergeConfig, task_vectors
+from mergeshield.task_vectors import dare_mergekit
 from tests.support.zoo import Zoo
 
 PLAN = {"merge_method": "task_arithmetic", "base_model": "org/base",
@@ -34,14 +39,40 @@ def test_a_mergekit_plan_reads_as_mergekit_merges_it() -> None:
                                                                    "density": 0.3}}
                                        for m in ("org/a", "org/b")]})
     cfg = ties.merge_config()
+    assert isinstance(cfg, MergeConfig)
     assert (cfg.method, cfg.ties_form, cfg.densities, cfg.normalize) == (
         "ties", "mergekit", [0.3, 0.3], True)  # mergekit's TIES: normalize unless said
     assert plan.mergeshield.policy == "clean"  # the default: flagged models enter cleaned
 
 
+def test_a_dare_plan_reads_with_mergekits_defaults_and_a_seed() -> None:
+    dare = MergePlan.parse({**PLAN, "merge_method": "dare_ties", "parameters": {},
+                            "models": [{"model": "org/a", "parameters": {"density": 0.3}},
+                                       {"model": "org/b", "parameters": {"weight": 0.5}}]})
+    cfg = dare.merge_config()
+    assert isinstance(cfg, DareConfig)
+    # mergekit's DARE: density 1 unless said, normalize off, rescale on; our seed 0 unless said
+    assert (cfg.method, cfg.weights, cfg.densities, cfg.normalize, cfg.rescale, cfg.seed,
+            cfg.models) == ("dare_ties", [1.0, 0.5], [0.3, 1.0], False, True, 0,
+                            ["org/a", "org/b"])
+    linear = MergePlan.parse({**PLAN, "merge_method": "dare_linear",
+                              "parameters": {"normalize": True, "rescale": False},
+                              "mergeshield": {"seed": 42}}).merge_config()
+    assert isinstance(linear, DareConfig)
+    assert (linear.method, linear.normalize, linear.rescale, linear.seed) == (
+        "dare_linear", True, False, 42)
+
+
 @pytest.mark.parametrize("change", [
-    {"merge_method": "dare_ties"},  # not merged here (yet): refused, not merged differently
+    {"merge_method": "della"},  # not merged here (yet): refused, not merged differently
     {"parameters": {"lambda": 0.5}},  # mergekit's TIES scale: not read here (yet)
+    {"merge_method": "ties", "parameters": {"rescale": True}},  # TIES rescaled: not here (yet)
+    {"parameters": {"int8_mask": True}},  # no effect on the merge in mergekit; not read here
+    {"merge_method": "dare_ties",
+     "models": [{"model": "org/a", "parameters": {"density": 0.0}}]},  # DARE keeps (0, 1]
+    {"merge_method": "dare_linear",
+     "models": [{"model": "org/a", "parameters": {"density": 1.5}}]},
+    {"merge_method": "dare_ties", "mergeshield": {"seed": -1}},
     {"models": []},
     {"models": [{"model": "org/a", "parameters": {"weight": float("nan")}}]},
     {"slices": [{"sources": []}]},  # a mergekit form we do not read
@@ -51,8 +82,9 @@ def test_a_mergekit_plan_reads_as_mergekit_merges_it() -> None:
 ])
 def test_what_it_cannot_merge_exactly_is_refused_before_any_scan(change: dict[str, object]
                                                                  ) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as err:
         MergePlan.parse({**PLAN, **change})
+    assert err.value.code == "invalid_config"
 
 
 def test_a_plan_file_is_plain_yaml(tmp_path: Path) -> None:
@@ -118,3 +150,43 @@ def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: 
     assert float(meta["mergeshield.correction_scale"]) == defence["scale"]
     assert MergePlan.model_validate_json(meta["mergeshield.plan"]).models[0].model == str(
         zoo.path(bad))
+
+
+def test_a_dare_ties_plan_merges_with_its_seed_and_records_it(zoo: Zoo, tmp_path: Path,
+                                                              bv_cache_dir: Path) -> None:
+    names, densities = ("vit-mnist-clean", "vit-digits-clean"), [0.5, 0.7]
+    models = [str(zoo.path(n)) for n in names]
+    plan = MergePlan.parse({
+        "merge_method": "dare_ties", "base_model": str(zoo.path("vit-base")),
+        "models": [{"model": m, "parameters": {"weight": 1.0, "density": d}}
+                   for m, d in zip(models, densities, strict=True)],
+        "mergeshield": {"policy": "include", "seed": 11}})  # no evaluation data: quick scans
+    out = tmp_path / "merged"
+    report = run_plan(plan, PlanContext(out_dir=out, cache_dir=bv_cache_dir, device="cpu"))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    recorded = json.loads(meta["mergeshield.merge"])
+    assert recorded == report.merge
+    assert {k: recorded[k] for k in ("method", "densities", "seed", "normalize", "rescale",
+                                     "models")} == {
+        "method": "dare_ties", "densities": densities, "seed": 11, "normalize": False,
+        "rescale": True, "models": models}
+    assert MergePlan.model_validate_json(meta["mergeshield.plan"]).mergeshield.seed == 11
+    # the merge is task_vectors.dare_mergekit's, each model drawn under its name in the plan
+    with ExitStack() as stack:
+        base_ck, *cks = (stack.enter_context(open_checkpoint(resolve(str(zoo.path(n)))))
+                         for n in ("vit-base", *names))
+        base, tvs, _family = task_vectors(base_ck, cks)
+        want = dict(dare_mergekit(tvs, densities, [1.0, 1.0], consensus=True, seed=11,
+                                  draws=models).apply_lazily(base))
+        assert set(want) == set(written)
+        for k, t in want.items():
+            assert torch.equal(written[k], t), k
+        # where both models moved, an entry stays the base's only if both dropped it
+        moved = changed = 0
+        for k in tvs[0]:
+            both = (tvs[0][k] != 0) & (tvs[1][k] != 0)
+            moved += int(both.sum())
+            changed += int((written[k] != base[k])[both].sum())
+    assert abs(changed / moved - (1 - 0.5 * 0.3)) < 0.02, (changed, moved)

@@ -194,7 +194,7 @@ def test_bad_plans_are_a_4xx_with_a_stable_code_and_queue_nothing(
         stack: Stack, user: httpx.Client, other: httpx.Client, plan: dict[str, Any]) -> None:
     options = plan["mergeshield"]
     bad: list[tuple[Any, int, str]] = [
-        (_plan_with(plan, merge_method="dare_ties"), 422, "invalid_config"),  # not merged here
+        (_plan_with(plan, merge_method="slerp"), 422, "invalid_config"),  # not merged here
         (_plan_with(plan, base_model="/etc/hosts"), 422, "invalid_config"),  # a server path
         (_plan_with(plan, mergeshield={**options, "evaluation": {"zoo/x": "zoo/mnist"}}), 422,
          "invalid_config"),  # task data for a model the plan does not merge

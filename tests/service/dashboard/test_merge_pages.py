@@ -112,7 +112,7 @@ def test_a_pasted_plan_runs_and_its_page_shows_each_tasks_accuracy(
 
 
 def test_a_bad_plan_comes_back_with_its_code_and_text(page: Page) -> None:
-    bad = "merge_method: dare_ties\nbase_model: org/base\nmodels: [{model: org/a}]\n"
+    bad = "merge_method: slerp\nbase_model: org/base\nmodels: [{model: org/a}]\n"
     _submit(page, bad)
     expect(page.get_by_role("alert")).to_contain_text("invalid_config")
     expect(page.get_by_label("Plan (mergekit YAML, or the same as JSON)")).to_have_value(bad)
