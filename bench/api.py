@@ -272,7 +272,8 @@ def bench_backend(stack: Stack, args: argparse.Namespace, manifest: dict[str, An
     if with_baseline:
         results += _baseline(Path(stack.root), n, secs, sessions, running)
     states = [user.get(f"/v1/scans/{i}").json() for i in real]
-    totals = {fam.name: {s.labels["state"]: int(s.value) for s in fam.samples}
+    totals = {fam.name: {s.labels["state"]: int(s.value) for s in fam.samples
+                         if s.labels.get("kind") == "scan"}
               for fam in text_string_to_metric_families(httpx.get(f"{stack.url}/metrics").text)
               if fam.name == "mergeshield_scans"}.get("mergeshield_scans", {})
     notes.append(f"**{stack.backend}**: real scans at the end: "

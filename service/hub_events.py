@@ -7,12 +7,16 @@ lists ``{ref, oldSha, newSha}`` (``newSha`` null when a ref is deleted) and ``re
 the head of ``main``. Only a new commit on ``main`` of a model repo is scanned.
 
 A watch either scans the repos its rule names, or (``merge``, issue 17) holds a merge plan and
-matches every hub repo of it, its models and its base: a new commit of one re-runs the plan as a
-merge (``queue_merge``) with that repo pinned at the commit (mergekit's ``org/name@<sha>``), the
-others as written. The watch row keeps the checked plan as JSON (``Watch.merge``, migration 0005),
-so matching stays the Python filter it is for prefixes. Both kinds share the secret check, the rate
-limit, the de-duplication (an idempotency key from the job's canonical body: the same plan with
-the same pinned commit is one merge) and the delivery record, whose ``scan_ids`` name the merge.
+matches the hub repos the plan follows on ``main`` (``watched_repos``: an entry, model or base,
+named without a revision or at ``@main``): a new commit of one re-runs the plan as a merge
+(``queue_merge``) with each such entry of that repo pinned at the commit (mergekit's
+``org/name@<sha>``). Every other entry stays as written: one pinned at a commit stays there, and a
+tag or another branch is not moved by a push to ``main``; so a plan naming ``org/m`` and
+``org/m@<sha>`` merges the new commit with the old one. The watch row keeps the checked plan as
+JSON (``Watch.merge``, migration 0005), so matching stays the Python filter it is for prefixes. Both
+kinds share the secret check, the rate limit, the de-duplication (an idempotency key from the job's
+canonical body: the same plan with the same pinned commits is one merge) and the delivery record,
+whose ``scan_ids`` name the merge.
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from starlette.datastructures import State
 
-from mergeshield.errors import MergeShieldError, WebhooksDisabledError, WebhookSecretError
+from mergeshield.errors import (
+    ConfigError,
+    MergeShieldError,
+    WebhooksDisabledError,
+    WebhookSecretError,
+)
 from mergeshield.merge_plan_schema import AT_REVISION
 from service.auth import Principal
 from service.idempotency import body_sha256, by_idempotency
@@ -41,6 +50,7 @@ from worker.db import Scan, Watch, now
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 MAIN = "refs/heads/main"
+FOLLOWS_MAIN = (None, "main", MAIN)  # a plan entry's revision that a push to main moves
 SECRET_HEADERS = ("x-webhook-secret", "authorization", "cookie")
 
 
@@ -104,36 +114,52 @@ def secret_hash(secret: str) -> str:
 
 
 def matching_watches(state: State, repo: str | None) -> list[Watch]:
-    """Watches whose rule names ``repo`` exactly, or as a prefix, or whose plan names it."""
+    """Watches whose rule names ``repo`` exactly, or as a prefix, or whose plan follows it."""
     if repo is None:
         return []
     with state.db.session() as s:
         rows = s.scalars(select(Watch).order_by(Watch.created_at)).all()
-    return [w for w in rows if (repo in plan_repos(w.merge) if w.merge is not None else
+    return [w for w in rows if (repo in watched_repos(w.merge) if w.merge is not None else
                                 w.repo == repo or (w.prefix and repo.startswith(w.repo)))]
 
 
-def plan_repos(plan: dict[str, Any]) -> list[str]:
-    """The hub repos of a checked plan (its base, then its models), without their revisions."""
+def watched_repos(plan: dict[str, Any]) -> list[str]:
+    """The hub repos whose new ``main`` commit re-runs a checked plan (its base, then its
+    models): those with an entry that follows ``main``, without their revisions."""
     names = (plan["base_model"], *(m["model"] for m in plan["models"]))
-    return list(dict.fromkeys(_repo_of(n) for n in names))
+    return list(dict.fromkeys(split_revision(n)[0] for n in names if follows_main(n)))
 
 
 def pinned(plan: dict[str, Any], found: Commit) -> dict[str, Any]:
-    """The plan with each mention of the commit's repo (a model, the base, an evaluation key)
-    pinned at the commit; the other repos as written."""
+    """The plan with each entry of the commit's repo that follows ``main`` (a model, the base, an
+    evaluation key) pinned at the commit; every other entry as written. Raises ``ConfigError``
+    when pinning makes two evaluation keys one with two datasets (``org/m`` and ``org/m@<sha>``
+    at the pushed sha): the plan would no longer say which task that model is measured on."""
     def pin(name: str) -> str:
-        return f"{found.repo}@{found.sha}" if _repo_of(name) == found.repo else name
+        moves = follows_main(name) and split_revision(name)[0] == found.repo
+        return f"{found.repo}@{found.sha}" if moves else name
     options = plan.get("mergeshield") or {}
+    evaluation: dict[str, str] = {}
+    for key, dataset in (options.get("evaluation") or {}).items():
+        if (first := evaluation.setdefault(pin(key), dataset)) != dataset:
+            raise ConfigError(
+                f"at {found.repo}@{found.sha} the plan names one model with two evaluation "
+                f"datasets ({first}, {dataset}); pin the entries at different commits or give "
+                "them one dataset", details={"field": "merge"})
     return {**plan, "base_model": pin(plan["base_model"]),
             "models": [{**m, "model": pin(m["model"])} for m in plan["models"]],
-            "mergeshield": {**options, "evaluation": {
-                pin(k): v for k, v in (options.get("evaluation") or {}).items()}}}
+            "mergeshield": {**options, "evaluation": evaluation}}
 
 
-def _repo_of(name: str) -> str:
+def split_revision(name: str) -> tuple[str, str | None]:
+    """``org/name@rev`` as (``org/name``, ``rev``); a name without a revision as (name, None)."""
     at = AT_REVISION.match(name)
-    return at[1] if at else name
+    return (at[1], at[2]) if at else (name, None)
+
+
+def follows_main(name: str) -> bool:
+    """Whether a plan's entry moves with its repo's ``main`` (no revision, or ``@main``)."""
+    return split_revision(name)[1] in FOLLOWS_MAIN
 
 
 def authorize(state: State, watches: list[Watch], given: str | None) -> list[Watch]:
@@ -206,9 +232,14 @@ def _scan_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | Non
 def _merge_for(state: State, watch: Watch, found: Commit) -> tuple[str, str | None, str | None]:
     """A plan's watch: its plan as a merge, the announced repo pinned at the commit."""
     assert watch.merge is not None
-    body = MergeCreate(plan=pinned(watch.merge, found), callback_url=watch.callback_url)
+    try:
+        plan = pinned(watch.merge, found)
+    except ConfigError as exc:
+        return "failed", None, f"{exc.code}: {exc.message}"
+    body = MergeCreate(plan=plan, callback_url=watch.callback_url)
     return _queue_once(state, watch, "hub-merge:" + body_sha256(body),
-                       lambda caller, key: (queue_merge(state, caller, body, key), True))
+                       lambda caller, key: (queue_merge(state, caller, body, key, watch.id),
+                                            True))
 
 
 def _queue_once(state: State, watch: Watch, key: str,

@@ -1,6 +1,14 @@
-"""Prometheus metrics. Scan counts, queue depth, workers and durations are read from the
+"""Prometheus metrics. Job counts, queue depth, workers and durations are read from the
 database at scrape time (it is the truth, and every API replica then reports the same);
-HTTP latency is measured in this process."""
+HTTP latency is measured in this process.
+
+Every job metric carries ``kind`` (``scan`` or ``merge``, ``worker.db.KINDS``): a merge plan is a
+row of the scans table, so one query counts both and the label tells them apart. Each (kind,
+state) and (kind, queue) pair is exported, zeros included, so a rate or an alert never sees a
+series appear from nowhere. ``mergeshield_scans`` keeps its name (the existing dashboards' and
+alerts' series, now one per kind): sum it over ``kind`` for the total of both. Scans answered from
+the cache (``cached_from``) ran nothing and have no duration.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +23,12 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from mergeshield.settings import Settings
-from worker.db import STATES, Database, Scan, Worker, now
+from worker.app import QUEUES
+from worker.db import KINDS, STATES, Database, Scan, Worker, now
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+# states with a run time (a cancelled job's span says when it was cancelled, not how long it runs)
+TIMED = ("succeeded", "failed")
 
 
 class DatabaseCollector(Collector):
@@ -25,33 +36,41 @@ class DatabaseCollector(Collector):
         self.db, self.settings = db, settings
 
     def collect(self) -> Iterable[Metric]:
-        by_state = GaugeMetricFamily("mergeshield_scans", "Scans by state", labels=["state"])
-        depth = GaugeMetricFamily("mergeshield_queue_depth", "Queued scans by queue",
-                                  labels=["queue"])
+        by_state = GaugeMetricFamily("mergeshield_scans", "Jobs (scans and merges) by state",
+                                     labels=["kind", "state"])
+        depth = GaugeMetricFamily("mergeshield_queue_depth", "Queued jobs by queue",
+                                  labels=["kind", "queue"])
         workers = GaugeMetricFamily("mergeshield_workers_alive",
                                     "Workers that beat within stale_after")
         with self.db.session() as s:
-            counts = dict(s.execute(select(Scan.state, func.count()).group_by(Scan.state)).all())
-            queued = dict(s.execute(select(Scan.queue, func.count())
-                                    .where(Scan.state == "queued").group_by(Scan.queue)).all())
+            counts = {(k, st): n for k, st, n in s.execute(
+                select(Scan.kind, Scan.state, func.count()).group_by(Scan.kind, Scan.state))}
+            queued = {(k, q): n for k, q, n in s.execute(
+                select(Scan.kind, Scan.queue, func.count()).where(Scan.state == "queued")
+                .group_by(Scan.kind, Scan.queue))}
             alive = s.scalar(select(func.count()).select_from(Worker).where(
                 Worker.last_seen > now() - timedelta(seconds=self.settings.stale_after))) or 0
-            spans = s.execute(select(Scan.state, Scan.started_at, Scan.finished_at).where(
-                Scan.state.in_(("succeeded", "failed")), Scan.started_at.is_not(None),
-                Scan.finished_at.is_not(None), Scan.cached_from.is_(None))).all()
-        for state in STATES:
-            by_state.add_metric([state], counts.get(state, 0))
-        for queue in ("gpu", "cpu"):
-            depth.add_metric([queue], queued.get(queue, 0))
+            spans = s.execute(select(Scan.kind, Scan.state, Scan.started_at, Scan.finished_at)
+                              .where(Scan.state.in_(TIMED), Scan.started_at.is_not(None),
+                                     Scan.finished_at.is_not(None),
+                                     Scan.cached_from.is_(None))).all()
+        for kind in KINDS:
+            for state in STATES:
+                by_state.add_metric([kind, state], counts.get((kind, state), 0))
+            for queue in QUEUES:
+                depth.add_metric([kind, queue], queued.get((kind, queue), 0))
         workers.add_metric([], alive)
         yield from (by_state, depth, workers)
         durations = HistogramMetricFamily("mergeshield_scan_duration_seconds",
-                                          "Run time of finished scans", labels=["state"])
-        for state in ("succeeded", "failed"):
-            secs = [(f - s).total_seconds() for st, s, f in spans if st == state and s and f]
-            buckets = [(str(b), sum(x <= b for x in secs)) for b in DURATION_BUCKETS]
-            buckets.append(("+Inf", len(secs)))
-            durations.add_metric([state], buckets, sum_value=sum(secs))
+                                          "Run time of finished jobs (scans and merges)",
+                                          labels=["kind", "state"])
+        for kind in KINDS:
+            for state in TIMED:
+                secs = [(f - s).total_seconds() for k, st, s, f in spans
+                        if k == kind and st == state and s and f]
+                buckets = [(str(b), sum(x <= b for x in secs)) for b in DURATION_BUCKETS]
+                buckets.append(("+Inf", len(secs)))
+                durations.add_metric([kind, state], buckets, sum_value=sum(secs))
         yield durations
 
 

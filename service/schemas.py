@@ -194,8 +194,9 @@ class WatchCreate(_Body):
     """Scan every new commit on ``main`` of a model repo (``repo``) or of every model repo whose
     id starts with ``repo`` (``prefix: true``, e.g. ``"my-org/"``). Or, with ``merge`` (a plan
     as ``POST /v1/merges`` takes it, hub ids only) instead of ``repo`` and ``scan``: re-run the
-    plan as a merge when a new commit of one of its models or its base arrives, that model
-    pinned at the commit (``org/name@<sha>``)."""
+    plan as a merge when a new ``main`` commit of one of its models or its base arrives, each
+    entry of that repo named without a revision (or at ``@main``) pinned at the commit
+    (``org/name@<sha>``); an entry at another revision (a commit sha, a tag) stays there."""
 
     repo: str | None = Field(default=None, min_length=1, max_length=200,
                              examples=["my-org/vit-finetune"])
@@ -213,10 +214,11 @@ class WatchCreate(_Body):
 
 class WatchOut(BaseModel):
     id: str
-    repo: str  # a plan's watch: the hub repos of its plan, comma-separated
+    repo: str  # a plan's watch: the hub repos whose new commits re-run it, comma-separated
     prefix: bool
     scan: dict[str, Any] | None  # None for a plan's watch
     merge: dict[str, Any] | None = None  # the plan, as checked
+    last_merge: str | None = None  # a plan's watch: the newest merge a commit re-ran, its id
     callback_url: str | None
     open_discussion: bool
     has_secret: bool  # the secret itself is never shown again
@@ -347,7 +349,7 @@ class MergeOut(BaseModel):
     percent: float
     base: str
     models: list[str]
-    method: str  # task_arithmetic | ties
+    method: str  # task_arithmetic | ties | dare_ties | dare_linear
     policy: str  # clean | exclude | include
     plan: dict[str, Any]  # as validated, with every default filled in
     queue: str

@@ -174,9 +174,10 @@ class Watch(Base):
     """A rule for the Hub's webhook: scan every new commit on ``main`` of the matching model
     repos against ``base``, with the scan options in ``scan`` (a ``ScanCreate`` body without
     its suspect). Or a plan's watch: ``merge`` holds a checked merge plan (hub ids only) and
-    ``scan`` is None; a new commit of any of its repos (listed in ``repo`` for display) re-runs
-    it as a merge. Rate limit: at most ``rate_limit`` jobs per ``rate_window`` seconds, counted
-    in a fixed window that a conditional UPDATE opens and fills (atomic on both databases)."""
+    ``scan`` is None; a new ``main`` commit of a repo the plan follows there (an entry without a
+    revision or at ``@main``; listed in ``repo`` for display) re-runs it as a merge. Rate limit:
+    at most ``rate_limit`` jobs per ``rate_window`` seconds, counted in a fixed window that a
+    conditional UPDATE opens and fills (atomic on both databases)."""
 
     __tablename__ = "watches"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

@@ -4,12 +4,13 @@ CSS served from ``static/``; nothing is loaded from anywhere else."""
 
 from fastapi import FastAPI
 
-from service.dashboard import merge_pages, pages
+from service.dashboard import merge_pages, pages, watch_pages
 
 __all__ = ["install"]
 
 
 def install(app: FastAPI) -> None:
-    """Mount the pages (scans and the rest, merges) and their static files."""
+    """Mount the pages (scans and the rest, merges, watches) and their static files."""
     pages.install(app)
     app.include_router(merge_pages.router)
+    app.include_router(watch_pages.router)

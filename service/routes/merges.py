@@ -66,8 +66,9 @@ def submit(body: MergeCreate, request: Request, response: Response, caller: Call
 
 
 def queue_merge(state: State, caller: Principal, body: MergeCreate,
-                idempotency_key: str | None = None) -> Scan:
-    """Validate, persist and enqueue one merge (this route and the dashboard's form)."""
+                idempotency_key: str | None = None, watch: str | None = None) -> Scan:
+    """Validate, persist and enqueue one merge (this route, the dashboard's form, and a watch's
+    re-run: ``watch`` names it in the request, for the watch's last merge)."""
     db: Database = state.db
     settings = state.settings
     fingerprint = body_sha256(body)
@@ -88,7 +89,8 @@ def queue_merge(state: State, caller: Principal, body: MergeCreate,
     merge = Scan(kind="merge", owner=caller.id,
                  request={"plan": plan.model_dump(mode="json"),
                           "uploads": sorted(u.id for u in uploads.values()),
-                          "device": body.device, "body_sha256": fingerprint},
+                          "device": body.device, "body_sha256": fingerprint,
+                          **({"watch": watch} if watch else {})},
                  suspect=", ".join(m.model for m in plan.models)[:300],
                  base=plan.base_model[:300],
                  queue=choose_queue(body.device, sizes, settings.gpu_route_min_bytes,

@@ -4,8 +4,9 @@ or which merge plan it re-runs when one of the plan's repos gets a new commit (`
 Each key manages its own watches (the admin sees all). A watch's secret is stored as a sha256
 digest and never shown again; its callback URL is checked like a scan's. A watched plan is
 checked as ``POST /v1/merges`` checks one, and names hub ids only: a Hub commit triggers it, and
-an upload is no hub repo. It is stored as checked (``Watch.merge``), its repos listed in ``repo``;
-``service/hub_events.py`` says how a commit re-runs it.
+an upload is no hub repo. It is stored as checked (``Watch.merge``), the repos whose new commits
+re-run it listed in ``repo``; a plan whose every entry names a revision other than ``main`` would
+never run and is refused. ``service/hub_events.py`` says how a commit re-runs it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from sqlalchemy import select
 
 from mergeshield.errors import ConfigError, NotFoundError
 from service.auth import Principal, principal
-from service.hub_events import plan_repos, secret_hash
+from service.hub_events import secret_hash, watched_repos
 from service.routes.merges import UPLOAD_REF, checked_plan
 from service.schemas import HUB_ID, WatchCreate, WatchOut
 from worker import callbacks
-from worker.db import Database, Watch
+from worker.db import Database, Scan, Watch
 
 router = APIRouter(prefix="/v1/watches", tags=["webhooks"])
 Caller = Annotated[Principal, Depends(principal)]
@@ -45,7 +46,7 @@ def create(body: WatchCreate, request: Request, caller: Caller) -> WatchOut:
     if body.callback_url is not None:
         callbacks.check_url(body.callback_url, request.app.state.settings.callback_allow_private)
     row = Watch(owner=caller.id, prefix=body.prefix, merge=plan,
-                repo=body.repo if plan is None else ", ".join(plan_repos(plan))[:200],
+                repo=body.repo if plan is None else ", ".join(watched_repos(plan))[:200],
                 scan=None if body.scan is None else body.scan.model_dump(mode="json"),
                 callback_url=body.callback_url, open_discussion=body.open_discussion,
                 secret_hash=secret_hash(body.secret) if body.secret else None,
@@ -58,16 +59,43 @@ def create(body: WatchCreate, request: Request, caller: Caller) -> WatchOut:
 
 @router.get("", response_model=list[WatchOut])
 def list_watches(request: Request, caller: Caller) -> list[WatchOut]:
+    """Oldest first; a plan's watch names the newest merge it queued (``last_merge``)."""
     db: Database = request.app.state.db
-    where = [] if caller.admin else [Watch.owner == caller.id]
-    with db.session() as s:
-        return [_out(r) for r in s.scalars(select(Watch).where(*where)
-                                           .order_by(Watch.created_at)).all()]
+    rows = watches_of(db, caller)
+    last = last_merges(db, rows)
+    return [_out(r, last.get(r.id)) for r in rows]
 
 
 @router.get("/{watch_id}", response_model=WatchOut)
 def get_watch(watch_id: str, request: Request, caller: Caller) -> WatchOut:
-    return _out(_owned(request, caller, watch_id))
+    row = _owned(request, caller, watch_id)
+    return _out(row, last_merges(request.app.state.db, [row]).get(row.id))
+
+
+# --- reading watches (also the dashboard's)
+
+
+def watches_of(db: Database, caller: Principal) -> list[Watch]:
+    """The caller's watches (the admin's: all), oldest first."""
+    where = [] if caller.admin else [Watch.owner == caller.id]
+    with db.session() as s:
+        return list(s.scalars(select(Watch).where(*where).order_by(Watch.created_at)).all())
+
+
+def last_merges(db: Database, rows: list[Watch]) -> dict[str, Scan]:
+    """The newest merge each plan's watch queued, by watch id (``queue_merge`` writes the watch
+    into the merge's request); a watch that has queued none is absent. Two watches of one key
+    with the same plan and callback share each push's one merge, which names the first."""
+    found = {}
+    with db.session() as s:
+        for w in rows:
+            merge = None if w.merge is None else s.scalars(
+                select(Scan).where(Scan.kind == "merge", Scan.owner == w.owner,
+                                   Scan.request["watch"].as_string() == w.id)
+                .order_by(Scan.created_at.desc()).limit(1)).first()
+            if merge is not None:
+                found[w.id] = merge
+    return found
 
 
 @router.delete("/{watch_id}", status_code=204)
@@ -93,7 +121,12 @@ def _watched_plan(body: WatchCreate) -> dict[str, Any]:
         if UPLOAD_REF.match(name):
             raise ConfigError(f"merge: {name!r} is an upload; a watched plan names hub ids only "
                               "(a Hub commit re-runs it)", details={"field": "merge"})
-    return plan.model_dump(mode="json")
+    checked = plan.model_dump(mode="json")
+    if not watched_repos(checked):
+        raise ConfigError("merge: every model and the base name a revision other than main, so "
+                          "no Hub commit would re-run the plan; name one without a revision (or "
+                          "at @main) to follow its new commits", details={"field": "merge"})
+    return checked
 
 
 def _owned(request: Request, caller: Principal, watch_id: str) -> Watch:
@@ -105,8 +138,9 @@ def _owned(request: Request, caller: Principal, watch_id: str) -> Watch:
     return row
 
 
-def _out(row: Watch) -> WatchOut:
+def _out(row: Watch, last_merge: Scan | None = None) -> WatchOut:
     return WatchOut(id=row.id, repo=row.repo, prefix=row.prefix, scan=row.scan, merge=row.merge,
+                    last_merge=None if last_merge is None else last_merge.id,
                     callback_url=row.callback_url, open_discussion=row.open_discussion,
                     has_secret=row.secret_hash is not None,
                     rate_limit=row.rate_limit, rate_window=row.rate_window,

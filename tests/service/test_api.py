@@ -308,7 +308,7 @@ def test_operations_endpoints(stack: Stack, finished: dict[str, Any]) -> None:
     ready = httpx.get(f"{stack.url}/readyz").json()
     assert ready["checks"]["database"]["ok"] and ready["checks"]["broker"]["ok"]
     metrics = httpx.get(f"{stack.url}/metrics").text
-    assert 'mergeshield_scans{state="succeeded"}' in metrics
+    assert 'mergeshield_scans{kind="scan",state="succeeded"}' in metrics
     assert "mergeshield_queue_depth" in metrics and "mergeshield_scan_duration_seconds" in metrics
     assert "mergeshield_http_request_seconds" in metrics
     spec = httpx.get(f"{stack.url}/openapi.json").json()

@@ -111,12 +111,59 @@ def test_a_watched_plan_naming_an_upload_or_malformed_is_refused(
         stack: Stack, user: httpx.Client, plan: dict[str, Any]) -> None:
     upload = {**plan, "models": [{"model": "upload:" + "0" * 32}], "mergeshield": {}}
     for body in ({"merge": upload}, {"merge": "merge_method: [unclosed"},
-                 {"merge": {**plan, "merge_method": "dare_ties"}},
+                 {"merge": {**plan, "merge_method": "slerp"}},
                  {"merge": plan, "repo": "zoo/x"},  # a plan's watch matches the plan's repos
                  {"repo": "zoo/x"}):  # neither scan options nor a plan
         r = user.post("/v1/watches", json=body)
         assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_config"), (body, r.text)
     assert "upload" in user.post("/v1/watches", json={"merge": upload}).json()["error"]["message"]
+    assert user.get("/v1/watches").json() == []
+
+
+def test_one_repo_at_two_revisions_moves_only_the_entry_that_follows_main(
+        stack: Stack, admin: httpx.Client, plan: dict[str, Any], published: Published) -> None:
+    """``org/name`` follows each push; ``org/name@<sha>`` stays at its commit; neither the
+    watch's repos, the pinning nor the one-merge-per-commit de-duplication collapses the two."""
+    key = admin.post("/v1/keys", json={"name": "two-revisions"}).json()["key"]
+    model = plan["models"][0]["model"]
+    head = published.hub.repos[("model", model)].branches["main"]
+    both = {**plan, "models": [{"model": model, "parameters": {"weight": 0.5}},
+                               {"model": f"{model}@{head}", "parameters": {"weight": 0.5}}],
+            "mergeshield": {**plan["mergeshield"], "evaluation": {
+                model: published.dataset, f"{model}@{head}": published.dataset}}}
+    new, newer = "2" * 40, "3" * 40  # commits the loopback hub does not have
+    with stack.client(key) as c:
+        w = c.post("/v1/watches", json={"merge": yaml.safe_dump(both)}).json()
+        assert [m["model"] for m in w["merge"]["models"]] == [model, f"{model}@{head}"]
+        first = deliver(stack, repo_content(model, new))
+        assert first.status_code == 202 and first.json()["state"] == "accepted", first.text
+        (merge_id,) = first.json()["scan_ids"]
+        merge = c.get(f"/v1/merges/{merge_id}").json()
+        assert merge["models"] == [f"{model}@{new}", f"{model}@{head}"]
+        assert merge["plan"]["mergeshield"]["evaluation"] == {
+            f"{model}@{new}": published.dataset, f"{model}@{head}": published.dataset}
+        assert deliver(stack, repo_content(model, new)).json()["scan_ids"] == [merge_id]
+        second = deliver(stack, repo_content(model, newer)).json()
+        assert second["state"] == "accepted" and second["scan_ids"] != [merge_id], second
+        assert c.get(f"/v1/merges/{second['scan_ids'][0]}").json()["models"] == [
+            f"{model}@{newer}", f"{model}@{head}"]
+        # the worker reads the pinned commit: one the hub does not have is source_not_found
+        done = _wait(c, merge_id, stack)
+        assert (done["state"], done["error"]["code"]) == ("failed", "source_not_found"), done
+        _wait(c, second["scan_ids"][0], stack)
+        assert c.delete(f"/v1/watches/{w['id']}").status_code == 204
+
+
+def test_a_plan_pinned_throughout_is_refused_as_a_watch_that_never_runs(
+        stack: Stack, user: httpx.Client, plan: dict[str, Any], published: Published) -> None:
+    model, base = plan["models"][0]["model"], plan["base_model"]
+    sha = published.hub.repos[("model", model)].branches["main"]
+    base_sha = published.hub.repos[("model", base)].branches["main"]
+    fixed = {**plan, "base_model": f"{base}@{base_sha}",
+             "models": [{"model": f"{model}@{sha}"}], "mergeshield": {}}
+    r = user.post("/v1/watches", json={"merge": fixed})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_config"), r.text
+    assert "main" in r.json()["error"]["message"]
     assert user.get("/v1/watches").json() == []
 
 
