@@ -43,7 +43,6 @@ from mergeshield.errors import ConfigError
 from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
 from mergeshield.merge_defence import SCALES, MergeDefence, ScaleTried, choose
 from mergeshield.merge_plan_schema import (
-    AT_REVISION,
     DareConfig,
     Merged,
     MergePlan,
@@ -51,6 +50,7 @@ from mergeshield.merge_plan_schema import (
     PlanModel,
     PlanModelResult,
     PlanReport,
+    split_revision,
 )
 from mergeshield.merging import merged_tensors, task_vectors
 from mergeshield.models import family_for
@@ -89,9 +89,9 @@ class PlanContext:
 def located(name: str, ctx: PlanContext) -> tuple[str, str | None]:
     """What a plan's model ``name`` is read from, and at which revision (``org/name@rev``)."""
     source = ctx.sources.get(name, name)
-    hub = AT_REVISION.match(source)
-    if hub and not Path(source).expanduser().exists():
-        return hub[1], hub[2]
+    repo, revision = split_revision(source)
+    if revision is not None and not Path(source).expanduser().exists():
+        return repo, revision
     return source, None
 
 

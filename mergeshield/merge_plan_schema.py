@@ -31,6 +31,12 @@ MAX_MODELS = 32
 AT_REVISION = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)@([\w./-]{1,200})$")
 
 
+def split_revision(name: str) -> tuple[str, str | None]:
+    """A plan's ``org/name@rev`` as (``org/name``, ``rev``); any other name as (name, None)."""
+    at = AT_REVISION.match(name)
+    return (at[1], at[2]) if at else (name, None)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -39,7 +39,7 @@ from mergeshield.errors import (
     WebhooksDisabledError,
     WebhookSecretError,
 )
-from mergeshield.merge_plan_schema import AT_REVISION
+from mergeshield.merge_plan_schema import split_revision
 from service.auth import Principal
 from service.idempotency import body_sha256, by_idempotency
 from service.routes.merges import queue_merge
@@ -149,12 +149,6 @@ def pinned(plan: dict[str, Any], found: Commit) -> dict[str, Any]:
     return {**plan, "base_model": pin(plan["base_model"]),
             "models": [{**m, "model": pin(m["model"])} for m in plan["models"]],
             "mergeshield": {**options, "evaluation": evaluation}}
-
-
-def split_revision(name: str) -> tuple[str, str | None]:
-    """``org/name@rev`` as (``org/name``, ``rev``); a name without a revision as (name, None)."""
-    at = AT_REVISION.match(name)
-    return (at[1], at[2]) if at else (name, None)
 
 
 def follows_main(name: str) -> bool:

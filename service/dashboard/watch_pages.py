@@ -11,8 +11,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from mergeshield.merge_plan_schema import split_revision
 from service.dashboard.pages import _page, _signin, _viewer
-from service.hub_events import follows_main, split_revision, watched_repos
+from service.hub_events import follows_main, watched_repos
 from service.routes import watches
 from worker.db import Scan, Watch
 

@@ -27,7 +27,7 @@ from mergeshield.errors import (
     NotFoundError,
     SourceNotFoundError,
 )
-from mergeshield.merge_plan_schema import AT_REVISION, MergePlan, PlanReport
+from mergeshield.merge_plan_schema import MergePlan, PlanReport, split_revision
 from service import quotas
 from service.auth import Principal, principal
 from service.idempotency import body_sha256, by_idempotency
@@ -168,8 +168,7 @@ def checked_plan(raw: str | dict[str, Any]) -> MergePlan:
     plan = MergePlan.parse(_yaml(raw) if isinstance(raw, str) else raw, "plan")
     for where, name in (("base_model", plan.base_model),
                         *((f"models.{i}.model", m.model) for i, m in enumerate(plan.models))):
-        hub = AT_REVISION.match(name)
-        if not (UPLOAD_REF.match(name) or re.match(HUB_ID, hub[1] if hub else name)):
+        if not (UPLOAD_REF.match(name) or re.match(HUB_ID, split_revision(name)[0])):
             raise ConfigError(
                 f"plan.{where}: {name[:200]!r} is neither a hub id (org/name, or "
                 "org/name@revision) nor an upload (upload:<id> from POST /v1/uploads); this "

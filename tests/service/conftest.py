@@ -7,6 +7,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -59,3 +60,14 @@ def admin(stack: Stack) -> Iterator[httpx.Client]:
     """A client with the admin key on the module's own ``stack``."""
     with stack.client() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def plan(zoo: Zoo, published: Published) -> dict[str, Any]:
+    """The cheapest merge plan that runs: one clean hub fine-tune over the hub base, a small
+    scan (test_merges.py has its own: a backdoored upload beside a clean model)."""
+    model = f"zoo/{CLEAN}"
+    return {"merge_method": "task_arithmetic", "base_model": f"zoo/{zoo.model(CLEAN)['base']}",
+            "models": [{"model": model, "parameters": {"weight": 1.0}}],
+            "mergeshield": {"evaluation": {model: published.dataset},
+                            "scan": {**FAST, "max_eval": 200}}}

@@ -17,7 +17,7 @@ from playwright.sync_api import Route, expect, sync_playwright
 
 from mergeshield.settings import Settings
 from service.main import create_app
-from tests.service.dashboard.test_pages import ARGS, CHROMIUM, shoot
+from tests.support.browser import ARGS, CHROMIUM, shoot
 
 
 @pytest.fixture(scope="module")

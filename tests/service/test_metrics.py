@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import CLEAN, FAST, Published
+from tests.service.conftest import Published
 from tests.support.stack import Stack
 from tests.support.zoo import Zoo
 
@@ -33,16 +33,6 @@ def stack(published: Published, bv_cache_dir: Path,
         yield s.up()
     finally:
         s.close()
-
-
-@pytest.fixture(scope="module")
-def plan(zoo: Zoo, published: Published) -> dict[str, Any]:
-    """The cheapest plan that runs: one clean hub fine-tune over the hub base, a small scan."""
-    model = f"zoo/{CLEAN}"
-    return {"merge_method": "task_arithmetic", "base_model": f"zoo/{zoo.model(CLEAN)['base']}",
-            "models": [{"model": model, "parameters": {"weight": 1.0}}],
-            "mergeshield": {"evaluation": {model: published.dataset},
-                            "scan": {**FAST, "max_eval": 200}}}
 
 
 def scrape(stack: Stack) -> Samples:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.service.conftest import CLEAN, FAST, SUSPECT, Published
+from tests.service.conftest import CLEAN, SUSPECT, Published
 from tests.support.hub_payloads import repo_content
 from tests.support.receiver import Receiver
 from tests.support.stack import Stack
@@ -44,16 +44,6 @@ def user(stack: Stack, admin: httpx.Client) -> Iterator[httpx.Client]:
     key = admin.post("/v1/keys", json={"name": "plan-watcher"}).json()["key"]
     with stack.client(key) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def plan(zoo: Zoo, published: Published) -> dict[str, Any]:
-    """The cheapest plan that runs: one clean hub fine-tune over the hub base, a small scan."""
-    model = f"zoo/{CLEAN}"
-    return {"merge_method": "task_arithmetic", "base_model": f"zoo/{zoo.model(CLEAN)['base']}",
-            "models": [{"model": model, "parameters": {"weight": 1.0}}],
-            "mergeshield": {"evaluation": {model: published.dataset},
-                            "scan": {**FAST, "max_eval": 200}}}
 
 
 def deliver(stack: Stack, payload: Any) -> httpx.Response:

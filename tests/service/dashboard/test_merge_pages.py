@@ -12,19 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 from safetensors import safe_open
 
 from tests.service.conftest import Published
-from tests.service.dashboard.test_pages import (
-    ARGS,
-    CHROMIUM,
-    DESKTOP,
-    PHONE,
-    _context,
-    _sign_in,
-    shoot,
-)
+from tests.support.browser import PHONE, shoot, signed_in
 from tests.support.stack import Stack
 from tests.support.zoo import Zoo
 
@@ -41,27 +33,6 @@ def stack(published: Published, bv_cache_dir: Path,
         yield s.serve()
     finally:
         s.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture(scope="module")
-def page(browser: Browser, stack: Stack) -> Iterator[Page]:
-    ctx = _context(browser, stack, DESKTOP)
-    pg = ctx.new_page()
-    _sign_in(pg)
-    try:
-        yield pg
-    finally:
-        ctx.close()
 
 
 def plan_text(zoo: Zoo, published: Published, **scan: object) -> str:
@@ -131,15 +102,10 @@ def test_a_running_merge_is_cancelled_from_its_page(page: Page, zoo: Zoo,
 
 
 def test_phone_width_nothing_overflows(browser: Browser, stack: Stack) -> None:
-    ctx = _context(browser, stack, PHONE)
-    page = ctx.new_page()
-    try:
-        _sign_in(page)
+    with signed_in(browser, stack, PHONE) as page:
         page.goto("/ui/merges")
         merge = page.locator("tr[data-scan] a").first.get_attribute("href")
         for url in ("/ui/merges", "/ui/merges/new", merge):
             page.goto(str(url))
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= PHONE["width"], (url, width)
-    finally:
-        ctx.close()

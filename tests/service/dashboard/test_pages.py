@@ -9,7 +9,6 @@ phone-width check. Screenshots of every page go to docs/screenshots/ from the sa
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import threading
@@ -22,27 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 from safetensors import safe_open
 
 from tests.service.conftest import CLEAN, SUSPECT, Published, zipped
+from tests.support.browser import DESKTOP, PHONE, context, shoot, sign_in
 from tests.support.stack import ADMIN_KEY, Stack
 from tests.support.zoo import Zoo
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/setup installs it); never downloaded
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-SHOTS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
 SECRET = "hub-webhook-secret-for-the-dashboard-test"
-DESKTOP = {"width": 1100, "height": 820}
-PHONE = {"width": 390, "height": 844}
-
-
-def shoot(page: Page, name: str, full_page: bool = False) -> None:
-    """A small PNG (a 64-colour palette keeps text sharp at a fraction of the size)."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    image = Image.open(io.BytesIO(page.screenshot(full_page=full_page))).convert("RGB")
-    image.quantize(colors=64).save(SHOTS / f"{name}.png", optimize=True)
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -84,39 +71,13 @@ def stack(published: Published, bv_cache_dir: Path,
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "install Debian's chromium: apt-get install -y chromium"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def _context(browser: Browser, stack: Stack, viewport: dict[str, int]) -> BrowserContext:
-    ctx = browser.new_context(base_url=stack.url, viewport=viewport,  # type: ignore[arg-type]
-                              accept_downloads=True)
-    ctx.set_default_timeout(20_000)
-    return ctx
-
-
-def _sign_in(page: Page, key: str = ADMIN_KEY) -> None:
-    page.goto("/ui/")
-    expect(page).to_have_url(f"{page.url.split('/ui/')[0]}/ui/signin?next=%2Fui%2F")
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="Scans")).to_be_visible()
-
-
-@pytest.fixture(scope="module")
 def page(browser: Browser, stack: Stack) -> Iterator[Page]:
     """A desktop browser signed in with the admin key (the BV cache page needs it)."""
-    ctx = _context(browser, stack, DESKTOP)
+    ctx = context(browser, stack, DESKTOP)
     pg = ctx.new_page()
     pg.goto("/ui/signin")
     shoot(pg, "signin")
-    _sign_in(pg)
+    sign_in(pg)
     try:
         yield pg
     finally:
@@ -311,7 +272,7 @@ def _tab_to(page: Page, check: str, limit: int = 80) -> None:
 def test_keyboard_only_sign_in_start_and_cancel(browser: Browser, stack: Stack,
                                                 published: Published,
                                                 finished: dict[str, Any]) -> None:
-    ctx = _context(browser, stack, DESKTOP)
+    ctx = context(browser, stack, DESKTOP)
     page = ctx.new_page()
     try:
         page.goto("/ui/signin")
@@ -341,12 +302,12 @@ def test_keyboard_only_sign_in_start_and_cancel(browser: Browser, stack: Stack,
 
 def test_phone_width_nothing_overflows(browser: Browser, stack: Stack,
                                        finished: dict[str, Any]) -> None:
-    ctx = _context(browser, stack, PHONE)
+    ctx = context(browser, stack, PHONE)
     page = ctx.new_page()
     try:
         page.goto("/ui/signin")
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-        _sign_in(page)
+        sign_in(page)
         for url, shot in (("/ui/", "phone-scans"), ("/ui/scans/new", None),
                           (f"/ui/scans/{finished['id']}", "phone-scan-report"),
                           ("/ui/bv-cache", None), ("/ui/webhooks", None)):

@@ -11,18 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.service.conftest import CLEAN, Published
-from tests.service.dashboard.test_pages import (
-    ARGS,
-    CHROMIUM,
-    DESKTOP,
-    PHONE,
-    _context,
-    _sign_in,
-    shoot,
-)
+from tests.support.browser import PHONE, shoot, signed_in
 from tests.support.hub_payloads import repo_content
 from tests.support.stack import Stack
 from tests.support.zoo import Zoo
@@ -41,27 +33,6 @@ def stack(published: Published, bv_cache_dir: Path,
         yield s.serve()
     finally:
         s.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture(scope="module")
-def page(browser: Browser, stack: Stack) -> Iterator[Page]:
-    ctx = _context(browser, stack, DESKTOP)
-    pg = ctx.new_page()
-    _sign_in(pg)
-    try:
-        yield pg
-    finally:
-        ctx.close()
 
 
 def test_a_plans_watch_shows_its_plan_its_pins_and_the_merge_a_push_queued(
@@ -113,14 +84,11 @@ def test_phone_width_nothing_overflows(browser: Browser, stack: Stack, admin: ht
     watch = admin.post("/v1/watches", json={"merge": {
         "merge_method": "task_arithmetic", "base_model": base,
         "models": [{"model": model}, {"model": f"{model}@{'1' * 40}"}]}}).json()
-    ctx = _context(browser, stack, PHONE)
-    page = ctx.new_page()
     try:
-        _sign_in(page)
-        page.goto("/ui/watches")
-        expect(page.locator(f'tr[data-watch="{watch["id"]}"]')).to_be_visible()
-        width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= PHONE["width"], width
+        with signed_in(browser, stack, PHONE) as page:
+            page.goto("/ui/watches")
+            expect(page.locator(f'tr[data-watch="{watch["id"]}"]')).to_be_visible()
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= PHONE["width"], width
     finally:
-        ctx.close()
         admin.delete(f"/v1/watches/{watch['id']}")
