@@ -195,8 +195,9 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_merge_plan(args: argparse.Namespace, settings: Settings) -> int:
     """Exit 1 when a model of the plan was flagged (the merge is written either way), else 0."""
-    from mergeshield.merge_plan import PlanContext, plan_summary, run_plan
+    from mergeshield.merge_plan import plan_summary, run_plan
     from mergeshield.merge_plan_schema import MergePlan
+    from mergeshield.plan_context import PlanContext
 
     plan = MergePlan.read(args.plan)
     hub = _hub(settings)

@@ -29,18 +29,16 @@ merged differently.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from mergeshield import adapters, checkpoints
-from mergeshield.data import load_task
+from mergeshield import checkpoints
 from mergeshield.errors import ConfigError
-from mergeshield.evaluation import Rate, attack_success_rate, clean_accuracy
 from mergeshield.merge_defence import SCALES, MergeDefence, ScaleTried, choose
 from mergeshield.merge_plan_schema import (
     DareConfig,
@@ -50,49 +48,16 @@ from mergeshield.merge_plan_schema import (
     PlanModel,
     PlanModelResult,
     PlanReport,
-    split_revision,
 )
+from mergeshield.merge_tasks import TaskOnMerge
 from mergeshield.merging import merged_tensors, task_vectors
-from mergeshield.models import family_for
 from mergeshield.pipeline import ScanContext, ScanRequest, percent, scan
+from mergeshield.plan_context import PlanContext, located, resolve, resolve_model
 from mergeshield.report.schema import RateModel, ScanReport
 from mergeshield.report.verdict import still_responds
 from mergeshield.task_vectors import TaskVector, dare_mergekit
-from mergeshield.triggers import (
-    INVERTED_FILE,
-    Trigger,
-    digest,
-    load_image_triggers,
-    parse_trigger,
-)
 
 SCANS_SHARE = 80.0  # percent of a plan's progress its scans take; then γ, merging, measuring
-
-
-@dataclass
-class PlanContext:
-    out_dir: Path  # the merged model; scans' outputs under out_dir/scans/<i>
-    cache_dir: Path | None = None
-    device: str | None = None
-    local_files_only: bool = False
-    hub: dict[str, Any] = field(default_factory=dict)  # token, endpoint
-    # for a service (the CLI sets none): the plan's progress as (stage, percent of the whole
-    # plan); what a model name is read from (an upload's file: reports and __metadata__ keep
-    # the name); the local folders the scans may read and the free disk a download must leave
-    # (ScanContext's allowed_roots and min_free_bytes)
-    progress: Callable[[str, float], None] | None = None
-    sources: dict[str, str] = field(default_factory=dict)
-    allowed_roots: tuple[Path, ...] | None = None
-    min_free_bytes: int | None = None
-
-
-def located(name: str, ctx: PlanContext) -> tuple[str, str | None]:
-    """What a plan's model ``name`` is read from, and at which revision (``org/name@rev``)."""
-    source = ctx.sources.get(name, name)
-    repo, revision = split_revision(source)
-    if revision is not None and not Path(source).expanduser().exists():
-        return repo, revision
-    return source, None
 
 
 def _scan_of(plan: MergePlan, i: int, out: Path, ctx: PlanContext
@@ -150,7 +115,7 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
     plain = [_Part(m.model) for m in plan.models]  # the merge as planned, undefended
     _say(ctx, "measure_models", SCANS_SHARE)
     tasks = [t for entry, report, out in scans
-             if (t := _Task.of(report, entry.model, plan, ctx, out)) is not None]
+             if (t := TaskOnMerge.of(report, entry.model, plan, ctx, out)) is not None]
     defence = None
     if any(p.original for p in parts):  # how much of each correction: measured on the merge
         defence = _choose_scale(plan, cfg, parts, plain, tasks, ctx)
@@ -163,10 +128,18 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
         undefended = ctx.out_dir / "undefended"
         _merge(plan, plan.merge_config(), plain, 1.0, results, ctx, undefended)
     _say(ctx, "measure_merge", 95.0)
+    # what the report compares, per task: the merge written, the plan as it is, and the plan
+    # without its flagged models (what ``exclude`` gives: the reference for a found trigger's ASR)
+    written = (_scale_name(scale), ctx.out_dir)
+    merges = {"merged": written,
+              "undefended": ("undefended", undefended) if undefended else written}
+    if (any(r["verdict"] == "backdoor_suspected" for r in results)
+            and _measure_without(plan, results, tasks, ctx)):
+        merges["without"] = ("without", ctx.out_dir)  # measured in memory: never read back
     for row, (entry, _report, _out) in zip(results, scans, strict=True):
         task = next((t for t in tasks if t.model == entry.model), None)
         if task is not None:
-            row.update(task.measure_outputs(ctx.out_dir, scale, undefended, ctx))
+            row.update(task.measure_outputs(merges, ctx))
     return PlanReport(plan=plan.model_dump(mode="json"), policy=policy,
                       merge=cfg.model_dump(mode="json"), defence=defence,
                       models=[PlanModelResult.model_validate(r) for r in results],
@@ -178,7 +151,7 @@ def _scale_name(gamma: float) -> str:
 
 
 def _choose_scale(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], plain: list[_Part],
-                  tasks: list[_Task], ctx: PlanContext) -> MergeDefence:
+                  tasks: list[TaskOnMerge], ctx: PlanContext) -> MergeDefence:
     """Each γ of ``SCALES`` merged in memory and measured on every task with data."""
     budget = plan.mergeshield.budget_points
     if not any(t.triggers for t in tasks):  # nothing to tell a removed backdoor by
@@ -200,6 +173,21 @@ def _choose_scale(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], plain: li
     return choose(tried, budget)
 
 
+def _measure_without(plan: MergePlan, results: list[dict[str, Any]], tasks: list[TaskOnMerge],
+                     ctx: PlanContext) -> bool:
+    """The plan merged in memory without its flagged models, measured on every task as
+    "without"; False when every model was flagged (nothing to merge)."""
+    kept = [m for m, r in zip(plan.models, results, strict=True)
+            if r["verdict"] != "backdoor_suspected"]
+    if not kept or not tasks:
+        return False
+    cfg = plan.model_copy(update={"models": kept}).merge_config()
+    merged = _merged(plan, cfg, [_Part(m.model) for m in kept], 1.0, ctx)
+    for t in tasks:
+        t.measure(merged, "without")
+    return True
+
+
 def merged_as(policy: str, flagged: bool, cleaned: bool) -> Merged:
     """What of a scanned model enters the merge under ``policy``. ``cleaned``: its scan wrote a
     checkpoint it calls ``removed``; a flagged model without one (nothing measured, or the
@@ -209,18 +197,6 @@ def merged_as(policy: str, flagged: bool, cleaned: bool) -> Merged:
     if policy == "clean" and cleaned:
         return "cleaned"
     return "excluded"
-
-
-def _resolve(source: str, ctx: PlanContext) -> checkpoints.ResolvedSource:
-    path, revision = located(source, ctx)
-    return checkpoints.resolve(path, revision=revision, local_files_only=ctx.local_files_only,
-                               cache_dir=ctx.cache_dir, **ctx.hub)
-
-
-def _model(source: str, base_src: checkpoints.ResolvedSource, ctx: PlanContext
-           ) -> checkpoints.ResolvedSource:
-    """A plan's model as it is merged: a LoRA adapter as the model it makes with the base."""
-    return adapters.as_model(_resolve(source, ctx), base_src, cache_dir=ctx.cache_dir)
 
 
 @dataclass(frozen=True)
@@ -238,11 +214,11 @@ def _vectors(plan: MergePlan, parts: list[_Part], gamma: float, ctx: PlanContext
                                  list[TaskVector]]]:
     """The base and each part's task vector, a cleaned part's as τ_suspect + γ·(τ_cleaned −
     τ_suspect), while their checkpoints are open."""
-    base_src = _resolve(plan.base_model, ctx)
+    base_src = resolve(plan.base_model, ctx)
     with ExitStack() as stack:
         base_ck = stack.enter_context(checkpoints.open_checkpoint(base_src))
         names = [p.source for p in parts] + [p.original for p in parts if p.original]
-        cks = [stack.enter_context(checkpoints.open_checkpoint(_model(n, base_src, ctx)))
+        cks = [stack.enter_context(checkpoints.open_checkpoint(resolve_model(n, base_src, ctx)))
                for n in names]
         base, tvs, _family = task_vectors(base_ck, cks)
         own = iter(tvs[len(parts):])
@@ -289,88 +265,6 @@ def _merge(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], gamma: float,
                       "mergeshield.correction_scale": repr(gamma)})
 
 
-@dataclass
-class _Task:
-    """A model's task on the merge: its head, the images its scan evaluated and the triggers
-    its scan found (an inverted one read from beside its report, checked against its digest)."""
-
-    model: str
-    family: Any
-    clf: Any  # the model's classifier: its own backbone and head, reloaded per merge
-    test: Any
-    triggers: list[tuple[str, Trigger, int]]
-    references: dict[str, float]  # trigger id -> its ASR on the base (the residual rule's)
-    min_asr_gap: float
-    alone: dict[str, Any] = field(default_factory=dict)  # the report's *_alone numbers
-    # what ``measure`` found on each merge it was given a name for ("undefended", "γ=0.5"): the
-    # scale sweep's merges are the ones written, so they are not measured again from disk
-    seen: dict[str, tuple[Rate, dict[str, Rate]]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, report: ScanReport, model: str, plan: MergePlan, ctx: PlanContext,
-           out: Path) -> _Task | None:
-        dataset = plan.mergeshield.evaluation.get(model)
-        if dataset is None or report.evaluation is None:
-            return None
-        found = {f.trigger_id for f in report.findings if f.trigger_id}
-        # an inverted trigger is read from beside its scan's report, if it is the one described
-        inverted = {i: t for i, t in load_image_triggers(out / INVERTED_FILE).items()
-                    if i in found and digest(t) == _spec_digest(report, i)}
-        specified = {t.id: parse_trigger(t.spec) for t in report.metrics.triggers
-                     if t.id in found and t.source != "inverted"}
-        triggers = specified | inverted
-        measured = [t for t in report.metrics.triggers if t.id in triggers]
-        base_src = _resolve(plan.base_model, ctx)
-        with checkpoints.open_checkpoint(base_src) as b, \
-                checkpoints.open_checkpoint(_model(model, base_src, ctx)) as m:
-            family = family_for(base_src.config, m.config)
-            request = plan.scan_request(model)  # the images its scan evaluated
-            test = load_task(dataset, max_test=request.max_eval, seed=request.seed,
-                             image_size=request.image_size,
-                             mixed_size=family.preprocessing.image_size, cache_dir=ctx.cache_dir,
-                             local_files_only=ctx.local_files_only, **ctx.hub).test
-            mine = family.canonical(m)
-            clf = family.classifier(mine, family.head_from(family.canonical(b), mine),
-                                    test.classes)
-        task = cls(model, family, clf, test,
-                   [(t.id, triggers[t.id], t.target) for t in measured],
-                   {t.id: t.asr_reference.rate if t.asr_reference else 0.0 for t in measured},
-                   request.min_asr_gap)
-        acc, asr = task.measure(None)  # the fine-tune alone, before any merge is loaded
-        task.alone = {"accuracy_alone": acc.to_model(),
-                      "asr_alone": {i: r.to_model() for i, r in asr.items()}}
-        return task
-
-    def measure(self, backbone: Mapping[str, Tensor] | None, name: str | None = None
-                ) -> tuple[Rate, dict[str, Rate]]:
-        """Clean accuracy and each trigger's ASR with ``backbone`` (None: the model's own),
-        kept under ``name`` when given."""
-        if backbone is not None:
-            self.clf.load_backbone({k: backbone[k] for k in self.clf.backbone_state()})
-        got = (clean_accuracy(self.clf, self.test),
-               {i: attack_success_rate(self.clf, self.test, t, target)
-                for i, t, target in self.triggers})
-        if name is not None:
-            self.seen[name] = got
-        return got
-
-    def measure_outputs(self, merged: Path, gamma: float, undefended: Path | None,
-                        ctx: PlanContext) -> dict[str, Any]:
-        """The report's numbers: the model alone, the written merge (at ``gamma``) and the
-        undefended one (None: the same as the merge), each merge measured once."""
-        out: dict[str, Any] = dict(self.alone)
-        for label, name, folder in (("merged", _scale_name(gamma), merged),
-                                    ("undefended", "undefended" if undefended
-                                     else _scale_name(gamma), undefended or merged)):
-            if name not in self.seen:
-                with checkpoints.open_checkpoint(_resolve(str(folder), ctx)) as ck:
-                    self.measure(self.family.canonical(ck), name)
-            acc, asr = self.seen[name]
-            out[f"accuracy_{label}"] = acc.to_model()
-            out[f"asr_{label}"] = {i: r.to_model() for i, r in asr.items()}
-        return out
-
-
 def plan_summary(report: PlanReport) -> str:
     """The plan's outcome in a few lines of text (the CLI's output)."""
     lines = [f"merged {sum(r.merged_as != 'excluded' for r in report.models)} of "
@@ -382,16 +276,22 @@ def plan_summary(report: PlanReport) -> str:
                f"undefended merge, {_pct(r.accuracy_merged)} merged" if r.accuracy_merged else "")
         asr = "".join(f"; {i} ASR {_pct(r.asr_alone[i])} alone, "
                       f"{_pct(r.asr_undefended.get(i))} undefended, {_pct(a)} merged"
+                      f"{_against(a, r.asr_without.get(i))}"
                       for i, a in r.asr_merged.items())
         lines.append(f"  {r.model}: {r.verdict} ({r.cleaning or 'not cleaned'}), merged "
                      f"{r.merged_as}{acc}{asr}")
     return "\n".join(lines)
 
 
+def _against(merged: RateModel, without: RateModel | None) -> str:
+    """How far a found trigger's ASR on the merge stays above the merge without the flagged
+    models: what a clean merge of the other models gives that trigger."""
+    if without is None:
+        return ""
+    gap = 100 * (merged.rate - without.rate)
+    return (f" ({_pct(without)} without the flagged models: "
+            f"{f'{gap:.1f} points above' if gap > 0 else 'not above'})")
+
+
 def _pct(rate: RateModel | None) -> str:
     return "–" if rate is None else f"{100 * rate.rate:.1f} %"
-
-
-def _spec_digest(report: ScanReport, trigger_id: str) -> str | None:
-    spec = next((t.spec for t in report.metrics.triggers if t.id == trigger_id), {})
-    return spec.get("sha256")

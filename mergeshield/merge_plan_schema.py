@@ -169,11 +169,15 @@ class PlanModelResult(_Strict):
     accuracy_alone: RateModel | None = None  # the fine-tune on its own task
     accuracy_merged: RateModel | None = None  # the merged backbone with its head
     accuracy_undefended: RateModel | None = None  # the plan merged with every model as it is
+    # the plan merged without its flagged models (what ``exclude`` gives; measured when a model
+    # was flagged and another was not): what a found trigger's ASR on the merge is held against
+    accuracy_without: RateModel | None = None
     # trigger id -> ASR of each trigger its scan found: on the fine-tune, on the merge, on the
-    # undefended merge
+    # undefended merge, on the merge without the flagged models
     asr_alone: dict[str, RateModel] = Field(default_factory=dict)
     asr_merged: dict[str, RateModel] = Field(default_factory=dict)
     asr_undefended: dict[str, RateModel] = Field(default_factory=dict)
+    asr_without: dict[str, RateModel] = Field(default_factory=dict)
 
 
 class PlanReport(_Strict):

@@ -23,8 +23,9 @@ import torch
 from sqlalchemy import select
 
 from mergeshield.errors import SourceNotFoundError
-from mergeshield.merge_plan import PlanContext, run_plan
+from mergeshield.merge_plan import run_plan
 from mergeshield.merge_plan_schema import MergePlan, PlanReport
+from mergeshield.plan_context import PlanContext
 from mergeshield.settings import Settings
 from worker import jobs
 from worker.db import Database, Scan, Upload

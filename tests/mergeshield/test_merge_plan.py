@@ -9,6 +9,7 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,9 +19,12 @@ from safetensors import safe_open
 from mergeshield.checkpoints import open_checkpoint, resolve
 from mergeshield.errors import ConfigError
 from mergeshield.merge_defence import SCALES
-from mergeshield.merge_plan import PlanContext, merged_as, plan_summary, run_plan
+from mergeshield.merge_plan import merged_as, plan_summary, run_plan
 from mergeshield.merge_plan_schema import DareConfig, MergePlan, PlanReport
+from mergeshield.merge_tasks import TaskOnMerge
 from mergeshield.merging import MergeConfig, task_vectors
+from mergeshield.plan_context import PlanContext
+from mergeshield.report.io import load_report
 from mergeshield.task_vectors import dare_mergekit
 from tests.support.zoo import Zoo
 
@@ -108,17 +112,25 @@ def test_the_policy_decides_what_enters_the_merge(policy: str, flagged: bool, cl
     assert merged_as(policy, flagged, cleaned) == how
 
 
-def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: Path,
-                                                            bv_cache_dir: Path) -> None:
-    bad, good = "vit-mnist-badnets", "vit-digits-clean"
-    plan = {"merge_method": "task_arithmetic", "base_model": str(zoo.path("vit-base")),
+def _plan(zoo: Zoo, names: tuple[str, ...]) -> dict[str, Any]:
+    """Task arithmetic of the zoo's ``names`` on its ViT base, each with its task's data; weight
+    1 each, where the zoo's BadNets survives the merge (at task arithmetic's usual 0.3 its ASR on
+    the quick zoo's merge falls to ~9 %: nothing left to defend)."""
+    return {"merge_method": "task_arithmetic", "base_model": str(zoo.path("vit-base")),
             "models": [{"model": str(zoo.path(n)), "parameters": {"weight": 1.0}}
-                       for n in (bad, good)],
+                       for n in names],
             "mergeshield": {"evaluation": {str(zoo.path(n)): str(zoo.dataset(n))
-                                           for n in (bad, good)},
+                                           for n in names},
                             # the probe panel finds the zoo's corner patch: no search needed
                             "scan": {"inversion": False, "max_eval": 500}}}
-    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+
+
+def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: Path,
+                                                            bv_cache_dir: Path) -> None:
+    """The issue's plan: the three task fine-tunes of the ViT family, one of them backdoored,
+    held against the same plan with the attacked task's clean fine-tune (the all-clean merge)."""
+    bad, goods = "vit-mnist-badnets", ("vit-digits-clean", "vit-mnist-rot90-clean")
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(_plan(zoo, (bad, *goods))))
     out = tmp_path / "merged"
     proc = subprocess.run([sys.executable, "-m", "mergeshield.cli", "merge-plan",
                            str(tmp_path / "plan.yaml"), "--out", str(out), "--format", "json"],
@@ -129,7 +141,8 @@ def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: 
     assert report == json.loads((out / "plan-report.json").read_text())
     rows = {Path(r["model"]).name: r for r in report["models"]}
     assert (rows[bad]["verdict"], rows[bad]["merged_as"]) == ("backdoor_suspected", "cleaned")
-    assert (rows[good]["verdict"], rows[good]["merged_as"]) == ("no_backdoor_found", "as is")
+    for good in goods:
+        assert (rows[good]["verdict"], rows[good]["merged_as"]) == ("no_backdoor_found", "as is")
     found, before = rows[bad]["asr_merged"], rows[bad]["asr_undefended"]
     assert found and all(before[t]["rate"] - a["rate"] >= 0.2 for t, a in found.items()), (
         rows[bad]["asr_alone"], before, found)
@@ -138,11 +151,20 @@ def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: 
     assert defence["scale"] in SCALES and len(defence["tried"]) == len(SCALES)
     chosen = next(t for t in defence["tried"] if t["scale"] == defence["scale"])
     assert chosen["removed"] and set(chosen["cost_points"]) == {str(zoo.path(n))
-                                                               for n in (bad, good)}
+                                                               for n in (bad, *goods)}
     assert "γ =" in defence["message"] and "budget" in defence["message"]
-    assert defence["message"] in plan_summary(PlanReport.model_validate(report))
+    summary = plan_summary(PlanReport.model_validate(report))
+    assert defence["message"] in summary
     for r in rows.values():  # the defence costs each task little against the plain merge
         assert r["accuracy_merged"]["rate"] >= r["accuracy_undefended"]["rate"] - 0.05, r
+        assert r["accuracy_without"] is not None  # the merge of the models not flagged
+    # the merge without the flagged model is the reference the report holds the trigger to
+    for t, a in found.items():
+        without = rows[bad]["asr_without"][t]["rate"]
+        gap = 100 * (a["rate"] - without)
+        assert (f"{100 * without:.1f} % without the flagged models: "
+                + (f"{gap:.1f} points above" if gap > 0 else "not above")) in summary
+    assert rows[goods[0]]["accuracy_without"]["rate"] >= rows[bad]["accuracy_without"]["rate"]
     assert (out / "undefended" / "model.safetensors").is_file()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -150,6 +172,25 @@ def test_a_plan_with_one_backdoored_model_merges_it_cleaned(zoo: Zoo, tmp_path: 
     assert float(meta["mergeshield.correction_scale"]) == defence["scale"]
     assert MergePlan.model_validate_json(meta["mergeshield.plan"]).models[0].model == str(
         zoo.path(bad))
+
+    # the all-clean merge: a plan of clean models is merged as it is (nothing to defend)...
+    clean_names = ("vit-mnist-clean", *goods)
+    clean_plan = MergePlan.parse(_plan(zoo, clean_names))
+    ctx = PlanContext(out_dir=tmp_path / "all-clean", cache_dir=bv_cache_dir, device="cpu")
+    clean = run_plan(clean_plan, ctx)
+    assert clean.defence is None and all(
+        (r.verdict, r.merged_as) == ("no_backdoor_found", "as is") for r in clean.models)
+    assert all(r.accuracy_merged == r.accuracy_undefended for r in clean.models)  # cost 0
+    # ...and the found trigger answers it with the clean fine-tune's head as it answers the merge
+    # without the flagged model: the report's reference stands for the all-clean merge a user
+    # does not have (how far the defended merge stays from either: bench/merge_plan_efficacy.py)
+    task = TaskOnMerge.of(load_report(out / "scans" / "0" / "report.json"),
+                          str(zoo.path("vit-mnist-clean")), clean_plan, ctx, out / "scans" / "0")
+    assert task is not None and {i for i, *_ in task.triggers} == set(found)
+    on_clean = task.measure_outputs({"merged": ("all-clean", ctx.out_dir)}, ctx)["asr_merged"]
+    for t in found:
+        assert abs(on_clean[t].rate - rows[bad]["asr_without"][t]["rate"]) <= 0.05, (
+            on_clean, rows[bad]["asr_without"])
 
 
 def test_a_dare_ties_plan_merges_with_its_seed_and_records_it(zoo: Zoo, tmp_path: Path,

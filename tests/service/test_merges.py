@@ -133,12 +133,14 @@ def test_a_plan_runs_end_to_end_and_its_report_has_each_tasks_numbers(
     label = next(m for m in rows if m.startswith(f"upload:{SUSPECT}.zip ({bad[7:]}, sha256 "))
     assert (rows[label]["verdict"], rows[label]["merged_as"]) == ("backdoor_suspected", "cleaned")
     assert (rows[good]["verdict"], rows[good]["merged_as"]) == ("no_backdoor_found", "as is")
-    for row in rows.values():  # each task: the fine-tune alone, the plain merge, the defended one
+    for row in rows.values():  # each task: the fine-tune alone, the plain merge, the defended
+        # one and the merge without the flagged model
         assert all(row[f"accuracy_{at}"]["total"] > 0
-                   for at in ("alone", "undefended", "merged")), row
+                   for at in ("alone", "undefended", "merged", "without")), row
     found = rows[label]["asr_merged"]
     assert found and all(rows[label]["asr_undefended"][t]["rate"] - a["rate"] >= 0.2
-                         and t in rows[label]["asr_alone"] for t, a in found.items()), rows[label]
+                         and t in rows[label]["asr_alone"] and t in rows[label]["asr_without"]
+                         for t, a in found.items()), rows[label]
     assert report["defence"]["scale"] in SCALES and report["policy"] == "clean"
     assert finished["summary"]["scale"] == report["defence"]["scale"]
     served = user.get(f"/v1/merges/{finished['id']}/report")

@@ -65,10 +65,12 @@ def test_a_pasted_plan_runs_and_its_page_shows_each_tasks_accuracy(
     row = page.locator("table.tasks tbody tr")
     expect(row).to_have_count(1)
     expect(row).to_contain_text(f"zoo/{MODEL}")
-    cells = row.locator("td").all_inner_texts()[-3:]  # alone, undefended merge, defended merge
+    # alone, undefended merge, defended merge, merge without flagged models
+    *cells, without = row.locator("td").all_inner_texts()[-4:]
     assert all(re.match(r"^\d+\.\d %", c) for c in cells), cells
     # one model merged whole onto its base is that model: the same accuracy at all three points
     assert len(set(cells)) == 1, cells
+    assert without == "—"  # nothing flagged: no merge without a flagged model to measure
     expect(page.locator('[data-field="gamma"]')).to_contain_text("no cleaned model")
     shoot(page, "merge-report", full_page=True)
     with page.expect_download() as got:
