@@ -79,7 +79,7 @@ def _scan_of(plan: MergePlan, i: int, out: Path, ctx: PlanContext
         out_dir=out, cache_dir=ctx.cache_dir, device=ctx.device,
         local_files_only=ctx.local_files_only, progress=progress if ctx.progress else None,
         allowed_roots=ctx.allowed_roots, min_free_bytes=ctx.min_free_bytes, labels=labels,
-        **ctx.hub)
+        bv_guard=ctx.bv_guard, **ctx.hub)
 
 
 def _say(ctx: PlanContext, stage: str, pct: float) -> None:

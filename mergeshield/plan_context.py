@@ -4,6 +4,7 @@ a model name of the plan is read (a hub id at a revision, a local folder, an upl
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ class PlanContext:
     # for a service (the CLI sets none): the plan's progress as (stage, percent of the whole
     # plan); what a model name is read from (an upload's file: reports and __metadata__ keep
     # the name); the local folders the scans may read and the free disk a download must leave
-    # (ScanContext's allowed_roots and min_free_bytes)
+    # (ScanContext's allowed_roots and min_free_bytes); the lock a BV_inj is built under,
+    # spanning a service's workers (ScanContext's bv_guard)
     progress: Callable[[str, float], None] | None = None
     sources: dict[str, str] = field(default_factory=dict)
     allowed_roots: tuple[Path, ...] | None = None
     min_free_bytes: int | None = None
+    bv_guard: Callable[[str], AbstractContextManager[None]] | None = None
 
 
 def located(name: str, ctx: PlanContext) -> tuple[str, str | None]:

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     scan_soft_time_limit: int = 6 * 3600
     scan_hard_time_limit: int = 6 * 3600 + 300
     # per-stage limit in seconds for every stage, and per-stage overrides by stage name (e.g.
-    # {"resolve": 1800}); the worker fails a scan whose stage runs longer; 0 = no limit
+    # {"resolve": 1800}; a merge's "scan 2/3: sweep" is a "sweep"); the worker fails a scan
+    # whose stage runs longer; 0 = no limit
     stage_time_limit: float = 0.0
     stage_time_limits: dict[str, float] = Field(default_factory=dict)
     # refuse a hub download, an archive's unpacking or an upload's bytes that would leave less

@@ -34,7 +34,8 @@ class StageClock:
         self._previous: Any = None
 
     def limit(self, stage: str) -> float:
-        return self.per_stage.get(stage, self.default)
+        """A stage's limit by its name; a merge's "scan 2/3: sweep" is its scan's "sweep"."""
+        return self.per_stage.get(stage.rsplit(": ", 1)[-1], self.default)
 
     def observe(self, stage: str) -> None:
         """A progress report: a new stage starts its clock; any report checks the running one."""
@@ -47,7 +48,7 @@ class StageClock:
         stage = self.stage or "?"
         limit = self.limit(stage)
         return StageTimeLimitError(
-            f"the scan's stage {stage!r} ran longer than its limit of {limit:g} s and was "
+            f"the stage {stage!r} ran longer than its limit of {limit:g} s and was "
             "stopped; retry with a smaller scan (fewer evaluation images, no inversion) or ask "
             "for a larger limit (MERGESHIELD_STAGE_TIME_LIMITS)",
             details={"stage": stage, "limit": limit})

@@ -25,17 +25,19 @@ from sqlalchemy import select
 from mergeshield.errors import SourceNotFoundError
 from mergeshield.merge_plan import run_plan
 from mergeshield.merge_plan_schema import MergePlan, PlanReport
-from mergeshield.plan_context import PlanContext
+from mergeshield.plan_context import PlanContext, resolve
 from mergeshield.settings import Settings
 from worker import jobs
+from worker.bv_guard import BvGuard
 from worker.db import Database, Scan, Upload
+from worker.limits import guard_device
 
 log = logging.getLogger("mergeshield.worker")
 PLAN_REPORT = "plan-report.json"  # the CLI's name for it, beside the merged model
 UPLOAD_PREFIX = "upload:"
 
 
-def run(job: jobs.Job, settings: Settings) -> None:
+def run(job: jobs.Job, settings: Settings, bv_guard: BvGuard | None = None) -> None:
     """Scan every model of the plan, merge and measure, then record the outcome."""
     merge = job.scan
     out = jobs.result_dir(settings.scans_dir, merge.id)
@@ -43,16 +45,25 @@ def run(job: jobs.Job, settings: Settings) -> None:
         with jobs.working(job, settings):
             job.report("resolve", 0.0)
             plan, sources = library_plan(job.db, merge, settings)
-            device = "cpu" if merge.request.get("device") == "cpu" else (
-                settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            if out.exists():  # a retry overwrites its own output, nothing else
-                shutil.rmtree(out)
-            report = run_plan(plan, PlanContext(
-                out_dir=out, cache_dir=settings.cache_dir, device=device,
+            requested = merge.request.get("device", "auto")
+            ctx = PlanContext(
+                out_dir=out, cache_dir=settings.cache_dir, device="cpu" if requested == "cpu"
+                else settings.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                 hub={"token": settings.token(), "endpoint": settings.hf_endpoint},
                 progress=lambda stage, pct: job.report(stage, pct, urgent=False),
                 sources=sources, allowed_roots=(settings.uploads_dir,),
-                min_free_bytes=settings.min_free_bytes))
+                min_free_bytes=settings.min_free_bytes, bv_guard=bv_guard)
+            if ctx.device and ctx.device.startswith("cuda"):
+                # the GPU guard of a scan, for the plan's largest scan: a fine-tune and the
+                # base (a plan's fine-tunes have the base's shapes; others are refused)
+                base = resolve(plan.base_model, ctx)
+                ctx.device = guard_device(ctx.device, requested, 2 * sum(
+                    p.stat().st_size for p in base.tensor_files), settings.gpu_memory_factor)
+                if not ctx.device.startswith("cuda"):
+                    log.warning("too little free GPU memory: the merge runs on the CPU")
+            if out.exists():  # a retry overwrites its own output, nothing else
+                shutil.rmtree(out)
+            report = run_plan(plan, ctx)
             (out / PLAN_REPORT).write_text(report.model_dump_json(indent=2))
         job.finish("succeeded", verdict=verdict(report), result_dir=str(
             out.relative_to(settings.data_dir)), summary=summary(report), percent=100.0)

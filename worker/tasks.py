@@ -49,11 +49,11 @@ def scan(self: Task[Any, Any], scan_id: str) -> str:
             log.info("not claimed: finished, cancelled or running elsewhere")
             return "skipped"
         with jobs.heartbeat(job, settings.heartbeat_interval):
+            guard = db_guard(db, worker, scan_id, settings.stale_after)
             if job.scan.kind == "merge":
-                merge_jobs.run(job, settings)
+                merge_jobs.run(job, settings, bv_guard=guard)
             else:
-                jobs.run(job, settings, bv_guard=db_guard(db, worker, scan_id,
-                                                          settings.stale_after))
+                jobs.run(job, settings, bv_guard=guard)
     return "done"
 
 

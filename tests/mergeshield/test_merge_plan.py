@@ -7,7 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,24 @@ def test_a_dare_ties_plan_merges_with_its_seed_and_records_it(zoo: Zoo, tmp_path
             moved += int(both.sum())
             changed += int((written[k] != base[k])[both].sum())
     assert abs(changed / moved - (1 - 0.5 * 0.3)) < 0.02, (changed, moved)
+
+
+def test_a_plans_scans_build_their_bv_under_the_plans_guard(zoo: Zoo, tmp_path: Path) -> None:
+    """A service's lock on building BV_inj (worker/bv_guard.py) spans its merges' scans too."""
+    held: list[str] = []
+
+    @contextmanager
+    def guard(key: str) -> Iterator[None]:
+        held.append(key)
+        yield
+
+    bad = "vit-mnist-badnets"
+    plan = MergePlan.parse({**_plan(zoo, (bad,)), "mergeshield": {
+        "policy": "include", "evaluation": {str(zoo.path(bad)): str(zoo.dataset(bad))},
+        "scan": {"inversion": False, "probes": False, "max_eval": 100}}})
+    ctx = PlanContext(out_dir=tmp_path / "merged", cache_dir=tmp_path / "cache", device="cpu",
+                      bv_guard=guard)  # a cache of its own: the BV is built here
+    run_plan(plan, ctx)
+    injection = load_report(tmp_path / "merged" / "scans" / "0" / "report.json").injection
+    assert injection is not None and not injection.cached
+    assert len(held) == 1 and injection.recipe_hash in held[0]

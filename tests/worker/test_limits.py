@@ -56,6 +56,21 @@ def test_a_stage_past_its_limit_fails_naming_it(clock_time: FakeTime) -> None:
     assert info.value.details == {"stage": "measure_suspect", "limit": 5.0}
 
 
+def test_a_merges_scan_stages_are_limited_by_their_names(clock_time: FakeTime) -> None:
+    with StageClock(0.0, {"sweep": 5.0}) as clock:
+        clock.observe("scan 1/3: sweep")
+        clock_time.now += 4
+        clock.observe("scan 2/3: sweep")  # the next scan's sweep: a clock of its own
+        clock_time.now += 4
+        clock.observe("choose_scale")  # the plan's own stages: no limit here
+        clock_time.now += 1000
+        clock.observe("scan 3/3: sweep")
+        clock_time.now += 6
+        with pytest.raises(StageTimeLimitError) as info:
+            clock.observe("scan 3/3: sweep")
+    assert info.value.details == {"stage": "scan 3/3: sweep", "limit": 5.0}
+
+
 def test_a_silent_stage_is_judged_when_the_next_one_starts(clock_time: FakeTime) -> None:
     with StageClock(5.0) as clock:
         clock.observe("write_checkpoint")
