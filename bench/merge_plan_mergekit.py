@@ -6,7 +6,7 @@ on the same YAML (mergekit's keys only) to float tolerance. For each plan over t
 process, ``mergeshield merge-plan``, the lower-level ``mergeshield merge`` with the plan's weights,
 and ``mergekit-yaml`` from a separate venv (``--mergekit-venv``, made by ``--setup-mergekit``), then
 compares every tensor of the outputs. A tensor is equal when max|a − b| ≤ REL_TOL · max|b| (b:
-mergekit's; fp32). A plan's TIES is mergekit's form (``task_vectors.ties_mergekit``); TIES rows
+mergekit's; fp32). A plan's TIES is mergekit's form (``merge_methods.ties_mergekit``); TIES rows
 add a diagnosis of the lower-level ``merge`` (the paper's ``ties``): it run on each tensor alone
 (mergekit trims each tensor by itself) tells the trim scope from the other causes.
 
@@ -51,14 +51,9 @@ from torch import Tensor
 
 from mergeshield import checkpoints
 from mergeshield.errors import UnsupportedModelError
+from mergeshield.merge_methods import dare_drop, dare_mergekit, l1_rescaled, ties
 from mergeshield.models import family_for
-from mergeshield.task_vectors import (
-    TaskVector,
-    dare_drop,
-    dare_mergekit,
-    l1_rescaled,
-    ties,
-)
+from mergeshield.task_vectors import TaskVector
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "vit-base"
@@ -432,7 +427,7 @@ def run_plan(plan: Plan, zoo: Path, work: Path, venv: Path,
 # -- report ---------------------------------------------------------------------------------------
 CAUSES = """\
 mergekit's TIES (`merge_methods/generalized_task_arithmetic.py`, `sparsify.py`) against the
-paper's form in `mergeshield/task_vectors.py`, `ties` (what `mergeshield merge --method ties`
+paper's form in `mergeshield/merge_methods.py`, `ties` (what `mergeshield merge --method ties`
 runs). A plan computes mergekit's form instead (`ties_mergekit`, chosen by `MergePlan.merge_config`
 since these causes were found: the table above shows it equal), so only the lower-level `merge`
 differs:
@@ -564,7 +559,7 @@ tensors equal means the description is exact. MergeShield could equal it only by
 stream across the whole model in mergekit's order, on CPU (on CUDA mergekit draws from the CUDA
 generator): a tensor's drop would then depend on every tensor named before it, heads included,
 and on which tensors mergekit's architecture tables make it merge. It draws per tensor and model
-instead (`task_vectors.dare_generator`: SHA-256 of the seed, the tensor's name and the model's
+instead (`merge_methods.dare_generator`: SHA-256 of the seed, the tensor's name and the model's
 name in the plan), so the merges agree in distribution, not entry for entry."""
 
 

@@ -19,9 +19,9 @@ model alone, the undefended merge and the merge; clean accuracy and the ASR of e
 scan found (an inverted one read back from beside its report, ``triggers.INVERTED_FILE``).
 
 Merges: task arithmetic θ = θ_base + Σ w_i·τ_i (``normalize``: the weights divided by their sum,
-as mergekit does), TIES as mergekit computes it (``task_vectors.ties_mergekit``: per-model
+as mergekit does), TIES as mergekit computes it (``merge_methods.ties_mergekit``: per-model
 density and weight, per-tensor trim, ``normalize`` on by default), and DARE as mergekit computes it
-(``dare_ties``, ``dare_linear``: ``task_vectors.dare_mergekit``) but with MergeShield's own seeded
+(``dare_ties``, ``dare_linear``: ``merge_methods.dare_mergekit``) but with MergeShield's own seeded
 draws (``mergeshield.seed``). Other mergekit forms (slices, ``lambda``) are refused rather than
 merged differently.
 """
@@ -40,6 +40,7 @@ from torch import Tensor
 from mergeshield import checkpoints
 from mergeshield.errors import ConfigError
 from mergeshield.merge_defence import SCALES, MergeDefence, ScaleTried, choose
+from mergeshield.merge_methods import dare_mergekit
 from mergeshield.merge_plan_schema import (
     DareConfig,
     Merged,
@@ -55,7 +56,7 @@ from mergeshield.pipeline import ScanContext, ScanRequest, percent, scan
 from mergeshield.plan_context import PlanContext, located, resolve, resolve_model
 from mergeshield.report.schema import RateModel, ScanReport
 from mergeshield.report.verdict import still_responds
-from mergeshield.task_vectors import TaskVector, dare_mergekit
+from mergeshield.task_vectors import TaskVector
 
 SCANS_SHARE = 80.0  # percent of a plan's progress its scans take; then γ, merging, measuring
 

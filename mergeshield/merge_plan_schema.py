@@ -69,12 +69,12 @@ class PlanOptions(_Strict):
     # undefended merge (mergeshield/merge_defence.py chooses how much correction enters)
     budget_points: float = Field(default=2.0, ge=0, le=100, allow_inf_nan=False)
     # DARE's random drop: model m's drop of tensor k is drawn from a generator seeded by (seed,
-    # k, m) (``task_vectors.dare_generator``); mergekit's own seed is ``--random-seed``
+    # k, m) (``merge_methods.dare_generator``); mergekit's own seed is ``--random-seed``
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
 
 
 class DareConfig(_Strict):
-    """A plan's DARE merge (``task_vectors.dare_mergekit``), as its report and the merge's
+    """A plan's DARE merge (``merge_methods.dare_mergekit``), as its report and the merge's
     ``__metadata__`` record it."""
 
     method: Literal["dare_ties", "dare_linear"]

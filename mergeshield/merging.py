@@ -15,8 +15,9 @@ from torch import Tensor
 
 from mergeshield import checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
+from mergeshield.merge_methods import task_arithmetic, ties, ties_mergekit
 from mergeshield.models import ModelFamily, backbone_keys, family_for
-from mergeshield.task_vectors import TaskVector, task_arithmetic, ties, ties_mergekit
+from mergeshield.task_vectors import TaskVector
 
 
 class MergeConfig(BaseModel):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from mergeshield import task_vectors
+from mergeshield import merge_methods
 from mergeshield.errors import ConfigError
 from mergeshield.task_vectors import TaskVector, top_k
 
@@ -30,7 +30,7 @@ def sbv(bvs: Sequence[TaskVector], p: float = KEEP, sign_consistent: bool = Fals
     vectors = [bv.materialize() for bv in bvs]  # each is read several times below
     mean_norm = (_sum(vectors) * (1.0 / len(vectors))).norm()  # ‖mean BV‖, before any election
     if sign_consistent:
-        vectors = task_vectors.sign_consistent(vectors)
+        vectors = merge_methods.sign_consistent(vectors)
     sparse = top_k(_sum(vectors), p, scope="global").materialize()
     norm = sparse.norm()
     if norm == 0.0 or not math.isfinite(norm):

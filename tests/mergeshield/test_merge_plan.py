@@ -20,13 +20,13 @@ from safetensors import safe_open
 from mergeshield.checkpoints import open_checkpoint, resolve
 from mergeshield.errors import ConfigError
 from mergeshield.merge_defence import SCALES
+from mergeshield.merge_methods import dare_mergekit
 from mergeshield.merge_plan import merged_as, plan_summary, run_plan
 from mergeshield.merge_plan_schema import DareConfig, MergePlan, PlanReport
 from mergeshield.merge_tasks import TaskOnMerge
 from mergeshield.merging import MergeConfig, task_vectors
 from mergeshield.plan_context import PlanContext
 from mergeshield.report.io import load_report
-from mergeshield.task_vectors import dare_mergekit
 from tests.support.zoo import Zoo
 
 PLAN = {"merge_method": "task_arithmetic", "base_model": "org/base",
@@ -215,7 +215,7 @@ def test_a_dare_ties_plan_merges_with_its_seed_and_records_it(zoo: Zoo, tmp_path
         "method": "dare_ties", "densities": densities, "seed": 11, "normalize": False,
         "rescale": True, "models": models}
     assert MergePlan.model_validate_json(meta["mergeshield.plan"]).mergeshield.seed == 11
-    # the merge is task_vectors.dare_mergekit's, each model drawn under its name in the plan
+    # the merge is merge_methods.dare_mergekit's, each model drawn under its name in the plan
     with ExitStack() as stack:
         base_ck, *cks = (stack.enter_context(open_checkpoint(resolve(str(zoo.path(n)))))
                          for n in ("vit-base", *names))

@@ -10,9 +10,10 @@ import transformers
 
 from mergeshield import checkpoints
 from mergeshield.errors import ConfigError, IncompatibleModelsError
+from mergeshield.merge_methods import ties
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.models import HFImageFamily, family_for
-from mergeshield.task_vectors import TaskVector, ties
+from mergeshield.task_vectors import TaskVector
 from tests.support.tiny import IMAGE, load_dir, read_state, save_finetuned, save_vit
 
 
