@@ -135,7 +135,8 @@ def cancel(merge_id: str, request: Request, response: Response, caller: Caller) 
             responses={200: {"content": {"application/json": {}}}})
 def report(merge_id: str, request: Request, caller: Caller) -> FileResponse:
     """``plan-report.json``: each model's verdict and how it entered the merge, each task's
-    accuracy and each found trigger's ASR alone / undefended / merged, the γ chosen."""
+    accuracy and each found trigger's ASR alone / undefended / merged / without the flagged
+    models, the γ chosen."""
     folder = job_dir(request.app.state, _finished(request.app.state.db, caller, merge_id))
     return FileResponse(folder / PLAN_REPORT, media_type="application/json",
                         filename=f"{merge_id}-{PLAN_REPORT}", content_disposition_type="inline")
