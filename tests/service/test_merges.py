@@ -26,7 +26,9 @@ from tests.support.receiver import Receiver
 from tests.support.stack import BACKENDS, Stack
 from tests.support.zoo import Zoo
 
-GOOD = "vit-digits-clean"  # a clean fine-tune of another task, published on the hub
+# clean fine-tunes of the two other tasks, published on the hub: with the upload, issue 17's
+# plan of the three task fine-tunes of one family, one of them backdoored
+GOODS = ("vit-digits-clean", "vit-mnist-rot90-clean")
 # the round trip's scan with a one-epoch repair: on the quick zoo it already removes the planted
 # trigger (the CLI: the same verdicts, every found trigger removed on the merge at γ = 0.75)
 SCAN = {**CLEANING, "unlearning": {"epochs": 1}}
@@ -78,15 +80,17 @@ def plan(user: httpx.Client, zoo: Zoo, published: Published) -> dict[str, Any]:
     backdoored model uploaded, the clean one and the base on the hub, the base at its sha."""
     base = zoo.model(SUSPECT)["base"]
     base_sha = published.hub.add_repo(f"zoo/{base}", zoo.path(base))  # as published: same sha
-    published.hub.add_repo(f"zoo/{GOOD}", zoo.path(GOOD))
-    published.hub.add_repo("zoo/digits", zoo.dataset(GOOD), repo_type="dataset")
+    data = {}
+    for name in GOODS:
+        published.hub.add_repo(f"zoo/{name}", zoo.path(name))
+        data[f"zoo/{name}"] = f"zoo/{zoo.model(name)['task']}"
+        published.hub.add_repo(data[f"zoo/{name}"], zoo.dataset(name), repo_type="dataset")
     r = user.post("/v1/uploads", files={"file": (f"{SUSPECT}.zip", zipped(zoo.path(SUSPECT)))})
     assert r.status_code == 201, r.text
-    bad, good = f"upload:{r.json()['id']}", f"zoo/{GOOD}"
+    bad = f"upload:{r.json()['id']}"
     return {"merge_method": "task_arithmetic", "base_model": f"zoo/{base}@{base_sha}",
-            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (bad, good)],
-            "mergeshield": {"evaluation": {bad: published.dataset, good: "zoo/digits"},
-                            "scan": SCAN}}
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (bad, *data)],
+            "mergeshield": {"evaluation": {bad: published.dataset, **data}, "scan": SCAN}}
 
 
 def wait(client: httpx.Client, merge_id: str, stack: Stack, *, until: Any = None,
@@ -126,13 +130,14 @@ def test_a_plan_runs_end_to_end_and_its_report_has_each_tasks_numbers(
         stack: Stack) -> None:
     assert finished["state"] == "succeeded", finished
     assert finished["percent"] == 100.0 and finished["verdict"] == "backdoor_suspected"
-    assert any(s.startswith("scan 1/2: ") for s in finished["stages"]), finished["stages"]
-    bad, good = (m["model"] for m in plan["models"])
+    assert any(s.startswith("scan 1/3: ") for s in finished["stages"]), finished["stages"]
+    bad, *goods = (m["model"] for m in plan["models"])
     report = finished["report"]
     rows = {r["model"]: r for r in report["models"]}
     label = next(m for m in rows if m.startswith(f"upload:{SUSPECT}.zip ({bad[7:]}, sha256 "))
     assert (rows[label]["verdict"], rows[label]["merged_as"]) == ("backdoor_suspected", "cleaned")
-    assert (rows[good]["verdict"], rows[good]["merged_as"]) == ("no_backdoor_found", "as is")
+    for good in goods:
+        assert (rows[good]["verdict"], rows[good]["merged_as"]) == ("no_backdoor_found", "as is")
     for row in rows.values():  # each task: the fine-tune alone, the plain merge, the defended
         # one and the merge without the flagged model
         assert all(row[f"accuracy_{at}"]["total"] > 0

@@ -1,7 +1,8 @@
 """The merge pages in a real browser (issue 17): a plan pasted in the New merge form runs on the
 real ``mergeshield serve --auth`` and its page shows, per task, the fine-tune alone, the
-undefended merge and the defended one; a bad plan comes back with its code; a running merge is
-cancelled from its page; nothing overflows a phone's width."""
+undefended merge, the defended one and the merge without the flagged model, and the found
+trigger's ASR at each; a bad plan comes back with its code; a running merge is cancelled from its
+page; nothing overflows a phone's width."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import yaml
 from playwright.sync_api import Browser, Page, expect
 from safetensors import safe_open
 
-from tests.service.conftest import Published
+from tests.service.conftest import SUSPECT, Published
 from tests.support.browser import PHONE, shoot, signed_in
 from tests.support.stack import Stack
 from tests.support.zoo import Zoo
 
 MODEL = "vit-digits-clean"
+# issue 17's plan: the three task fine-tunes of the ViT family, the MNIST one backdoored
+THREE = (SUSPECT, MODEL, "vit-mnist-rot90-clean")
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +38,20 @@ def stack(published: Published, bv_cache_dir: Path,
         s.close()
 
 
-def plan_text(zoo: Zoo, published: Published, **scan: object) -> str:
-    """One clean fine-tune of the digits task merged onto its base, both on the hub."""
+def plan_text(zoo: Zoo, published: Published, models: tuple[str, ...] = (MODEL,),
+              **scan: object) -> str:
+    """The zoo's ``models`` (by default one clean fine-tune of the digits task) merged onto
+    their base, all on the hub with their tasks' data."""
     base = zoo.model(MODEL)["base"]
-    published.hub.add_repo(f"zoo/{MODEL}", zoo.path(MODEL))
-    published.hub.add_repo("zoo/digits", zoo.dataset(MODEL), repo_type="dataset")
+    data = {}
+    for name in models:
+        published.hub.add_repo(f"zoo/{name}", zoo.path(name))
+        data[f"zoo/{name}"] = f"zoo/{zoo.model(name)['task']}"
+        published.hub.add_repo(data[f"zoo/{name}"], zoo.dataset(name), repo_type="dataset")
     return yaml.safe_dump({
         "merge_method": "task_arithmetic", "base_model": f"zoo/{base}",
-        "models": [{"model": f"zoo/{MODEL}", "parameters": {"weight": 1.0}}],
-        "mergeshield": {"evaluation": {f"zoo/{MODEL}": "zoo/digits"},
+        "models": [{"model": m, "parameters": {"weight": 1.0}} for m in data],
+        "mergeshield": {"evaluation": data,
                         "scan": {"inversion": False, "max_eval": 200, **scan}}})
 
 
@@ -57,21 +65,25 @@ def _submit(page: Page, plan: str, shot: str | None = None) -> None:
 
 def test_a_pasted_plan_runs_and_its_page_shows_each_tasks_accuracy(
         page: Page, zoo: Zoo, published: Published, tmp_path: Path) -> None:
-    _submit(page, plan_text(zoo, published), shot="new-merge")
+    _submit(page, plan_text(zoo, published, THREE), shot="new-merge")
     expect(page).to_have_url(re.compile(r"/ui/merges/[0-9a-f]{32}$"))
     merge_id = page.url.rsplit("/", 1)[1]
     # the page follows the merge and reloads with its results when it has finished
-    expect(page.get_by_role("heading", name="Accuracy per task")).to_be_visible(timeout=240_000)
-    row = page.locator("table.tasks tbody tr")
-    expect(row).to_have_count(1)
-    expect(row).to_contain_text(f"zoo/{MODEL}")
-    # alone, undefended merge, defended merge, merge without flagged models
-    *cells, without = row.locator("td").all_inner_texts()[-4:]
-    assert all(re.match(r"^\d+\.\d %", c) for c in cells), cells
-    # one model merged whole onto its base is that model: the same accuracy at all three points
-    assert len(set(cells)) == 1, cells
-    assert without == "—"  # nothing flagged: no merge without a flagged model to measure
-    expect(page.locator('[data-field="gamma"]')).to_contain_text("no cleaned model")
+    expect(page.get_by_role("heading", name="Accuracy per task")).to_be_visible(timeout=360_000)
+    rows = page.locator("table.tasks tbody tr")
+    expect(rows).to_have_count(3)
+    bad = rows.filter(has_text=f"zoo/{SUSPECT}")
+    expect(bad).to_contain_text("backdoor suspected")
+    expect(bad.locator("td").nth(1)).to_have_text("cleaned")
+    for i in range(3):  # alone, undefended merge, defended merge, merge without flagged models
+        cells = rows.nth(i).locator("td").all_inner_texts()[-4:]
+        assert all(re.match(r"^\d+\.\d %", c) for c in cells), cells
+    expect(page.locator('[data-field="gamma"]')).to_have_text(re.compile(r"^(1|0\.\d+)$"))
+    found = page.locator("table.triggers tbody tr")
+    expect(found.first).to_contain_text(f"zoo/{SUSPECT}")
+    for i in range(found.count()):  # the found trigger at every point
+        cells = found.nth(i).locator("td").all_inner_texts()[-4:]
+        assert all(re.match(r"^\d+\.\d %", c) for c in cells), cells
     shoot(page, "merge-report", full_page=True)
     with page.expect_download() as got:
         page.get_by_role("link", name="Merged model (zip)").click()
@@ -82,6 +94,19 @@ def test_a_pasted_plan_runs_and_its_page_shows_each_tasks_accuracy(
     page.goto("/ui/merges")
     expect(page.locator(f'tr[data-scan="{merge_id}"] .state')).to_have_text("succeeded")
     shoot(page, "merges")
+
+
+def test_one_clean_model_merged_onto_its_base_is_that_model(page: Page, zoo: Zoo,
+                                                             published: Published) -> None:
+    _submit(page, plan_text(zoo, published))
+    expect(page.get_by_role("heading", name="Accuracy per task")).to_be_visible(timeout=240_000)
+    row = page.locator("table.tasks tbody tr")
+    expect(row).to_have_count(1)
+    *cells, without = row.locator("td").all_inner_texts()[-4:]
+    assert all(re.match(r"^\d+\.\d %", c) for c in cells), cells
+    assert len(set(cells)) == 1, cells  # the same accuracy alone, undefended and defended
+    assert without == "—"  # nothing flagged: no merge without a flagged model to measure
+    expect(page.locator('[data-field="gamma"]')).to_contain_text("no cleaned model")
 
 
 def test_a_bad_plan_comes_back_with_its_code_and_text(page: Page) -> None:
