@@ -25,11 +25,7 @@ from mergeshield.ibvs import (
 from mergeshield.task_vectors import TaskVector, top_k
 from mergeshield.training import FinetuneConfig, finetune, paired_finetune
 from mergeshield.triggers import PatchTrigger, poison, stamp, trigger_id
-from tests.support.tiny import IMAGE, TinyNet, block_task
-
-
-def tv_of(values: dict[str, list[float]]) -> TaskVector:
-    return TaskVector.from_tensors({k: torch.tensor(v) for k, v in values.items()})
+from tests.support.tiny import IMAGE, TinyNet, block_task, tv_of
 
 
 # -- the recipe and its cache key -----------------------------------------------------------------

@@ -21,22 +21,7 @@ from mergeshield.merge_methods import (
     ties_mergekit,
 )
 from mergeshield.task_vectors import TaskVector
-
-
-def tv_of(values: dict[str, list[float]]) -> TaskVector:
-    return TaskVector.from_tensors({k: torch.tensor(v) for k, v in values.items()})
-
-
-def assert_tv_close(a: TaskVector, b: TaskVector, **tol: float) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], **tol)
-
-
-def assert_tv_equal(a: TaskVector, b: TaskVector) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from tests.support.tiny import assert_tv_close, assert_tv_equal, tv_of
 
 
 def test_elect_sign_and_sign_consistent_by_hand() -> None:

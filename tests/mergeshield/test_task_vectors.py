@@ -14,7 +14,7 @@ from torch import Tensor
 from mergeshield.errors import ConfigError, IncompatibleModelsError
 from mergeshield.merge_methods import task_arithmetic, ties
 from mergeshield.task_vectors import TaskVector, cosine, per_tensor_cosine, top_k
-from tests.support.tiny import CountingMapping
+from tests.support.tiny import CountingMapping, assert_tv_close, assert_tv_equal, tv_of
 
 NAMES = ("embed", "block.0.weight", "block.0.bias", "norm")
 FAST = settings(max_examples=25, deadline=None)
@@ -27,22 +27,6 @@ def models(draw: st.DrawFn, n: int = 2) -> list[dict[str, Tensor]]:
     shapes = {k: draw(st.lists(st.integers(1, 4), max_size=2)) for k in names}
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     return [{k: torch.randn(shapes[k], generator=gen) * 3 for k in names} for _ in range(n)]
-
-
-def tv_of(values: dict[str, list[float]]) -> TaskVector:
-    return TaskVector.from_tensors({k: torch.tensor(v) for k, v in values.items()})
-
-
-def assert_tv_close(a: TaskVector, b: TaskVector, **tol: float) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], **tol)
-
-
-def assert_tv_equal(a: TaskVector, b: TaskVector) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # -- algebra by properties -------------------------------------------------------------------------

@@ -9,7 +9,8 @@ fixtures, so nothing here is downloaded and nothing is shared between modules by
 - ``save_clip_base``: a full ``CLIPModel`` with a character-level tokenizer (as ``zoo.py`` does);
   ``vision_config_dict`` is the config.json of a ``CLIPVisionModel`` task checkpoint.
 - ``TinyNet``: a small MLP ``Classifier`` (``backbone.*`` + ``classifier`` head) for training and
-  inversion tests; ``block_task`` a separable synthetic task; ``CountingMapping`` counts reads.
+  inversion tests; ``block_task`` a separable synthetic task; ``CountingMapping`` counts reads;
+  ``tv_of`` a task vector by hand, ``assert_tv_close`` / ``assert_tv_equal`` compare two.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mergeshield import checkpoints
 from mergeshield.data import ImageDataset
 from mergeshield.models import Classifier, Preprocessing
 from mergeshield.models.clip import char_level_vocab
+from mergeshield.task_vectors import TaskVector
 
 IMAGE = 16  # px; every tiny model and task here uses 16×16 images
 
@@ -163,3 +165,20 @@ class CountingMapping(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+
+def tv_of(values: dict[str, list[float]]) -> TaskVector:
+    """A task vector written by hand: name -> values."""
+    return TaskVector.from_tensors({k: torch.tensor(v) for k, v in values.items()})
+
+
+def assert_tv_close(a: TaskVector, b: TaskVector, **tol: float) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol)
+
+
+def assert_tv_equal(a: TaskVector, b: TaskVector) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
