@@ -15,8 +15,10 @@ the base (``pipeline.scan``, its default defence); the policy decides what enter
 The merged model is written in the base's layout with the plan, the policy and each model's
 verdict in ``__metadata__`` (and, where the policy changed something, the plan merged as it is
 under ``undefended/``), and measured per task that has evaluation data: that model's head on the
-model alone, the undefended merge and the merge; clean accuracy and the ASR of every trigger its
-scan found (an inverted one read back from beside its report, ``triggers.INVERTED_FILE``).
+model alone, the undefended merge, the merge and, when a model was flagged, the plan merged
+without its flagged models (what ``exclude`` gives: the level a clean merge of the others answers
+a found trigger with); clean accuracy and the ASR of every trigger its scan found (an inverted
+one read back from beside its report, ``triggers.INVERTED_FILE``; ``merge_tasks.TaskOnMerge``).
 
 Merges: task arithmetic θ = θ_base + Σ w_i·τ_i (``normalize``: the weights divided by their sum,
 as mergekit does), TIES as mergekit computes it (``merge_methods.ties_mergekit``: per-model
