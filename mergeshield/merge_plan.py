@@ -31,7 +31,7 @@ merged differently.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +42,15 @@ from torch import Tensor
 from mergeshield import checkpoints
 from mergeshield.errors import ConfigError
 from mergeshield.merge_defence import SCALES, MergeDefence, ScaleTried, choose
-from mergeshield.merge_methods import dare_mergekit
 from mergeshield.merge_plan_schema import (
-    DareConfig,
     Merged,
     MergePlan,
-    PlanMerge,
     PlanModel,
     PlanModelResult,
     PlanReport,
 )
 from mergeshield.merge_tasks import TaskOnMerge
-from mergeshield.merging import merged_tensors, task_vectors
+from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.pipeline import ScanContext, ScanRequest, percent, scan
 from mergeshield.plan_context import PlanContext, located, resolve, resolve_model
 from mergeshield.report.schema import RateModel, ScanReport
@@ -153,7 +150,7 @@ def _scale_name(gamma: float) -> str:
     return f"γ={gamma:g}"
 
 
-def _choose_scale(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], plain: list[_Part],
+def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], plain: list[_Part],
                   tasks: list[TaskOnMerge], ctx: PlanContext) -> MergeDefence:
     """Each γ of ``SCALES`` merged in memory and measured on every task with data."""
     budget = plan.mergeshield.budget_points
@@ -234,31 +231,21 @@ def _vectors(plan: MergePlan, parts: list[_Part], gamma: float, ctx: PlanContext
         yield base_src, base, mixed
 
 
-def _plan_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: PlanMerge
-                  ) -> Iterator[tuple[str, Tensor]]:
-    """θ_base + the plan's merge of ``tvs``, one tensor at a time in ``base``'s order."""
-    if not isinstance(cfg, DareConfig):
-        return merged_tensors(base, tvs, cfg)
-    return dare_mergekit(list(tvs), cfg.densities, cfg.weights,
-                         consensus=cfg.method == "dare_ties", normalize=cfg.normalize,
-                         rescale=cfg.rescale, seed=cfg.seed, draws=cfg.models).apply_lazily(base)
-
-
-def _merged(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], gamma: float,
+def _merged(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,
             ctx: PlanContext) -> dict[str, Tensor]:
     """The merge, in memory (canonical names), for measuring a scale before writing one."""
     with _vectors(plan, parts, gamma, ctx) as (_src, base, tvs):
-        return {k: v.clone() for k, v in _plan_tensors(base, tvs, cfg)}
+        return {k: v.clone() for k, v in merged_tensors(base, tvs, cfg)}
 
 
-def _merge(plan: MergePlan, cfg: PlanMerge, parts: list[_Part], gamma: float,
+def _merge(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,
            results: list[dict[str, Any]], ctx: PlanContext, out: Path) -> list[Path]:
     with _vectors(plan, parts, gamma, ctx) as (base_src, base, tvs):
         info = base.info  # type: ignore[attr-defined]
         verdicts = {r["model"]: {k: r[k] for k in ("verdict", "cleaning", "merged_as")}
                     for r in results}
         return checkpoints.save_checkpoint(
-            out, _plan_tensors(base, tvs, cfg), specs={k: info(k) for k in base},
+            out, merged_tensors(base, tvs, cfg), specs={k: info(k) for k in base},
             config=base_src.config, extra_files=checkpoints.extra_files(base_src),
             metadata={"format": "pt",
                       "mergeshield.plan": plan.model_dump_json(),

@@ -73,22 +73,6 @@ class PlanOptions(_Strict):
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
 
 
-class DareConfig(_Strict):
-    """A plan's DARE merge (``merge_methods.dare_mergekit``), as its report and the merge's
-    ``__metadata__`` record it."""
-
-    method: Literal["dare_ties", "dare_linear"]
-    weights: list[float]
-    densities: list[float]  # each model's chance that an entry of its task vector is kept
-    normalize: bool  # mergekit's default for DARE: False
-    rescale: bool  # mergekit's default for DARE: True
-    seed: int
-    models: list[str]  # the plan's name of each model: its drops are drawn under that name
-
-
-PlanMerge = MergeConfig | DareConfig
-
-
 class MergePlan(_Strict):
     merge_method: Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
     base_model: str = Field(min_length=1, max_length=500)
@@ -134,15 +118,15 @@ class MergePlan(_Strict):
         except ValidationError as exc:
             raise ConfigError.listing("mergeshield.scan", exc) from None
 
-    def merge_config(self) -> PlanMerge:
+    def merge_config(self) -> MergeConfig:
         """The merge of this plan's models, in its order, with mergekit's defaults."""
         weights = [m.parameters.weight for m in self.models]
         densities = [m.parameters.density or 1.0 for m in self.models]  # mergekit's default: 1
         normalize, rescale = self.parameters.normalize, self.parameters.rescale
         if self.merge_method in ("dare_ties", "dare_linear"):
-            return DareConfig(method=self.merge_method, weights=weights, densities=densities,
-                              normalize=normalize is True, rescale=rescale is not False,
-                              seed=self.mergeshield.seed, models=[m.model for m in self.models])
+            return MergeConfig(method=self.merge_method, weights=weights, densities=densities,
+                               normalize=normalize is True, rescale=rescale is not False,
+                               seed=self.mergeshield.seed, models=[m.model for m in self.models])
         if self.merge_method == "ties":  # as mergekit merges it, normalize on by default
             if rescale:
                 raise ConfigError("rescale: TIES with its trimmed deltas rescaled is not merged "

@@ -1,4 +1,4 @@
-"""Merging fine-tuned checkpoints of one base: Task Arithmetic and TIES, optionally with IBVS.
+"""Merging fine-tuned checkpoints of one base: Task Arithmetic, TIES and DARE, optionally with IBVS.
 
 θ_M = θ_pre + merge(τ_1..τ_T); with IBVS, θ_M' = θ_M − λ·BV_inj (post-merge subtraction, the
 default of method.md). Output: the base's layout with the merged backbone; other tensors (heads,
@@ -15,22 +15,33 @@ from torch import Tensor
 
 from mergeshield import checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
-from mergeshield.merge_methods import task_arithmetic, ties, ties_mergekit
+from mergeshield.merge_methods import dare_mergekit, task_arithmetic, ties, ties_mergekit
 from mergeshield.models import ModelFamily, backbone_keys, family_for
 from mergeshield.task_vectors import TaskVector
 
 
 class MergeConfig(BaseModel):
+    """One merge of task vectors: the method and its parameters, as the merge's ``__metadata__``
+    records it (a plan's, from ``MergePlan.merge_config``, with mergekit's defaults)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    method: Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"] = "task_arithmetic"
     weights: list[float] = Field(default_factory=lambda: [0.3])  # λ_t; one value = all tasks
     keep: float = 0.2  # TIES trim: fraction of each task vector kept
     # "mergekit": TIES as mergekit-yaml merges it (``ties_mergekit``: per-tensor trim, one density
     # and weight per model, ``normalize``), what a merge plan asks for; "paper": ``ties``
     ties_form: Literal["paper", "mergekit"] = "paper"
-    densities: list[float] | None = None  # mergekit form: per model (None: ``keep`` for all)
-    normalize: bool = True  # mergekit form: divide by the agreeing models' summed weights
+    # mergekit's forms (TIES, DARE): per model (None: ``keep`` for all); for DARE each entry's
+    # chance of being kept
+    densities: list[float] | None = None
+    normalize: bool = True  # mergekit's forms: divide by the (agreeing) models' summed weights
+    # DARE (``merge_methods.dare_mergekit``): the kept entries scaled back to the tensor's L1 norm
+    # (None: mergekit's default, on); the seed of its drops, and the name each model's drops are
+    # drawn under (a plan's model names; None: their positions)
+    rescale: bool | None = None
+    seed: int = 0
+    models: list[str] | None = None
     subtract_lambda: float = 0.0  # IBVS after the merge: θ_M − λ·BV (needs a BV)
 
 
@@ -40,9 +51,13 @@ def merged_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: M
     if not tvs:
         raise ConfigError("merge needs at least one fine-tuned model")
     weights = cfg.weights * len(tvs) if len(cfg.weights) == 1 else cfg.weights
-    if cfg.method == "ties" and cfg.ties_form == "mergekit":
-        tau = ties_mergekit(list(tvs), cfg.densities or [cfg.keep] * len(tvs), weights,
-                            cfg.normalize)
+    densities = cfg.densities or [cfg.keep] * len(tvs)
+    if cfg.method in ("dare_ties", "dare_linear"):
+        tau = dare_mergekit(list(tvs), densities, weights, consensus=cfg.method == "dare_ties",
+                            normalize=cfg.normalize, rescale=cfg.rescale is not False,
+                            seed=cfg.seed, draws=cfg.models)
+    elif cfg.method == "ties" and cfg.ties_form == "mergekit":
+        tau = ties_mergekit(list(tvs), densities, weights, cfg.normalize)
     elif cfg.method == "ties":
         if len(set(weights)) > 1:
             raise ConfigError("TIES takes one scale for the merged vector, not one per model")

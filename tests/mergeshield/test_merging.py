@@ -10,7 +10,7 @@ import transformers
 
 from mergeshield import checkpoints
 from mergeshield.errors import ConfigError, IncompatibleModelsError
-from mergeshield.merge_methods import ties
+from mergeshield.merge_methods import dare_mergekit, ties
 from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.models import HFImageFamily, family_for
 from mergeshield.task_vectors import TaskVector
@@ -76,6 +76,25 @@ def test_ties_path_runs_and_trims(ckpts: dict[str, Path],
     changed = sum(int((got[k] != base[k]).sum()) for k in tau)
     total = sum(base[k].numel() for k in tau)
     assert 0.2 * total <= changed <= 0.4 * total  # ≤ 20% of each vector survives the trim
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_path_is_merge_methods_dare_with_its_seed_and_draw_names(
+        ckpts: dict[str, Path], states: dict[str, dict[str, torch.Tensor]], method: str) -> None:
+    cfg = MergeConfig(method=method, weights=[1.0, 0.5], densities=[0.5, 0.7], normalize=False,
+                      seed=7, models=["org/a", "org/b"])
+    got = merge(ckpts, cfg)
+    base = states["base"]
+    tvs = [TaskVector.between(base, states[t], [k for k in base if k.startswith("vit.")])
+           for t in ("t1", "t2")]
+    tau = dare_mergekit(tvs, [0.5, 0.7], [1.0, 0.5], consensus=method == "dare_ties", seed=7,
+                        draws=["org/a", "org/b"])
+    for k in tau:
+        torch.testing.assert_close(got[k], base[k] + tau[k], rtol=1e-6, atol=1e-6)
+    # another seed, or the same models under other names, draws other drops
+    for other in ({"seed": 8}, {"models": ["org/b", "org/a"]}):
+        moved = merge(ckpts, cfg.model_copy(update=other))
+        assert any(not torch.equal(moved[k], got[k]) for k in tau), other
 
 
 def test_subtracting_a_bv_after_the_merge(ckpts: dict[str, Path],
