@@ -18,6 +18,7 @@ refused) and ``hub.start()`` brings it back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -139,13 +140,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, data: bytes = b"", headers: dict[str, str] | None = None,
               body: bool = True) -> None:
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
+        # a client that gave up (past its timeout on a delayed hub) hung up: nothing to answer
+        with contextlib.suppress(ConnectionError):
+            self.send_response(status)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
 
     def _error(self, status: int, code: str | None, message: str, body: bool,
                extra: dict[str, str] | None = None) -> None:
