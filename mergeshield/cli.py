@@ -116,12 +116,15 @@ def build_parser(extend: Extension | None = None) -> argparse.ArgumentParser:
     bm.add_argument("bvs", nargs="+")
     bm.add_argument("--per-tensor", action="store_true")
 
-    m = sub.add_parser("merge", help="merge fine-tuned models (Task Arithmetic / TIES)")
+    m = sub.add_parser("merge", help="merge fine-tuned models (Task Arithmetic / TIES / DARE)")
     m.add_argument("models", nargs="+")
     m.add_argument("--base", required=True)
-    m.add_argument("--method", choices=["task_arithmetic", "ties"], default="task_arithmetic")
+    m.add_argument("--method", choices=["task_arithmetic", "ties", "dare_ties", "dare_linear"],
+                   default="task_arithmetic")
     m.add_argument("--weights", type=_floats, default=[0.3], help="λ per model, or one for all")
-    m.add_argument("--keep", type=float, default=0.2, help="TIES: fraction kept per vector")
+    m.add_argument("--keep", type=float, default=0.2, help="TIES: fraction kept per vector; "
+                   "DARE: each entry's chance of being kept (mergekit's density)")
+    m.add_argument("--seed", type=int, default=0, help="DARE: the seed of its random drops")
     m.add_argument("--subtract", help="a BV to subtract after merging (IBVS)")
     m.add_argument("--subtract-lambda", type=float, default=1.0)
     m.add_argument("--out", type=Path, required=True)

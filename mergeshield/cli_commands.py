@@ -168,7 +168,7 @@ def _model(src: checkpoints.ResolvedSource, base: checkpoints.ResolvedSource | N
 
 def run_merge(args: argparse.Namespace, settings: Settings) -> int:
     hub = _hub(settings)
-    cfg = MergeConfig(method=args.method, weights=args.weights, keep=args.keep,
+    cfg = MergeConfig(method=args.method, weights=args.weights, keep=args.keep, seed=args.seed,
                       subtract_lambda=args.subtract_lambda if args.subtract else 0.0)
     base_src = checkpoints.resolve(args.base, **hub)
     with checkpoints.open_checkpoint(base_src) as base_ck:

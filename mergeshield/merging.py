@@ -35,7 +35,9 @@ class MergeConfig(BaseModel):
     # mergekit's forms (TIES, DARE): per model (None: ``keep`` for all); for DARE each entry's
     # chance of being kept
     densities: list[float] | None = None
-    normalize: bool = True  # mergekit's forms: divide by the (agreeing) models' summed weights
+    # mergekit's forms: divide by the (agreeing) models' summed weights (None: mergekit's default,
+    # on for TIES, off for DARE)
+    normalize: bool | None = None
     # DARE (``merge_methods.dare_mergekit``): the kept entries scaled back to the tensor's L1 norm
     # (None: mergekit's default, on); the seed of its drops, and the name each model's drops are
     # drawn under (a plan's model names; None: their positions)
@@ -54,10 +56,10 @@ def merged_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: M
     densities = cfg.densities or [cfg.keep] * len(tvs)
     if cfg.method in ("dare_ties", "dare_linear"):
         tau = dare_mergekit(list(tvs), densities, weights, consensus=cfg.method == "dare_ties",
-                            normalize=cfg.normalize, rescale=cfg.rescale is not False,
+                            normalize=cfg.normalize is True, rescale=cfg.rescale is not False,
                             seed=cfg.seed, draws=cfg.models)
     elif cfg.method == "ties" and cfg.ties_form == "mergekit":
-        tau = ties_mergekit(list(tvs), densities, weights, cfg.normalize)
+        tau = ties_mergekit(list(tvs), densities, weights, cfg.normalize is not False)
     elif cfg.method == "ties":
         if len(set(weights)) > 1:
             raise ConfigError("TIES takes one scale for the merged vector, not one per model")

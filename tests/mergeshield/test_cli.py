@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tests.support.zoo import Zoo
 
@@ -94,6 +95,14 @@ def test_bv_compute_compare_and_merge(zoo: Zoo, tmp_path: Path) -> None:
                  "--out", str(tmp_path / "merged")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    proc = _run(["merge", str(zoo.path("vit-mnist-clean")), str(zoo.path("vit-digits-clean")),
+                 "--base", str(zoo.path("vit-base")), "--method", "dare_ties", "--keep", "0.5",
+                 "--seed", "3", "--weights", "1.0", "--out", str(tmp_path / "dare")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with safe_open(str(tmp_path / "dare" / "model.safetensors"), "pt") as f:
+        recorded = json.loads(f.metadata()["mergeshield.merge"])
+    assert {k: recorded[k] for k in ("method", "keep", "seed", "normalize")} == {
+        "method": "dare_ties", "keep": 0.5, "seed": 3, "normalize": None}  # mergekit's: off
 
 
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, object]]:
