@@ -28,15 +28,13 @@ import json
 import platform
 import statistics
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from mergeshield import checkpoints
-from mergeshield.merge_plan import run_plan
+from mergeshield.merge_plan import merged_as_planned, run_plan
 from mergeshield.merge_plan_schema import MergePlan, PlanReport
 from mergeshield.merge_tasks import TaskOnMerge
-from mergeshield.merging import MergeConfig, merged_tensors, task_vectors
 from mergeshield.plan_context import PlanContext
 from mergeshield.report.io import load_report
 from mergeshield.triggers import parse_trigger
@@ -54,21 +52,6 @@ def _plan(zoo: Path, names: list[str], weight: float) -> MergePlan:
         "merge_method": "task_arithmetic", "base_model": str(zoo / "models" / "vit-base"),
         "models": [{"model": p, "parameters": {"weight": weight}} for p in models.values()],
         "mergeshield": {"evaluation": {models[n]: data[n] for n in names}}})
-
-
-def _in_memory(plan: MergePlan, names: list[str], ctx: PlanContext) -> dict[str, Any]:
-    """The plan's merge of ``names`` only, in memory (canonical names)."""
-    kept = plan.model_copy(update={"models": [m for m in plan.models
-                                              if Path(m.model).name in names]})
-    with ExitStack() as stack:
-        base_ck = stack.enter_context(checkpoints.open_checkpoint(
-            checkpoints.resolve(plan.base_model)))
-        cks = [stack.enter_context(checkpoints.open_checkpoint(checkpoints.resolve(m.model)))
-               for m in kept.models]
-        base, tvs, _ = task_vectors(base_ck, cks)
-        cfg = kept.merge_config()
-        assert isinstance(cfg, MergeConfig)  # task arithmetic
-        return {k: v.clone() for k, v in merged_tensors(base, tvs, cfg)}
 
 
 def _rates(task: TaskOnMerge, name: str, backbone: Any) -> dict[str, float]:
@@ -104,7 +87,8 @@ def row(zoo: Path, work: Path, task: str, attack: str, weight: float,
         with checkpoints.open_checkpoint(checkpoints.resolve(str(where))) as ck:
             points[label] = _rates(t, label, t.family.canonical(ck))
         if label == "defended":
-            points["without"] = _rates(t, "without", _in_memory(plan, others, ctx))
+            without = plan.model_copy(update={"models": plan.models[1:]})  # the others
+            points["without"] = _rates(t, "without", merged_as_planned(without, ctx))
     rows = {Path(r.model).name: r for r in report.models}
     clean_acc = statistics.mean(r.accuracy_merged.rate for r in clean[2].models
                                 if r.accuracy_merged)

@@ -107,7 +107,8 @@ class Plan:
 
     def merge_args(self, zoo: Path) -> list[str] | None:
         """The same merge through ``mergeshield merge`` (normalised weights given as such);
-        None for DARE, which only a plan merges."""
+        None for DARE: that command draws each model's drops under its position, a plan under
+        its name, so below density 1 the two differ by design and are not compared."""
         if self.dare:
             return None
         w = list(self.weights)

@@ -112,13 +112,12 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
                           details={"policy": policy})
     cfg = plan.model_copy(update={"models": [e for e, _ in chosen]}).merge_config()
     parts = [p for _, p in chosen]
-    plain = [_Part(m.model) for m in plan.models]  # the merge as planned, undefended
     _say(ctx, "measure_models", SCANS_SHARE)
     tasks = [t for entry, report, out in scans
              if (t := TaskOnMerge.of(report, entry.model, plan, ctx, out)) is not None]
     defence = None
     if any(p.original for p in parts):  # how much of each correction: measured on the merge
-        defence = _choose_scale(plan, cfg, parts, plain, tasks, ctx)
+        defence = _choose_scale(plan, cfg, parts, tasks, ctx)
     scale = defence.scale if defence else 1.0
     _say(ctx, "write_merge", 92.0)
     files = _merge(plan, cfg, parts, scale, results, ctx, ctx.out_dir)
@@ -126,16 +125,17 @@ def run_plan(plan: MergePlan, ctx: PlanContext) -> PlanReport:
     undefended = None
     if any(r["merged_as"] != "as is" for r in results):
         undefended = ctx.out_dir / "undefended"
-        _merge(plan, plan.merge_config(), plain, 1.0, results, ctx, undefended)
+        _merge(plan, plan.merge_config(), [_Part(m.model) for m in plan.models], 1.0, results,
+               ctx, undefended)
     _say(ctx, "measure_merge", 95.0)
     # what the report compares, per task: the merge written, the plan as it is, and the plan
     # without its flagged models (what ``exclude`` gives: the reference for a found trigger's ASR)
     written = (_scale_name(scale), ctx.out_dir)
-    merges = {"merged": written,
-              "undefended": ("undefended", undefended) if undefended else written}
+    merges: dict[str, tuple[str, Path | None]] = {
+        "merged": written, "undefended": ("undefended", undefended) if undefended else written}
     if (any(r["verdict"] == "backdoor_suspected" for r in results)
             and _measure_without(plan, results, tasks, ctx)):
-        merges["without"] = ("without", ctx.out_dir)  # measured in memory: never read back
+        merges["without"] = ("without", None)  # measured in memory above
     for row, (entry, _report, _out) in zip(results, scans, strict=True):
         task = next((t for t in tasks if t.model == entry.model), None)
         if task is not None:
@@ -150,13 +150,13 @@ def _scale_name(gamma: float) -> str:
     return f"γ={gamma:g}"
 
 
-def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], plain: list[_Part],
+def _choose_scale(plan: MergePlan, cfg: MergeConfig, parts: list[_Part],
                   tasks: list[TaskOnMerge], ctx: PlanContext) -> MergeDefence:
     """Each γ of ``SCALES`` merged in memory and measured on every task with data."""
     budget = plan.mergeshield.budget_points
     if not any(t.triggers for t in tasks):  # nothing to tell a removed backdoor by
         return choose([], budget)
-    plain_merge = _merged(plan, plan.merge_config(), plain, 1.0, ctx)
+    plain_merge = merged_as_planned(plan, ctx)
     undefended = {t.model: t.measure(plain_merge, "undefended")[0].rate for t in tasks}
     del plain_merge
     tried = []
@@ -181,8 +181,7 @@ def _measure_without(plan: MergePlan, results: list[dict[str, Any]], tasks: list
             if r["verdict"] != "backdoor_suspected"]
     if not kept or not tasks:
         return False
-    cfg = plan.model_copy(update={"models": kept}).merge_config()
-    merged = _merged(plan, cfg, [_Part(m.model) for m in kept], 1.0, ctx)
+    merged = merged_as_planned(plan.model_copy(update={"models": kept}), ctx)
     for t in tasks:
         t.measure(merged, "without")
     return True
@@ -229,6 +228,12 @@ def _vectors(plan: MergePlan, parts: list[_Part], gamma: float, ctx: PlanContext
                 tv = tv if gamma == 1.0 else suspect + (tv - suspect) * gamma
             mixed.append(tv)
         yield base_src, base, mixed
+
+
+def merged_as_planned(plan: MergePlan, ctx: PlanContext) -> dict[str, Tensor]:
+    """The plan's models merged as they are, in memory (canonical names): the undefended merge,
+    or, given a plan of some of its models, the merge of those alone."""
+    return _merged(plan, plan.merge_config(), [_Part(m.model) for m in plan.models], 1.0, ctx)
 
 
 def _merged(plan: MergePlan, cfg: MergeConfig, parts: list[_Part], gamma: float,

@@ -85,14 +85,14 @@ class TaskOnMerge:
             self.seen[name] = got
         return got
 
-    def measure_outputs(self, merges: Mapping[str, tuple[str, Path]], ctx: PlanContext
+    def measure_outputs(self, merges: Mapping[str, tuple[str, Path | None]], ctx: PlanContext
                         ) -> dict[str, Any]:
         """The report's numbers: the model alone and, per label of ``merges`` ("merged",
         "undefended", "without"), the merge measured under its name (a merge not measured yet
-        is read from its folder), each measured once."""
+        is read from its folder; None: measured in memory already), each measured once."""
         out: dict[str, Any] = dict(self.alone)
         for label, (name, folder) in merges.items():
-            if name not in self.seen:
+            if name not in self.seen and folder is not None:
                 with checkpoints.open_checkpoint(resolve(str(folder), ctx)) as ck:
                     self.measure(self.family.canonical(ck), name)
             acc, asr = self.seen[name]

@@ -39,6 +39,11 @@ class Published:
     hub: LoopbackHub
     dataset: str  # hub dataset id of the suspect's evaluation data
 
+    def env(self, cache_dir: Path, **more: str) -> dict[str, str]:
+        """A stack's environment for this hub: its address and token, the run's BV cache."""
+        return {"HF_ENDPOINT": self.hub.url, "HF_TOKEN": self.hub.token,
+                "MERGESHIELD_CACHE_DIR": str(cache_dir), **more}
+
 
 @pytest.fixture(scope="session")
 def published(zoo: Zoo) -> Iterator[Published]:

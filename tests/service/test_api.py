@@ -23,13 +23,9 @@ from tests.support.zoo import Zoo, independent_asr
 @pytest.fixture(scope="module", params=BACKENDS)
 def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp(request.param), request.param,
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
-    try:
+    with Stack(tmp_path_factory.mktemp(request.param), request.param,
+               env=published.env(bv_cache_dir)) as s:
         yield s.up()
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

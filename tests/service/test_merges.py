@@ -38,15 +38,10 @@ FINISHED = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="module", params=BACKENDS)
 def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp(f"merges-{request.param}"), request.param, redis_db=8,
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir),
-                   "MERGESHIELD_CALLBACK_ALLOW_PRIVATE": "true",
-                   "MERGESHIELD_KEY_MAX_ACTIVE_SCANS": "1"})
-    try:
+    with Stack(tmp_path_factory.mktemp(f"merges-{request.param}"), request.param, redis_db=8,
+               env=published.env(bv_cache_dir, MERGESHIELD_CALLBACK_ALLOW_PRIVATE="true",
+                                  MERGESHIELD_KEY_MAX_ACTIVE_SCANS="1")) as s:
         yield s.up()
-    finally:
-        s.close()
 
 
 def _key(stack: Stack, admin: httpx.Client, name: str) -> Iterator[httpx.Client]:

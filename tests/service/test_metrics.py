@@ -26,13 +26,9 @@ FINISHED = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def stack(published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("metrics"), "sqlite-filesystem",
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
-    try:
+    with Stack(tmp_path_factory.mktemp("metrics"), "sqlite-filesystem",
+               env=published.env(bv_cache_dir)) as s:
         yield s.up()
-    finally:
-        s.close()
 
 
 def scrape(stack: Stack) -> Samples:

@@ -27,16 +27,11 @@ SECRET = "hub-webhook-secret-0123456789"
 @pytest.fixture(scope="module")
 def stack(published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("watch-plans"), "sqlite-filesystem", redis_db=11,
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir),
-                   "MERGESHIELD_WEBHOOK_SECRET": SECRET,
-                   "MERGESHIELD_CALLBACK_ALLOW_PRIVATE": "true",
-                   "MERGESHIELD_CALLBACK_POLL_INTERVAL": "0.2"})
-    try:
+    with Stack(tmp_path_factory.mktemp("watch-plans"), "sqlite-filesystem", redis_db=11,
+               env=published.env(bv_cache_dir, MERGESHIELD_WEBHOOK_SECRET=SECRET,
+                                  MERGESHIELD_CALLBACK_ALLOW_PRIVATE="true",
+                                  MERGESHIELD_CALLBACK_POLL_INTERVAL="0.2")) as s:
         yield s.up()
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

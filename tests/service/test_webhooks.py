@@ -27,18 +27,14 @@ WATCH_SECRET = "a-watch-of-its-own-secret-42"
 @pytest.fixture(scope="module", params=BACKENDS)
 def stack(request: pytest.FixtureRequest, published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp(f"webhooks-{request.param}"), request.param, redis_db=14,
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir),
-                   "MERGESHIELD_WEBHOOK_SECRET": SECRET,
-                   "MERGESHIELD_CALLBACK_ALLOW_PRIVATE": "true",
-                   "MERGESHIELD_CALLBACK_BACKOFF": "0.2", "MERGESHIELD_CALLBACK_BACKOFF_MAX": "1",
-                   "MERGESHIELD_CALLBACK_MAX_ATTEMPTS": "3",
-                   "MERGESHIELD_CALLBACK_POLL_INTERVAL": "0.2"})
-    try:
+    with Stack(tmp_path_factory.mktemp(f"webhooks-{request.param}"), request.param, redis_db=14,
+               env=published.env(bv_cache_dir, MERGESHIELD_WEBHOOK_SECRET=SECRET,
+                                  MERGESHIELD_CALLBACK_ALLOW_PRIVATE="true",
+                                  MERGESHIELD_CALLBACK_BACKOFF="0.2",
+                                  MERGESHIELD_CALLBACK_BACKOFF_MAX="1",
+                                  MERGESHIELD_CALLBACK_MAX_ATTEMPTS="3",
+                                  MERGESHIELD_CALLBACK_POLL_INTERVAL="0.2")) as s:
         yield s.up()
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

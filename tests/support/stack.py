@@ -187,6 +187,12 @@ class Stack:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if "serve" in self.procs:  # its workers run in sessions of their own: serve stops them
             self.kill("serve", signal.SIGTERM)  # (SIGTERM, then SIGKILL after its stop timeout)

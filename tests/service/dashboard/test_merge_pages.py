@@ -29,13 +29,9 @@ THREE = (SUSPECT, MODEL, "vit-mnist-rot90-clean")
 @pytest.fixture(scope="module")
 def stack(published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("merge-pages"), "sqlite-filesystem",
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir)})
-    try:
+    with Stack(tmp_path_factory.mktemp("merge-pages"), "sqlite-filesystem",
+               env=published.env(bv_cache_dir)) as s:
         yield s.serve()
-    finally:
-        s.close()
 
 
 def plan_text(zoo: Zoo, published: Published, models: tuple[str, ...] = (MODEL,),

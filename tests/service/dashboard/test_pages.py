@@ -59,15 +59,10 @@ def receiver() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def stack(published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("dashboard"), "sqlite-filesystem",
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir),
-                   "MERGESHIELD_WEBHOOK_SECRET": SECRET,
-                   "MERGESHIELD_CALLBACK_ALLOW_PRIVATE": "true"})
-    try:
+    with Stack(tmp_path_factory.mktemp("dashboard"), "sqlite-filesystem",
+               env=published.env(bv_cache_dir, MERGESHIELD_WEBHOOK_SECRET=SECRET,
+                                  MERGESHIELD_CALLBACK_ALLOW_PRIVATE="true")) as s:
         yield s.serve()
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,9 @@ SECRET = "hub-webhook-secret-for-the-watches-page"
 @pytest.fixture(scope="module")
 def stack(published: Published, bv_cache_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("watch-pages"), "sqlite-filesystem",
-              env={"HF_ENDPOINT": published.hub.url, "HF_TOKEN": published.hub.token,
-                   "MERGESHIELD_CACHE_DIR": str(bv_cache_dir),
-                   "MERGESHIELD_WEBHOOK_SECRET": SECRET})
-    try:
+    with Stack(tmp_path_factory.mktemp("watch-pages"), "sqlite-filesystem",
+               env=published.env(bv_cache_dir, MERGESHIELD_WEBHOOK_SECRET=SECRET)) as s:
         yield s.serve()
-    finally:
-        s.close()
 
 
 def test_a_plans_watch_shows_its_plan_its_pins_and_the_merge_a_push_queued(
