@@ -4,7 +4,8 @@ For each size (GB, decimal) and dtype it writes Llama-shaped synthetic checkpoin
 (base, suspect = base + noise, BV = a delta file), then measures, each in a fresh subprocess:
 
 * ``mergeshield``: the issue's job. τ = suspect − base, τ' = τ − λ·BV, write base + τ'
-  (reads 3 files, writes 1) with ``TaskVector`` and the streaming ``save_checkpoint``.
+  (reads 3 files, writes 1) with ``TaskVector`` and ``save_checkpoint`` (the streamed engine of
+  ``checkpoint_writer.py``).
 * ``sanitise``: ``ibvs.sanitise(suspect, BV, λ)`` (reads 2, writes 1): the same output.
 * ``mergekit``: ``mergekit-yaml`` task_arithmetic of base + the suspect at weight 1 (reads 2,
   writes 1), from a separate venv (``--mergekit-venv``).
@@ -119,8 +120,6 @@ def _status() -> dict[str, int]:
 
 
 def job_mergeshield(workdir: Path, out: Path, mode: str) -> dict[str, Any]:
-    import torch
-
     from mergeshield import checkpoints
     from mergeshield.ibvs import sanitise
     from mergeshield.task_vectors import TaskVector
@@ -136,7 +135,7 @@ def job_mergeshield(workdir: Path, out: Path, mode: str) -> dict[str, Any]:
         keys = list(suspect)
         checkpoints.check_compatible(base, suspect)
         checkpoints.check_compatible(suspect, bv_ck)
-        bv = TaskVector(keys, lambda k: bv_ck[k].to(torch.float32))  # a stored BV file
+        bv = TaskVector.stored(bv_ck)  # a BV file, as bv_cache and `merge --subtract` read it
         if mode == "mergeshield":  # τ' = (suspect − base) − λ·BV, written as base + τ'
             tau = TaskVector.between(base, suspect, keys)
             cleaned = (tau - LAMBDA * bv).apply_lazily(base, 1.0)
@@ -184,6 +183,7 @@ def _busy_cpu_s() -> float:
 def measure(cmd: list[str], *, cold: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd``; wall time (process + the sync after it), peaks, I/O counters, its JSON."""
     dropped = drop_caches() if cold else (os.sync() or False)
+    load_start = os.getloadavg()
     peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     io: dict[str, int] = {}
     busy0 = _busy_cpu_s()
@@ -236,7 +236,8 @@ def measure(cmd: list[str], *, cold: bool, env: dict[str, str] | None = None) ->
         "disk_read_bytes": io.get("read_bytes"), "disk_write_bytes": io.get("write_bytes"),
         "rchar": io.get("rchar"), "wchar": io.get("wchar"),
         "caches_dropped": dropped, "other_cpu_s": max(0.0, other),
-        "loadavg_end": os.getloadavg()[0], "job": json.loads(last[-1]) if last else None,
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "job": json.loads(last[-1]) if last else None,
     }
 
 
@@ -455,24 +456,33 @@ def write_docs(out_dir: Path, result: dict[str, Any]) -> None:
         "anon / file = sampled peaks of RssAnon / RssFile (file pages are memory-mapped inputs, "
         f"reclaimable). Page caches dropped before each run: {result['caches_dropped']}.",
         "",
+        "Load = the machine's 1/5/15-minute load averages when the run started (2 CPUs: above "
+        "2 means other processes competed for them).",
+        "",
         "| size GB | dtype | tool | wall s | GB/s out | GB/s r+w | peak RSS MiB | anon MiB "
-        "| file MiB | read GB | written GB | × copy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| file MiB | read GB | written GB | × copy | × mergekit | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floor = {(r["size_gb"], r["dtype"]): r["wall_s"] for r in result["runs"]
              if r["tool"] == "copy" and "wall_s" in r}
+    mergekit = {(r["size_gb"], r["dtype"]): r["wall_s"] for r in result["runs"]
+                if r["tool"] == "mergekit" and "wall_s" in r}
     for r in result["runs"]:
         if "error" in r:
             lines.append(f"| {r['size_gb']} | {r['dtype']} | {r['tool']} | failed: "
-                         f"{r['error'].splitlines()[-1][:120]} |||||||||")
+                         f"{r['error'].splitlines()[-1][:120]} |||||||||||")
             continue
         ref = floor.get((r["size_gb"], r["dtype"]))
+        mk = mergekit.get((r["size_gb"], r["dtype"]))
+        load = r.get("loadavg_start")
         lines.append(
             f"| {r['size_gb']} | {r['dtype']} | {r['tool']} | {r['wall_s']:.1f} | "
             f"{r['gbps_written']:.2f} | {r['gbps_read_written']:.2f} | {r['peak_rss_mib']:.0f} | "
             f"{r['peak_rss_anon_mib']:.0f} | {r['peak_rss_file_mib']:.0f} | "
             f"{r['bytes_read'] / 1e9:.2f} | {r['bytes_written'] / 1e9:.2f} | "
-            + (f"{r['wall_s'] / ref:.2f} |" if ref else "– |"))
+            + (f"{r['wall_s'] / ref:.2f} |" if ref else "– |")
+            + (f" {r['wall_s'] / mk:.2f} |" if mk else " – |")
+            + (f" {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} |" if load else " – |"))
     sizes = {}
     for r in result["runs"]:
         if "synthetic" in r:

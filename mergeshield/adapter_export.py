@@ -41,9 +41,10 @@ from mergeshield.adapters import (
     MergedSource,
     lora_merge,
 )
+from mergeshield.checkpoint_writer import write_safetensors
 from mergeshield.checkpoints import Checkpoint, ResolvedSource, TensorInfo, open_checkpoint
 from mergeshield.models import family_for
-from mergeshield.safetensors_io import atomic_write_text, write_safetensors
+from mergeshield.safetensors_io import atomic_write_text
 
 FOLDER = "adapter"  # inside the scan's output folder, beside the cleaned checkpoint
 # "exact": |re-merged − cleaned| ≤ eps·|cleaned| + max(ATOL, eps)·max|cleaned| entry by entry

@@ -8,11 +8,14 @@ comparing them (global and per-tensor cosine).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from mergeshield import checkpoints
+from mergeshield.checkpoints import TensorInfo
 from mergeshield.errors import UnsupportedModelError
 from mergeshield.models import backbone_keys, family_for
 from mergeshield.task_vectors import TaskVector, cosine, per_tensor_cosine
@@ -28,6 +31,22 @@ def from_checkpoints(clean: checkpoints.Checkpoint, backdoored: checkpoints.Chec
                      ) -> TaskVector:
     """The BV of two opened checkpoints, over their family's backbone (shared float tensors when
     the family is unknown); architectures are checked first."""
+    a, b, keys = _canonical_pair(clean, backdoored)
+    return backdoor_vector(a, b, keys)
+
+
+def file_specs(clean: checkpoints.Checkpoint, backdoored: checkpoints.Checkpoint
+               ) -> dict[str, TensorInfo]:
+    """The float32 specs of ``from_checkpoints(clean, backdoored)`` as a file stores it, read
+    from the headers (no tensor computed), so the BV is written as it is computed."""
+    a, _, keys = _canonical_pair(clean, backdoored)
+    info = a.info  # type: ignore[attr-defined]
+    return {k: TensorInfo(torch.float32, info(k).shape, 4 * math.prod(info(k).shape))
+            for k in keys}
+
+
+def _canonical_pair(clean: checkpoints.Checkpoint, backdoored: checkpoints.Checkpoint
+                    ) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor], list[str]]:
     try:
         family = family_for(clean.config, backdoored.config)
     except UnsupportedModelError:
@@ -36,7 +55,7 @@ def from_checkpoints(clean: checkpoints.Checkpoint, backdoored: checkpoints.Chec
     b = family.canonical(backdoored) if family else backdoored
     keys, _ = backbone_keys(family, a, b)
     checkpoints.check_compatible(a, b, keys=set(keys).__contains__)
-    return backdoor_vector(a, b, keys)
+    return a, b, list(keys)
 
 
 def similarity(bvs: Sequence[TaskVector]) -> list[list[float]]:

@@ -55,7 +55,7 @@ def load(cache_dir: str | Path | None, key: str) -> TaskVector | None:
     if not (folder / "model.safetensors").is_file():
         return None
     ck = checkpoints.open_checkpoint(checkpoints.resolve(str(folder / "model.safetensors")))
-    return TaskVector(list(ck), ck.__getitem__)
+    return TaskVector.stored(ck)
 
 
 def store(cache_dir: str | Path | None, key: str, bv: TaskVector, recipe: dict[str, Any]) -> None:

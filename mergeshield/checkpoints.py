@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,11 @@ from typing import Any, Literal
 import torch
 
 from mergeshield import model_folder, open_clip, torch_bin
+from mergeshield.checkpoint_writer import save_checkpoint
 from mergeshield.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
+    InvalidWeightsError,
     SourceNotFoundError,
     mismatches,
 )
@@ -38,9 +41,9 @@ from mergeshield.safetensors_io import (
     atomic_write_text,
     check_finite,
     read_header,
-    save_checkpoint,
     sha256_file,
 )
+from mergeshield.tensor_stream import Range
 
 __all__ = [
     "Checkpoint", "ResolvedSource", "TensorInfo", "atomic_write_text", "check_compatible",
@@ -205,7 +208,9 @@ def _inside(src: ResolvedSource) -> Path:
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
-    """Lazy ``name → tensor`` view of validated safetensors files; one tensor read per access."""
+    """Lazy ``name → tensor`` view of validated safetensors files; one tensor read per access,
+    or one range of its elements (``range_reader``: the checkpoint writer's chunks, read from
+    several threads)."""
 
     def __init__(self, resolved: ResolvedSource) -> None:
         self.config = resolved.config
@@ -213,6 +218,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._headers: list[SafetensorsHeader] = []
         self._where: dict[str, int] = {}
         self._handles: dict[int, int] = {}  # shard index -> file descriptor
+        self._opening = threading.Lock()
+        # per thread, the last ranges read: θ_base + (θ_suspect − θ_base − λ·BV) asks for the
+        # base's range twice while computing one chunk; the second read costs nothing
+        self._recent = threading.local()
         for i, path in enumerate(resolved.tensor_files or resolved.weight_files):
             header = read_header(path)
             self._headers.append(header)
@@ -231,13 +240,47 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Read one tensor into fresh memory (``pread``, not a memory map) and tell the kernel
         its pages can go: a pass over a 8 GB checkpoint then holds one tensor, not 8 GB of cache
         charged to the process. Offsets come from the validated header."""
+        info = self.info(name)
+        tensor = self._read(name, 0, info.nbytes).view(info.dtype).reshape(info.shape)
+        check_finite(name, tensor)
+        return tensor
+
+    def range_reader(self, name: str) -> Range:
+        """``name``'s flattened elements [start, stop), read alone (no other byte of the
+        tensor) and checked for NaN and infinity like a whole tensor."""
+        info = self.info(name)
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            recent: dict[tuple[str, int, int], torch.Tensor] = \
+                self._recent.__dict__.setdefault("parts", {})
+            key = (name, start, stop)
+            if key in recent:
+                return recent[key]
+            size = info.dtype.itemsize
+            part = self._read(name, start * size, (stop - start) * size).view(info.dtype)
+            try:
+                check_finite(name, part)
+            except InvalidWeightsError:
+                self[name]  # raises with the whole tensor's counts
+                raise
+            if len(recent) >= 4:
+                recent.pop(next(iter(recent)))
+            recent[key] = part
+            return part
+
+        return read
+
+    def _read(self, name: str, start: int, size: int) -> torch.Tensor:
+        """``size`` bytes of ``name`` from its byte ``start``: a pread that checks for a short
+        file, then POSIX_FADV_DONTNEED on what was read."""
         i = self._where[name]
         header = self._headers[i]
         entry = header.tensors[name]
-        if i not in self._handles:
-            self._handles[i] = open_regular(header.path)
-        fd = self._handles[i]
-        offset, size = header.data_start + entry.begin, entry.info.nbytes
+        with self._opening:
+            if i not in self._handles:
+                self._handles[i] = open_regular(header.path)
+            fd = self._handles[i]
+        offset = header.data_start + entry.begin + start
         buf = torch.empty(size, dtype=torch.uint8)
         view = buf.numpy().data if size else memoryview(b"")
         done = 0
@@ -251,9 +294,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
         # safetensors stores little-endian bytes, the byte order of every platform torch targets
-        tensor = buf.view(entry.info.dtype).reshape(entry.info.shape)
-        check_finite(name, tensor)
-        return tensor
+        return buf
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

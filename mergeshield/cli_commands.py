@@ -138,15 +138,15 @@ def run_bv(args: argparse.Namespace, settings: Settings) -> int:
         with checkpoints.open_checkpoint(clean_src) as clean, \
                 checkpoints.open_checkpoint(bd_src) as bd:
             bv = backdoor_vectors.from_checkpoints(clean, bd)
-            checkpoints.save_checkpoint(args.out, ((k, bv[k]) for k in bv),
-                                        specs={k: checkpoints.TensorInfo.of(bv[k]) for k in bv},
+            checkpoints.save_checkpoint(args.out, bv.stream(),
+                                        specs=backdoor_vectors.file_specs(clean, bd),
                                         metadata={"mergeshield.kind": "backdoor_vector",
                                                   "mergeshield.clean": args.clean,
                                                   "mergeshield.backdoored": args.backdoored})
             print(f"BV over {len(bv)} tensors, norm {bv.norm():.4f} -> {args.out}")
         return 0
     opened = [checkpoints.open_checkpoint(checkpoints.resolve(p, **hub)) for p in args.bvs]
-    bvs = [TaskVector(list(ck), ck.__getitem__) for ck in opened]
+    bvs = [TaskVector.stored(ck) for ck in opened]
     matrix = backdoor_vectors.similarity(bvs)
     result: dict[str, Any] = {"bvs": args.bvs, "cosine": matrix}
     if args.per_tensor and len(bvs) >= 2:
@@ -179,7 +179,7 @@ def run_merge(args: argparse.Namespace, settings: Settings) -> int:
         bv = None
         if args.subtract:
             ck = checkpoints.open_checkpoint(checkpoints.resolve(args.subtract, **hub))
-            bv = TaskVector(list(ck), ck.__getitem__)
+            bv = TaskVector.stored(ck)
         info = base.info  # type: ignore[attr-defined]
         files = checkpoints.save_checkpoint(
             args.out, merged_tensors(base, tvs, cfg, bv), specs={k: info(k) for k in base},

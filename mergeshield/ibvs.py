@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -34,6 +34,7 @@ from mergeshield.options import (
     TrainImages,
 )
 from mergeshield.task_vectors import TaskVector, top_k
+from mergeshield.tensor_stream import TensorStream
 from mergeshield.training import FinetuneConfig, Progress, batch_order, finetune
 from mergeshield.triggers import PatchTrigger, Trigger, stamp
 
@@ -198,13 +199,14 @@ def focus(bv: TaskVector, tau: TaskVector, cfg: Focus) -> TaskVector:
     """BV_inj restricted to ``tau``'s tensors, trimmed and sign-masked as ``cfg`` says."""
     out = top_k(bv.restrict(tau), cfg.keep)
     if cfg.agree_with_suspect:
-        out = out.zip_with(tau, lambda b, t: torch.where(torch.sign(b) == torch.sign(t), b, 0.0))
+        out = out.zip_with(tau, lambda b, t: torch.where(torch.sign(b) == torch.sign(t), b, 0.0),
+                           elementwise=True)
     return out.materialize()
 
 
-def sanitise(suspect: Mapping[str, Tensor], bv: TaskVector, lam: float
-             ) -> Iterator[tuple[str, Tensor]]:
-    """θ' = θ_suspect − λ·BV_inj, one tensor at a time, every other tensor passed through."""
+def sanitise(suspect: Mapping[str, Tensor], bv: TaskVector, lam: float) -> TensorStream:
+    """θ' = θ_suspect − λ·BV_inj, one tensor at a time, every other tensor passed through (the
+    checkpoint writer streams it by element ranges)."""
     return bv.apply_lazily(suspect, -lam)
 
 

@@ -18,14 +18,14 @@ def elect_sign(vectors: list[TaskVector]) -> TaskVector:
     """TIES sign election: per entry, the sign of the summed values (+1, −1, or 0)."""
     total = sum(vectors)
     assert isinstance(total, TaskVector)
-    return total.map(lambda _k, t: torch.sign(t))
+    return total.map(lambda _k, t: torch.sign(t), elementwise=True)
 
 
 def sign_consistent(vectors: list[TaskVector]) -> list[TaskVector]:
     """Zero every entry whose sign disagrees with the elected sign (TIES "elect")."""
     sign = elect_sign(vectors)
-    return [v.zip_with(sign, lambda x, s: torch.where(torch.sign(x) == s, x, torch.zeros_like(x)))
-            for v in vectors]
+    return [v.zip_with(sign, lambda x, s: torch.where(torch.sign(x) == s, x, torch.zeros_like(x)),
+                       elementwise=True) for v in vectors]
 
 
 def task_arithmetic(vectors: list[TaskVector], weights: float | list[float] = 1.0) -> TaskVector:

@@ -7,7 +7,7 @@ text tower) come from the base, since each task's head belongs to its own task.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +18,7 @@ from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.merge_methods import dare_mergekit, task_arithmetic, ties, ties_mergekit
 from mergeshield.models import ModelFamily, backbone_keys, family_for
 from mergeshield.task_vectors import TaskVector
+from mergeshield.tensor_stream import TensorStream
 
 
 class MergeConfig(BaseModel):
@@ -48,8 +49,9 @@ class MergeConfig(BaseModel):
 
 
 def merged_tensors(base: Mapping[str, Tensor], tvs: Sequence[TaskVector], cfg: MergeConfig,
-                   bv: TaskVector | None = None) -> Iterator[tuple[str, Tensor]]:
-    """θ_pre + merge(τ) (− λ·BV), one tensor at a time in ``base``'s order."""
+                   bv: TaskVector | None = None) -> TensorStream:
+    """θ_pre + merge(τ) (− λ·BV), one tensor at a time in ``base``'s order (task arithmetic and
+    IBVS stream by element ranges; TIES and DARE tensor by tensor)."""
     if not tvs:
         raise ConfigError("merge needs at least one fine-tuned model")
     weights = cfg.weights * len(tvs) if len(cfg.weights) == 1 else cfg.weights

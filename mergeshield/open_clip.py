@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from mergeshield.checkpoint_writer import save_checkpoint
 from mergeshield.disk import built_once, ensure_room, private_dir
 from mergeshield.errors import (
     CorruptCheckpointError,
@@ -42,7 +43,7 @@ from mergeshield.model_folder import allowed_root, read_json_file, regular_insid
 from mergeshield.models import MAX_PARAMETERS, check_config
 from mergeshield.models.config_guard import count_on_meta
 from mergeshield.open_clip_config import CONFIG, OpenClipConfig
-from mergeshield.safetensors_io import TensorInfo, atomic_write_text, save_checkpoint, sha256_file
+from mergeshield.safetensors_io import TensorInfo, atomic_write_text, sha256_file
 
 __all__ = ["CONFIG", "CONVERT_VERSION", "WEIGHTS", "convert", "is_lone_weights", "is_open_clip",
            "tensor_map", "weights_file"]

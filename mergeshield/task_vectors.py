@@ -3,7 +3,9 @@
 A task vector is τ = θ_ft − θ_pre over the shared backbone. A backdoor vector is the same type:
 ``bv = TaskVector.between(clean, backdoored)``. Values are immutable and *lazy*: every operation
 returns a new ``TaskVector`` whose tensors are computed one at a time when read, so a chain such as
-``suspect_tv - lam * bv_inj`` over memory-mapped checkpoints streams with a few tensors in memory.
+``suspect_tv - lam * bv_inj`` over checkpoints on disk streams with a few tensors in memory.
+Elementwise steps also compute a tensor by element ranges (``ranged``): ``apply_lazily`` hands
+the checkpoint writer a ``TensorStream`` that it computes and writes a few MiB at a time.
 Call ``materialize()`` to compute everything once when a vector is read many times.
 """
 
@@ -17,26 +19,40 @@ import torch
 from torch import Tensor
 
 from mergeshield.errors import ConfigError, IncompatibleModelsError
+from mergeshield.tensor_stream import Range, TensorStream, combine, ranged
 
 _Fn = Callable[[str], Tensor]
+_Ranges = Callable[[str], Range | None]
 
 
 class TaskVector(Mapping[str, Tensor]):
     """An immutable, lazily evaluated mapping ``tensor name -> delta`` (always float32)."""
 
-    __slots__ = ("_fn", "_key_set", "_keys")
+    __slots__ = ("_fn", "_key_set", "_keys", "_ranges")
 
-    def __init__(self, keys: Iterable[str], fn: _Fn) -> None:
+    def __init__(self, keys: Iterable[str], fn: _Fn, ranges: _Ranges | None = None) -> None:
+        """``fn``: name -> the tensor; ``ranges`` (optional): name -> the same tensor's flattened
+        elements by range, bit for bit what ``fn`` gives, or None where it cannot."""
         self._keys: tuple[str, ...] = tuple(keys)
         self._key_set = frozenset(self._keys)
         self._fn = fn
+        self._ranges = ranges
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor]) -> TaskVector:
         """Wrap existing deltas (copied to float32; the caller's tensors are never touched)."""
-        frozen = {k: v.detach().to(torch.float32, copy=True) for k, v in tensors.items()}
-        return cls(frozen, frozen.__getitem__)
+        frozen = {k: v.detach().to(torch.float32, copy=True).contiguous()
+                  for k, v in tensors.items()}
+        return cls(frozen, frozen.__getitem__, lambda k: ranged(frozen, k))
+
+    @classmethod
+    def stored(cls, weights: Mapping[str, Tensor]) -> TaskVector:
+        """A vector saved as a checkpoint (a BV file): its tensors as float32, read lazily."""
+        def delta_range(name: str) -> Range | None:
+            return combine(_as_float32, ranged(weights, name))
+
+        return cls(weights, lambda k: _as_float32(weights[k]), delta_range)
 
     @classmethod
     def between(
@@ -50,10 +66,11 @@ class TaskVector(Mapping[str, Tensor]):
         _require_same_keys(names, base, "base")
         _require_same_keys(names, finetuned, "fine-tuned model")
 
-        def delta(name: str) -> Tensor:
-            return finetuned[name].to(torch.float32) - base[name].to(torch.float32)
+        def delta(ft: Tensor, b: Tensor) -> Tensor:
+            return ft.to(torch.float32) - b.to(torch.float32)
 
-        return cls(names, delta)
+        return cls(names, lambda k: delta(finetuned[k], base[k]),
+                   lambda k: combine(delta, ranged(finetuned, k), ranged(base, k)))
 
     def materialize(self) -> TaskVector:
         """Compute every tensor now; reading the result costs nothing."""
@@ -64,6 +81,11 @@ class TaskVector(Mapping[str, Tensor]):
         if name not in self._key_set:
             raise KeyError(name)
         return self._fn(name)
+
+    def ranged(self, name: str) -> Range | None:
+        """``self[name]`` flattened, computed by element ranges; None when a step is not
+        elementwise (a per-tensor top-k, a TIES election) or a source cannot read ranges."""
+        return self._ranges(name) if self._ranges is not None else None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -78,23 +100,28 @@ class TaskVector(Mapping[str, Tensor]):
         return f"TaskVector({len(self._keys)} tensors)"
 
     # -- algebra --------------------------------------------------------------------------------
-    def zip_with(self, other: TaskVector, op: Callable[[Tensor, Tensor], Tensor]) -> TaskVector:
-        """Combine two vectors tensor by tensor with ``op``, lazily."""
+    def zip_with(self, other: TaskVector, op: Callable[[Tensor, Tensor], Tensor], *,
+                 elementwise: bool = False) -> TaskVector:
+        """Combine two vectors tensor by tensor with ``op``, lazily; ``elementwise``: each entry
+        of the result depends only on the same entries of the inputs (then it streams by
+        ranges)."""
         _require_same_keys(self._keys, other, "other task vector")
-        return TaskVector(self._keys, lambda k: op(self[k], other[k]))
+        ranges = ((lambda k: combine(op, self.ranged(k), other.ranged(k)))
+                  if elementwise else None)
+        return TaskVector(self._keys, lambda k: op(self[k], other[k]), ranges)
 
     def __add__(self, other: TaskVector) -> TaskVector:
-        return self.zip_with(other, torch.add)
+        return self.zip_with(other, torch.add, elementwise=True)
 
     def __sub__(self, other: TaskVector) -> TaskVector:
-        return self.zip_with(other, torch.sub)
+        return self.zip_with(other, torch.sub, elementwise=True)
 
     def __neg__(self) -> TaskVector:
-        return TaskVector(self._keys, lambda k: -self[k])
+        return self.map(lambda _k, t: -t, elementwise=True)
 
     def __mul__(self, scale: float) -> TaskVector:
         s = float(scale)
-        return TaskVector(self._keys, lambda k: self[k] * s)
+        return self.map(lambda _k, t: t * s, elementwise=True)
 
     __rmul__ = __mul__
 
@@ -104,15 +131,18 @@ class TaskVector(Mapping[str, Tensor]):
             return NotImplemented
         return self
 
-    def map(self, fn: Callable[[str, Tensor], Tensor]) -> TaskVector:
-        """Apply ``fn(name, tensor)`` per tensor, lazily."""
-        return TaskVector(self._keys, lambda k: fn(k, self[k]))
+    def map(self, fn: Callable[[str, Tensor], Tensor], *, elementwise: bool = False
+            ) -> TaskVector:
+        """Apply ``fn(name, tensor)`` per tensor, lazily (``elementwise``: as in ``zip_with``)."""
+        ranges = ((lambda k: combine(lambda t: fn(k, t), self.ranged(k)))
+                  if elementwise else None)
+        return TaskVector(self._keys, lambda k: fn(k, self[k]), ranges)
 
     def restrict(self, keys: Iterable[str]) -> TaskVector:
         """The same vector over a subset of its tensors."""
         names = tuple(keys)
         _require_same_keys(names, self, "task vector")
-        return TaskVector(names, self.__getitem__)
+        return TaskVector(names, self.__getitem__, self._ranges)
 
     def apply_to(self, base: Mapping[str, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
         """θ = base + scale·τ on the vector's tensors; other tensors of ``base`` pass through.
@@ -121,18 +151,27 @@ class TaskVector(Mapping[str, Tensor]):
         """
         return dict(self.apply_lazily(base, scale))
 
-    def apply_lazily(
-        self, base: Mapping[str, Tensor], scale: float = 1.0
-    ) -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(name, base + scale·τ)`` one tensor at a time, in ``base``'s key order."""
+    def stream(self) -> TensorStream:
+        """The vector's own tensors in order, for the checkpoint writer (a BV saved to a file)."""
+        return TensorStream(self._keys, self.__getitem__, self.ranged)
+
+    def apply_lazily(self, base: Mapping[str, Tensor], scale: float = 1.0) -> TensorStream:
+        """``(name, base + scale·τ)`` one tensor at a time, in ``base``'s key order; the
+        checkpoint writer computes each by element ranges where every step allows it."""
         _require_same_keys(self._keys, base, "model")
         mine = self._key_set
-        for name in base:
-            t = base[name]
-            if name in mine:
-                yield name, torch.add(t.to(torch.float32), self[name], alpha=scale).to(t.dtype)
-            else:
-                yield name, t
+
+        def applied(t: Tensor, delta: Tensor) -> Tensor:  # float32 sum, stored in t's dtype
+            return torch.add(t.to(torch.float32), delta, alpha=scale).to(t.dtype)
+
+        def whole(name: str) -> Tensor:
+            return applied(base[name], self[name]) if name in mine else base[name]
+
+        def ranges(name: str) -> Range | None:
+            own = ranged(base, name)
+            return combine(applied, own, self.ranged(name)) if name in mine else own
+
+        return TensorStream(list(base), whole, ranges)
 
     # -- measurements ---------------------------------------------------------------------------
     def norms(self) -> dict[str, float]:
@@ -145,6 +184,10 @@ class TaskVector(Mapping[str, Tensor]):
 
     def numel(self) -> int:
         return sum(self[k].numel() for k in self._keys)
+
+
+def _as_float32(t: Tensor) -> Tensor:
+    return t.to(torch.float32)
 
 
 def _require_same_keys(keys: Iterable[str], other: Mapping[str, Tensor], what: str) -> None:
@@ -206,7 +249,8 @@ def top_k(tv: TaskVector, keep: float, scope: Literal["global", "tensor"] = "glo
         return tv
     if scope == "global":
         thr = _magnitude_threshold((tv[k].abs() for k in tv), keep)
-        return tv.map(lambda _k, t: torch.where(t.abs() >= thr, t, torch.zeros_like(t)))
+        return tv.map(lambda _k, t: torch.where(t.abs() >= thr, t, torch.zeros_like(t)),
+                      elementwise=True)
 
     def per_tensor(_k: str, t: Tensor) -> Tensor:
         thr_t = _magnitude_threshold([t.abs()], keep)

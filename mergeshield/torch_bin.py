@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mergeshield.checkpoint_writer import write_safetensors
 from mergeshield.disk import ensure_room, private_dir
 from mergeshield.errors import (
     CorruptCheckpointError,
@@ -20,13 +21,7 @@ from mergeshield.errors import (
     UnsupportedTensorError,
 )
 from mergeshield.file_safety import check_regular, plain_text
-from mergeshield.safetensors_io import (
-    DTYPE_NAMES,
-    TensorInfo,
-    sha256_file,
-    unsupported_dtype,
-    write_safetensors,
-)
+from mergeshield.safetensors_io import DTYPE_NAMES, TensorInfo, sha256_file, unsupported_dtype
 
 __all__ = ["convert"]
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mergeshield.errors import CorruptCheckpointError, IncompatibleModelsError, ModelRunError
 from mergeshield.models.config_guard import MAX_IMAGE_SIDE
+from mergeshield.tensor_stream import Range, ranged
 
 
 @dataclass(frozen=True)
@@ -211,3 +212,7 @@ class PrefixedWeights(Mapping[str, Tensor]):
     def info(self, name: str) -> Any:
         """Dtype and shape without reading data, when the inner mapping can tell."""
         return self.inner.info(name[len(self.prefix) :])  # type: ignore[attr-defined]
+
+    def range_reader(self, name: str) -> Range | None:
+        """Element ranges of ``name`` without the whole tensor, when the inner mapping can."""
+        return ranged(self.inner, name[len(self.prefix) :])
