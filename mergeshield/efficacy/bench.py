@@ -60,6 +60,12 @@ class BenchConfig:
     shard: tuple[int, int] | None = None  # (i, n): run shard i of n (``Bench.run_shard``)
     repair: baselines.RepairConfig = field(default_factory=baselines.RepairConfig)
 
+    @property
+    def label(self) -> str:
+        """The split's name in pages and results.json: ``test6``, or ``test6-clip`` for CLIP."""
+        family = self.world.family
+        return self.split if family == "vit" else f"{self.split}-{family}"
+
 
 def _rate(r: Rate) -> dict[str, Any]:
     return r.to_model().model_dump(mode="json")

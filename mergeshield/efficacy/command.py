@@ -28,6 +28,9 @@ def add_parser(sub: Any) -> None:
                     help="dev: design on it; test to test6: disjoint seeds, each run once for "
                     "the final numbers (test to test5 are spent: the next design is scored on "
                     "test6)")
+    be.add_argument("--family", choices=("vit", "clip"), default="vit",
+                    help="the zoo family attacked and defended (its pages and results.json key "
+                    "get a -clip suffix); the zoo must hold it (`--families clip`)")
     be.add_argument("--attacks", type=int, help="planted attacks wanted (dev 6, test 40)")
     be.add_argument("--clean", type=int, help="clean fine-tunes (dev 6, test 40)")
     be.add_argument("--families", help="comma-separated subset of the attack families "
@@ -75,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
     from mergeshield.efficacy.attacks import FAMILIES
     from mergeshield.efficacy.bench import DEFENCES, BenchConfig
     from mergeshield.efficacy.runner import run_efficacy
+    from mergeshield.efficacy.world import WorldConfig
     from mergeshield.pipeline import ScanRequest
 
     attacks, clean = SIZES[args.split]
-    work = args.work or args.zoo / "efficacy-work" / args.split
+    label = args.split if args.family == "vit" else f"{args.split}-{args.family}"
+    work = args.work or args.zoo / "efficacy-work" / label
     defences = tuple(args.defences.split(",")) if args.defences else DEFENCES
     unknown = sorted(set(defences) - set(DEFENCES))
     if unknown:
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                       clean=clean if args.clean is None else args.clean,
                       cache_dir=args.cache_dir or args.zoo / "efficacy-work" / "bv-cache",
                       resume=args.resume, shard=_shard(args.shard),
-                      scan_overrides=overrides)
+                      scan_overrides=overrides, world=WorldConfig(family=args.family))
     verbose = os.environ.get("MERGESHIELD_BENCH_QUIET") is None
 
     def say(stage: str, fraction: float) -> None:

@@ -141,8 +141,12 @@ def markdown(split: str, summary: dict[str, Any], methods: Sequence[str],
              meta: dict[str, Any]) -> str:
     """The split's results page (tables only; the method is in README.md)."""
     planted = ", ".join(f"{f} {_rate(r)}" for f, r in summary["planted"].items())
+    family = meta.get("family", "vit")
+    name = split.removesuffix(f"-{family}")
     out = [f"# Efficacy bench: {split} split", "",
-           f"Written by `mergeshield bench efficacy --split {split}` "
+           f"Written by `mergeshield bench efficacy --split {name}"
+           f"{'' if family == 'vit' else ' --family ' + family}` on the {family.upper()} "
+           "family "
            f"({meta.get('case_seconds', meta['wall_seconds']) / 60:.1f} min of computing over "
            f"its cases, summed over the processes that ran them (this one: "
            f"{meta['wall_seconds'] / 60:.1f} min wall), on {meta['machine']}, "

@@ -40,20 +40,21 @@ def run_efficacy(cfg: BenchConfig, out: Path, progress: Progress | None = None) 
             "clean": len(result["clean"]), "min_asr": cfg.min_asr,
             "merge_lambda": cfg.merge_lambda, "ties_keep": cfg.ties_keep,
             "ties_scale": cfg.ties_scale,
-            "defender_images": cfg.world.defender_images, "families": list(cfg.families),
+            "family": cfg.world.family, "defender_images": cfg.world.defender_images,
+            "families": list(cfg.families),
             # what "product" meant for this run: the ScanRequest defaults when it ran, with the
             # run's --scan overrides
             "product_request": ScanRequest(suspect="", base="", **cfg.scan_overrides).model_dump(
                 mode="json", exclude={"suspect", "base"}),
             "pinned_off": {k: str(v) for k, v in pinned_off().items()}}
     out.mkdir(parents=True, exist_ok=True)
-    page = out / f"{cfg.split}.md"
-    page.write_text(report.markdown(cfg.split, summary, cfg.merge_methods, meta))
-    png = out / f"cut-vs-cost-{cfg.split}.png"
+    page = out / f"{cfg.label}.md"
+    page.write_text(report.markdown(cfg.label, summary, cfg.merge_methods, meta))
+    png = out / f"cut-vs-cost-{cfg.label}.png"
     report.plot(summary, cfg.merge_methods, png,
-                f"{cfg.split} split: {meta['planted']} attacks, {meta['clean']} clean")
+                f"{cfg.label} split: {meta['planted']} attacks, {meta['clean']} clean")
     path = out / "results.json"
     stored: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    stored[cfg.split] = {"meta": meta, "summary": summary, "cases": result}
+    stored[cfg.label] = {"meta": meta, "summary": summary, "cases": result}
     path.write_text(json.dumps(stored, indent=1))
     return {"files": [page.name, png.name, path.name], "summary": summary, "meta": meta}

@@ -8,6 +8,7 @@ seed for the poisoned rows and the batch order. Hidden-trigger ASR is measured h
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -156,10 +157,15 @@ class World:
         return dict(merged_tensors(self.base, [self.tv(b) for b in backbones], cfg))
 
     def save(self, task: str, backbone: Backbone, out: Path) -> Path:
-        """``backbone`` + ``task``'s head as a Hugging Face folder, like the zoo's fine-tunes."""
-        clf = cast(HFImageClassifier, self.classifier(task, backbone))
-        clf.model.save_pretrained(out)
-        shutil.copy(self.path(self.clean_names[task]) / "preprocessor_config.json", out)
+        """``backbone`` + ``task``'s head as a Hugging Face folder, like the zoo's fine-tunes (a
+        CLIP's: its vision tower alone, under the zoo's clean fine-tune's config)."""
+        clf, zoo_model = self.classifier(task, backbone), self.path(self.clean_names[task])
+        if isinstance(clf, HFImageClassifier):
+            clf.model.save_pretrained(out)
+            shutil.copy(zoo_model / "preprocessor_config.json", out)
+        else:
+            config = json.loads((zoo_model / "config.json").read_text())
+            checkpoints.save_checkpoint(out, backbone, config=config, metadata={"format": "pt"})
         return out
 
     def load(self, folder: Path) -> Backbone:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from mergeshield.efficacy.baselines import RepairConfig
 from mergeshield.efficacy.bench import DEFENCES, BenchConfig
 from mergeshield.efficacy.runner import run_efficacy
-from mergeshield.efficacy.world import WorldConfig
+from mergeshield.efficacy.world import World, WorldConfig
 from mergeshield.experiments.dam import DAMConfig
 from mergeshield.training import FinetuneConfig
 from tests.support.zoo import Zoo
@@ -55,3 +58,22 @@ def test_the_bench_plants_defends_and_reports(zoo: Zoo, bv_cache_dir: Path,
     assert summary["single"]["attacks"] == 1
     assert out["summary"]["defences"]["dam"]["overall"]["single"] is None
     assert "Single checkpoint" in (tmp_path / "docs" / "ci.md").read_text()
+
+
+
+def test_the_clip_family_plants_into_folders_a_scan_reads(zoo: Zoo, tmp_path: Path) -> None:
+    """``--family clip``: the bench's CLIP suspects are saved as the zoo saves its CLIP
+    fine-tunes (a vision tower under the zoo's config) and read back unchanged; its pages and
+    results key are suffixed so they sit beside the ViT ones. (The whole bench on the quick
+    zoo's CLIP ran, product only, in 3 minutes: too long for CI.)"""
+    w = World(zoo.root, WorldConfig(family="clip", tasks=("digits",)))
+    backbone = {k: v + 0.01 for k, v in w.clean["digits"].items()}
+    folder = w.save("digits", backbone, tmp_path / "suspect")
+    assert json.loads((folder / "config.json").read_text()) == json.loads(
+        (w.path(w.clean_names["digits"]) / "config.json").read_text())
+    back = w.load(folder)
+    assert back.keys() == backbone.keys()
+    assert all(torch.equal(back[k], backbone[k]) for k in backbone)
+    cfg = BenchConfig(zoo=zoo.root, work=tmp_path, split="test6",
+                      world=WorldConfig(family="clip"))
+    assert cfg.label == "test6-clip" and replace(cfg, world=WorldConfig()).label == "test6"
