@@ -120,11 +120,12 @@ def _status() -> dict[str, int]:
 
 
 def job_mergeshield(workdir: Path, out: Path, mode: str) -> dict[str, Any]:
+    t_import = time.perf_counter()
     from mergeshield import checkpoints
     from mergeshield.ibvs import sanitise
     from mergeshield.task_vectors import TaskVector
 
-    stages: dict[str, float] = {}
+    stages: dict[str, float] = {"import": time.perf_counter() - t_import}  # torch, transformers
     t0 = time.perf_counter()
     srcs = {k: checkpoints.resolve(str(workdir / k)) for k in ("base", "suspect", "bv")}
     stages["resolve"] = time.perf_counter() - t0
@@ -483,6 +484,17 @@ def write_docs(out_dir: Path, result: dict[str, Any]) -> None:
             + (f"{r['wall_s'] / ref:.2f} |" if ref else "– |")
             + (f" {r['wall_s'] / mk:.2f} |" if mk else " – |")
             + (f" {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} |" if load else " – |"))
+    staged = [r for r in result["runs"] if (r.get("job") or {}).get("stages")]
+    if staged:
+        lines += ["", "Where the MergeShield rows' time goes (seconds inside the process; the rest "
+                      "of the wall time is starting Python, exiting and the final `sync`):", "",
+                  "| size GB | dtype | tool | " + " | ".join(staged[0]["job"]["stages"]) + " |",
+                  "|---|---|---|" + "---|" * len(staged[0]["job"]["stages"])]
+        for r in staged:
+            st = r["job"]["stages"]
+            lines.append(f"| {r['size_gb']} | {r['dtype']} | {r['tool']} | "
+                         + " | ".join(f"{st.get(k, 0):.2f}" for k in staged[0]["job"]["stages"])
+                         + " |")
     sizes = {}
     for r in result["runs"]:
         if "synthetic" in r:
