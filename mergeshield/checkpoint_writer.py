@@ -44,8 +44,8 @@ from mergeshield.tensor_stream import TensorStream, ranged
 __all__ = ["CHUNK_ELEMENTS", "WORKERS", "save_checkpoint", "write_safetensors"]
 
 # elements per chunk: 4 MiB of float32 per temporary, small enough for malloc to reuse its memory
-# (a fresh 100 MiB tensor costs more in page faults than the arithmetic), large enough that
-# Python's per-operation cost stays under 5 % (docs/decisions.md, "Arithmetic engine")
+# (a fresh 100 MiB tensor costs more in page faults than the arithmetic), large enough to spread
+# Python's cost per operation (2**18 was slower; docs/decisions.md, "Arithmetic engine")
 CHUNK_ELEMENTS = 2**20
 WORKERS = 2  # chunks computed at once: one reads while the other computes
 AHEAD_BYTES = 8 * 4 * CHUNK_ELEMENTS  # float32 bytes of the chunks in flight, written or not
