@@ -334,9 +334,8 @@ def _given_bv(request: ScanRequest, tau: TaskVector, hub: dict[str, Any]
         return None
     src = checkpoints.resolve(request.bv, **hub)
     ck = checkpoints.open_checkpoint(src)  # stays open while the scan reads it
-    bv = TaskVector(list(ck), ck.__getitem__)
-    checkpoints.check_compatible(bv, tau, keys=set(tau).__contains__)
-    return bv.restrict(tau), "given:" + _revision_of(src)
+    checkpoints.check_compatible(ck, tau, keys=set(tau).__contains__)  # the file's own dtypes
+    return TaskVector.stored(ck).restrict(tau), "given:" + _revision_of(src)
 
 
 def describe_cleaning(m: Measurement | None, findings: list[Finding], lam: float | None
