@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from mergeshield.checkpoint_writer import save_checkpoint
 from mergeshield.disk import built_once, ensure_room, private_dir
@@ -214,6 +213,15 @@ def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
            if k not in ("architectures", "model_type", "mergeshield_open_clip")}
 
     def build() -> torch.nn.Module:
+        # transformers only here, where a model is built: reading and converting weights (the
+        # arithmetic of `bv compute`, `merge`) never imports it (tests/mergeshield/test_imports.py)
+        from transformers import (
+            CLIPConfig,
+            CLIPModel,
+            CLIPVisionConfig,
+            CLIPVisionModelWithProjection,
+        )
+
         model: torch.nn.Module = (
             CLIPModel._from_config(CLIPConfig(**cfg), attn_implementation="eager")
             if config["model_type"] == "clip" else CLIPVisionModelWithProjection._from_config(

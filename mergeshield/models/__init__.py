@@ -1,4 +1,9 @@
-"""Model family adapters: one per family, each knowing its backbone, preprocessing and logits."""
+"""Model family adapters: one per family, each knowing its backbone, preprocessing and logits.
+
+transformers is imported where a model (or its config) is built, not when this package is: the
+arithmetic (`bv compute`, `merge`, sanitising, a scan's task vector) reads config.json through
+these checks and never needs it (~3 s of every such process; tests/mergeshield/test_imports.py).
+"""
 
 from __future__ import annotations
 

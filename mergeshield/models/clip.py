@@ -10,18 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from transformers import (
-    AutoTokenizer,
-    CLIPConfig,
-    CLIPModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    PreTrainedModel,
-)
 
 from mergeshield.errors import CorruptCheckpointError, ModelRunError, UnsupportedModelError
 from mergeshield.models.base import Classifier, ModelFamily, PrefixedWeights, Preprocessing
@@ -34,6 +26,9 @@ from mergeshield.models.config_guard import (
     refuse_remote_code,
     sanitised,
 )
+
+if TYPE_CHECKING:  # transformers is imported where a model is built (the package docstring)
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, PreTrainedModel
 
 PREFIX = "vision_model."
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -93,6 +88,8 @@ class CLIPFamily(ModelFamily):
         count, backbone = self.parameter_counts(base_config, max_parameters)
         check_parameters(count, backbone=backbone, weight_elements=None,
                          max_parameters=max_parameters)
+        from transformers import CLIPConfig
+
         config = _config(base_config)
         assert isinstance(config, CLIPConfig)  # model_type "clip", checked above
         self.config = config
@@ -110,6 +107,8 @@ class CLIPFamily(ModelFamily):
         config, counted on the meta device after the config's checks."""
         refuse_remote_code(config, "config.json")
         check_size(config, max_parameters)
+        from transformers import CLIPModel, CLIPVisionModel
+
         model_class = CLIPModel if config.get("model_type") == "clip" else CLIPVisionModel
         count, model = count_on_meta(lambda: _model(model_class, config))
         if model_class is CLIPVisionModel:  # all of it is the vision tower
@@ -152,6 +151,8 @@ class CLIPFamily(ModelFamily):
     ) -> Classifier:
         if head_source is None:
             raise UnsupportedModelError("a CLIP head is built from the base model's text tower")
+        from transformers import CLIPModel
+
         model = CLIPModel._from_config(self.config, attn_implementation=attention_for(CLIPModel))
         own = model.state_dict()
         with torch.no_grad():
@@ -174,6 +175,8 @@ class CLIPFamily(ModelFamily):
                 "the CLIP base has no tokenizer files (tokenizer.json, or vocab.json and "
                 "merges.txt) to build its zero-shot head with; put the tokenizer it was trained "
                 "with beside its weights", details={"missing": "tokenizer"})
+        from transformers import AutoTokenizer
+
         try:  # untrusted files: a failure to load or to encode is the base's, not ours
             tok = AutoTokenizer.from_pretrained(self.tokenizer_root, trust_remote_code=False)
             batches = [tok([t.format(name) for t in TEMPLATES], padding=True, return_tensors="pt")
@@ -202,6 +205,8 @@ class CLIPFamily(ModelFamily):
 
 def _config(config: Mapping[str, Any]) -> CLIPConfig | CLIPVisionConfig:
     """The transformers config of a sanitised, checked config.json."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
     cfg = {k: v for k, v in sanitised(config).items() if k not in ("architectures", "model_type")}
     try:
         if config.get("model_type") == "clip":

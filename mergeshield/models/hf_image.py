@@ -7,12 +7,10 @@ the classification head (``classifier.*``) is per task and excluded from task ve
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from mergeshield.errors import (
     CorruptCheckpointError,
@@ -32,9 +30,14 @@ from mergeshield.models.config_guard import (
     sanitised,
 )
 
+if TYPE_CHECKING:  # transformers is imported where a model is built (the package docstring)
+    from transformers import PreTrainedModel
+
 
 def _build(config: Mapping[str, Any], num_labels: int) -> PreTrainedModel:
     """The model of a *checked* config (``check_fields``): sanitised, our attention, float32."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
     cfg = {k: v for k, v in sanitised(config).items() if k != "architectures"}
     cfg["num_labels"] = num_labels
     cfg.pop("id2label", None)
@@ -142,9 +145,13 @@ class HFImageFamily(ModelFamily):
     @classmethod
     def matches(cls, config: Mapping[str, Any]) -> bool:
         archs = config.get("architectures") or []
-        return config.get("model_type") in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and (
-            not archs or any(str(a).endswith("ForImageClassification") for a in archs)
+        if archs and not any(str(a).endswith("ForImageClassification") for a in archs):
+            return False  # decided without transformers: a causal LM's config never imports it
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
         )
+
+        return config.get("model_type") in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     def is_backbone(self, name: str) -> bool:
         return name.startswith(self.prefix)
