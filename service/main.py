@@ -14,7 +14,8 @@ from fastapi import FastAPI
 
 from mergeshield import __version__
 from mergeshield.settings import Settings
-from service import api_docs, dashboard, errors, metrics
+from service import api_docs, dashboard, errors, metrics, reads
+from service.auth import KeyCache
 from service.routes import (
     bv_cache,
     endpoints,
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
         migrate.upgrade(db)
         for folder in (settings.uploads_dir, settings.scans_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        app.state.reads = reads.executor()  # short reads of async routes (service.reads)
         threads = []
         if reconciler:
             threads = [threading.Thread(target=_every, args=(loop, interval, stop), daemon=True,
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
         stop.set()
         for thread in threads:
             thread.join(timeout=5)
+        app.state.reads.shutdown(wait=True)
         db.dispose()
 
     app = FastAPI(title="MergeShield", version=__version__, lifespan=lifespan,
@@ -70,6 +73,7 @@ def create_app(settings: Settings | None = None, *, reconciler: bool = True) -> 
                               "sanitise them with Injection Backdoor Vector Subtraction (IBVS).")
     app.state.settings = settings
     app.state.db = db
+    app.state.keys = KeyCache()  # verified API keys, for a few seconds (service.auth)
     app.state.celery = create_celery(settings)
     app.state.log = log
     app.state.registry = metrics.install(app, db, settings)

@@ -13,14 +13,15 @@ the cache (``cached_from``) ran nothing and have no duration.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from datetime import timedelta
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mergeshield.settings import Settings
 from worker.app import QUEUES
@@ -81,15 +82,30 @@ def install(app: FastAPI, db: Database, settings: Settings) -> CollectorRegistry
                         ["method", "route", "status"], registry=registry,
                         buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
 
-    @app.middleware("http")
-    async def _time(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                    ) -> Response:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        latency.labels(request.method, path, str(response.status_code)).observe(
-            time.perf_counter() - t0)
-        return response
-
+    app.add_middleware(RequestTimer, latency=latency)
     return registry
+
+
+class RequestTimer:
+    """Times each HTTP request, from its arrival to its response's start, into ``latency`` by
+    method, route template and status. Pure ASGI: ``@app.middleware("http")``
+    (BaseHTTPMiddleware) ran every request through a task group and memory streams, which cost
+    more than a status read itself (docs/decisions.md, "The API's per-request cost")."""
+
+    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
+        self.app, self.latency = app, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":  # the route is matched by now
+                path = getattr(scope.get("route"), "path", "unmatched")
+                self.latency.labels(scope["method"], path, str(message["status"])).observe(
+                    time.perf_counter() - t0)
+            await send(message)
+
+        await self.app(scope, receive, timed)

@@ -26,21 +26,23 @@ class Usage:
     uploads: int
 
 
+_ACTIVE = select(func.count()).select_from(Scan).where(Scan.state.not_in(FINISHED))
+
+
 def usage(db: Database, owner: str) -> Usage:
     with db.session() as s:
-        active = s.scalar(select(func.count()).select_from(Scan).where(
-            Scan.owner == owner, Scan.state.not_in(FINISHED))) or 0
+        active = s.scalar(_ACTIVE.where(Scan.owner == owner)) or 0
         count, stored = s.execute(select(func.count(), func.coalesce(func.sum(Upload.size), 0))
                                   .where(Upload.owner == owner)).one()
     return Usage(int(active), int(stored), int(count))
-
 
 def check_scans(db: Database, settings: Settings, caller: Principal) -> None:
     """Refuse one more scan when the key already has its limit queued or running."""
     limit = settings.key_max_active_scans
     if caller.admin or limit <= 0:
         return
-    active = usage(db, caller.id).active_scans
+    with db.reading() as conn:  # the scans alone: a submission has no use for the uploads' sum
+        active = conn.execute(_ACTIVE.where(Scan.owner == caller.id)).scalar_one()
     if active >= limit:
         raise QuotaExceededError(
             f"quota exceeded: concurrent scans — this key has {active} scans queued or running "

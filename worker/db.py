@@ -38,7 +38,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -271,12 +271,23 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # one-statement reads (``reading``): outside a transaction on PostgreSQL; pysqlite opens
+        # none for a SELECT anyway, and switching its mode would cost more than it saves
+        self._reader = self.engine if url.startswith("sqlite") else \
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session that commits on success and rolls back on error."""
         with self.sessions() as s, s.begin():
             yield s
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A pooled connection for one read statement (the API's status poll): on PostgreSQL
+        without BEGIN and ROLLBACK, two of its four round trips."""
+        with self._reader.connect() as conn:
+            yield conn
 
     def ping(self) -> None:
         with self.engine.connect() as conn:

@@ -204,7 +204,7 @@ def scan_page(scan_id: str, request: Request) -> Response:
     if caller is None:
         return _signin(request)
     try:
-        scan = scans.get_scan(scan_id, request, Response(), caller)
+        scan = scans.scan_status(request.app.state.db, caller, scan_id)
     except NotFoundError as exc:
         return _page(request, "error.html", caller, 404, message=exc.message)
     report = scans.scan_report(request, caller, scan_id) \

@@ -10,12 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from mergeshield import bv_cache
-from service.auth import Principal, principal
+from service.auth import Principal, verified_caller
 from service.schemas import BvCacheOut
 from worker.db import BvCacheEntry, Database
 
 router = APIRouter(prefix="/v1/bv-cache", tags=["bv-cache"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 
 
 @router.get("", response_model=list[BvCacheOut])

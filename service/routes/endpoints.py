@@ -15,13 +15,13 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 
 from mergeshield.errors import NotFoundError
-from service.auth import Principal, principal
+from service.auth import Principal, verified_caller
 from service.schemas import EndpointCreate, EndpointOut, EndpointRotate
 from worker import callbacks, signing
 from worker.db import CallbackEndpoint, Database, now
 
 router = APIRouter(prefix="/v1/webhooks/endpoints", tags=["webhooks"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 
 
 @router.post("", status_code=201, response_model=EndpointOut)

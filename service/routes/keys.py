@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select, update
 
 from mergeshield.errors import NotFoundError
-from service.auth import Principal, create_key, principal
+from service.auth import KeyCache, Principal, create_key, verified_caller
 from service.schemas import KeyCreate, KeyOut
 from worker.db import ApiKey, Database, now
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 
 
 @router.post("", status_code=201, response_model=KeyOut)
@@ -39,6 +39,8 @@ def revoke(key_id: str, request: Request, caller: Caller) -> KeyOut:
         s.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
                   .values(revoked_at=now()))
         row = s.get(ApiKey, key_id)
+    keys: KeyCache = request.app.state.keys
+    keys.forget(key_id)  # committed: the next request with it is looked up, and refused
     if row is None:
         raise NotFoundError(f"no key {key_id!r}", details={"key": key_id})
     return _out(row)

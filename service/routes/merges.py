@@ -29,7 +29,7 @@ from mergeshield.errors import (
 )
 from mergeshield.merge_plan_schema import MergePlan, PlanReport, split_revision
 from service import quotas
-from service.auth import Principal, principal
+from service.auth import Principal, verified_caller
 from service.idempotency import body_sha256, by_idempotency
 from service.paging import Limit, Offset, page
 from service.routes.scans import (
@@ -48,7 +48,7 @@ from worker.db import Database, Scan, Upload, new_id, now
 from worker.merge_jobs import PLAN_REPORT, UPLOAD_PREFIX
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 UPLOAD_REF = re.compile(rf"^{UPLOAD_PREFIX}([0-9a-f]{{32}})$")
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's when installed
 MAX_DEPTH = 64  # brackets nested in a plan; a real one has three or four

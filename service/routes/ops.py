@@ -18,7 +18,8 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """The process answers (in the event loop: nothing here blocks)."""
     return {"status": "ok"}
 
 

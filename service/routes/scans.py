@@ -8,11 +8,11 @@ from __future__ import annotations
 import zipfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import State
 
@@ -23,8 +23,8 @@ from mergeshield.errors import (
 )
 from mergeshield.pipeline import ScanRequest
 from mergeshield.report import LayerStat, ScanReport, load_report
-from service import quotas
-from service.auth import Principal, principal
+from service import quotas, reads
+from service.auth import Principal, verified_caller
 from service.idempotency import body_sha256, by_idempotency
 from service.paging import Limit, Offset, page
 from service.schemas import ModelRef, ScanCreate, ScanOut, ScanPage
@@ -44,7 +44,7 @@ from worker.db import (
 
 router = APIRouter(prefix="/v1/scans", tags=["scans"])
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: a filter with one is a 422, not a 500
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 REPORT_FILES = {"json": ("report.json", "application/json"),
                 "sarif": ("report.sarif", "application/sarif+json"),
                 "html": ("report.html", "text/html; charset=utf-8")}
@@ -149,8 +149,12 @@ def list_scans(request: Request, caller: Caller,
 
 
 @router.get("/{scan_id}", response_model=ScanOut)
-def get_scan(scan_id: str, request: Request, response: Response, caller: Caller) -> ScanOut:
-    return _out(_owned(request, caller, scan_id), response)
+async def get_scan(scan_id: str, request: Request, response: Response, caller: Caller
+                   ) -> ScanOut:
+    """A scan's state, stage and outcome (the status poll: one query on the read threads, the
+    rest in the event loop)."""
+    row = await reads.read(request, job_status, request.app.state.db, caller, scan_id, "scan")
+    return _out(row, response)
 
 
 @router.delete("/{scan_id}", response_model=ScanOut)
@@ -250,6 +254,33 @@ def owned_job(db: Database, caller: Principal, job_id: str, kind: str) -> Scan:
     return job
 
 
+# what a job's answer shows (``_out``): every column but the request it was made with. Built
+# once, from the table's own columns: ORM attributes in a Core select make SQLAlchemy match each
+# result column against the statement on every execution (half of a status read's time)
+_SCANS = Scan.__table__.c
+STATUS_QUERY = select(*(_SCANS[name] for name in (
+    "id", "owner", "kind", "state", "stage", "percent", "suspect", "base", "queue", "attempts",
+    "created_at", "started_at", "finished_at", "verdict", "severity", "cached_from",
+    "error_code", "error_message", "summary", "artifacts_expired_at"))).where(
+    _SCANS.id == bindparam("job_id"))
+
+
+def job_status(db: Database, caller: Principal, job_id: str, kind: str) -> Row[Any]:
+    """``owned_job`` for a status read: the columns ``_out`` shows, in one statement, without
+    an ORM session or the request's JSON (a fifth of ``owned_job``'s time on SQLite)."""
+    with db.reading() as conn:  # a NUL never names a row, and PostgreSQL refuses it
+        job = None if "\x00" in job_id else conn.execute(
+            STATUS_QUERY, {"job_id": job_id}).first()
+    if job is None or job.kind != kind or not (caller.admin or job.owner == caller.id):
+        raise NotFoundError(f"no {kind} {job_id!r}", details={kind: job_id})
+    return job
+
+
+def scan_status(db: Database, caller: Principal, scan_id: str) -> ScanOut:
+    """A scan as ``GET /v1/scans/{id}`` shows it (the dashboard's scan page)."""
+    return _out(job_status(db, caller, scan_id, "scan"))
+
+
 def scan_report(request: Request, caller: Principal, scan_id: str) -> ScanReport:
     """A succeeded scan's report (404/409 like the report route)."""
     return load_report(_result_dir(request, _finished(request, caller, scan_id)) / "report.json")
@@ -313,10 +344,11 @@ def _upload_size(db: Database, caller: Principal, ref: ModelRef) -> int | None:
     return row.size
 
 
-def _out(scan: Scan, response: Response | None = None) -> ScanOut:
+def _out(scan: Scan | Row[Any], response: Response | None = None) -> ScanOut:
+    """A scan, or its ``job_status`` columns, as the API shows it."""
     if response is not None:
         response.headers["Location"] = f"/v1/scans/{scan.id}"
-        if not scan.finished:
+        if scan.state not in FINISHED:
             response.headers["Retry-After"] = "2"
     links = {"self": f"/v1/scans/{scan.id}"}
     if scan.state == "succeeded" and scan.artifacts_expired_at is None:

@@ -10,12 +10,12 @@ from sqlalchemy import select
 
 from mergeshield.errors import NotFoundError
 from service import quotas, uploads
-from service.auth import Principal, principal
+from service.auth import Principal, verified_caller
 from service.schemas import UploadOut
 from worker.db import Database, Upload
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 
 
 @router.post("", status_code=201, response_model=UploadOut, openapi_extra={

@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from service import quotas
-from service.auth import Principal, principal
+from service.auth import Principal, verified_caller
 from service.schemas import UsageOut
 
 router = APIRouter(prefix="/v1/usage", tags=["keys"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 
 
 @router.get("", response_model=UsageOut)

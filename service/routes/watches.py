@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 
 from mergeshield.errors import ConfigError, NotFoundError
-from service.auth import Principal, principal
+from service.auth import Principal, verified_caller
 from service.hub_events import secret_hash, watched_repos
 from service.routes.merges import UPLOAD_REF, checked_plan
 from service.schemas import HUB_ID, WatchCreate, WatchOut
@@ -26,7 +26,7 @@ from worker import callbacks
 from worker.db import Database, Scan, Watch
 
 router = APIRouter(prefix="/v1/watches", tags=["webhooks"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 PREFIX = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9_.\-]{0,96})?$"
 
 

@@ -25,7 +25,7 @@ from mergeshield.errors import (
     PayloadTooLargeError,
 )
 from service import hub_events
-from service.auth import Principal, principal
+from service.auth import Principal, verified_caller
 from service.paging import Limit, Offset, page
 from service.routes.scans import NO_NUL
 from service.schemas import DeliveryOut, DeliveryPage
@@ -33,7 +33,7 @@ from worker import callbacks
 from worker.db import Database, Delivery, Watch, now
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-Caller = Annotated[Principal, Depends(principal)]
+Caller = Annotated[Principal, Depends(verified_caller)]
 MAX_EVENT_BYTES = 1024 * 1024  # the Hub's payloads are a few kB
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
+from mergeshield.settings import Settings
+from service.main import create_app
 from tests.support.hub import LoopbackHub
-from tests.support.stack import Stack, ensure_services
+from tests.support.stack import ADMIN_KEY, PG_ADMIN, Stack, ensure_services
 from tests.support.zoo import Zoo
 
 SUSPECT = "vit-mnist-badnets"
@@ -76,3 +82,26 @@ def plan(zoo: Zoo, published: Published) -> dict[str, Any]:
             "models": [{"model": model, "parameters": {"weight": 1.0}}],
             "mergeshield": {"evaluation": {model: published.dataset},
                             "scan": {**FAST, "max_eval": 200}}}
+
+
+@pytest.fixture(params=("sqlite", "postgres"))
+def in_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestClient]:
+    """The app in this process (no worker, no background loops), API keys on, the admin key's
+    client, on each database: for what one request does, not what a scan does."""
+    url = None
+    if request.param == "postgres":
+        ensure_services()
+        name = f"ms_service_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    settings = Settings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache",
+                        database_url=url, admin_key=SecretStr(ADMIN_KEY))
+    try:
+        with TestClient(create_app(settings, reconciler=False),
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+            yield client
+    finally:
+        if url is not None:
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

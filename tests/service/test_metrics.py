@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.conftest import Published
@@ -104,3 +105,29 @@ def test_merges_are_counted_and_timed_apart_from_scans(
         took, abs=1e-3)
     assert not any(labels == frozenset({("kind", "merge"), ("state", "cancelled")})
                    for name, labels in after if name == f"{hist}_count")
+
+
+def test_requests_are_timed_by_route_template_and_status(in_process: TestClient) -> None:
+    """``RequestTimer``: one observation per request, under the route's template (not the
+    path, so ids do not make series), its method and the status it answered with."""
+    registry = in_process.app.state.registry
+
+    def count(method: str, route: str, status: str) -> float:
+        return registry.get_sample_value("mergeshield_http_request_seconds_count",
+                                         {"method": method, "route": route,
+                                          "status": status}) or 0.0
+
+    before = {k: count(*k) for k in (("GET", "/healthz", "200"),
+                                      ("GET", "/v1/scans/{scan_id}", "404"),
+                                      ("GET", "unmatched", "404"),
+                                      ("GET", "/v1/scans", "401"))}
+    for _ in range(3):
+        assert in_process.get("/healthz").status_code == 200
+    assert in_process.get("/v1/scans/0123").status_code == 404
+    assert in_process.get("/v1/scans/4567").status_code == 404
+    assert in_process.get("/no/such/page").status_code == 404
+    assert in_process.get("/v1/scans", headers={"Authorization": "Bearer nope"}
+                          ).status_code == 401
+    assert {k: count(*k) - v for k, v in before.items()} == {
+        ("GET", "/healthz", "200"): 3, ("GET", "/v1/scans/{scan_id}", "404"): 2,
+        ("GET", "unmatched", "404"): 1, ("GET", "/v1/scans", "401"): 1}

@@ -14,7 +14,7 @@ from typing import Any
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select, text
+from sqlalchemy import inspect, select, text, update
 
 from worker.db import Base, Database, Scan
 from worker.migrate import alembic_config, revision, upgrade
@@ -90,3 +90,25 @@ def test_the_keys_command_prints_its_json_and_logs_a_migration_once(tmp_path: Pa
     assert logged[0]["from_revision"] is None and logged[0]["to_revision"]
     listed = keys("list")
     assert json.loads(listed.stdout)["name"] == "ci" and listed.stderr == ""
+
+
+def test_reading_runs_one_statement_outside_a_transaction_that_sessions_keep(
+        db: Database, make_scan: Callable[..., Scan]) -> None:
+    """``Database.reading`` (the API's status poll): no BEGIN on PostgreSQL; the pooled
+    connection goes back to transactions for the sessions that rely on them."""
+    scan = make_scan(db)
+    postgres = db.engine.dialect.name == "postgresql"
+    with db.reading() as conn:
+        assert conn.execute(select(Scan.state).where(Scan.id == scan.id)).scalar_one() == "queued"
+        if postgres:
+            assert conn.connection.driver_connection.autocommit is True
+    for _ in range(3):  # whichever pooled connection a session gets
+        with db.session() as s:
+            if postgres:
+                raw = s.connection().connection.driver_connection
+                assert raw.autocommit is False
+            s.execute(update(Scan).where(Scan.id == scan.id).values(state="running"))
+            s.rollback()  # undone: it ran in a transaction
+        with db.reading() as conn:
+            assert conn.execute(select(Scan.state).where(Scan.id == scan.id)).scalar_one() \
+                == "queued"
