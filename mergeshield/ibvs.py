@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -208,6 +208,28 @@ def sanitise(suspect: Mapping[str, Tensor], bv: TaskVector, lam: float) -> Tenso
     """θ' = θ_suspect − λ·BV_inj, one tensor at a time, every other tensor passed through (the
     checkpoint writer streams it by element ranges)."""
     return bv.apply_lazily(suspect, -lam)
+
+
+class Shifted(Mapping[str, Tensor]):
+    """θ − λ·BV one tensor at a time, as ``load_backbone`` reads it: the whole shifted backbone
+    never exists beside the model it is loaded into (the same values as a dict of them)."""
+
+    def __init__(self, theta: Mapping[str, Tensor], bv: TaskVector, lam: float) -> None:
+        self.theta, self.bv, self.lam = theta, bv, lam
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.bv:
+            raise KeyError(name)
+        return self.theta[name] - self.lam * self.bv[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.bv
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.bv)
+
+    def __len__(self) -> int:
+        return len(self.bv)
 
 
 # -- choosing λ --------------------------------------------------------------------------------

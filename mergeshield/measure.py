@@ -8,6 +8,7 @@ built (or read from the cache), λ is swept and the chosen λ's model is measure
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from mergeshield.evaluation import (
     probe_panel,
 )
 from mergeshield.ibvs import (
+    Shifted,
     SweepPoint,
     build_injection_bv,
     choose_lambda,
@@ -36,7 +38,6 @@ from mergeshield.ibvs import (
     sweep,
 )
 from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers
-from mergeshield.layers import per_layer
 from mergeshield.models import Classifier, ModelFamily
 from mergeshield.report.schema import (
     DatasetInput,
@@ -44,10 +45,7 @@ from mergeshield.report.schema import (
     LambdaPoint,
     Metrics,
     RateModel,
-    SkippedTensor,
     SweepSummary,
-    TaskVectorSummary,
-    TensorStat,
     TriggerMeasurement,
     UnlearningRound,
 )
@@ -120,20 +118,37 @@ def measure_and_sanitise(
         classes = test.classes
         search = sample_rows(task.train, SEARCH_ROWS, request.seed)  # what trigger searches use
     head = family.head_from(base, suspect)
-    ref = family.classifier(base, head, classes).to(device)
-    sus = family.classifier(suspect, head, classes).to(device)
 
+    def models() -> tuple[Classifier, Classifier]:  # (reference, suspect), both untrained
+        return (family.classifier(base, head, classes).to(device),
+                family.classifier(suspect, head, classes).to(device))
+
+    with stage("build_models"):  # B/32: seconds each on 2 cores, so timed on their own
+        ref, sus = models()
+    # the reference (base backbone, the suspect's head) is the same for every fine-tune of one
+    # base on one task: what is measured on it is read from the cache once a scan measured it
+    reference = reference_cache.identity(ref, base_revision, classes, search.sha256(),
+                                         test.sha256()) if cache_dir else None
+    on_reference = partial(reference_cache.rates, cache_dir, reference)
+
+    def ref_asr(trigger: Trigger, target: int) -> Rate:
+        what = {"kind": "asr", "target": target,
+                "trigger": hashlib.sha256(trigger.model_dump_json().encode()).hexdigest()}
+        return on_reference(what, lambda: [attack_success_rate(ref, test, trigger, target)])[0]
+
+    # the suspect's ASR as attack_success_rate measures it, by probe id: the sweep's λ = 0 is
+    # the suspect itself and reads these instead of measuring them again
+    exact: dict[str, Rate] = {}
     with stage("measure_suspect"):
-        ca_ref, ca_before = clean_accuracy(ref, test), clean_accuracy(sus, test)
+        ca_ref = on_reference({"kind": "clean_accuracy"}, lambda: [clean_accuracy(ref, test)])[0]
+        ca_before = clean_accuracy(sus, test)
         probes = _named_triggers(request, test, sus)
         for p in probes:
-            p.ref = attack_success_rate(ref, test, p.trigger, p.target)
-            p.before = p.before or attack_success_rate(sus, test, p.trigger, p.target)
+            p.ref = ref_asr(p.trigger, p.target)
+            if p.before is None:
+                p.before = exact[p.id] = attack_success_rate(sus, test, p.trigger, p.target)
     if request.inversion:
         with stage("invert_triggers"):  # the reference's side searched once per reference
-            reference = reference_cache.identity(ref, base_revision, classes, search.sha256(),
-                                                 test.sha256()) if cache_dir else None
-            on_reference = partial(reference_cache.rates, cache_dir, reference)
             # (blend α, area scale): the patch; a half-area one, quiet on clean fine-tunes; a
             # faint blend, what a small patch does not reach
             searches: list[tuple[float | None, float]] = [(None, 1.0)]
@@ -146,6 +161,7 @@ def measure_and_sanitise(
                         if progress else None)
                 probes.append(_inverted(request, search, test, ref, sus, alpha, on_reference,
                                         area_scale=scale, on_step=step))
+                exact[probes[-1].id] = probes[-1].before  # type: ignore[assignment]
 
     injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
     own: dict[str, RateModel] = {}  # the injected model's own ASR (built now, or as cached)
@@ -167,6 +183,8 @@ def measure_and_sanitise(
                 loaded = bv_cache.load(cache_dir, key)
                 cached = loaded is not None
                 if loaded is None:
+                    # their room goes to BV_inj's two fine-tunes; rebuilt unchanged after them
+                    del ref, sus
                     make = family.task_classifier(base, inj_task.train, device=device)
                     loaded = build_injection_bv(make, inj_task.train, request.recipe,
                                                 held_out=test, progress=progress,
@@ -180,26 +198,34 @@ def measure_and_sanitise(
                         data_sha256=inj_task.train.sha256(),
                         own_asr={k: v.model_dump() for k, v in own.items()},
                         measured_on=f"the injected model on {task.name} test, {len(test)} images")
+                    ref, sus = models()
         if cached:
             own = bv_cache.own_asr(cache_dir, key)
-        bv = loaded
-        bv = focus(bv, tau, request.focus)
+        bv = focus(loaded, tau, request.focus)
+        del loaded  # the unfocused BV_inj: not kept beside the focused one
     for trig, target in injected:
         p = _Probe(f"injection:{trigger_id(trig)}->{target}", "injection", trig, target,
                    trig.model_dump(mode="json"))
-        p.ref = attack_success_rate(ref, test, trig, target)
-        p.before = attack_success_rate(sus, test, trig, target)
+        p.ref = ref_asr(trig, target)
+        p.before = exact[p.id] = attack_success_rate(sus, test, trig, target)
         probes.append(p)
 
     with stage("sweep"):
         tracked = _tracked(probes, request.min_asr_gap)
         theta = {k: suspect[k].float() for k in bv}  # read once, not once per λ
+        moved = [False]  # sus still holds θ_suspect exactly (λ = 0 comes first)
 
         def evaluate(lam: float) -> SweepPoint:
-            sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
-            point = SweepPoint(lam, clean_accuracy(sus, test),
-                               {p.id: attack_success_rate(sus, test, p.trigger, p.target)
-                                for p in tracked})
+            if lam == 0.0 and not moved[0]:  # the suspect as measured: its rates are read
+                point = SweepPoint(lam, ca_before, {
+                    p.id: exact.get(p.id) or attack_success_rate(sus, test, p.trigger, p.target)
+                    for p in tracked})
+            else:
+                sus.load_backbone(Shifted(theta, bv, lam))
+                moved[0] = True
+                point = SweepPoint(lam, clean_accuracy(sus, test),
+                                   {p.id: attack_success_rate(sus, test, p.trigger, p.target)
+                                    for p in tracked})
             if progress:
                 progress("sweep", (request.lambdas.index(lam) + 1) / len(request.lambdas))
             return point
@@ -217,7 +243,7 @@ def measure_and_sanitise(
     unlearn = bool(found) and request.unlearning.enabled
     if instead:
         lam = 0.0  # the found-trigger repair instead of the subtraction (UnlearnConfig)
-    sus.load_backbone({k: theta[k] - lam * bv[k] for k in bv})
+    sus.load_backbone(Shifted(theta, bv, lam))
     if unlearn:
         with stage("unlearn"):  # sus holds θ − λ·BV_inj; repaired in place
             rounds = repair(
@@ -240,7 +266,8 @@ def measure_and_sanitise(
         clean_accuracy_after=ca_after.to_model(),
         triggers=[_measurement(p, classes, sample) for p in probes],
     )
-    cleaned = {k: v.detach().float().cpu().clone() for k, v in sus.backbone_state().items()}
+    live = sus.backbone_state()  # read once below, by the correction: no copy of the backbone
+    cleaned = {k: live[k].detach().float().cpu() for k in bv}
     return Measurement(
         dataset=DatasetInput(source=task.source, name=task.name, classes=list(classes),
                              split="test", size=len(test), sha256=test.sha256()),
@@ -402,38 +429,4 @@ def _measurement(p: _Probe, classes: tuple[str, ...], sample: Tensor) -> Trigger
         asr_reference=p.ref.to_model() if p.ref else None, asr_before=p.before.to_model(),
         asr_after=p.after.to_model() if p.after else None,
         preview_png=base64.b64encode(preview_png(sample, p.trigger)).decode(),
-    )
-
-
-def summarise(tau: TaskVector, base: Mapping[str, Tensor], skipped: list[tuple[str, str]],
-              bv: TaskVector | None) -> TaskVectorSummary:
-    """Per-tensor and global norms of τ (relative to the base), cosine with BV_inj per tensor.
-
-    One pass, one tensor at a time: architecture-agnostic, runs for unknown families too.
-    """
-    stats: list[TensorStat] = []
-    base_norms: list[float] = []
-    total = base_total = 0.0
-    n_params = 0
-    for name in tau:
-        delta = tau[name]
-        base_norm = float(torch.linalg.vector_norm(base[name].float()))
-        norm = float(torch.linalg.vector_norm(delta))
-        cos = None
-        if bv is not None:
-            other = bv[name].flatten()
-            den = norm * float(torch.linalg.vector_norm(other))
-            cos = float(delta.flatten() @ other) / den if den > 0 else 0.0
-        stats.append(TensorStat(name=name, numel=delta.numel(), norm=norm,
-                                relative_norm=norm / base_norm if base_norm > 0 else 0.0,
-                                cosine_with_injection_bv=cos))
-        base_norms.append(base_norm)
-        total += norm * norm
-        base_total += base_norm * base_norm
-        n_params += delta.numel()
-    return TaskVectorSummary(
-        n_tensors=len(stats), n_parameters=n_params, norm=total ** 0.5, base_norm=base_total ** 0.5,
-        per_tensor=stats, skipped=[SkippedTensor(name=n, reason=r) for n, r in skipped],
-        per_layer=per_layer((s.name, s.numel, s.norm, b) for s, b in zip(stats, base_norms,
-                                                                          strict=True)),
     )

@@ -26,7 +26,7 @@ from torch import Tensor
 from mergeshield import __version__, adapter_export, adapters, checkpoints
 from mergeshield.errors import ConfigError, UnsupportedModelError
 from mergeshield.ibvs import DEFAULT_GRID, Focus, InjectionRecipe
-from mergeshield.measure import Measurement, measure_and_sanitise, summarise
+from mergeshield.measure import Measurement, measure_and_sanitise
 from mergeshield.model_card import check_card_base
 from mergeshield.models import ModelFamily, backbone_keys, family_for
 from mergeshield.options import (
@@ -54,6 +54,7 @@ from mergeshield.report.schema import (
     ModelInput,
     OutputSummary,
 )
+from mergeshield.task_vector_summary import summarise
 from mergeshield.task_vectors import TaskVector
 from mergeshield.training import Progress
 from mergeshield.triggers import INVERTED_FILE, Trigger, save_image_triggers
@@ -144,7 +145,7 @@ class ScanContext:
 # its time inverting triggers and ~30 % unlearning). The fine-tunes (inject-*, unlearn) report
 # their steps; the other stages move at their ends.
 STAGE_SPANS: dict[str, tuple[float, float]] = {
-    "resolve": (0, 4), "task_vector": (4, 6), "load_data": (6, 8),
+    "resolve": (0, 4), "task_vector": (4, 6), "load_data": (6, 7), "build_models": (7, 8),
     "measure_suspect": (8, 14), "invert_triggers": (14, 30), "injection_bv": (30, 32),
     "inject-clean": (32, 46), "inject-bd": (46, 60), "sweep": (60, 70), "unlearn": (70, 92),
     "measure_cleaned": (92, 96), "summary": (96, 97), "write_checkpoint": (97, 99),

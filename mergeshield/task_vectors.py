@@ -74,7 +74,11 @@ class TaskVector(Mapping[str, Tensor]):
 
     def materialize(self) -> TaskVector:
         """Compute every tensor now; reading the result costs nothing."""
-        return TaskVector.from_tensors({k: self[k] for k in self._keys})
+        # one tensor computed and copied at a time (``from_tensors`` of a dict of them would
+        # hold the whole vector twice at its peak)
+        frozen = {k: self[k].detach().to(torch.float32, copy=True).contiguous()
+                  for k in self._keys}
+        return TaskVector(frozen, frozen.__getitem__, lambda k: ranged(frozen, k))
 
     # -- Mapping --------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Tensor:

@@ -80,18 +80,27 @@ def finetune(
         cancellation.check()  # a cancelled scan stops between steps
         x = data.images[idx].to(dev)  # (B, C, H, W) pixel space
         y = data.labels[idx].to(dev)
-        loss = nn.functional.cross_entropy(clf(x), y)
-        if extra_loss is not None:
-            loss = loss + extra_loss(idx)
+        with autocast(dev):
+            loss = nn.functional.cross_entropy(clf(x), y)
+            if extra_loss is not None:
+                loss = loss + extra_loss(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if progress is not None and (step % 20 == 0 or step == len(batches) - 1):
             progress(stage, (step + 1) / len(batches))
+    del opt  # its two moments (twice the trained weights) are gone before the copy is made
     clf.eval()
     for p in clf.parameters():
         p.requires_grad_(False)
     return {k: v.detach().clone() for k, v in clf.backbone_state().items()}
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA, off elsewhere: the same code trains on either (weights, optimiser
+    state and the loss's reduction stay float32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda")
 
 
 def paired_finetune(

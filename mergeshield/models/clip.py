@@ -151,9 +151,7 @@ class CLIPFamily(ModelFamily):
     ) -> Classifier:
         if head_source is None:
             raise UnsupportedModelError("a CLIP head is built from the base model's text tower")
-        from transformers import CLIPModel
-
-        model = CLIPModel._from_config(self.config, attn_implementation=attention_for(CLIPModel))
+        model = self._model_to_fill(head_source)
         own = model.state_dict()
         with torch.no_grad():
             for name, t in own.items():
@@ -164,6 +162,32 @@ class CLIPFamily(ModelFamily):
         clf = CLIPClassifier(model, text, self.preprocessing)
         clf.load_backbone(backbone)
         return clf.eval().requires_grad_(False)
+
+    def _model_to_fill(self, head_source: Mapping[str, Tensor]) -> CLIPModel:
+        """A ``CLIPModel`` whose tensors the caller overwrites: built on the meta device, then
+        given uninitialised storage, so no time goes to a random initialisation that is thrown
+        away (~5 s of each B/32 build on 2 cores, four builds a scan). Its position ids, the only
+        tensors no checkpoint holds, are set as CLIP's constructor sets them. A base that lacks
+        a float tensor outside the vision tower gets the initialised build, as before."""
+        from transformers import CLIPModel
+
+        attention = attention_for(CLIPModel)
+        with torch.device("meta"):
+            model = CLIPModel._from_config(self.config, attn_implementation=attention)
+        filled = {k for k, t in model.state_dict().items()
+                  if t.is_floating_point() and not k.startswith(PREFIX)}  # PREFIX: the backbone
+        kept = set(model.state_dict())
+        extra = [k for k, _ in model.named_buffers() if k not in kept]
+        if not filled <= set(head_source) or any(not k.endswith("position_ids") for k in extra):
+            initialised: CLIPModel = CLIPModel._from_config(self.config,
+                                                            attn_implementation=attention)
+            return initialised
+        empty: CLIPModel = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, buf in empty.named_buffers():
+                if name in extra:  # (1, positions): arange, as CLIP*Embeddings registers it
+                    buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+        return empty
 
     @torch.no_grad()  # not inference_mode: the result is used in training graphs
     def _text_features(self, model: CLIPModel, classes: tuple[str, ...]) -> Tensor:

@@ -412,3 +412,27 @@ def test_broken_clip_tokenizer_files_are_a_stable_error(
         family = family_for(ck.config, ck.config, tokenizer_root=str(base))
         with pytest.raises(CorruptCheckpointError, match="tokenizer files cannot be loaded or"):
             family.classifier(ck, ck, CLASSES3)
+
+
+def test_a_clip_classifier_built_without_random_init_is_the_initialised_one(
+    clip_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The meta-device build (no random initialisation) gives the same tensors and logits as
+    the build it replaces; the position ids, which no checkpoint holds, included."""
+    from mergeshield.models import clip
+
+    pixels = torch.rand(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    fast = clip_logits(clip_dirs, "prefixed", pixels)
+    with load_dir(clip_dirs["base"]) as base:
+        family = family_for(base.config, base.config, tokenizer_root=str(clip_dirs["base"]))
+        assert isinstance(family, clip.CLIPFamily)
+        quick = family._model_to_fill(base)
+        full = transformers.CLIPModel(family.config)
+        for name, buf in full.named_buffers():
+            if name.endswith("position_ids"):
+                assert torch.equal(dict(quick.named_buffers())[name], buf)
+        lacking = {k: base[k] for k in base if not k.startswith("text_model.")}
+        assert not any(t.is_meta for t in family._model_to_fill(lacking).parameters())
+    monkeypatch.setattr(clip.CLIPFamily, "_model_to_fill", lambda self, _head: (
+        transformers.CLIPModel._from_config(self.config, attn_implementation="sdpa")))
+    torch.testing.assert_close(clip_logits(clip_dirs, "prefixed", pixels), fast, rtol=0, atol=0)

@@ -11,7 +11,14 @@ import torch
 
 from mergeshield.evaluation import clean_accuracy
 from mergeshield.models import Classifier, HFImageFamily, family_for
-from mergeshield.training import FinetuneConfig, batch_order, finetune, fit_head, paired_finetune
+from mergeshield.training import (
+    FinetuneConfig,
+    autocast,
+    batch_order,
+    finetune,
+    fit_head,
+    paired_finetune,
+)
 from mergeshield.triggers import PatchTrigger, poison
 from tests.support.tiny import TinyNet, block_task, load_dir, save_vit
 
@@ -148,3 +155,10 @@ def fresh_mergeshield() -> Iterator[None]:
 @pytest.mark.usefixtures("fresh_mergeshield")
 def test_training_module_imports_first() -> None:
     importlib.import_module("mergeshield.training")  # as `python -c "import mergeshield.training"`
+
+
+def test_autocast_is_off_on_the_cpu() -> None:
+    """One training loop for both devices: bf16 autocast on CUDA only, so the CPU's numbers stay
+    float32 (no GPU here: the CUDA side is exercised where one is present)."""
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
