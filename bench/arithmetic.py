@@ -16,10 +16,9 @@ not), so all tools pay for getting their bytes to disk. Peak memory: ``ru_maxrss
 (``wait4``) and the peaks of RssAnon / RssFile sampled from ``/proc/PID/status`` every 20 ms
 (RssFile counts the memory-mapped input pages; they are reclaimable page cache, RssAnon is not).
 
-Optionally (``--clip``) it also scans a randomly initialised CLIP ViT-B/32 (the real
-openai/clip-vit-base-patch32 shapes) end to end with ``pipeline.scan`` on CPU.
+The CLIP ViT-B/32 scan this bench used to run is ``bench/scan_clip.py`` now.
 
-Writes ``docs/benchmarks/arithmetic.md`` and ``.json``. Smoke run: ``--sizes 0.05 --no-clip``.
+Writes ``docs/benchmarks/arithmetic.md`` and ``.json``. Smoke run: ``--sizes 0.05``.
 """
 
 from __future__ import annotations
@@ -345,92 +344,6 @@ def run_size(args: argparse.Namespace, size: float, dtype_name: str) -> list[dic
     return rows
 
 
-# -- CLIP ViT-B/32, end to end --------------------------------------------------------------------
-def clip_config_dict() -> dict[str, Any]:
-    """openai/clip-vit-base-patch32's shapes, written out by hand (random weights)."""
-    return {
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 512,
-        "logit_scale_init_value": 2.6592,
-        "text_config": {"vocab_size": 49408, "hidden_size": 512, "num_hidden_layers": 12,
-                        "num_attention_heads": 8, "intermediate_size": 2048,
-                        "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
-        "vision_config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                          "intermediate_size": 3072, "patch_size": 32, "image_size": 224,
-                          "num_channels": 3, "hidden_act": "quick_gelu"},
-    }
-
-
-def char_vocab() -> dict[str, int]:
-    from mergeshield.models.clip import char_level_vocab
-
-    return char_level_vocab(special_start=49406)
-
-
-def job_clip_make(work: Path) -> dict[str, Any]:
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from mergeshield.checkpoints import save_checkpoint
-
-    cfg = clip_config_dict()
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_checkpoint(work / "base", state, config=cfg)
-    CLIPTokenizer(vocab=char_vocab(), merges=[]).save_pretrained(work / "base")
-    gen = torch.Generator().manual_seed(1)  # the "fine-tune": seeded noise on the vision tower
-    moved = {k: v + 1e-3 * torch.randn(v.shape, generator=gen)
-             if k.startswith("vision_model.") and v.is_floating_point() else v
-             for k, v in state.items()}
-    save_checkpoint(work / "suspect", moved, config=cfg)
-    CLIPTokenizer(vocab=char_vocab(), merges=[]).save_pretrained(work / "suspect")
-    return {"n_params": sum(v.numel() for v in state.values()),
-            "vision_params": sum(v.numel() for k, v in state.items()
-                                 if k.startswith("vision_model."))}
-
-
-def job_clip_scan(work: Path, max_eval: int, max_train: int) -> dict[str, Any]:
-    import torch
-
-    from mergeshield.ibvs import InjectionRecipe
-    from mergeshield.pipeline import ScanContext, ScanRequest, scan
-
-    request = ScanRequest(
-        suspect=str(work / "suspect"), base=str(work / "base"), evaluation="digits",
-        recipe=InjectionRecipe(epochs=1, max_train=max_train, batch_size=32),
-        lambdas=[0.0, 0.5, 1.0], inversion=False, max_eval=max_eval)
-    t0 = time.perf_counter()
-    report = scan(request, ScanContext(out_dir=work / "scan", device="cpu"))
-    return {"wall_s": time.perf_counter() - t0, "timings": report.timings,
-            "verdict": str(report.verdict), "self": _status(),
-            "torch_threads": torch.get_num_threads(),
-            "settings": {"evaluation": "digits (sklearn, 8x8 upscaled to 224)",
-                         "max_eval": max_eval, "injection_max_train": max_train,
-                         "injection_epochs": 1, "lambdas": [0.0, 0.5, 1.0], "probes": True,
-                         "inversion": False}}
-
-
-def run_clip(args: argparse.Namespace) -> dict[str, Any]:
-    work = args.workdir / "clip"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    py, me = sys.executable, str(Path(__file__).resolve())
-    try:
-        print("[CLIP ViT-B/32] building the random base and suspect ...", flush=True)
-        made = measure([py, me, "--job", "clip-make", str(work)], cold=False)
-        print(f"  {made['job']['n_params'] / 1e6:.1f}M parameters, made in "
-              f"{made['wall_s']:.0f}s; scanning ...", flush=True)
-        r = measure([py, me, "--job", "clip-scan", str(work), str(args.clip_max_eval),
-                     str(args.clip_max_train)], cold=args.cold)
-        r["model"] = made["job"]
-        print(f"  scan {r['wall_s']:.0f}s, peak RSS {r['peak_rss_mib']:.0f} MiB; stages "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in r["job"]["timings"].items()), flush=True)
-        return r
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 # -- report ---------------------------------------------------------------------------------------
 def write_docs(out_dir: Path, result: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -506,18 +419,6 @@ def write_docs(out_dir: Path, result: dict[str, Any]) -> None:
             lines.append(f"| {s} | {d} | {i['n_tensors']} | {i['n_layers']} | {i['hidden']} | "
                          f"{i['largest_tensor_bytes'] / 2**20:.0f} | {i['bytes']} | "
                          f"{i['seconds']:.0f} |")
-    clip = result.get("clip")
-    if clip:
-        j = clip["job"]
-        lines += ["", "## CLIP ViT-B/32 (random init, real shapes), `pipeline.scan` on CPU", "",
-                  f"{clip['model']['n_params'] / 1e6:.1f}M parameters "
-                  f"({clip['model']['vision_params'] / 1e6:.1f}M in the vision tower). Settings: "
-                  + ", ".join(f"{k}={v}" for k, v in j["settings"].items()) + ".", "",
-                  f"Total wall {clip['wall_s']:.0f} s (process {clip['process_s']:.0f} s), "
-                  f"peak RSS {clip['peak_rss_mib']:.0f} MiB (anon "
-                  f"{clip['peak_rss_anon_mib']:.0f}, file {clip['peak_rss_file_mib']:.0f}).", "",
-                  "| stage | wall s |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in j["timings"].items()]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     (out_dir / "arithmetic.md").write_text("\n".join(lines) + "\n")
@@ -535,11 +436,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="create --mergekit-venv with mergekit from the package index if absent")
     p.add_argument("--warm", dest="cold", action="store_false",
                    help="do not drop the page cache before each run")
-    p.add_argument("--no-clip", dest="clip", action="store_false")
-    p.add_argument("--clip-only", action="store_true",
-                   help="run only the CLIP scan and add it to an existing arithmetic.json")
-    p.add_argument("--clip-max-eval", type=int, default=50)
-    p.add_argument("--clip-max-train", type=int, default=128)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--append", action="store_true",
@@ -555,10 +451,6 @@ def main(argv: list[str] | None = None) -> None:
             res = job_mergeshield(Path(rest[0]), Path(rest[1]), name)
         elif name == "copy":
             res = job_copy(Path(rest[0]), Path(rest[1]))
-        elif name == "clip-make":
-            res = job_clip_make(Path(rest[0]))
-        elif name == "clip-scan":
-            res = job_clip_scan(Path(rest[0]), int(rest[1]), int(rest[2]))
         else:
             raise SystemExit(f"unknown job {name}")
         print(json.dumps(res))
@@ -576,15 +468,6 @@ def main(argv: list[str] | None = None) -> None:
         result["runs"] = old["runs"]
         result["notes"] = old.get("notes", []) + args.note
         result["command"] = old["command"] + " ; " + result["command"]
-        if old.get("clip"):
-            result["clip"] = old["clip"]
-    if args.clip_only:
-        result = json.loads((args.out / "arithmetic.json").read_text())
-        result["clip"] = run_clip(args)
-        result["clip"]["machine"] = machine()
-        write_docs(args.out, result)
-        print(f"added the CLIP scan to {args.out / 'arithmetic.md'}", flush=True)
-        return
     for size in (float(s) for s in args.sizes.split(",")):
         for dtype_name in args.dtypes.split(","):
             need = 5 * llama_bytes(size, dtype_name)
@@ -598,8 +481,6 @@ def main(argv: list[str] | None = None) -> None:
             dropped = [r.get("caches_dropped") for r in result["runs"] if "caches_dropped" in r]
             result["caches_dropped"] = all(dropped) if dropped else None
             write_docs(args.out, result)  # partial results survive a long run being cut
-    if args.clip:
-        result["clip"] = run_clip(args)
     write_docs(args.out, result)
     print(f"wrote {args.out / 'arithmetic.md'} and arithmetic.json", flush=True)
 

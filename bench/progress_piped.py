@@ -3,7 +3,7 @@
     python bench/progress_piped.py [--work DIR] [--out docs/progress-piped.md]
 
 Builds a randomly initialised CLIP ViT-B/32 (openai/clip-vit-base-patch32's shapes, 151 M
-parameters: ``bench/arithmetic.py``'s builder) and a "fine-tune" of it, and a user's image folder
+parameters: ``bench/scan_clip.py``'s builder) and a "fine-tune" of it, and a user's image folder
 (JPEGs of mixed sizes, 48–320 px, ten classes from sklearn's digits, ``<class>/*``), then runs
 ``mergeshield scan`` on them as a user would in CI, stderr piped, and timestamps every line it
 prints there. The scan runs the defaults but for a smaller injection and evaluation
@@ -31,7 +31,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arithmetic import job_clip_make  # noqa: E402  (bench/ is not a package)
+from scan_clip import job_clip_make  # noqa: E402  (bench/ is not a package)
 
 LIMIT_S = 10.0  # the issue's bound on a silence
 
