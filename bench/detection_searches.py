@@ -42,7 +42,7 @@ from mergeshield.efficacy.attacks import clean_seeds, draw_split
 from mergeshield.efficacy.world import Backbone, World
 from mergeshield.evaluation import attack_success_rate
 from mergeshield.ibvs import InjectionRecipe, build_injection_bv
-from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers
+from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers, invert_warps
 from mergeshield.measure import SEARCH_ROWS, others_median, sample_rows
 from mergeshield.models import Classifier
 
@@ -56,7 +56,8 @@ SCAN = ("patch-1x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
 
 
 def searches(w: World, task: str, backbone: Backbone | Classifier,
-             areas: tuple[float, ...] = AREAS, blend: bool = True) -> dict[str, list[float]]:
+             areas: tuple[float, ...] = AREAS, blend: bool = True,
+             warps: tuple[float, ...] = ()) -> dict[str, list[float]]:
     """ASR per target of each search on the suspect (``:sus``) and the reference (``:ref``);
     a classifier as ``backbone`` (θ_inj_clean) is searched alone, as ``:sus``."""
     data = w.data[task]
@@ -70,6 +71,10 @@ def searches(w: World, task: str, backbone: Backbone | Classifier,
             cfg = InversionConfig(area_fraction=a / 81, seed=0)
             found = invert_triggers(clf, opt.images, opt.labels, k, cfg)
             out[f"patch-{a:g}x:{name}"] = [attack_success_rate(clf, test, found[t], t).rate
+                                           for t in range(k)]
+        for d in warps:  # all targets in one batch, 24 images each, as the scan's blend search
+            warps_ = invert_warps(clf, opt.images, opt.labels, range(k), InversionConfig(), d)
+            out[f"warp-{d:g}px:{name}"] = [attack_success_rate(clf, test, warps_[t], t).rate
                                            for t in range(k)]
         if not blend:
             continue
@@ -129,8 +134,8 @@ def calibrator(w: World, task: str) -> Classifier:
 
 def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, int], out: Path,
         areas: tuple[float, ...] = AREAS, blend: bool = True, tag: str = "",
-        calibrators: bool = False, diff: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-        ) -> None:
+        calibrators: bool = False, diff: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        warps: tuple[float, ...] = (), families: tuple[str, ...] | None = None) -> None:
     torch.set_num_threads(1)
     w = World(zoo)
     i_shard, n_shards = shard
@@ -152,7 +157,7 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
                                   "target": a.target, "own_asr": own, "params": a.params}
         if own >= 0.8:  # the efficacy bench's planting floor
             row["asr"] = (differential(w, a.task, planted, *diff) if diff else
-                          searches(w, a.task, planted, areas, blend))
+                          searches(w, a.task, planted, areas, blend, warps))
         return row
 
     def clean(j: int, seed: int) -> dict[str, object]:
@@ -160,9 +165,10 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
         backbone = w.finetune(task, w.data[task].train, seed)
         return {"id": f"{split}-clean-{j:03d}", "family": "clean", "task": task, "target": None,
                 "asr": (differential(w, task, backbone, *diff) if diff else
-                        searches(w, task, backbone, areas, blend))}
+                        searches(w, task, backbone, areas, blend, warps))}
 
-    jobs = [partial(attack, a) for i, a in enumerate(draw_split(split, n_attacks, w.tasks))
+    drawn = draw_split(split, n_attacks, w.tasks, **({"families": families} if families else {}))
+    jobs = [partial(attack, a) for i, a in enumerate(drawn)
             if i % n_shards == i_shard]
     cleans = [partial(clean, j, seed) for j, seed in enumerate(clean_seeds(split, n_clean))
               if j % n_shards == i_shard]
@@ -267,13 +273,17 @@ def main() -> None:
     ap.add_argument("--differential", metavar="AREAS;ALPHAS",
                     help="run the differential searches instead (e.g. '1,2,4;0.1,0.2'): patch "
                     "areas × image/81 and blend alphas, each against the reference")
+    ap.add_argument("--warps", default="", help="warp searches' bounds in pixels (e.g. '1,2')")
+    ap.add_argument("--families", default="", help="draw only these attack families")
     ap.add_argument("--render", action="store_true", help="only write the page from the shards")
     args = ap.parse_args()
     if not args.render:
         i, n = (int(x) for x in args.shard.split("/"))
         run(args.zoo, args.split, args.attacks, args.clean, (i, n), args.out,
             tuple(float(a) for a in args.areas.split(",")), not args.no_blend, args.tag,
-            args.calibrators, _differential(args.differential))
+            args.calibrators, _differential(args.differential),
+            tuple(float(d) for d in args.warps.split(",") if d),
+            tuple(f for f in args.families.split(",") if f) or None)
     prefix = _prefix(args.differential)
     render(args.split, args.out, args.out / f"{prefix}-{args.split}.md", prefix)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mergeshield import cancellation
-from mergeshield.triggers import ImageTrigger, from_tensor
+from mergeshield.triggers import ImageTrigger, WarpTrigger, from_tensor, warp, warp_field
 
 if TYPE_CHECKING:  # models imports transformers: only for annotations here
     from mergeshield.models import Classifier
@@ -138,6 +138,40 @@ def invert_blends(
                 on_step((step + 1) / cfg.steps)
     pattern = torch.sigmoid(logit.detach()).cpu()
     return [from_tensor(pattern[i], torch.full((h, w), alpha)) for i in range(k)]
+
+
+def invert_warps(
+    clf: Classifier, images: Tensor, labels: Tensor, targets: Sequence[int], cfg: InversionConfig,
+    max_shift: float, grid: int = 4, on_step: Callable[[float], None] | None = None,
+) -> list[WarpTrigger]:
+    """A smooth warp towards each of ``targets`` (one batch, like the blend search): the
+    inversion of a warping trigger (WaNet, Nguyen & Tran, ICLR 2021), which no patch or blend
+    reproduces. A ``grid`` × ``grid`` lattice of control offsets (WaNet's k = 4), each bounded by
+    ``max_shift`` pixels (tanh), upsampled bicubically to the image (``triggers.warp_field``):
+    the universal warp of that bound that sends most non-target ``images`` to the target."""
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    dev = next(clf.parameters()).device
+    h, w = images.shape[2:]
+    k, n = len(targets), cfg.batch
+    flow = ((torch.rand((k, 2, grid, grid), generator=gen) * 2 - 1) * 0.5).to(dev)
+    flow.requires_grad_(True)
+    pools = [torch.nonzero(labels != t).flatten() for t in targets]
+    opt = torch.optim.Adam([flow], lr=cfg.lr)
+    y = torch.tensor(list(targets), device=dev).repeat_interleave(n)
+    with _searching(clf):
+        for step in range(cfg.steps):
+            cancellation.check()  # a cancelled scan stops between steps
+            rows = torch.stack([p[torch.randint(len(p), (n,), generator=gen)] for p in pools])
+            fields = warp_field(torch.tanh(flow) * max_shift, h, w).repeat_interleave(n, dim=0)
+            x = images[rows.flatten()].to(dev)  # (K·B, C, H, W)
+            loss = nn.functional.cross_entropy(clf(warp(x, fields)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step:
+                on_step((step + 1) / cfg.steps)
+    offsets = (torch.tanh(flow.detach()) * max_shift).cpu()
+    return [WarpTrigger(offsets=o.tolist()) for o in offsets]
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ from mergeshield.ibvs import (
     injected_backdoors,
     sweep,
 )
-from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers
+from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers, invert_warps
 from mergeshield.models import Classifier, ModelFamily
 from mergeshield.report.schema import (
     DatasetInput,
@@ -52,8 +52,10 @@ from mergeshield.report.schema import (
 from mergeshield.report.verdict import finding_gap, still_responds
 from mergeshield.task_vectors import TaskVector, cosine
 from mergeshield.training import Progress
-from mergeshield.triggers import ImageTrigger, Trigger, digest, preview_png, trigger_id
+from mergeshield.triggers import ImageTrigger, Trigger, WarpTrigger, digest, preview_png, trigger_id
 from mergeshield.unlearning import Found, RoundReport, repair
+
+SearchKind = Literal["patch", "blend", "warp"]  # what an inversion search reconstructs
 
 if TYPE_CHECKING:
     from mergeshield.pipeline import ScanRequest
@@ -72,7 +74,7 @@ class Measurement:
     chosen_lambda: float
     correction: TaskVector  # θ_cleaned − θ_suspect: −λ·BV_inj, plus the unlearning vector U
     unlearning: list[UnlearningRound]  # empty: nothing found, or unlearning turned off
-    inverted: dict[str, ImageTrigger]  # the inverted triggers by id (the report describes them)
+    inverted: dict[str, ImageTrigger | WarpTrigger]  # inverted triggers by id (the report's)
 
 
 @dataclass
@@ -149,18 +151,20 @@ def measure_and_sanitise(
                 p.before = exact[p.id] = attack_success_rate(sus, test, p.trigger, p.target)
     if request.inversion:
         with stage("invert_triggers"):  # the reference's side searched once per reference
-            # (blend α, area scale): the patch; a half-area one, quiet on clean fine-tunes; a
-            # faint blend, what a small patch does not reach
-            searches: list[tuple[float | None, float]] = [(None, 1.0)]
+            # (kind, size): the patch; a half-area one, quiet on clean fine-tunes; a faint blend
+            # and a smooth warp, what a small patch does not reach
+            searches: list[tuple[SearchKind, float]] = [("patch", 1.0)]
             if request.inversion_small_patch is not None:
-                searches.append((None, request.inversion_small_patch))
+                searches.append(("patch", request.inversion_small_patch))
             if request.inversion_blend_alpha is not None:
-                searches.append((request.inversion_blend_alpha, 1.0))
-            for i, (alpha, scale) in enumerate(searches):
+                searches.append(("blend", request.inversion_blend_alpha))
+            if request.inversion_warp_shift is not None:
+                searches.append(("warp", request.inversion_warp_shift))
+            for i, (kind, size) in enumerate(searches):
                 step = (partial(_share, progress, "invert_triggers", i, len(searches))
                         if progress else None)
-                probes.append(_inverted(request, search, test, ref, sus, alpha, on_reference,
-                                        area_scale=scale, on_step=step))
+                probes.append(_inverted(request, search, test, ref, sus, kind, size,
+                                        on_reference, on_step=step))
                 exact[probes[-1].id] = probes[-1].before  # type: ignore[assignment]
 
     injected = injected_backdoors(request.recipe, len(classes), test.images.shape[-1])
@@ -295,7 +299,7 @@ def measure_and_sanitise(
                                     residual_asr={k: v.to_model() for k, v in r.residual.items()})
                     for r in rounds],
         inverted={p.id: p.trigger for p in probes
-                  if p.source == "inverted" and isinstance(p.trigger, ImageTrigger)},
+                  if p.source == "inverted" and isinstance(p.trigger, ImageTrigger | WarpTrigger)},
     )
 
 
@@ -322,47 +326,54 @@ def _share(progress: Progress, stage: str, i: int, n: int, fraction: float) -> N
 
 
 def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: Classifier,
-              sus: Classifier, blend_alpha: float | None = None,
+              sus: Classifier, kind: SearchKind = "patch", size: float = 1.0,
               on_reference: Callable[[dict[str, Any], Callable[[], list[Rate]]], list[Rate]]
-              = lambda _search, compute: compute(), *, area_scale: float = 1.0,
+              = lambda _search, compute: compute(), *,
               on_step: Callable[[float], None] | None = None) -> _Probe:
     """Invert one trigger per target on the suspect and on the reference; keep the target whose
-    trigger stands out most. ``blend_alpha`` None: a small patch (``invert_triggers``, of
-    ``area_scale`` × the default area; below 1 its id is ``inverted-small``); else a
-    full-image pattern blended in at that α (``invert_blends``: what blends and warps answer).
+    trigger stands out most: a small patch of ``size`` × the default area (below 1 its id is
+    ``inverted-small``), a full-image blend at α = ``size``, or a smooth warp of at most ``size``
+    pixels per 28 of the image's side (``kind``: ``invert_triggers`` / ``_blends`` / ``_warps``).
     Its baseline (``ref``) is what such a search reaches *without* a backdoor: the larger of the
     same search on the reference model (same budget and seed) and the median over the suspect's
     other targets (Neural Cleanse's outlier view, which still holds when the reference is near
     chance, as a tiny CLIP's zero-shot head is). ``on_reference(search, compute)`` gives the
     reference's side (``reference_cache.rates``: searched once per reference and search)."""
+    area_scale = size if kind == "patch" else 1.0
     cfg = InversionConfig(steps=request.inversion_steps, seed=request.seed,
                           area_fraction=InversionConfig.area_fraction * area_scale)
     k = len(test.classes)
+    shift = size * int(test.images.shape[-1]) / 28  # pixels at this resolution
 
     def search(clf: Classifier, on_step: Callable[[float], None] | None = None
-               ) -> list[ImageTrigger]:
-        if blend_alpha is None:
+               ) -> Sequence[Trigger]:
+        if kind == "patch":
             return invert_triggers(clf, opt.images, opt.labels, k, cfg, on_step=on_step)
-        return invert_blends(clf, opt.images, opt.labels, range(k), cfg, blend_alpha, on_step)
+        if kind == "blend":
+            return invert_blends(clf, opt.images, opt.labels, range(k), cfg, size, on_step)
+        return invert_warps(clf, opt.images, opt.labels, range(k), cfg, shift, on_step=on_step)
 
     def reference_rates() -> list[Rate]:
         theirs = search(ref)
         return [attack_success_rate(ref, test, theirs[t], t) for t in range(k)]
 
-    name = ("inverted-blend" if blend_alpha is not None else
-            "inverted" if area_scale == 1.0 else "inverted-small")
+    name = {"blend": "inverted-blend", "warp": "inverted-warp"}.get(
+        kind, "inverted" if area_scale == 1.0 else "inverted-small")
     mine = search(sus, on_step)  # (the reference's search, when not cached, is not counted)
     on_sus = [attack_success_rate(sus, test, mine[t], t) for t in range(k)]
-    on_ref = on_reference({"kind": name, "config": asdict(cfg), "alpha": blend_alpha},
-                          reference_rates)
+    on_ref = on_reference({"kind": name, "config": asdict(cfg),
+                           "alpha": size if kind == "blend" else None,
+                           **({"shift": shift} if kind == "warp" else {})}, reference_rates)
     best: _Probe | None = None
     for t in range(k):
         median = others_median([r.rate for r in on_sus], t)
         baseline = on_ref[t] if on_ref[t].rate >= median else _rate_near(median, on_sus[t].total)
         if best is None or on_sus[t].rate - baseline.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
             sha = digest(mine[t])
-            shape = ({"area_pixels": round(float(torch.tensor(mine[t].mask).sum()))}
-                     if blend_alpha is None else {"alpha": blend_alpha})
+            trig = mine[t]
+            shape = ({"area_pixels": round(float(torch.tensor(trig.mask).sum()))}
+                     if isinstance(trig, ImageTrigger) and trig.mask is not None and kind == "patch"
+                     else {"alpha": size} if kind == "blend" else {"max_shift_pixels": shift})
             spec = {"kind": name, "target": t, "steps": cfg.steps, "sha256": sha, **shape,
                     "suspect_asr_by_target": [round(r.rate, 4) for r in on_sus],
                     "reference_asr_by_target": [round(r.rate, 4) for r in on_ref],

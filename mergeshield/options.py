@@ -26,6 +26,7 @@ Epochs = Annotated[int, Field(ge=1, le=100)]
 BatchSize = Annotated[int, Field(ge=1, le=4096)]
 LearningRate = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]  # a share that must be > 0
+WarpShift = Annotated[float, Field(gt=0, le=8, allow_inf_nan=False)]  # pixels per 28 of a side
 ImageSide = Annotated[int, Field(ge=8, le=1024)]  # evaluation images resized to this side
 MAX_LIST = 64  # λ grid points; triggers and targets: at most MAX_TRIGGERS
 MAX_TRIGGERS = 32

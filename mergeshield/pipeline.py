@@ -41,6 +41,7 @@ from mergeshield.options import (
     Points,
     Seed,
     Share,
+    WarpShift,
 )
 from mergeshield.report import ScanReport, decide, write_report
 from mergeshield.report.schema import (
@@ -102,6 +103,10 @@ class ScanRequest(BaseModel):
     # clean fine-tunes; None (the default): not searched. It found one more attack on the dev
     # split and none on the test4 hold-out (docs/decisions.md, "Detection: a half-area patch")
     inversion_small_patch: Share | None = None
+    # also a smooth warp (WaNet's family) of at most this many pixels per 28 of the image's side,
+    # which neither a patch nor a blend reproduces; None: not searched (docs/decisions.md,
+    # "Detection: a warp search")
+    inversion_warp_shift: WarpShift | None = None
     max_eval: EvalImages | None = 1000  # test images evaluated (seeded subset); None = all
     # finding threshold: suspect ASR (CI low) − reference ASR; its TPR/FPR over the seeded
     # population of experiment 6 is the "Scan verdict" line of docs/results/detection.md

@@ -1,7 +1,8 @@
 """Backdoor triggers, stamped in pixel space (``[0, 1]``, before normalisation), and poisoning.
 
-BadNets patches (Gu et al., 2017), blended injection (Chen et al., 2017) and user-supplied
-pattern + mask triggers (e.g. a BadMerging universal adversarial patch or an inverted trigger).
+BadNets patches (Gu et al., 2017), blended injection (Chen et al., 2017), user-supplied
+pattern + mask triggers (e.g. a BadMerging universal adversarial patch or an inverted trigger) and
+smooth warps (WaNet, Nguyen & Tran, ICLR 2021; the warp search's finding).
 Patterns are generated deterministically from the trigger and the image shape.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,7 +71,26 @@ class ImageTrigger(_Frozen):
         return self
 
 
-Trigger = Annotated[PatchTrigger | BlendedTrigger | ImageTrigger, Field(discriminator="kind")]
+class WarpTrigger(_Frozen):
+    """A smooth warp: a ``g`` × ``g`` lattice of control offsets in pixels, ``(2, g, g)`` as
+    (x, y), upsampled bicubically to the image and resampled through (``warp_field``)."""
+
+    kind: Literal["warp"] = "warp"
+    offsets: list[list[list[float]]]  # (2, g, g) pixels, x then y; 2 <= g <= 16
+
+    @model_validator(mode="after")
+    def _check(self) -> WarpTrigger:
+        o = torch.tensor(self.offsets) if self.offsets and self.offsets[0] else torch.zeros(0)
+        if (o.ndim != 3 or o.shape[0] != 2 or o.shape[1] != o.shape[2]
+                or not 2 <= o.shape[1] <= 16):
+            raise ValueError("offsets must be a (2, g, g) array with 2 <= g <= 16")
+        if not bool(torch.isfinite(o).all()) or float(o.abs().max()) > 64:
+            raise ValueError("offsets must be finite pixels of at most 64")
+        return self
+
+
+Trigger = Annotated[PatchTrigger | BlendedTrigger | ImageTrigger | WarpTrigger,
+                    Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[Trigger] = TypeAdapter(Trigger)
 _POSITIONAL = {"patch": ("pattern", "size", "location"), "blended": ("pattern", "alpha")}
 
@@ -93,7 +114,7 @@ def _short_form(spec: str) -> dict[str, Any]:
 
 def parse_trigger(spec: dict[str, Any] | str | Trigger) -> Trigger:
     """A trigger from a dict, a JSON string or a short form like ``"blended:noise:0.15"``."""
-    if isinstance(spec, PatchTrigger | BlendedTrigger | ImageTrigger):
+    if isinstance(spec, PatchTrigger | BlendedTrigger | ImageTrigger | WarpTrigger):
         return spec
     if isinstance(spec, str):
         if spec.lstrip().startswith("{"):
@@ -149,11 +170,30 @@ def _blend_pattern(t: BlendedTrigger, c: int, h: int, w: int) -> torch.Tensor:
     return stripes.expand(c, h, w).clone()
 
 
+def warp_field(offsets: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Sampling grids ``(K, H, W, 2)`` in [-1, 1] from control offsets ``(K, 2, g, g)`` in pixels
+    (differentiable: the warp search optimises the offsets through it)."""
+    step = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=offsets.device)
+    dense = torch.nn.functional.interpolate(offsets * step[None, :, None, None], size=(h, w),
+                                            mode="bicubic", align_corners=True)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=offsets.device),
+                            torch.linspace(-1, 1, w, device=offsets.device), indexing="ij")
+    return (torch.stack([xs, ys], dim=-1)[None] + dense.permute(0, 2, 3, 1)).clamp(-1, 1)
+
+
+def warp(images: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+    """``images`` (N, C, H, W) resampled through ``fields`` (N or 1, H, W, 2), kept in [0, 1]."""
+    grid = fields.to(images).expand(len(images), -1, -1, -1)
+    return torch.nn.functional.grid_sample(images, grid, align_corners=True).clamp(0, 1)
+
+
 def stamp(images: torch.Tensor, trigger: Trigger) -> torch.Tensor:
     """Stamp ``trigger`` on ``(N, C, H, W)`` images in [0, 1]; returns a new tensor."""
     if images.ndim != 4 or not images.is_floating_point():
         raise ConfigError(f"stamp needs float (N, C, H, W) images, got {tuple(images.shape)}")
     n, c, img_h, img_w = images.shape
+    if isinstance(trigger, WarpTrigger):
+        return warp(images, warp_field(torch.tensor(trigger.offsets)[None], img_h, img_w))
     out = images.clone()
     if isinstance(trigger, BlendedTrigger):
         pattern = _blend_pattern(trigger, c, img_h, img_w).to(images)
@@ -182,9 +222,9 @@ def stamp(images: torch.Tensor, trigger: Trigger) -> torch.Tensor:
 
 def trigger_id(trigger: Trigger) -> str:
     """A short stable id, e.g. ``patch-checkerboard-3-bottom_right`` or ``blended-noise-0.15``."""
-    if isinstance(trigger, ImageTrigger):
+    if isinstance(trigger, ImageTrigger | WarpTrigger):
         digest = hashlib.sha256(trigger.model_dump_json().encode()).hexdigest()
-        return f"image-{digest[:8]}"
+        return f"{trigger.kind}-{digest[:8]}"
     if isinstance(trigger, BlendedTrigger):
         seed = f"-s{trigger.seed}" if trigger.pattern == "noise" and trigger.seed else ""
         return f"blended-{trigger.pattern}-{trigger.alpha:g}{seed}"
@@ -263,15 +303,20 @@ def triggered_test_set(dataset: ImageDataset, trigger: Trigger, target: int) -> 
 INVERTED_FILE = "report.inverted-triggers.safetensors"  # beside report.json; excluded from zips
 
 
-def save_image_triggers(path: Path, triggers: dict[str, ImageTrigger]) -> None:
-    """``triggers`` by id as tensors (``<id>/pattern``, ``<id>/mask``), each one's location in
-    the metadata: an inverted trigger is too large for the report's JSON, which carries its
-    sha256 (the spec's ``sha256``) and is read back with ``load_image_triggers``."""
+def save_image_triggers(path: Path, triggers: Mapping[str, ImageTrigger | WarpTrigger]) -> None:
+    """``triggers`` by id as tensors (``<id>/pattern``, ``<id>/mask``; a warp's ``<id>/offsets``),
+    each one's kind and location in the metadata: an inverted trigger is too large for the
+    report's JSON, which carries its sha256 (the spec's ``sha256``) and is read back with
+    ``load_image_triggers``."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
     for tid, t in triggers.items():
+        if isinstance(t, WarpTrigger):
+            tensors[f"{tid}/offsets"] = torch.tensor(t.offsets, dtype=torch.float32)
+            meta[tid] = json.dumps({"kind": "warp"})
+            continue
         tensors[f"{tid}/pattern"] = torch.tensor(t.pattern, dtype=torch.float32)
         if t.mask is not None:
             tensors[f"{tid}/mask"] = torch.tensor(t.mask, dtype=torch.float32)
@@ -279,17 +324,21 @@ def save_image_triggers(path: Path, triggers: dict[str, ImageTrigger]) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_image_triggers(path: Path) -> dict[str, ImageTrigger]:
+def load_image_triggers(path: Path) -> dict[str, ImageTrigger | WarpTrigger]:
     """What ``save_image_triggers`` wrote; {} when there is no such file."""
     from safetensors import safe_open
 
     if not path.is_file():
         return {}
-    out: dict[str, ImageTrigger] = {}
+    out: dict[str, ImageTrigger | WarpTrigger] = {}
     with safe_open(str(path), "pt") as f:
         names = set(f.keys())
         for tid, raw in (f.metadata() or {}).items():
-            location = json.loads(raw).get("location")
+            info = json.loads(raw)
+            if info.get("kind") == "warp":
+                out[tid] = WarpTrigger(offsets=f.get_tensor(f"{tid}/offsets").tolist())
+                continue
+            location = info.get("location")
             mask = f.get_tensor(f"{tid}/mask") if f"{tid}/mask" in names else None
             out[tid] = from_tensor(f.get_tensor(f"{tid}/pattern"), mask,
                                    tuple(location) if location else None)

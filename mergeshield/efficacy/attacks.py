@@ -34,7 +34,7 @@ SHAPES = ("cross", "ring", "ell", "diagonal")
 
 
 @dataclass(frozen=True)
-class WarpTrigger:
+class WaNetWarp:
     """WaNet (Nguyen & Tran, ICLR 2021): x' = grid_sample(x, identity + s/H · upsample(noise))."""
 
     grid: int  # k: side of the random control grid
@@ -52,12 +52,12 @@ class WarpTrigger:
         return (identity + self.strength * noise.permute(0, 2, 3, 1) / h).clamp(-1, 1)
 
 
-HiddenTrigger = Trigger | WarpTrigger
+HiddenTrigger = Trigger | WaNetWarp
 
 
 def apply(trigger: HiddenTrigger, images: Tensor) -> Tensor:
     """Stamp ``trigger`` on (N, C, H, W) pixel-space images in [0, 1]; returns a new tensor."""
-    if isinstance(trigger, WarpTrigger):
+    if isinstance(trigger, WaNetWarp):
         n, _c, h, w = images.shape
         grid = trigger.field(h, w).to(images).expand(n, -1, -1, -1)
         return F.grid_sample(images, grid, align_corners=True).clamp(0, 1)
@@ -200,7 +200,7 @@ def build_trigger(params: dict[str, Any], *, channels: int = 1, image_size: int 
         raise ValueError("a BadMerging patch is optimised on the base model: World.trigger")
     c, side = channels, image_size
     if kind == "warp":
-        return WarpTrigger(params["grid"], params["strength"], params["pattern_seed"])
+        return WaNetWarp(params["grid"], params["strength"], params["pattern_seed"])
     if kind == "patch":
         loc = (params["row"], params["col"])
         if params["pattern"] != "shape":

@@ -20,7 +20,7 @@ from torch import Tensor
 from mergeshield import checkpoints
 from mergeshield.attacks import badmerging_finetune, universal_patch
 from mergeshield.data import ImageDataset, TaskData
-from mergeshield.efficacy.attacks import Attack, HiddenTrigger, WarpTrigger, apply, build_trigger
+from mergeshield.efficacy.attacks import Attack, HiddenTrigger, WaNetWarp, apply, build_trigger
 from mergeshield.evaluation import Rate, clean_accuracy, predict
 from mergeshield.experiments.zoo_models import ZooAccess
 from mergeshield.merging import MergeConfig, merged_tensors
@@ -130,7 +130,7 @@ class World:
         if attack.params["kind"] != "badmerging":
             return self.finetune(attack.task, self.poisoned(attack), attack.seed)
         trigger = self.trigger(attack)  # BadMerging-On: clean data + the interpolation loss
-        assert not isinstance(trigger, WarpTrigger)
+        assert not isinstance(trigger, WaNetWarp)
         out = badmerging_finetune(self.classifier(attack.task), self.classifier(attack.task),
                                   self.data[attack.task].train, trigger, attack.target,
                                   replace(self.cfg.finetune, seed=attack.seed))

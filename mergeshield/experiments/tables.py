@@ -10,6 +10,7 @@ from mergeshield.experiments.bv_arithmetic import ArithmeticCurve
 from mergeshield.experiments.bv_similarity import FACTORS, SimilarityResult
 from mergeshield.experiments.ibvs_baselines import IBVSResult
 from mergeshield.experiments.merge_attacks import MergeAttackResult
+from mergeshield.triggers import ImageTrigger
 
 _EXPECTED = {"location": "strong", "seed": "strong", "target": "weak", "task": "weak"}
 
@@ -126,6 +127,7 @@ def merge_attacks_markdown(res: MergeAttackResult, header: str) -> str:
 
 def inherent_markdown(res: MergeAttackResult, header: str) -> str:
     """Experiment 4: the base's universal patch against a random patch, on every model."""
+    assert isinstance(res.universal, ImageTrigger)  # the base's universal patch
     side = len(res.universal.pattern[0])
     single_rows = [[s.name, _pct(s.asr["universal"]), _pct(s.asr["random"])]
                    for s in res.singles]

@@ -7,9 +7,22 @@ import torch
 
 from mergeshield.data import ImageDataset
 from mergeshield.evaluation import attack_success_rate, clean_accuracy
-from mergeshield.inversion import InversionConfig, invert_blend, invert_blends, invert_triggers
+from mergeshield.inversion import (
+    InversionConfig,
+    invert_blend,
+    invert_blends,
+    invert_triggers,
+    invert_warps,
+)
 from mergeshield.training import FinetuneConfig, finetune
-from mergeshield.triggers import BlendedTrigger, ImageTrigger, PatchTrigger, Trigger, poison
+from mergeshield.triggers import (
+    BlendedTrigger,
+    ImageTrigger,
+    PatchTrigger,
+    Trigger,
+    WarpTrigger,
+    poison,
+)
 from tests.support.tiny import IMAGE, TinyNet, block_task
 
 PLANTED = PatchTrigger(pattern="solid", size=2, location="bottom_right")  # rows/cols 13–14
@@ -165,3 +178,39 @@ def test_a_search_leaves_the_models_weights_as_they_were(
     finally:
         for m in (clf, clean_twin):
             m.requires_grad_(False)  # as training left them, for the module's other tests
+
+
+# -- the warp search ------------------------------------------------------------------------------
+def _a_warp(shift: float, seed: int) -> WarpTrigger:
+    """A WaNet-like smooth warp: 4 × 4 random control offsets of at most ``shift`` pixels."""
+    offsets = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return WarpTrigger(offsets=(offsets * shift).tolist())
+
+
+@pytest.fixture(scope="module")
+def warp_backdoored() -> tuple[TinyNet, ImageDataset]:
+    """20 % of the rows warped by one fixed smooth warp (2.5 px) → class 3."""
+    train, test = block_task(512, seed=0), block_task(200, seed=1)
+    poisoned, _ = poison(train, _a_warp(2.5, seed=7), target=3, rate=0.2, seed=0)
+    clf = TinyNet(4)
+    finetune(clf, poisoned, FinetuneConfig(epochs=20, batch_size=64, lr=1e-2), train_head=True)
+    assert attack_success_rate(clf, test, _a_warp(2.5, seed=7), 3).rate > 0.9
+    return clf, test
+
+
+def test_the_warp_search_finds_the_warped_target_and_not_on_a_clean_twin(
+    warp_backdoored: tuple[TinyNet, ImageDataset], clean_twin: TinyNet,
+) -> None:
+    """What a warping backdoor answers: one smooth warp of a pixel or two sends every image to
+    the target (a fainter warp than the planted 2.5 px suffices); on a clean model of the task
+    no target is reached by a warp that small (2.5 px reaches one here: a 16-px image). The
+    found warps stay within their bound (bicubic overshoots the control points a little)."""
+    clf, test = warp_backdoored
+    cfg = InversionConfig(steps=60, batch=24, seed=0)
+    found = invert_warps(clf, test.images, test.labels, range(4), cfg, 1.5)
+    assert all(float(torch.tensor(f.offsets).abs().max()) <= 1.5 for f in found)
+    asr = [attack_success_rate(clf, test, f, t).rate for t, f in enumerate(found)]
+    assert asr[3] > 0.8 and asr[3] - max(asr[:3]) > 0.3, asr
+    twins = invert_warps(clean_twin, test.images, test.labels, range(4), cfg, 1.5)
+    twin = [attack_success_rate(clean_twin, test, f, t).rate for t, f in enumerate(twins)]
+    assert max(twin) < 0.5, twin

@@ -16,6 +16,7 @@ from mergeshield.triggers import (
     BlendedTrigger,
     ImageTrigger,
     PatchTrigger,
+    WarpTrigger,
     digest,
     from_tensor,
     load_image_triggers,
@@ -181,9 +182,27 @@ def test_image_triggers_round_trip_through_their_file(tmp_path: Path) -> None:
     full = from_tensor(torch.rand(1, 8, 8, generator=g), (torch.rand(8, 8, generator=g) > 0.8)
                        .float())
     small = from_tensor(torch.rand(3, 2, 2, generator=g), None, location=(5, 1))
+    bent = WarpTrigger(offsets=(torch.rand(2, 4, 4, generator=g) * 2 - 1).tolist())
     path = tmp_path / INVERTED_FILE
-    save_image_triggers(path, {"inverted:patch:target-3": full, "inverted:blend:target-0": small})
+    found = {"inverted:patch:target-3": full, "inverted:blend:target-0": small,
+             "inverted-warp:target-1": bent}
+    save_image_triggers(path, found)
     back = load_image_triggers(path)
-    assert back == {"inverted:patch:target-3": full, "inverted:blend:target-0": small}
+    assert back == found
     assert digest(back["inverted:patch:target-3"]) == digest(full)
     assert load_image_triggers(tmp_path / "none.safetensors") == {}
+
+
+def test_a_warp_trigger_is_validated_and_a_zero_warp_changes_nothing() -> None:
+    with pytest.raises(ConfigError, match="offsets"):
+        parse_trigger({"kind": "warp", "offsets": [[[0.0, 0.0], [0.0, 0.0]]]})  # one channel
+    with pytest.raises(ConfigError, match="finite"):
+        parse_trigger({"kind": "warp", "offsets": [[[1e9] * 2] * 2] * 2})
+    ok = parse_trigger({"kind": "warp", "offsets": [[[0.5] * 3] * 3] * 2})
+    assert isinstance(ok, WarpTrigger) and trigger_id(ok).startswith("warp-")
+    images = _images()
+    assert torch.allclose(stamp(images, WarpTrigger(offsets=[[[0.0] * 4] * 4] * 2)), images,
+                          atol=1e-5)
+    one_right = WarpTrigger(offsets=[[[1.0] * 4] * 4, [[0.0] * 4] * 4])  # sample 1 px to the right
+    assert torch.allclose(stamp(images, one_right)[..., :-1], images[..., 1:], atol=1e-5)
+    assert preview_png(images[0], one_right).startswith(b"\x89PNG")

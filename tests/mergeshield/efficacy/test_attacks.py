@@ -7,7 +7,7 @@ import torch
 from mergeshield.efficacy.attacks import (
     FAMILIES,
     SPLIT_OFFSET,
-    WarpTrigger,
+    WaNetWarp,
     apply,
     build_trigger,
     clean_seeds,
@@ -57,5 +57,5 @@ def test_every_drawn_trigger_stamps_a_batch_and_changes_it() -> None:
 
 def test_a_warp_of_strength_zero_is_the_identity() -> None:
     images = torch.rand(2, 1, 28, 28)
-    out = apply(WarpTrigger(grid=4, strength=0.0, seed=1), images)
+    out = apply(WaNetWarp(grid=4, strength=0.0, seed=1), images)
     assert torch.allclose(out, images, atol=1e-5)

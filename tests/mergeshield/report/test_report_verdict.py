@@ -112,7 +112,8 @@ def test_inverted_trigger_is_ms002() -> None:
 
 
 @pytest.mark.parametrize(("tid", "shape"), [("inverted-blend:target-3", "a faint full-image blend"),
-                                             ("inverted-small:target-3", "a very small patch")])
+                                             ("inverted-small:target-3", "a very small patch"),
+                                             ("inverted-warp:target-3", "a smooth warp")])
 def test_each_inverted_search_is_ms002_and_says_its_shape(tid: str, shape: str) -> None:
     findings, _ = decide(
         [trigger(rate(0.7, lo=0.67), rate(0.08, lo=0.06), source="inverted", tid=tid)],
