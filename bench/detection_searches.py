@@ -24,6 +24,10 @@ The differential searches (``--differential '1,2;0.1'``, 2026-12-07, on this ses
 25 min on 2 cores for 24 drawn + 12 clean) run each search against the reference and beside them
 the scan's own two searches on the same plantings; docs/decisions.md, "Detection: differential
 searches", reads them.
+The warp searches (``--warps 1,2``, 2026-12-07, AMD EPYC; ``--families warp`` draws only warps)
+run the scan's own two searches as it runs them and the smooth-warp search of each bound
+(``inversion.invert_warps``) on the same plantings, the reference's side once per task:
+``detection-warp-*`` files and page; docs/decisions.md, "Detection: a warp search", reads them.
 Run it on the dev split only: the test splits are scored once, by ``mergeshield bench efficacy``.
 """
 
@@ -56,8 +60,7 @@ SCAN = ("patch-1x", f"blend-{BLEND_ALPHA}")  # the searches a default scan runs
 
 
 def searches(w: World, task: str, backbone: Backbone | Classifier,
-             areas: tuple[float, ...] = AREAS, blend: bool = True,
-             warps: tuple[float, ...] = ()) -> dict[str, list[float]]:
+             areas: tuple[float, ...] = AREAS, blend: bool = True) -> dict[str, list[float]]:
     """ASR per target of each search on the suspect (``:sus``) and the reference (``:ref``);
     a classifier as ``backbone`` (θ_inj_clean) is searched alone, as ``:sus``."""
     data = w.data[task]
@@ -72,16 +75,44 @@ def searches(w: World, task: str, backbone: Backbone | Classifier,
             found = invert_triggers(clf, opt.images, opt.labels, k, cfg)
             out[f"patch-{a:g}x:{name}"] = [attack_success_rate(clf, test, found[t], t).rate
                                            for t in range(k)]
-        for d in warps:  # all targets in one batch, 24 images each, as the scan's blend search
-            warps_ = invert_warps(clf, opt.images, opt.labels, range(k), InversionConfig(), d)
-            out[f"warp-{d:g}px:{name}"] = [attack_success_rate(clf, test, warps_[t], t).rate
-                                           for t in range(k)]
         if not blend:
             continue
         blends = [invert_blends(clf, opt.images, opt.labels, [t], BLEND_SEARCH,
                                 BLEND_ALPHA)[0] for t in range(k)]  # one target at a time
         out[f"blend-{BLEND_ALPHA}:{name}"] = [attack_success_rate(clf, test, blends[t], t).rate
                                               for t in range(k)]
+    return out
+
+
+_REFERENCE: dict[tuple[str, str], list[float]] = {}  # (task, search) -> the reference's ASRs
+
+
+def scan_searches(w: World, task: str, backbone: Backbone,
+                  warps: tuple[float, ...]) -> dict[str, list[float]]:
+    """The scan's own searches as it runs them (``patch-1x``, ``blend-0.1``: every target in one
+    batch, 24 images each) and the warp searches (``warp-Dpx``, D pixels at most), on the
+    suspect and on the reference (searched once per task and process: it is the same model)."""
+    data = w.data[task]
+    test, opt = data.test.subset(slice(0, EVAL)), sample_rows(data.train, SEARCH_ROWS, 0)
+    k, cfg = len(test.classes), InversionConfig()
+    runs: dict[str, Any] = {
+        "patch-1x": lambda clf: invert_triggers(clf, opt.images, opt.labels, k, cfg),
+        f"blend-{BLEND_ALPHA}": lambda clf: invert_blends(clf, opt.images, opt.labels, range(k),
+                                                          cfg, BLEND_ALPHA),
+        **{f"warp-{d:g}px": partial(lambda d, clf: invert_warps(clf, opt.images, opt.labels,
+                                                                range(k), cfg, d), d)
+           for d in warps}}
+    out: dict[str, list[float]] = {}
+    for side, clf in (("sus", w.classifier(task, backbone)), ("ref", w.classifier(task))):
+        for name, run in runs.items():
+            if side == "ref" and (task, name) in _REFERENCE:
+                out[f"{name}:ref"] = _REFERENCE[(task, name)]
+                continue
+            found = run(clf)
+            out[f"{name}:{side}"] = [attack_success_rate(clf, test, found[t], t).rate
+                                     for t in range(k)]
+            if side == "ref":
+                _REFERENCE[(task, name)] = out[f"{name}:ref"]
     return out
 
 
@@ -140,7 +171,7 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
     w = World(zoo)
     i_shard, n_shards = shard
     rows: list[dict[str, object]] = []
-    path = out / f"{_prefix(diff)}-{split}-{tag}{i_shard}.json"
+    path = out / f"{_prefix(diff, warps)}-{split}-{tag}{i_shard}.json"
     for j, task in enumerate(w.tasks if calibrators else ()):
         if j % n_shards != i_shard:
             continue
@@ -157,7 +188,8 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
                                   "target": a.target, "own_asr": own, "params": a.params}
         if own >= 0.8:  # the efficacy bench's planting floor
             row["asr"] = (differential(w, a.task, planted, *diff) if diff else
-                          searches(w, a.task, planted, areas, blend, warps))
+                          scan_searches(w, a.task, planted, warps) if warps else
+                          searches(w, a.task, planted, areas, blend))
         return row
 
     def clean(j: int, seed: int) -> dict[str, object]:
@@ -165,7 +197,8 @@ def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, i
         backbone = w.finetune(task, w.data[task].train, seed)
         return {"id": f"{split}-clean-{j:03d}", "family": "clean", "task": task, "target": None,
                 "asr": (differential(w, task, backbone, *diff) if diff else
-                        searches(w, task, backbone, areas, blend, warps))}
+                        scan_searches(w, task, backbone, warps) if warps else
+                        searches(w, task, backbone, areas, blend))}
 
     drawn = draw_split(split, n_attacks, w.tasks, **({"families": families} if families else {}))
     jobs = [partial(attack, a) for i, a in enumerate(drawn)
@@ -194,8 +227,9 @@ def score(sus: list[float], ref: list[float]) -> tuple[float, int, float]:
     return best
 
 
-def _prefix(diff: object) -> str:
-    return "detection-differential" if diff else "detection-searches"
+def _prefix(diff: object, warps: object = ()) -> str:
+    return ("detection-differential" if diff else "detection-warp" if warps else
+            "detection-searches")
 
 
 def render(split: str, out: Path, page: Path, prefix: str = "detection-searches") -> None:
@@ -212,7 +246,8 @@ def render(split: str, out: Path, page: Path, prefix: str = "detection-searches"
     lines = [f"# Trigger searches on the `{split}` split: which one separates backdoors from clean "
              "fine-tunes", "",
              f"Written by `python bench/detection_searches.py --split {split} --render"
-             f"{' --differential 1,2;0.1' if prefix != 'detection-searches' else ''}` from "
+             + {"detection-differential": " --differential 1,2;0.1",
+                "detection-warp": " --warps 1,2"}.get(prefix, "") + "` from "
              f"{len(rows)} models (planted attacks with own ASR ≥ 80 %, and clean fine-tunes). "
              "A cell: the scan's score for that search (best target's suspect ASR − baseline) / "
              "that target's suspect ASR, `*` when it is the attack's target. The scan flags an "
@@ -243,6 +278,9 @@ def render(split: str, out: Path, page: Path, prefix: str = "detection-searches"
     if len(ran) == len(SCAN):  # the scan's searches together (a finding in any)
         hit = sum(1 for r in attacks if any(flags(r, n) for n in ran))
         lines.append(f"| {' or '.join(ran)} (the scan) | – | {hit}/{len(attacks)} |")
+        for extra in (n for n in names if n.startswith("warp-")):  # the scan with a warp search
+            hit = sum(1 for r in attacks if any(flags(r, n) for n in (*ran, extra)))
+            lines.append(f"| the scan or {extra} | – | {hit}/{len(attacks)} |")
     page.write_text("\n".join(lines) + "\n")
     print(page.read_text())
 
@@ -273,7 +311,8 @@ def main() -> None:
     ap.add_argument("--differential", metavar="AREAS;ALPHAS",
                     help="run the differential searches instead (e.g. '1,2,4;0.1,0.2'): patch "
                     "areas × image/81 and blend alphas, each against the reference")
-    ap.add_argument("--warps", default="", help="warp searches' bounds in pixels (e.g. '1,2')")
+    ap.add_argument("--warps", default="", help="run the scan's searches and warp searches of "
+                    "these bounds in pixels instead (e.g. '1,2'; detection-warp-* files)")
     ap.add_argument("--families", default="", help="draw only these attack families")
     ap.add_argument("--render", action="store_true", help="only write the page from the shards")
     args = ap.parse_args()
@@ -284,7 +323,7 @@ def main() -> None:
             args.calibrators, _differential(args.differential),
             tuple(float(d) for d in args.warps.split(",") if d),
             tuple(f for f in args.families.split(",") if f) or None)
-    prefix = _prefix(args.differential)
+    prefix = _prefix(args.differential, args.warps)
     render(args.split, args.out, args.out / f"{prefix}-{args.split}.md", prefix)
 
 
