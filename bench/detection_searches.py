@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from mergeshield.efficacy.attacks import clean_seeds, draw_split
-from mergeshield.efficacy.world import Backbone, World
+from mergeshield.efficacy.world import Backbone, World, WorldConfig
 from mergeshield.evaluation import attack_success_rate
 from mergeshield.ibvs import InjectionRecipe, build_injection_bv
 from mergeshield.inversion import InversionConfig, invert_blends, invert_triggers, invert_warps
@@ -166,9 +166,10 @@ def calibrator(w: World, task: str) -> Classifier:
 def run(zoo: Path, split: str, n_attacks: int, n_clean: int, shard: tuple[int, int], out: Path,
         areas: tuple[float, ...] = AREAS, blend: bool = True, tag: str = "",
         calibrators: bool = False, diff: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-        warps: tuple[float, ...] = (), families: tuple[str, ...] | None = None) -> None:
+        warps: tuple[float, ...] = (), families: tuple[str, ...] | None = None,
+        family: str = "vit") -> None:
     torch.set_num_threads(1)
-    w = World(zoo)
+    w = World(zoo, WorldConfig(family=family))
     i_shard, n_shards = shard
     rows: list[dict[str, object]] = []
     path = out / f"{_prefix(diff, warps)}-{split}-{tag}{i_shard}.json"
@@ -314,6 +315,7 @@ def main() -> None:
     ap.add_argument("--warps", default="", help="run the scan's searches and warp searches of "
                     "these bounds in pixels instead (e.g. '1,2'; detection-warp-* files)")
     ap.add_argument("--families", default="", help="draw only these attack families")
+    ap.add_argument("--family", default="vit", help="the zoo's model family to attack (vit, clip)")
     ap.add_argument("--render", action="store_true", help="only write the page from the shards")
     args = ap.parse_args()
     if not args.render:
@@ -322,7 +324,7 @@ def main() -> None:
             tuple(float(a) for a in args.areas.split(",")), not args.no_blend, args.tag,
             args.calibrators, _differential(args.differential),
             tuple(float(d) for d in args.warps.split(",") if d),
-            tuple(f for f in args.families.split(",") if f) or None)
+            tuple(f for f in args.families.split(",") if f) or None, args.family)
     prefix = _prefix(args.differential, args.warps)
     render(args.split, args.out, args.out / f"{prefix}-{args.split}.md", prefix)
 

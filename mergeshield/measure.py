@@ -241,8 +241,10 @@ def measure_and_sanitise(
     chosen = [p for p in probes if _is_finding(p, request.min_asr_gap)]
     instead = (bool(chosen) and request.unlearning.enabled and not request.unlearning.with_ibvs
                and request.fixed_lambda is None)
-    if not chosen and request.unlearning.precautionary:  # the suspicion short of a finding
-        chosen = [p for p in probes if p.source == "inverted"]
+    if not chosen and request.unlearning.precautionary:  # the suspicion short of a finding:
+        # the inverted patch and blend, as measured (a warp is unlearned when it is a finding)
+        chosen = [p for p in probes
+                  if p.source == "inverted" and isinstance(p.trigger, ImageTrigger)]
     found = [Found(p.id, p.trigger, p.target, p.ref.rate if p.ref else 0.0) for p in chosen]
     unlearn = bool(found) and request.unlearning.enabled
     if instead:

@@ -104,9 +104,10 @@ class ScanRequest(BaseModel):
     # split and none on the test4 hold-out (docs/decisions.md, "Detection: a half-area patch")
     inversion_small_patch: Share | None = None
     # also a smooth warp (WaNet's family) of at most this many pixels per 28 of the image's side,
-    # which neither a patch nor a blend reproduces; None: not searched (docs/decisions.md,
-    # "Detection: a warp search")
-    inversion_warp_shift: WarpShift | None = None
+    # which neither a patch nor a blend reproduces: on the dev split it found the 4 planted warps
+    # at their target (the patch and blend 2), its highest score on 12 clean fine-tunes 0.21
+    # against the 0.3 line; None: not searched (docs/decisions.md, "Detection: a warp search")
+    inversion_warp_shift: WarpShift | None = 2.0
     max_eval: EvalImages | None = 1000  # test images evaluated (seeded subset); None = all
     # finding threshold: suspect ASR (CI low) − reference ASR; its TPR/FPR over the seeded
     # population of experiment 6 is the "Scan verdict" line of docs/results/detection.md

@@ -133,20 +133,22 @@ def test_clean_fine_tune_passes(zoo: Zoo, bv_cache_dir: Path) -> None:
     assert cleaning is not None and cleaning.status == "precautionary", cleaning
     assert cleaning.unlearning and any(u.startswith("inverted:")
                                        for u in cleaning.unlearning[0].unlearned)
+    # the precaution unlearns the patch and the blend; a warp only when it is a finding
+    assert not any(u.startswith("inverted-warp") for u in cleaning.unlearning[0].unlearned)
     assert "precaution" in cleaning.message and "clean accuracy" in cleaning.message
     assert cleaning.clean_accuracy_cost_points is not None
 
 
 def test_the_warp_search_is_a_described_and_stored_inverted_trigger(
         zoo: Zoo, bv_cache_dir: Path, tmp_path: Path) -> None:
-    """``inversion_warp_shift``: a smooth warp per target, judged like the other searches; the
-    one that stands out is reported with its bound and stored beside the report (a merge plan
-    measures it again), and the HTML report previews it."""
-    report = scan(_request(zoo, "vit-mnist-clean", inversion_warp_shift=1.0, unlearning=NO_REPAIR),
+    """``inversion_warp_shift`` (2 px per 28 by default): a smooth warp per target, judged like
+    the other searches; the one that stands out is reported with its bound and stored beside the
+    report (a merge plan measures it again), and the HTML report previews it."""
+    report = scan(_request(zoo, "vit-mnist-clean", unlearning=NO_REPAIR),
                   ScanContext(out_dir=tmp_path, formats=("json", "html"), cache_dir=bv_cache_dir))
     warp = [t for t in report.metrics.triggers if t.id.startswith("inverted-warp:target-")]
     assert len(warp) == 1 and warp[0].source == "inverted"
-    assert warp[0].spec["max_shift_pixels"] == pytest.approx(1.0)
+    assert warp[0].spec["max_shift_pixels"] == pytest.approx(2.0)
     stored = load_image_triggers(tmp_path / INVERTED_FILE)
     assert digest(stored[warp[0].id]) == warp[0].spec["sha256"]
     assert warp[0].id in (tmp_path / "report.html").read_text()
