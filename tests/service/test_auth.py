@@ -66,44 +66,44 @@ def test_the_oldest_keys_go_first_beyond_max_keys() -> None:
     assert keys.get("k1") is None and keys.get("k2") and keys.get("k3")
 
 
-def test_requests_that_miss_together_share_one_lookup() -> None:
-    keys = KeyCache()
-    lookups = 0
+class SlowLookup:
+    """A database lookup of key ``d`` that takes 10 ms and counts its calls; ``accept``: it
+    finds ALICE and caches her (as the service's lookup does), else the key is refused."""
 
-    async def lookup() -> Principal:
-        nonlocal lookups
-        lookups += 1
+    def __init__(self, keys: KeyCache, accept: bool) -> None:
+        self.keys, self.accept, self.calls = keys, accept, 0
+
+    async def __call__(self) -> Principal:
+        self.calls += 1
         await asyncio.sleep(0.01)
-        keys.put("d", ALICE, keys.generation)
+        if not self.accept:
+            raise AuthenticationError("the API key is not valid (unknown or revoked)")
+        self.keys.put("d", ALICE, self.keys.generation)
         return ALICE
 
-    async def many() -> list[Principal]:
-        return await asyncio.gather(*(keys.verified("d", lookup) for _ in range(50)))
+    def many(self, n: int) -> list[Principal | BaseException]:
+        async def gather() -> list[Principal | BaseException]:
+            return await asyncio.gather(*(self.keys.verified("d", self) for _ in range(n)),
+                                        return_exceptions=True)
+        return asyncio.run(gather())
 
-    assert asyncio.run(many()) == [ALICE] * 50
-    assert lookups == 1
-    assert asyncio.run(keys.verified("d", lookup)) == ALICE and lookups == 1  # cached now
+
+def test_requests_that_miss_together_share_one_lookup() -> None:
+    keys = KeyCache()
+    lookup = SlowLookup(keys, accept=True)
+    assert lookup.many(50) == [ALICE] * 50
+    assert lookup.calls == 1
+    assert asyncio.run(keys.verified("d", lookup)) == ALICE and lookup.calls == 1  # cached now
 
 
 def test_a_refused_key_is_refused_to_every_waiter_and_not_remembered() -> None:
     keys = KeyCache()
-    lookups = 0
-
-    async def lookup() -> Principal:
-        nonlocal lookups
-        lookups += 1
-        await asyncio.sleep(0.01)
-        raise AuthenticationError("the API key is not valid (unknown or revoked)")
-
-    async def many() -> list[Principal | BaseException]:
-        return await asyncio.gather(*(keys.verified("d", lookup) for _ in range(5)),
-                                    return_exceptions=True)
-
-    assert all(isinstance(r, AuthenticationError) for r in asyncio.run(many()))
-    assert lookups == 1
+    lookup = SlowLookup(keys, accept=False)
+    assert all(isinstance(r, AuthenticationError) for r in lookup.many(5))
+    assert lookup.calls == 1
     with pytest.raises(AuthenticationError):
         asyncio.run(keys.verified("d", lookup))
-    assert lookups == 2 and keys.get("d") is None
+    assert lookup.calls == 2 and keys.get("d") is None
 
 
 # --- in the app
