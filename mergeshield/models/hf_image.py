@@ -166,7 +166,7 @@ class HFImageFamily(ModelFamily):
         _, model = count_on_meta(lambda: _build(self.config, 2))
         live = {k: t for k, t in model.state_dict(keep_vars=True).items()
                 if t.is_floating_point()}
-        return _checkpoint_names(cast(PreTrainedModel, model), live)
+        return _checkpoint_names(cast("PreTrainedModel", model), live)
 
     def canonical(self, weights: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         # A bare backbone checkpoint (e.g. ViTModel) lacks the prefix: add it.

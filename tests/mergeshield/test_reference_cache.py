@@ -10,7 +10,7 @@ import torch
 
 from mergeshield import reference_cache
 from mergeshield.evaluation import Rate
-from mergeshield.measure import _inverted
+from mergeshield.measure import SearchKind, _inverted
 from mergeshield.pipeline import ScanRequest
 from tests.support.tiny import TinyNet, block_task
 
@@ -93,16 +93,17 @@ def test_the_scans_inverted_finding_is_the_same_read_from_the_cache(tmp_path: Pa
     request = ScanRequest(suspect="s", base="b", evaluation="e", inversion_steps=6)
     identity = reference_cache.identity(ref, "sha-of-base", CLASSES, opt.sha256(), test.sha256())
 
-    def scan_side(alpha: float | None, cache_dir: Path | None) -> dict[str, object]:
+    def scan_side(search_: tuple[SearchKind, float], cache_dir: Path | None) -> dict[str, object]:
         torch.manual_seed(0)
-        probe = _inverted(request, opt, test, ref, sus, alpha,
+        probe = _inverted(request, opt, test, ref, sus, *search_,
                           lambda search, compute: reference_cache.rates(cache_dir, identity,
                                                                         search, compute))
         assert probe.ref is not None and probe.before is not None
         return {"id": probe.id, "spec": probe.spec, "ref": probe.ref, "before": probe.before}
 
-    for alpha in (None, 0.1):
-        computed = scan_side(alpha, None)
-        assert scan_side(alpha, tmp_path) == computed  # searched, stored
-        assert scan_side(alpha, tmp_path) == computed  # read back
-    assert len(list((tmp_path / "reference").iterdir())) == 2  # the patch and the blend search
+    searches: list[tuple[SearchKind, float]] = [("patch", 1.0), ("blend", 0.1), ("warp", 2.0)]
+    for search_ in searches:
+        computed = scan_side(search_, None)
+        assert scan_side(search_, tmp_path) == computed  # searched, stored
+        assert scan_side(search_, tmp_path) == computed  # read back
+    assert len(list((tmp_path / "reference").iterdir())) == 3  # the patch, blend and warp search
