@@ -95,13 +95,14 @@ def scan_searches(w: World, task: str, backbone: Backbone,
     data = w.data[task]
     test, opt = data.test.subset(slice(0, EVAL)), sample_rows(data.train, SEARCH_ROWS, 0)
     k, cfg = len(test.classes), InversionConfig()
+    def warp(d: float) -> Any:
+        return lambda clf: invert_warps(clf, opt.images, opt.labels, range(k), cfg, d)
+
     runs: dict[str, Any] = {
         "patch-1x": lambda clf: invert_triggers(clf, opt.images, opt.labels, k, cfg),
         f"blend-{BLEND_ALPHA}": lambda clf: invert_blends(clf, opt.images, opt.labels, range(k),
                                                           cfg, BLEND_ALPHA),
-        **{f"warp-{d:g}px": partial(lambda d, clf: invert_warps(clf, opt.images, opt.labels,
-                                                                range(k), cfg, d), d)
-           for d in warps}}
+        **{f"warp-{d:g}px": warp(d) for d in warps}}
     out: dict[str, list[float]] = {}
     for side, clf in (("sus", w.classifier(task, backbone)), ("ref", w.classifier(task))):
         for name, run in runs.items():

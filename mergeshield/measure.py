@@ -373,9 +373,12 @@ def _inverted(request: ScanRequest, opt: ImageDataset, test: ImageDataset, ref: 
         if best is None or on_sus[t].rate - baseline.rate > best.before.rate - best.ref.rate:  # type: ignore[union-attr]
             sha = digest(mine[t])
             trig = mine[t]
-            shape = ({"area_pixels": round(float(torch.tensor(trig.mask).sum()))}
-                     if isinstance(trig, ImageTrigger) and trig.mask is not None and kind == "patch"
-                     else {"alpha": size} if kind == "blend" else {"max_shift_pixels": shift})
+            if kind == "patch":  # invert_triggers' hard mask: its pixels are the area
+                assert isinstance(trig, ImageTrigger) and trig.mask is not None
+                area = round(float(torch.tensor(trig.mask).sum()))
+                shape: dict[str, float] = {"area_pixels": area}
+            else:
+                shape = {"alpha": size} if kind == "blend" else {"max_shift_pixels": shift}
             spec = {"kind": name, "target": t, "steps": cfg.steps, "sha256": sha, **shape,
                     "suspect_asr_by_target": [round(r.rate, 4) for r in on_sus],
                     "reference_asr_by_target": [round(r.rate, 4) for r in on_ref],
